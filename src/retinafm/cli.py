@@ -1,0 +1,202 @@
+"""Command line: one verb per workflow step. Thin: parse, call the library, print.
+
+Every finetune flag can also come from `--config file.yaml`; flags given on the command line
+win. `--resume RUN_DIR` reads that run's config.yaml, so only changed flags need repeating.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .config import ConfigError, FinetuneConfig, read_yaml_settings
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data.sources import DataSourceError
+    from .files import OutputExistsError
+    from .models.registry import UnknownModelError
+    from .models.weights import WeightsError
+    from .train.checkpoint import CheckpointError
+
+    return (ConfigError, DataSourceError, OutputExistsError, UnknownModelError, WeightsError, CheckpointError,
+            PermissionError, FileNotFoundError, ValueError)
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Turn the errors a user can cause into one clear line and a non-zero exit, not a traceback."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        click.echo("interrupted. A fine-tune can be continued with --resume RUN_DIR.", err=True)
+        sys.exit(130)
+    except _user_errors() as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="retinafm")
+def main() -> None:
+    """retinafm: fine-tune, evaluate and run retinal foundation models (RETFound, DINOv2, DINOv3)."""
+
+
+@main.command("models")
+def models_cmd() -> None:
+    """List the model zoo: name, architecture, input size, modality, weights, licence."""
+    from .models.registry import zoo_table
+
+    rows = zoo_table()
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    click.echo("  ".join(c.upper().ljust(widths[c]) for c in cols))
+    for r in rows:
+        click.echo("  ".join(r[c].ljust(widths[c]) for c in cols))
+    click.echo("\nAny timm ViT name also works as --model. --weights takes a zoo weight (default), a Hugging Face "
+               "repo id (org/name[:file]), a local .pth/.safetensors file, or 'none'.")
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    settings: dict[str, Any] = {}
+    resume_dir = ctx.params.get("resume")
+    if resume_dir:
+        config = Path(resume_dir) / "config.yaml"
+        if not config.is_file():
+            raise click.BadParameter(f"{config} does not exist; is {resume_dir} a retinafm run directory?",
+                                     param_hint="--resume")
+        saved = read_yaml_settings_lenient(config)
+        settings.update({k: v for k, v in saved.items() if k not in ("resume", "overwrite", "out")})
+    if value:
+        try:
+            settings.update(read_yaml_settings(value))
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--config") from None
+    if settings:
+        ctx.default_map = {**(ctx.default_map or {}), **settings}
+    return value
+
+
+def read_yaml_settings_lenient(path: Path) -> dict[str, Any]:
+    """A run's saved config.yaml also records derived values (class names); keep only settings."""
+    import yaml
+
+    from .config import config_fields
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return {k: v for k, v in data.items() if k in config_fields(FinetuneConfig)}
+
+
+D = FinetuneConfig()
+
+
+@main.command("finetune")
+@click.option("--resume", "resume", type=click.Path(file_okay=False), default=None, is_eager=True,
+              help="Continue the run in this directory from its checkpoint-last.pth.")
+@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, expose_value=False,
+              help="YAML file of settings (any flag below, dashes or underscores).")
+@click.option("--data-path", type=click.Path(), help="Folder DATA/{train,val,test}/<class>/<image>.")
+@click.option("--manifest", type=click.Path(), help="CSV with path, split, label [, patient_id].")
+@click.option("--split", help="Automatic stratified split ratios train,val,test, e.g. 0.7,0.15,0.15.")
+@click.option("--out", type=click.Path(), help="Run directory to create.")
+@click.option("--model", default=D.model, show_default=True, help="Zoo name (see `retinafm models`) or timm ViT.")
+@click.option("--weights", default=None, help="Zoo weights (default), HF repo id, local file, or 'none'.")
+@click.option("--adaptation", type=click.Choice(["finetune", "lp"]), default=D.adaptation, show_default=True)
+@click.option("--task", default=D.task, show_default=True, help="multiclass (binary is two classes).")
+@click.option("--epochs", type=int, default=D.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Per process.")
+@click.option("--accum-iter", type=int, default=D.accum_iter, show_default=True)
+@click.option("--lr", type=float, default=None, help="Absolute lr (default: blr × effective batch / 256).")
+@click.option("--blr", type=float, default=D.blr, show_default=True)
+@click.option("--min-lr", type=float, default=D.min_lr, show_default=True)
+@click.option("--layer-decay", type=float, default=D.layer_decay, show_default=True)
+@click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True)
+@click.option("--drop-path", type=float, default=D.drop_path, show_default=True)
+@click.option("--warmup-epochs", type=int, default=D.warmup_epochs, show_default=True)
+@click.option("--smoothing", type=float, default=D.smoothing, show_default=True)
+@click.option("--mixup", type=float, default=D.mixup, show_default=True)
+@click.option("--cutmix", type=float, default=D.cutmix, show_default=True)
+@click.option("--clip-grad", type=float, default=None, help="Clip gradient norm to this value.")
+@click.option("--input-size", type=int, default=None, help="Default: the model's input size.")
+@click.option("--global-pool", type=click.Choice(["avg", "token"]), default=None,
+              help="avg (RETFound: mean of patch tokens + fc_norm) or token (CLS); default per model.")
+@click.option("--crop-min-scale", type=float, default=D.crop_min_scale, show_default=True)
+@click.option("--randaug-magnitude", type=int, default=D.randaug_magnitude, show_default=True)
+@click.option("--reprob", type=float, default=D.reprob, show_default=True, help="Random erasing probability.")
+@click.option("--seed", type=int, default=D.seed, show_default=True)
+@click.option("--device", default=D.device, show_default=True, help="auto, cpu or cuda.")
+@click.option("--num-workers", type=int, default=D.num_workers, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Allow writing into an existing non-empty --out.")
+def finetune_cmd(resume: str | None, **options: Any) -> None:
+    """Fine-tune (or linear-probe) a model on a labelled folder or manifest."""
+    from .finetune import finetune
+
+    if resume:
+        options["out"] = resume
+    cfg = FinetuneConfig(**options, resume=bool(resume))
+    result = _run(lambda: finetune(cfg))
+    click.echo(f"run directory: {result.run_dir}")
+
+
+@main.command("evaluate")
+@click.option("--checkpoint", required=True, type=click.Path(), help="A run's checkpoint-best.pth.")
+@click.option("--data-path", type=click.Path(), help="Labelled folder.")
+@click.option("--manifest", type=click.Path(), help="Labelled CSV manifest.")
+@click.option("--split", "split_name", default="test", show_default=True, help="Which split to evaluate.")
+@click.option("--out", required=True, type=click.Path(), help="Folder for metrics, predictions and plots.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--num-workers", type=int, default=2, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def evaluate_cmd(checkpoint: str, data_path: str | None, manifest: str | None, split_name: str, out: str,
+                 batch_size: int, device: str, num_workers: int, overwrite: bool) -> None:
+    """Metrics (AUROC, AUPRC, accuracy, sensitivity, specificity, F1, kappa, MCC) and plots."""
+    from .evaluate.evaluation import evaluate_checkpoint
+
+    if bool(data_path) == bool(manifest):
+        raise click.UsageError("give exactly one of --data-path or --manifest")
+    ev = _run(lambda: evaluate_checkpoint(checkpoint, out, data_path=data_path, manifest=manifest, split=split_name,
+                                          batch_size=batch_size, device=device, num_workers=num_workers,
+                                          overwrite=overwrite))
+    m = ev.metrics
+    click.echo(f"{split_name}: {len(ev.paths)} images  AUROC {m['auroc_macro']:.4f}  accuracy {m['accuracy']:.4f}  "
+               f"F1 {m['f1_macro']:.4f}  kappa {m['kappa']:.4f}  MCC {m['mcc']:.4f}")
+    click.echo(f"written to {out}")
+
+
+@main.command("predict")
+@click.option("--checkpoint", required=True, type=click.Path(), help="A run's checkpoint-best.pth.")
+@click.option("--images", required=True, type=click.Path(), help="An image file or a folder (recursive).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions CSV to write.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--num-workers", type=int, default=2, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def predict_cmd(checkpoint: str, images: str, out: str, batch_size: int, device: str, num_workers: int,
+                overwrite: bool) -> None:
+    """Per-class probabilities for new images: path, prediction, prob_<class>..."""
+    from .predict import predict
+
+    res = _run(lambda: predict(checkpoint, images, out, batch_size=batch_size, device=device,
+                               num_workers=num_workers, overwrite=overwrite))
+    click.echo(f"{len(res.predictions)} predictions written to {res.out}")
+    if res.skipped_path:
+        click.echo(f"{len(res.skipped)} unreadable file(s) listed in {res.skipped_path}")
+
+
+@main.command("demo")
+@click.option("--out", default="demo_output", show_default=True, type=click.Path(), help="Folder for everything.")
+@click.option("--epochs", type=int, default=None, help="Override the demo's number of epochs.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier demo in --out.")
+def demo_cmd(out: str, epochs: int | None, overwrite: bool) -> None:
+    """Generate a synthetic fundus data set, fine-tune a small ViT on CPU, evaluate and predict."""
+    from .demo import run_demo
+
+    summary = _run(lambda: run_demo(Path(out), epochs=epochs, overwrite=overwrite))
+    if not summary.passed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

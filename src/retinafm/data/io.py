@@ -1,0 +1,99 @@
+"""Decode any supported image file to an RGB uint8 tensor, or a clear per-file error.
+
+JPEGs go through torchvision's libjpeg-turbo decoder (about twice as fast as PIL here); every
+other format, and any JPEG that decoder rejects (CMYK, progressive oddities), goes through PIL.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"})
+_JPEG_MAGIC = b"\xff\xd8\xff"
+# Truncated files must fail rather than decode as half-grey images.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageReadError(Exception):
+    """A file that cannot be turned into an image; `reason` says why in plain words."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Return the image at `path` as a (3, H, W) uint8 RGB tensor.
+
+    Grayscale (8/16-bit), RGBA, palette and CMYK images all become RGB. Raises ImageReadError
+    with the reason for anything unreadable.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot read file ({exc.strerror or exc})") from None
+    if not data:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    image = _decode_jpeg_fast(data) if data.startswith(_JPEG_MAGIC) else None
+    if image is None:
+        image = _decode_with_pil(path)
+    if image.shape[1] < 2 or image.shape[2] < 2:
+        raise ImageReadError(path, f"image is only {image.shape[2]}x{image.shape[1]} pixels")
+    return image
+
+
+def _decode_jpeg_fast(data: bytes) -> torch.Tensor | None:
+    try:
+        tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return decode_jpeg(tensor, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except (RuntimeError, ValueError):
+        return None  # let PIL try, and give the reason if it also fails
+
+
+def _decode_with_pil(path: Path) -> torch.Tensor:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                rgb = to_rgb_array(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageReadError(path, f"image too large to decode safely ({exc})") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(path, f"corrupt or truncated image ({exc})") from None
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+def to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Convert a PIL image of any mode to an (H, W, 3) uint8 array.
+
+    16-bit and float images are scaled by their own min/max into 0..255 (medical exports rarely
+    use the full 16-bit range, so a fixed divide-by-256 would give near-black images).
+    """
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
+        gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent areas become black, like the unlit border of a fundus photograph.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    return np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy torch can wrap

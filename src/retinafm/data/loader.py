@@ -1,0 +1,97 @@
+"""Torch datasets over samples: decode, transform, and skip unreadable files without stopping.
+
+A file that cannot be decoded comes back as a skip record instead of an image; the collate
+function drops it from the batch and hands the (path, reason) to the caller, which writes
+skipped.csv. This works the same with DataLoader worker processes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .io import ImageReadError, read_image
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    targets: torch.Tensor
+    indices: torch.Tensor
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+class ImageDataset(Dataset):
+    """Items are (image tensor, target, index) or, for an unreadable file, (None, (path, reason), index)."""
+
+    def __init__(self, paths: Sequence[str], targets: Sequence[int | None], transform: Callable) -> None:
+        self.paths = list(paths)
+        self.targets = [(-1 if t is None else int(t)) for t in targets]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            image = read_image(self.paths[index])
+        except ImageReadError as exc:
+            return None, (exc.path, exc.reason), index
+        return self.transform(image), self.targets[index], index
+
+
+def collate_skipping(items: list) -> Batch:
+    good = [it for it in items if it[0] is not None]
+    skipped = [it[1] for it in items if it[0] is None]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped)
+    images = torch.stack([it[0] for it in good])
+    targets = torch.tensor([it[1] for it in good], dtype=torch.long)
+    indices = torch.tensor([it[2] for it in good], dtype=torch.long)
+    return Batch(images, targets, indices, skipped)
+
+
+def make_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    *,
+    num_workers: int = 0,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    sampler: Optional[Sampler] = None,
+    seed: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_skipping,
+        drop_last=drop_last,
+        generator=generator,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
+class SkipLog:
+    """Collects unreadable files (once each) and writes them as skipped.csv."""
+
+    def __init__(self) -> None:
+        self._reasons: dict[str, str] = {}
+
+    def add(self, records: Sequence[tuple[str, str]]) -> None:
+        for path, reason in records:
+            self._reasons.setdefault(path, reason)
+
+    def __len__(self) -> int:
+        return len(self._reasons)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(sorted(self._reasons.items()), columns=["path", "reason"])

@@ -1,0 +1,55 @@
+"""The image recipe of a model: RETFound's train augmentation and eval resize + centre crop.
+
+Works on uint8 (3, H, W) tensors from data.io with torchvision's v2 transforms, which is about
+twice as fast as the PIL path; conversion to float happens after the geometric ops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+# RETFound's eval crop: resize the short side to input/0.875, then centre-crop input.
+EVAL_CROP_PCT = 0.875
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    crop_min_scale: float = 0.08
+    randaug_magnitude: int = 9
+    randaug_ops: int = 2
+    reprob: float = 0.25
+
+
+def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    resize = int(round(input_size / EVAL_CROP_PCT))
+    return v2.Compose([
+        v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(input_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(mean), std=list(std)),
+    ])
+
+
+def train_transform(
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: AugmentSettings = AugmentSettings(),
+) -> v2.Compose:
+    ops: list = [
+        v2.RandomResizedCrop(
+            input_size, scale=(augment.crop_min_scale, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True
+        ),
+        v2.RandomHorizontalFlip(),
+    ]
+    if augment.randaug_magnitude > 0:
+        ops.append(v2.RandAugment(num_ops=augment.randaug_ops, magnitude=augment.randaug_magnitude))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+    if augment.reprob > 0:
+        # RETFound erases with per-pixel random values ('pixel' mode) after normalisation.
+        ops.append(v2.RandomErasing(p=augment.reprob, value="random"))
+    return v2.Compose(ops)

@@ -1,0 +1,127 @@
+"""Evaluate a model on a labelled split and write metrics, predictions and plots.
+
+The end of `finetune` and the `evaluate` command both come through `write_evaluation`, so a
+number in metrics_test.json always means the same thing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from ..data.loader import ImageDataset, SkipLog
+from ..data.sources import DataSourceError, LabelledData, Sample, load_labelled, load_manifest, relabel
+from ..data.transforms import eval_transform
+from ..files import prepare_output_dir, write_csv, write_json
+from ..tasks import make_task
+from ..train import distributed as dist_utils
+from ..train.checkpoint import load_checkpoint, model_from_checkpoint
+from ..train.loop import infer
+from ..train.runtime import amp_dtype, resolve_device
+from .metrics import confusion, metrics_to_frame
+from .plots import plot_confusion_matrix, plot_pr, plot_roc
+
+
+@dataclass
+class SplitEvaluation:
+    split: str
+    paths: list[str]
+    targets: np.ndarray
+    probs: np.ndarray
+    loss: float
+    metrics: dict[str, float]
+    skipped: list[tuple[str, str]]
+
+
+def evaluate_samples(
+    model: nn.Module,
+    task,
+    samples: Sequence[Sample],
+    transform,
+    device: torch.device,
+    *,
+    split: str,
+    batch_size: int,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> SplitEvaluation:
+    """Inference over labelled samples, then loss and the task's metrics on the readable ones."""
+    dataset = ImageDataset([s.path for s in samples], [s.label for s in samples], transform)
+    result = infer(model, dataset, device, batch_size=batch_size, num_workers=num_workers,
+                   amp_dtype=amp_dtype(device), desc=split, progress=progress)
+    if len(result.indices) == 0:
+        raise DataSourceError(f"none of the {len(samples)} {split} images could be read (see skipped.csv)")
+    targets = np.array([samples[i].label for i in result.indices], dtype=np.int64)
+    logits = torch.from_numpy(result.logits)
+    loss = float(task.eval_loss()(logits, torch.from_numpy(targets)))
+    probs = task.activate(logits).numpy()
+    return SplitEvaluation(
+        split=split,
+        paths=[samples[i].path for i in result.indices],
+        targets=targets,
+        probs=probs,
+        loss=loss,
+        metrics=task.metrics(targets, probs),
+        skipped=result.skipped,
+    )
+
+
+def write_evaluation(out_dir: Path, task, ev: SplitEvaluation) -> dict[str, Path]:
+    """metrics_<split>.json/.csv, predictions_<split>.csv and plots/{confusion_matrix,roc,pr}.png."""
+    out_dir = Path(out_dir)
+    metrics = {"split": ev.split, "loss": ev.loss, **ev.metrics}
+    written = {
+        "metrics_json": write_json(out_dir / f"metrics_{ev.split}.json", metrics),
+        "metrics_csv": write_csv(out_dir / f"metrics_{ev.split}.csv", metrics_to_frame(ev.metrics)),
+        "predictions": write_csv(out_dir / f"predictions_{ev.split}.csv", task.prediction_frame(ev.paths, ev.probs, ev.targets)),
+    }
+    cm = confusion(ev.targets, ev.probs.argmax(axis=1), task.num_outputs)
+    plots = out_dir / "plots"
+    written["confusion_matrix"] = plot_confusion_matrix(cm, task.class_names, plots / "confusion_matrix.png")
+    written["roc"] = plot_roc(ev.targets, ev.probs, task.class_names, plots / "roc.png")
+    written["pr"] = plot_pr(ev.targets, ev.probs, task.class_names, plots / "pr.png")
+    return written
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    data_path: Optional[str] = None,
+    manifest: Optional[str] = None,
+    split: str = "test",
+    batch_size: int = 32,
+    device: str = "auto",
+    num_workers: int = 2,
+    overwrite: bool = False,
+) -> SplitEvaluation:
+    """`retinafm evaluate`: a fine-tuned checkpoint against a labelled folder or manifest split."""
+    state = load_checkpoint(checkpoint)
+    model, meta = model_from_checkpoint(state)
+    if manifest:
+        data = load_manifest(manifest, class_names=meta.class_names)
+    else:
+        data = relabel(load_labelled(data_path=data_path), meta.class_names)
+    samples = data.split(split)
+    if not samples:
+        raise DataSourceError(f"{data.source} has no {split!r} images")
+    dev = resolve_device(device)
+    dist_utils.init_distributed(dev)
+    out_dir = Path(out)
+    if dist_utils.is_primary():
+        prepare_output_dir(out_dir, overwrite=overwrite)
+    task = make_task(meta.task, meta.class_names)
+    ev = evaluate_samples(model.to(dev), task, samples, eval_transform(meta.input_size, meta.mean, meta.std), dev,
+                          split=split, batch_size=batch_size, num_workers=num_workers)
+    if dist_utils.is_primary():
+        write_evaluation(out_dir, task, ev)
+        if ev.skipped:
+            log = SkipLog()
+            log.add(ev.skipped)
+            write_csv(out_dir / "skipped.csv", log.frame())
+    return ev

@@ -1,0 +1,92 @@
+"""Atomic output writing and run-directory safety.
+
+Every file the toolkit writes goes to a temporary name in the same folder and is renamed into
+place, so an interrupted run never leaves a half-written file where a good one was.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import torch
+import yaml
+
+
+class OutputExistsError(FileExistsError):
+    """An output already exists and the user did not ask to overwrite or resume it."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_yaml(path: str | os.PathLike, data: Any) -> Path:
+    return write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def write_csv(path: str | os.PathLike, frame: pd.DataFrame) -> Path:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> Path:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create `path`, refusing a non-empty existing folder unless resuming or overwriting.
+
+    Overwrite does not delete anything: files are replaced one by one as the new run writes them.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"--out {path} exists and is a file; give a folder path.")
+    if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
+        raise OutputExistsError(
+            f"--out {path} already exists and is not empty. Use --resume to continue that run, "
+            "--overwrite to replace it, or choose another --out."
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except PermissionError as exc:
+        raise PermissionError(f"cannot create output folder {path}: {exc.strerror}") from exc
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"output folder {path} is not writable; choose another --out.")
+    return path
+
+
+def refuse_existing_file(path: str | os.PathLike, *, overwrite: bool, option: str = "--out") -> Path:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{option} {path} already exists; pass --overwrite to replace it.")
+    return path

@@ -1,0 +1,236 @@
+"""`retinafm finetune`: a pretrained backbone + a task head, trained RETFound's way.
+
+Writes the run directory: config.yaml, log.csv, checkpoint-best.pth, checkpoint-last.pth,
+metrics_test.json/.csv, predictions_test.csv, plots/*.png (and split.csv, skipped.csv when
+they apply).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+
+from .config import ConfigError, FinetuneConfig, to_dict
+from .data.loader import ImageDataset, SkipLog, make_loader
+from .data.sources import DataSourceError, LabelledData, load_labelled
+from .data.transforms import AugmentSettings, eval_transform, train_transform
+from .evaluate.evaluation import SplitEvaluation, evaluate_samples, write_evaluation
+from .evaluate.plots import plot_training_curves
+from .files import prepare_output_dir, write_csv, write_json, write_yaml
+from .models.heads import init_head
+from .models.registry import ModelSpec, create_model, get_spec
+from .models.weights import load_backbone_weights, resolve_weights
+from .tasks import make_task
+from .train import distributed as dist_utils
+from .train.checkpoint import CheckpointMeta, load_checkpoint, meta_of, save_checkpoint, unwrap
+from .train.loop import StepSettings, train_one_epoch
+from .train.optim import build_optimizer, build_scheduler, current_lr, effective_lr
+from .train.runtime import amp_dtype, resolve_device, seed_everything
+
+log = logging.getLogger("retinafm")
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    best_epoch: int
+    best_val: dict[str, float]
+    test: Optional[dict[str, float]] = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _say(msg: str) -> None:
+    if dist_utils.is_primary():
+        print(msg, flush=True)
+
+
+def finetune(cfg: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune (or linear-probe) a zoo model on a labelled folder or manifest."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    dist_utils.init_distributed(device)
+    try:
+        return _finetune(cfg, device)
+    finally:
+        dist_utils.barrier()
+
+
+def _finetune(cfg: FinetuneConfig, device: torch.device) -> FinetuneResult:
+    run_dir = Path(cfg.out)
+    last_path, best_path = run_dir / "checkpoint-last.pth", run_dir / "checkpoint-best.pth"
+    if cfg.resume and not last_path.is_file():
+        raise ConfigError(f"--resume: {last_path} does not exist; start a new run without --resume")
+    if dist_utils.is_primary():
+        prepare_output_dir(run_dir, overwrite=cfg.overwrite, resume=cfg.resume)
+    dist_utils.barrier()
+    seed_everything(cfg.seed + dist_utils.rank())
+
+    data = load_labelled(cfg.data_path, cfg.manifest, cfg.split, seed=cfg.seed)
+    train_samples, val_samples, test_samples = data.split("train"), data.split("val"), data.split("test")
+    if not val_samples:
+        raise DataSourceError(
+            f"{data.source} has no validation images; add a val split (the best epoch is chosen on it) "
+            "or use --split 0.7,0.15,0.15."
+        )
+    if len(data.class_names) < 2:
+        raise DataSourceError(f"{data.source} has a single class {data.class_names}; classification needs two or more")
+    spec = get_spec(cfg.model)
+    input_size = cfg.input_size or spec.input_size
+    if input_size % spec.patch_size:
+        raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} of {spec.name}")
+    task = make_task(cfg.task, data.class_names)
+
+    if dist_utils.is_primary():
+        if not cfg.resume:
+            write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "input_size": input_size,
+                                                 "class_names": list(data.class_names)})
+        if data.auto_split:
+            write_csv(run_dir / "split.csv", data.table())
+        _say(f"data: {data.source}\n{data.counts().to_string()}")
+
+    model = create_model(spec, task.num_outputs, input_size=input_size, drop_path=cfg.drop_path,
+                         global_pool=cfg.global_pool)
+    global_pool = str(model.global_pool)
+    init_head(model)
+    resume_state = load_checkpoint(last_path) if cfg.resume else None
+    if resume_state is not None:
+        _check_resume_fits(resume_state, data, cfg)
+        model.load_state_dict(resume_state["model"], strict=True)
+    else:
+        # Rank 0 downloads first so the other ranks read the cache instead of racing for it.
+        weights = resolve_weights(spec, cfg.weights) if dist_utils.is_primary() else None
+        weights = dist_utils.broadcast_object(weights)
+        if weights:
+            report = load_backbone_weights(model, weights, spec.family)
+            _say(report.summary())
+        else:
+            _say(f"model {spec.name}: random initialisation (no pretrained weights)")
+    if cfg.adaptation == "lp":
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("head.")
+    model.to(device)
+    train_model: nn.Module = model
+    if dist_utils.is_distributed():
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    augment = AugmentSettings(cfg.crop_min_scale, cfg.randaug_magnitude, reprob=cfg.reprob)
+    train_ds = ImageDataset([s.path for s in train_samples], [s.label for s in train_samples],
+                            train_transform(input_size, spec.mean, spec.std, augment))
+    # An epoch-seeded sampler even on one process, so a resumed run sees the same order.
+    sampler = DistributedSampler(train_ds, num_replicas=dist_utils.world_size(), rank=dist_utils.rank(),
+                                 shuffle=True, seed=cfg.seed)
+    per_rank = len(train_ds) // dist_utils.world_size()
+    train_loader = make_loader(train_ds, cfg.batch_size, num_workers=cfg.num_workers, shuffle=True, sampler=sampler,
+                               drop_last=per_rank > cfg.batch_size, seed=cfg.seed, pin_memory=device.type == "cuda")
+    eval_tf = eval_transform(input_size, spec.mean, spec.std)
+
+    lr = effective_lr(cfg.lr, cfg.blr, cfg.batch_size, cfg.accum_iter, dist_utils.world_size())
+    optimizer = build_optimizer(model, lr, cfg.weight_decay, cfg.layer_decay if cfg.adaptation == "finetune" else None)
+    steps_per_epoch = max(1, -(-len(train_loader) // cfg.accum_iter))
+    scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
+                                warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr)
+    dtype = amp_dtype(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    mixup_fn = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        from timm.data import Mixup
+
+        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                         num_classes=task.num_outputs)
+    criterion = task.train_loss(cfg.smoothing, soft_targets=mixup_fn is not None)
+    settings = StepSettings(cfg.accum_iter, cfg.clip_grad, dtype)
+
+    meta = CheckpointMeta(
+        model_name=spec.name, arch=spec.arch, arch_kwargs=dict(spec.arch_kwargs), task=task.name,
+        class_names=list(task.class_names), input_size=input_size, mean=list(spec.mean), std=list(spec.std),
+        global_pool=global_pool, modality=spec.modality, patch_size=spec.patch_size, settings=to_dict(cfg),
+    )
+    start_epoch, best, best_loss, best_epoch, rows = 0, None, float("inf"), -1, []
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if "scaler" in resume_state:
+            scaler.load_state_dict(resume_state["scaler"])
+        start_epoch = int(resume_state["retinafm"]["epoch"]) + 1
+        best = resume_state.get("best_metrics") or None
+        best_loss = float(resume_state.get("best_loss", float("inf")))
+        best_epoch = int(resume_state.get("best_epoch", -1))
+        if (run_dir / "log.csv").is_file():
+            rows = pd.read_csv(run_dir / "log.csv").query("epoch < @start_epoch").to_dict("records")
+        torch.set_rng_state(resume_state["rng_cpu"])
+        _say(f"resuming {run_dir} at epoch {start_epoch}")
+
+    skip_log = SkipLog()
+    _say(f"training {spec.name} ({cfg.adaptation}) on {device} for {cfg.epochs} epochs, lr {lr:.3g}, "
+         f"{len(train_ds)} train / {len(val_samples)} val images")
+    for epoch in range(start_epoch, cfg.epochs):
+        start = time.time()
+        sampler.set_epoch(epoch)
+        train_loss = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler, device, epoch=epoch,
+                                     settings=settings, scaler=scaler, mixup_fn=mixup_fn, skip_log=skip_log)
+        val = evaluate_samples(model, task, val_samples, eval_tf, device, split="val", batch_size=cfg.batch_size,
+                               num_workers=cfg.num_workers, progress=False)
+        skip_log.add(val.skipped)
+        row = {"epoch": epoch, "lr": current_lr(optimizer), "train_loss": train_loss, "val_loss": val.loss,
+               **{f"val_{k}": v for k, v in val.metrics.items() if k != "n"}, "seconds": round(time.time() - start, 2)}
+        rows.append(row)
+        improved = task.is_better(val.metrics, val.loss, best, best_loss)
+        if improved:
+            best, best_loss, best_epoch = dict(val.metrics), val.loss, epoch
+        meta.epoch, meta.metrics = epoch, dict(val.metrics)
+        if dist_utils.is_primary():
+            write_csv(run_dir / "log.csv", pd.DataFrame(rows))
+            if improved:
+                save_checkpoint(best_path, model, meta)
+            save_checkpoint(last_path, model, meta, optimizer=optimizer, scaler=scaler, extra={
+                "best_metrics": best, "best_loss": best_loss, "best_epoch": best_epoch, "rng_cpu": torch.get_rng_state(),
+            })
+        _say(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val.loss:.4f}  "
+             f"val_{task.selection_metric} {val.metrics.get(task.selection_metric, float('nan')):.4f}"
+             f"{'  *best*' if improved else ''}  ({row['seconds']:.1f}s)")
+        dist_utils.barrier()
+
+    result = FinetuneResult(run_dir, best_epoch, best or {})
+    dist_utils.barrier()
+    if dist_utils.is_primary():
+        result.files["curves"] = plot_training_curves(pd.DataFrame(rows), run_dir / "plots" / "curves.png")
+    if test_samples:
+        best_state = load_checkpoint(best_path)
+        model.load_state_dict(best_state["model"], strict=True)
+        test = evaluate_samples(model, task, test_samples, eval_tf, device, split="test", batch_size=cfg.batch_size,
+                                num_workers=cfg.num_workers)
+        skip_log.add(test.skipped)
+        result.test = test.metrics
+        if dist_utils.is_primary():
+            result.files.update(write_evaluation(run_dir, task, test))
+            _say(f"test ({len(test.paths)} images, best epoch {best_epoch + 1}): "
+                 f"AUROC {test.metrics['auroc_macro']:.4f}  accuracy {test.metrics['accuracy']:.4f}  "
+                 f"kappa {test.metrics['kappa']:.4f}")
+    else:
+        _say("no test split: skipping the test evaluation")
+    skipped = dist_utils.all_gather_objects(skip_log.frame().values.tolist())
+    if dist_utils.is_primary():
+        merged = SkipLog()
+        for part in skipped:
+            merged.add([tuple(r) for r in part])
+        if len(merged):
+            result.files["skipped"] = write_csv(run_dir / "skipped.csv", merged.frame())
+            _say(f"{len(merged)} unreadable file(s) skipped; see {run_dir / 'skipped.csv'}")
+    return result
+
+
+def _check_resume_fits(state: dict[str, Any], data: LabelledData, cfg: FinetuneConfig) -> None:
+    meta = meta_of(state)
+    if list(meta.class_names) != list(data.class_names):
+        raise ConfigError(
+            f"--resume: the run was trained on classes {meta.class_names} but the data now has {data.class_names}"
+        )
+    if get_spec(cfg.model).arch != meta.arch:
+        raise ConfigError(f"--resume: the run used --model {meta.model_name}, not {cfg.model}")

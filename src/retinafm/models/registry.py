@@ -1,0 +1,178 @@
+"""The model zoo: one spec per pretrained model, and the factory that builds it with timm.
+
+A spec says how to build the backbone (timm architecture + overrides), its image recipe
+(input size, mean/std), where its weights live and which checkpoint family's adapter reads them.
+Any timm ViT name also works as --model, with no weights unless --weights names some.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+import timm
+import torch.nn as nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RETFOUND_LICENCE = "CC-BY-NC-4.0, gated"
+DINOV3_LICENCE = "DINOv3 License, gated"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    arch: str  # timm architecture name
+    input_size: int = 224
+    patch_size: int = 16
+    modality: str = "any"  # CFP | OCT | any
+    family: str = "timm"  # checkpoint family: retfound_mae | retfound_dinov2 | dinov2 | dinov3 | timm
+    hf_repo: Optional[str] = None
+    hf_filename: Optional[str] = None
+    global_pool: Optional[str] = None  # None: the architecture's own default in timm
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    licence: str = "-"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def weight_source(self) -> str:
+        if self.hf_repo:
+            return f"hf:{self.hf_repo}"
+        return "none (random init)"
+
+
+def _retfound_mae(name: str, modality: str, about: str) -> ModelSpec:
+    return ModelSpec(
+        name=name, arch="vit_large_patch16_224", patch_size=16, modality=modality, family="retfound_mae",
+        hf_repo=f"YukunZhou/{name}", hf_filename=f"{name}.pth", global_pool="avg",
+        licence=RETFOUND_LICENCE, description=about,
+    )
+
+
+def _retfound_dinov2(name: str, about: str) -> ModelSpec:
+    return ModelSpec(
+        name=name, arch="vit_large_patch14_dinov2", patch_size=14, modality="CFP", family="retfound_dinov2",
+        hf_repo=f"YukunZhou/{name}", hf_filename=f"{name}.pth", global_pool="avg",
+        licence=RETFOUND_LICENCE, description=about,
+    )
+
+
+def _dinov2(size: str, arch: str) -> ModelSpec:
+    return ModelSpec(
+        name=f"dinov2_vit{size}14", arch=arch, patch_size=14, family="dinov2",
+        hf_repo=f"timm/{arch}.lvd142m", hf_filename="model.safetensors", licence="Apache-2.0",
+        description=f"DINOv2 ViT-{size.upper()}/14 (natural images, LVD-142M)",
+    )
+
+
+def _dinov3(size: str, arch: str) -> ModelSpec:
+    return ModelSpec(
+        name=f"dinov3_vit{size}16", arch=arch, patch_size=16, family="dinov3",
+        hf_repo=f"timm/{arch}.lvd1689m", hf_filename="model.safetensors", licence=DINOV3_LICENCE,
+        description=f"DINOv3 ViT-{size.upper()}/16 (natural images, LVD-1689M)",
+    )
+
+
+def _plain(name: str, arch: str, about: str, input_size: int = 224, patch: int = 16, **arch_kwargs: Any) -> ModelSpec:
+    return ModelSpec(
+        name=name, arch=arch, input_size=input_size, patch_size=patch, global_pool="avg",
+        arch_kwargs=arch_kwargs, description=about,
+    )
+
+
+ZOO: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        _retfound_mae("RETFound_mae_natureCFP", "CFP", "RETFound-MAE, 904k colour fundus photographs (Nature 2023)"),
+        _retfound_mae("RETFound_mae_natureOCT", "OCT", "RETFound-MAE, 736k OCT B-scans (Nature 2023)"),
+        _retfound_mae("RETFound_mae_meh", "CFP", "RETFound-MAE, Moorfields colour fundus photographs"),
+        _retfound_mae("RETFound_mae_shanghai", "CFP", "RETFound-MAE, Shanghai colour fundus photographs"),
+        _retfound_dinov2("RETFound_dinov2_meh", "RETFound-DINOv2, Moorfields colour fundus photographs"),
+        _retfound_dinov2("RETFound_dinov2_shanghai", "RETFound-DINOv2, Shanghai colour fundus photographs"),
+        _dinov2("s", "vit_small_patch14_dinov2"),
+        _dinov2("b", "vit_base_patch14_dinov2"),
+        _dinov2("l", "vit_large_patch14_dinov2"),
+        _dinov2("g", "vit_giant_patch14_dinov2"),
+        _dinov3("s", "vit_small_patch16_dinov3"),
+        _dinov3("splus", "vit_small_plus_patch16_dinov3"),
+        _dinov3("b", "vit_base_patch16_dinov3"),
+        _dinov3("l", "vit_large_patch16_dinov3"),
+        _dinov3("hplus", "vit_huge_plus_patch16_dinov3"),
+        _dinov3("7b", "vit_7b_patch16_dinov3"),
+        _plain("vit_large_patch16", "vit_large_patch16_224", "RETFound's architecture (ViT-L/16), no weights"),
+        _plain("vit_base_patch16", "vit_base_patch16_224", "ViT-B/16, no weights"),
+        _plain("vit_small_patch16", "vit_small_patch16_224", "ViT-S/16, no weights; CPU work"),
+        _plain("vit_tiny_patch16", "vit_tiny_patch16_224", "ViT-Ti/16, no weights; CPU work"),
+        _plain(
+            "vit_micro_patch8", "vit_tiny_patch16_224", "4-block 64-wide ViT/8 at 64 px; demo and tests",
+            input_size=64, patch=8, patch_size=8, embed_dim=64, depth=4, num_heads=4,
+        ),
+    ]
+}
+
+
+class UnknownModelError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def get_spec(name: str) -> ModelSpec:
+    """A zoo entry by name, or a spec for any timm ViT architecture name."""
+    if name in ZOO:
+        return ZOO[name]
+    lowered = {k.lower(): k for k in ZOO}
+    if name.lower() in lowered:
+        return ZOO[lowered[name.lower()]]
+    if name in timm.list_models():
+        cfg = timm.models.get_pretrained_cfg(name) if hasattr(timm.models, "get_pretrained_cfg") else None
+        size = int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
+        patch = _patch_size_of(name)
+        family = "dinov2" if "dinov2" in name else "dinov3" if "dinov3" in name else "timm"
+        # DINOv2 defaults to 518 px in timm; train at 224 unless asked.
+        return ModelSpec(name=name, arch=name, input_size=min(size, 224) if family != "timm" else size,
+                         patch_size=patch, family=family)
+    close = [k for k in ZOO if name.lower()[:6] in k.lower()]
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    raise UnknownModelError(
+        f"unknown model {name!r}: not in the zoo (see `retinafm models`) nor a timm architecture.{hint}"
+    )
+
+
+def _patch_size_of(arch: str) -> int:
+    import re
+
+    match = re.search(r"patch(\d+)", arch)
+    return int(match.group(1)) if match else 16
+
+
+def create_model(
+    spec: ModelSpec,
+    num_classes: int,
+    *,
+    input_size: Optional[int] = None,
+    drop_path: float = 0.0,
+    global_pool: Optional[str] = None,
+) -> nn.Module:
+    """Build the backbone with a fresh `num_classes` head; weights are loaded separately."""
+    kwargs = dict(spec.arch_kwargs)
+    kwargs.update(pretrained=False, num_classes=num_classes, img_size=input_size or spec.input_size,
+                  drop_path_rate=drop_path)
+    pool = global_pool or spec.global_pool
+    if pool:
+        kwargs["global_pool"] = pool
+    return timm.create_model(spec.arch, **kwargs)
+
+
+def zoo_table() -> list[dict[str, str]]:
+    return [
+        {
+            "name": s.name,
+            "architecture": s.arch,
+            "input": str(s.input_size),
+            "modality": s.modality,
+            "weights": s.weight_source,
+            "licence": s.licence,
+        }
+        for s in ZOO.values()
+    ]

@@ -1,0 +1,295 @@
+"""Pretrained weights: find the file (Hub or local), open it safely, adapt its keys, load loudly.
+
+Each checkpoint family has one adapter that turns its file into timm-style keys; timm's own
+`checkpoint_filter_fn` of the target architecture then does the architecture conversions it
+already knows (DINOv2 registers/SwiGLU, DINOv3 storage tokens and layer scale, position
+embedding and patch embedding resampling).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .heads import HEAD_PREFIXES, init_head
+from .registry import ModelSpec
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be found, opened or loaded; the message says what to do."""
+
+
+@dataclass
+class LoadReport:
+    source: str
+    family: str
+    loaded: int
+    missing: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"loaded {self.loaded} tensors from {self.source} ({self.family} layout)"]
+        if self.missing:
+            lines.append(f"  newly initialised (not in the checkpoint): {', '.join(self.missing)}")
+        if self.dropped:
+            shown = ", ".join(self.dropped[:8]) + (f" … (+{len(self.dropped) - 8})" if len(self.dropped) > 8 else "")
+            lines.append(f"  not used by this model: {shown}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- finding the file
+def resolve_weights(spec: ModelSpec, weights: Optional[str]) -> Optional[str]:
+    """Turn --weights into a local file path, downloading from the Hub when needed.
+
+    None means the zoo entry's own weights; 'none' means random initialisation. A value that is
+    an existing file is used as is; `hf-hub:org/repo[:file]` or `org/repo[:file]` is downloaded.
+    """
+    if weights is not None and weights.lower() == "none":
+        return None
+    if weights is None:
+        if not spec.hf_repo:
+            return None
+        return hub_download(spec.hf_repo, spec.hf_filename)
+    path = Path(weights).expanduser()
+    if path.is_file():
+        return str(path)
+    repo, _, filename = weights.removeprefix("hf-hub:").partition(":")
+    explicit_hub = weights.startswith("hf-hub:") or bool(filename)
+    if not explicit_hub and (path.suffix in WEIGHT_SUFFIXES or weights.startswith((".", "/", "~"))):
+        raise WeightsError(f"--weights {weights}: no such file")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        raise WeightsError(
+            f"--weights {weights!r} is neither a file nor a Hugging Face repo id (org/name[:file]); "
+            "use 'none' for random initialisation."
+        )
+    if not filename and spec.hf_repo == repo:
+        filename = spec.hf_filename or ""
+    return hub_download(repo, filename or None)
+
+
+def hub_download(repo_id: str, filename: Optional[str]) -> str:
+    """Download (or take from the HF cache) one weights file; honours HF_TOKEN and HF_HUB_OFFLINE."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    candidates = [filename] if filename else ["model.safetensors", "pytorch_model.bin", f"{repo_id.split('/')[-1]}.pth"]
+    for i, name in enumerate(candidates):
+        try:
+            return hf_hub_download(repo_id=repo_id, filename=name)
+        except GatedRepoError:
+            raise WeightsError(
+                f"{repo_id} is a gated repository: request access on its Hugging Face page, then log in "
+                "(`hf auth login`) or set HF_TOKEN, and run again."
+            ) from None
+        except RepositoryNotFoundError:
+            raise WeightsError(
+                f"Hugging Face repo {repo_id} was not found, or your token cannot see it. Check the name, "
+                "log in (`hf auth login` or HF_TOKEN), or pass a local file with --weights PATH."
+            ) from None
+        # LocalEntryNotFoundError subclasses EntryNotFoundError in huggingface_hub, so it comes first.
+        except LocalEntryNotFoundError:
+            if i + 1 < len(candidates) and not filename:
+                continue
+            raise WeightsError(
+                f"{repo_id}/{name} is not in the Hugging Face cache and the Hub cannot be reached "
+                "(offline, or HF_HUB_OFFLINE=1). Download it on a connected machine "
+                f"(`hf download {repo_id} {name}`) and copy the cache, or pass --weights /path/to/file."
+            ) from None
+        except EntryNotFoundError:
+            if i + 1 < len(candidates):
+                continue
+            raise WeightsError(f"{repo_id} has no file {name!r}; name it as --weights {repo_id}:FILE") from None
+    raise WeightsError(f"no weights file found in {repo_id}")  # pragma: no cover - loop always returns/raises
+
+
+# --------------------------------------------------------------------------- opening the file
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Open a .pth/.pt/.bin or .safetensors file without running any code it may contain.
+
+    MAE-style training code stores its argparse.Namespace under 'args'; that one class is
+    allowed, everything else is refused by torch's weights-only unpickler.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise WeightsError(f"{path} is not a valid safetensors file: {exc}") from None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such file") from None
+    except Exception as exc:  # weights-only unpickling errors are plain exceptions
+        raise WeightsError(
+            f"{path} cannot be opened safely: it is not a weights file, or it holds Python objects that "
+            f"would run code when loaded ({str(exc).splitlines()[0][:200]}). Re-save only the state dict "
+            "(torch.save(model.state_dict(), ...)) or use .safetensors."
+        ) from None
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+# --------------------------------------------------------------------------- family adapters
+def _tensors(d: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in d.items() if isinstance(v, torch.Tensor)}
+
+
+def _strip(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for p in prefixes:
+            if k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def _unchunk_blocks(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # DINOv2 training with block_chunks stores blocks.<chunk>.<global index>.*
+    return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}
+
+
+def _swiglu_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.replace("mlp.w12.", "mlp.fc1.").replace("mlp.w3.", "mlp.fc2."): v for k, v in sd.items()}
+
+
+def _drop(sd: dict[str, torch.Tensor], pattern: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in sd.items() if not re.match(pattern, k)}
+
+
+def adapt_retfound_mae(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """RETFound-MAE / MAE pretraining: weights under 'model'; the decoder is pretraining-only."""
+    sd = _strip(_tensors(ckpt.get("model", ckpt)), ("module.",))
+    return _drop(sd, r"^(decoder_|mask_token$)")
+
+
+def adapt_retfound_dinov2(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """RETFound-DINOv2 (DINOv2 training code): the EMA teacher's 'backbone.' under 'teacher'."""
+    sd = _tensors(ckpt.get("teacher", ckpt))
+    if any(k.startswith("backbone.") for k in sd):
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    return _swiglu_names(_unchunk_blocks(_strip(sd, ("module.",))))
+
+
+def adapt_dinov2(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Meta's DINOv2 hub files (flat, 'mask_token', maybe chunked blocks) or timm's copies."""
+    sd = _tensors(ckpt.get("state_dict", ckpt))
+    return _swiglu_names(_unchunk_blocks(_strip(sd, ("module.", "backbone."))))
+
+
+def adapt_dinov3(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Meta's DINOv3 files (storage tokens, ls*.gamma) or timm's; timm's Eva filter renames them."""
+    sd = _tensors(ckpt.get("teacher", ckpt.get("model", ckpt)))
+    return _strip(sd, ("module.", "backbone."))
+
+
+def adapt_timm(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Plain timm state dicts, 'state_dict'/'model' wrappers, DDP 'module.' and torch.compile prefixes."""
+    for key in ("model", "state_dict", "model_ema"):
+        if key in ckpt and isinstance(ckpt[key], dict):
+            ckpt = ckpt[key]
+            break
+    return _strip(_tensors(ckpt), ("module.", "_orig_mod."))
+
+
+ADAPTERS: dict[str, Callable[[dict[str, Any]], dict[str, torch.Tensor]]] = {
+    "retfound_mae": adapt_retfound_mae,
+    "retfound_dinov2": adapt_retfound_dinov2,
+    "dinov2": adapt_dinov2,
+    "dinov3": adapt_dinov3,
+    "timm": adapt_timm,
+    "retinafm": adapt_timm,
+}
+
+
+def detect_family(ckpt: dict[str, Any], default: str = "timm") -> str:
+    """Recognise a checkpoint's family from its contents (the file wins over the zoo's label)."""
+    if "retinafm" in ckpt:
+        return "retinafm"
+    if isinstance(ckpt.get("teacher"), dict):
+        return "retfound_dinov2"
+    inner = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else ckpt
+    keys = [k for k in inner if isinstance(k, str)]
+    if any(k.startswith(("decoder_", "module.decoder_")) for k in keys):
+        return "retfound_mae"
+    if any("storage_tokens" in k for k in keys):
+        return "dinov3"
+    if any(k.endswith("mask_token") for k in keys) or any(re.match(r"(backbone\.)?blocks\.\d+\.\d+\.", k) for k in keys):
+        return "dinov2"
+    return default
+
+
+# --------------------------------------------------------------------------- loading
+def _timm_filter(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    module = sys.modules[type(model).__module__]
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    return filter_fn(sd, model) if filter_fn is not None else sd
+
+
+def load_backbone_weights(model: nn.Module, path: str, family_hint: str = "timm") -> LoadReport:
+    """Load a pretrained backbone into `model`; the task head keeps its fresh initialisation.
+
+    Fails when the checkpoint does not fit the architecture (anything beyond the head and the
+    global-pool norm missing, or weights of other shapes) or gives the backbone nothing.
+    """
+    ckpt = read_checkpoint(path)
+    family = detect_family(ckpt, default=family_hint)
+    sd = ADAPTERS[family](ckpt)
+    if not sd:
+        raise WeightsError(f"{path} holds no tensors in a layout retinafm knows ({family})")
+    expected = model.state_dict()
+    dropped = sorted(k for k in sd if k.startswith(HEAD_PREFIXES))  # pretraining heads never carry over
+    sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}
+    if isinstance(getattr(model, "norm", None), nn.Identity):
+        # The global-pool recipe replaces the final norm with a fresh fc_norm (RETFound).
+        dropped += sorted(k for k in sd if k.startswith("norm."))
+        sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
+    try:
+        sd = _timm_filter(sd, model)
+    except Exception as exc:
+        raise WeightsError(f"{path} does not fit {type(model).__name__}: {exc}") from None
+    dropped += sorted(k for k in sd if k == "mask_token")
+    sd = {k: v for k, v in sd.items() if k != "mask_token"}
+    unexpected = sorted(set(sd) - set(expected))
+    wrong_shape = sorted(k for k in sd if k in expected and sd[k].shape != expected[k].shape)
+    fresh_ok = tuple(HEAD_PREFIXES) + ("fc_norm.",)
+    missing = sorted(set(expected) - set(sd))
+    bad_missing = [k for k in missing if not k.startswith(fresh_ok)]
+    if unexpected or wrong_shape or bad_missing:
+        details = []
+        if bad_missing:
+            details.append(f"missing from the file: {_short(bad_missing)}")
+        if unexpected:
+            details.append(f"not in the model: {_short(unexpected)}")
+        if wrong_shape:
+            details.append("shape mismatch: " + _short([f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong_shape]))
+        raise WeightsError(
+            f"{path} ({family} layout) does not match architecture {getattr(model, 'default_cfg', {}).get('architecture', type(model).__name__)}: "
+            + "; ".join(details) + ". Pick the --model this checkpoint was trained with."
+        )
+    if not sd:
+        raise WeightsError(f"{path}: the backbone received no weights")
+    model.load_state_dict(sd, strict=False)
+    init_head(model)
+    return LoadReport(str(path), family, len(sd), missing=missing, dropped=dropped)
+
+
+def _short(keys: list[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f" … (+{len(keys) - n} more)" if len(keys) > n else "")

@@ -1,0 +1,154 @@
+"""The one training loop and the one inference loop every task and workflow shares.
+
+AMP and distributed are handled here and nowhere else: autocast only on GPU, DDP gradients
+through the wrapped model, inference sharded by rank and gathered back in input order.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import Subset
+from tqdm.auto import tqdm
+
+from ..data.loader import ImageDataset, SkipLog, make_loader
+from . import distributed as dist_utils
+from .runtime import autocast
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class StepSettings:
+    accum_iter: int = 1
+    clip_grad: Optional[float] = None
+    amp_dtype: Optional[torch.dtype] = None
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    device: torch.device,
+    *,
+    epoch: int,
+    settings: StepSettings,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    mixup_fn: Optional[Callable] = None,
+    skip_log: Optional[SkipLog] = None,
+    progress: bool = True,
+) -> float:
+    """One pass over `loader`; returns the mean training loss (averaged across ranks)."""
+    model.train()
+    steps = len(loader)
+    updates_per_epoch = max(1, math.ceil(steps / settings.accum_iter))
+    total, count = 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not (progress and dist_utils.is_primary()))
+    for step, batch in enumerate(bar):
+        if skip_log is not None:
+            skip_log.add(batch.skipped)
+        if batch.images.numel() == 0:
+            continue
+        images = batch.images.to(device, non_blocking=True)
+        targets = batch.targets.to(device, non_blocking=True)
+        if mixup_fn is not None and images.shape[0] % 2 == 0:
+            images, targets = mixup_fn(images, targets)
+        elif mixup_fn is not None:
+            # Mixup needs pairs; an odd last batch is trained on hard one-hot (smoothed) targets.
+            targets = _one_hot_smoothed(targets, mixup_fn)
+        with autocast(device, settings.amp_dtype):
+            loss = criterion(model(images), targets)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"training loss became {loss_value} at epoch {epoch}, step {step}; lower --blr/--lr or use --clip-grad"
+            )
+        loss = loss / settings.accum_iter
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if (step + 1) % settings.accum_iter == 0 or step + 1 == steps:
+            if scaler is not None and scaler.is_enabled():
+                scaler.unscale_(optimizer)
+            if settings.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
+            if scaler is not None and scaler.is_enabled():
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step_update(epoch * updates_per_epoch + (step // settings.accum_iter) + 1)
+        total += loss_value * images.shape[0]
+        count += images.shape[0]
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+    return dist_utils.mean_across_ranks(total / max(count, 1))
+
+
+def _one_hot_smoothed(targets: torch.Tensor, mixup_fn) -> torch.Tensor:
+    from timm.data.mixup import one_hot
+
+    n = mixup_fn.num_classes
+    off = mixup_fn.label_smoothing / n
+    return one_hot(targets, n, on_value=1.0 - mixup_fn.label_smoothing + off, off_value=off)
+
+
+@dataclass
+class InferenceResult:
+    """Outputs for the readable items of a dataset, in dataset order."""
+
+    indices: np.ndarray  # dataset indices that were read
+    logits: np.ndarray  # (len(indices), num_outputs) float32
+    skipped: list[tuple[str, str]]
+
+
+@torch.inference_mode()
+def infer(
+    model: nn.Module,
+    dataset: ImageDataset,
+    device: torch.device,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    amp_dtype: Optional[torch.dtype] = None,
+    desc: str = "inference",
+    progress: bool = True,
+) -> InferenceResult:
+    """Run `model` over `dataset`. Under torchrun each rank takes a strided shard; every rank
+    returns the gathered, ordered result so metrics are always computed on all images."""
+    model.eval()
+    shard = list(range(dist_utils.rank(), len(dataset), dist_utils.world_size()))
+    loader = make_loader(
+        Subset(dataset, shard), batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
+    indices, outputs, skipped = [], [], []
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and dist_utils.is_primary()))
+    for batch in bar:
+        skipped += batch.skipped
+        if batch.images.numel() == 0:
+            continue
+        with autocast(device, amp_dtype):
+            logits = model(batch.images.to(device, non_blocking=True))
+        outputs.append(logits.float().cpu().numpy())
+        indices.append(batch.indices.numpy())
+    local = (
+        np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64),
+        np.concatenate(outputs) if outputs else None,
+        skipped,
+    )
+    parts = dist_utils.all_gather_objects(local)
+    all_idx = np.concatenate([p[0] for p in parts])
+    width = next((p[1].shape[1] for p in parts if p[1] is not None), 0)
+    all_out = np.concatenate([p[1] if p[1] is not None else np.zeros((0, width), np.float32) for p in parts])
+    order = np.argsort(all_idx, kind="stable")
+    return InferenceResult(all_idx[order], all_out[order], [s for p in parts for s in p[2]])

@@ -1,0 +1,78 @@
+"""The command line: verbs, --config YAML, and bad input as one clear line, never a traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from retinafm.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_models_lists_the_zoo():
+    res = run("models")
+    assert res.exit_code == 0
+    assert "RETFound_mae_natureCFP" in res.output and "YukunZhou/RETFound_mae_natureCFP" in res.output
+    assert "dinov3_vit7b16" in res.output and "CC-BY-NC-4.0" in res.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["finetune", "--data-path", "/nonexistent", "--out", "{tmp}/r"], "--data-path /nonexistent is not a folder"),
+    (["finetune", "--data-path", "{data}", "--out", "{tmp}/r", "--model", "vit_huge_nonsense"], "unknown model"),
+    (["finetune", "--data-path", "{data}", "--out", "{tmp}/r", "--weights", "{tmp}/missing.pth"], "no such file"),
+    (["finetune", "--data-path", "{data}", "--out", "{tmp}/r", "--split", "0.5,0.5"], "already has split folders"),
+    (["finetune", "--out", "{tmp}/r"], "exactly one of --data-path"),
+    (["predict", "--checkpoint", "{tmp}/nope.pth", "--images", "{data}", "--out", "{tmp}/p.csv"], "no such file"),
+])
+def test_bad_input_gives_one_clear_line(args, message, demo_data, tmp_path):
+    args = [a.format(tmp=tmp_path, data=demo_data) for a in args]
+    res = run(*args)
+    assert res.exit_code == 2
+    assert message in res.output and "Traceback" not in res.output
+
+
+def test_config_file_and_flags(demo_data, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "data-path": str(demo_data), "model": "vit_micro_patch8", "weights": "none", "input_size": 32,
+        "epochs": 1, "warmup_epochs": 0, "batch_size": 16, "lr": 1e-3, "randaug_magnitude": 0, "reprob": 0.0,
+        "num_workers": 0, "device": "cpu", "layer_decay": 1.0}))
+    res = run("finetune", "--config", str(config), "--out", str(tmp_path / "run"), "--drop-path", "0.05")
+    assert res.exit_code == 0, res.output
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["epochs"] == 1 and saved["drop_path"] == 0.05 and saved["model"] == "vit_micro_patch8"
+    assert saved["class_names"] == ["diabetic_retinopathy", "glaucoma", "normal"]
+    # Re-running into the same --out is refused; --resume RUN_DIR continues from its own config.
+    again = run("finetune", "--config", str(config), "--out", str(tmp_path / "run"))
+    assert again.exit_code == 2 and "already exists" in again.output
+    resumed = run("finetune", "--resume", str(tmp_path / "run"), "--epochs", "2")
+    assert resumed.exit_code == 0, resumed.output
+    assert list(pd.read_csv(tmp_path / "run" / "log.csv")["epoch"]) == [0, 1]
+
+    res = run("predict", "--checkpoint", str(tmp_path / "run" / "checkpoint-best.pth"), "--images",
+              str(demo_data / "val"), "--out", str(tmp_path / "p.csv"), "--num-workers", "0")
+    assert res.exit_code == 0 and "24 predictions written" in res.output
+    res = run("evaluate", "--checkpoint", str(tmp_path / "run" / "checkpoint-best.pth"), "--data-path",
+              str(demo_data), "--split", "val", "--out", str(tmp_path / "ev"), "--num-workers", "0")
+    assert res.exit_code == 0 and "AUROC" in res.output
+    assert (tmp_path / "ev" / "metrics_val.json").is_file()
+
+
+def test_unknown_config_key(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("epochz: 3\n")
+    res = CliRunner().invoke(main, ["finetune", "--config", str(config), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "unknown setting(s) epochz" in res.output
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "retinafm", "--help"], capture_output=True, text=True, check=True)
+    for verb in ("finetune", "evaluate", "predict", "models", "demo"):
+        assert verb in out.stdout

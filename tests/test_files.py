@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from retinafm.files import (
+    OutputExistsError,
+    atomic_path,
+    prepare_output_dir,
+    refuse_existing_file,
+    write_csv,
+    write_json,
+)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "metrics.json"
+    write_json(target, {"auroc": 0.9})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert json.loads(target.read_text()) == {"auroc": 0.9}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary left behind
+
+
+def test_write_csv(tmp_path):
+    write_csv(tmp_path / "a" / "b.csv", pd.DataFrame({"x": [1, 2]}))
+    assert pd.read_csv(tmp_path / "a" / "b.csv")["x"].tolist() == [1, 2]
+
+
+def test_existing_run_is_never_silently_overwritten(tmp_path):
+    run = tmp_path / "run"
+    prepare_output_dir(run)
+    (run / "log.csv").write_text("x")
+    with pytest.raises(OutputExistsError, match="--resume.*--overwrite"):
+        prepare_output_dir(run)
+    assert prepare_output_dir(run, resume=True) == run
+    assert prepare_output_dir(run, overwrite=True) == run
+    with pytest.raises(OutputExistsError, match="is a file"):
+        prepare_output_dir(run / "log.csv")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        refuse_existing_file(run / "log.csv", overwrite=False)
+
+
+def test_read_only_output_folder(tmp_path):
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that can write anywhere")
+        with pytest.raises(PermissionError, match="not writable|cannot create"):
+            prepare_output_dir(ro / "run")
+    finally:
+        ro.chmod(0o700)

@@ -1,0 +1,160 @@
+"""End to end through the public function on generated data (CPU, tiny ViT)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_finetune_config
+from retinafm.config import ConfigError
+from retinafm.data.sources import DataSourceError
+from retinafm.files import OutputExistsError
+from retinafm.finetune import finetune
+from retinafm.train.checkpoint import load_checkpoint
+
+RUN_FILES = {"config.yaml", "log.csv", "checkpoint-best.pth", "checkpoint-last.pth", "metrics_test.json",
+             "metrics_test.csv", "predictions_test.csv"}
+
+
+@pytest.fixture(scope="module")
+def trained(demo_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ft") / "run"
+    cfg = tiny_finetune_config(demo_data, run, epochs=3)
+    return cfg, finetune(cfg)
+
+
+def test_run_directory_contract(trained, demo_data):
+    cfg, result = trained
+    run = Path(cfg.out)
+    assert RUN_FILES <= {p.name for p in run.iterdir()}
+    assert {p.name for p in (run / "plots").iterdir()} >= {"confusion_matrix.png", "roc.png", "curves.png"}
+    log = pd.read_csv(run / "log.csv")
+    assert list(log["epoch"]) == [0, 1, 2]
+    assert {"lr", "train_loss", "val_loss", "val_auroc_macro", "val_accuracy"} <= set(log.columns)
+    metrics = json.loads((run / "metrics_test.json").read_text())
+    assert metrics["n"] == 24 and 0.0 <= metrics["auroc_macro"] <= 1.0
+    preds = pd.read_csv(run / "predictions_test.csv")
+    assert list(preds.columns[:3]) == ["path", "prediction", "label"]
+    probs = preds[[c for c in preds.columns if c.startswith("prob_")]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    # The best checkpoint is the epoch with the highest validation AUROC (ties: lower loss).
+    best = load_checkpoint(run / "checkpoint-best.pth")
+    ranked = log.sort_values(["val_auroc_macro", "val_loss"], ascending=[False, True])
+    assert best["retinafm"]["epoch"] == int(ranked.iloc[0]["epoch"]) == result.best_epoch
+    assert best["retinafm"]["class_names"] == ["diabetic_retinopathy", "glaucoma", "normal"]
+    assert "optimizer" not in best and "optimizer" in load_checkpoint(run / "checkpoint-last.pth")
+
+
+def test_existing_run_is_refused_and_resume_continues(trained, demo_data):
+    cfg, _ = trained
+    with pytest.raises(OutputExistsError, match="--resume"):
+        finetune(tiny_finetune_config(demo_data, cfg.out, epochs=3))
+    more = tiny_finetune_config(demo_data, cfg.out, epochs=4, resume=True)
+    finetune(more)
+    log = pd.read_csv(Path(cfg.out) / "log.csv")
+    assert list(log["epoch"]) == [0, 1, 2, 3]
+
+
+def test_resume_without_a_run(tmp_path, demo_data):
+    with pytest.raises(ConfigError, match="checkpoint-last.pth does not exist"):
+        finetune(tiny_finetune_config(demo_data, tmp_path / "new", resume=True))
+
+
+def test_unreadable_training_images_are_skipped_and_listed(tmp_path, demo_data):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    (data / "train" / "normal" / "broken.png").write_bytes(b"\x89PNG truncated")
+    (data / "test" / "glaucoma" / "empty.jpg").write_bytes(b"")
+    run = tmp_path / "run"
+    finetune(tiny_finetune_config(data, run, epochs=1, warmup_epochs=0))
+    skipped = pd.read_csv(run / "skipped.csv")
+    assert set(Path(p).name for p in skipped["path"]) == {"broken.png", "empty.jpg"}
+    assert len(pd.read_csv(run / "predictions_test.csv")) == 24
+
+
+def test_automatic_split_is_saved(tmp_path):
+    from retinafm.data.synthetic import render_fundus
+
+    rng = np.random.default_rng(0)
+    for cls in ("glaucoma", "normal"):
+        (tmp_path / "flat" / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(render_fundus(rng, cls, size=48)).save(tmp_path / "flat" / cls / f"{i}.png")
+    run = tmp_path / "run"
+    finetune(tiny_finetune_config(tmp_path / "flat", run, epochs=1, warmup_epochs=0, split="0.6,0.2,0.2"))
+    split = pd.read_csv(run / "split.csv")
+    assert list(split.columns) == ["path", "split", "label", "patient_id"]
+    assert split["split"].value_counts().to_dict() == {"train": 12, "val": 4, "test": 4}
+
+
+def test_no_validation_split_is_a_clear_error(tmp_path):
+    from retinafm.data.synthetic import render_fundus
+
+    rng = np.random.default_rng(0)
+    for cls in ("glaucoma", "normal"):
+        (tmp_path / "d" / "train" / cls).mkdir(parents=True)
+        Image.fromarray(render_fundus(rng, cls, size=48)).save(tmp_path / "d" / "train" / cls / "a.png")
+    with pytest.raises(DataSourceError, match="no validation images"):
+        finetune(tiny_finetune_config(tmp_path / "d", tmp_path / "run"))
+
+
+def test_linear_probe_only_trains_the_head(tmp_path, demo_data):
+    run = tmp_path / "lp"
+    finetune(tiny_finetune_config(demo_data, run, epochs=1, warmup_epochs=0, adaptation="lp", mixup=0.8, cutmix=1.0))
+    # Start from a saved random backbone to compare: the lp run's backbone must equal its init.
+    state = load_checkpoint(run / "checkpoint-last.pth")
+    torch.manual_seed(0)
+    from retinafm.models.registry import create_model, get_spec
+
+    fresh = create_model(get_spec("vit_micro_patch8"), 3, input_size=32)
+    trained_blocks = {k: v for k, v in state["model"].items() if k.startswith("blocks.0.")}
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in trained_blocks.items())
+    assert not torch.equal(state["model"]["head.weight"], torch.zeros_like(state["model"]["head.weight"]))
+
+
+def test_retfound_mae_vit_large_checkpoint_fine_tunes(tmp_path):
+    """A RETFound-MAE file with real ViT-L/16 keys (decoder included) loads and fine-tunes a step."""
+    import argparse
+
+    import timm
+
+    from retinafm.data.synthetic import render_fundus
+
+    torch.manual_seed(0)
+    encoder = timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0, global_pool="token")
+    sd = dict(encoder.state_dict())
+    dec = 512
+    sd.update({"mask_token": torch.zeros(1, 1, 1024), "decoder_embed.weight": torch.zeros(dec, 1024),
+               "decoder_embed.bias": torch.zeros(dec), "decoder_pos_embed": torch.zeros(1, 197, dec),
+               "decoder_norm.weight": torch.ones(dec), "decoder_norm.bias": torch.zeros(dec),
+               "decoder_pred.weight": torch.zeros(16 * 16 * 3, dec), "decoder_pred.bias": torch.zeros(16 * 16 * 3)})
+    for i in range(2):  # MAE's decoder has 8 such blocks; two keep the file small with the same key shapes
+        for k, v in timm.create_model("vit_tiny_patch16_224", embed_dim=dec, depth=1, num_heads=16).blocks[0].state_dict().items():
+            sd[f"decoder_blocks.{i}.{k}"] = v
+    before = {k: sd[k].clone() for k in ("blocks.0.attn.qkv.weight", "blocks.23.mlp.fc2.weight")}
+    ckpt = tmp_path / "RETFound_mae_natureCFP.pth"
+    torch.save({"model": sd, "epoch": 799, "args": argparse.Namespace(model="mae_vit_large_patch16")}, ckpt)
+    del encoder, sd
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("glaucoma", "normal"):
+            (tmp_path / "d" / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(render_fundus(rng, cls, size=48)).save(tmp_path / "d" / split / cls / f"{i}.png")
+    cfg = tiny_finetune_config(tmp_path / "d", tmp_path / "run", model="RETFound_mae_natureCFP", weights=str(ckpt),
+                               input_size=32, epochs=1, warmup_epochs=0, batch_size=4, layer_decay=0.65)
+    result = finetune(cfg)
+    best = load_checkpoint(tmp_path / "run" / "checkpoint-best.pth")
+    assert best["retinafm"]["arch"] == "vit_large_patch16_224" and best["model"]["pos_embed"].shape == (1, 5, 1024)
+    for k, v in before.items():  # loaded, then moved by one optimiser step (not left at random init)
+        delta = (best["model"][k] - v).abs().max().item()
+        assert 0 < delta < 1e-2, (k, delta)
+    assert result.best_epoch == 0

@@ -1,0 +1,100 @@
+"""Decoding: every common mode becomes RGB uint8; bad files give a reason, never a crash."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retinafm.data.io import ImageReadError, is_image_file, read_image
+
+
+def _save(img: Image.Image, path: Path, **kw) -> Path:
+    img.save(path, **kw)
+    return path
+
+
+@pytest.fixture
+def rgb() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+
+
+def test_png_and_jpeg_are_rgb_chw_uint8(tmp_path, rgb):
+    png = read_image(_save(Image.fromarray(rgb), tmp_path / "a.png"))
+    assert png.dtype == torch.uint8 and png.shape == (3, 20, 30)
+    np.testing.assert_array_equal(png.permute(1, 2, 0).numpy(), rgb)
+    jpg = read_image(_save(Image.fromarray(rgb), tmp_path / "a.jpg", quality=95))
+    assert jpg.shape == (3, 20, 30)
+    # The fast JPEG decoder agrees with PIL's.
+    ref = np.asarray(Image.open(tmp_path / "a.jpg").convert("RGB")).astype(int)
+    assert np.abs(jpg.permute(1, 2, 0).numpy().astype(int) - ref).mean() < 2
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16", "I", "F"])
+def test_modes_become_rgb(tmp_path, rgb, mode):
+    img = Image.fromarray(rgb)
+    if mode == "I;16":
+        img = Image.fromarray(rgb[..., 0].astype(np.uint16) * 200)
+    elif mode in ("I", "F"):
+        img = Image.fromarray(rgb[..., 0].astype(np.int32 if mode == "I" else np.float32) * 3)
+    else:
+        img = img.convert(mode)
+    suffix = ".jpg" if mode == "CMYK" else ".tif" if mode in ("I;16", "I", "F") else ".png"
+    out = read_image(_save(img, tmp_path / f"x{suffix}"))
+    assert out.dtype == torch.uint8 and out.shape == (3, 20, 30)
+    if mode in ("L", "I;16", "I", "F"):
+        assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+    if mode in ("I;16", "I", "F"):  # scaled by its own range, not divided into darkness
+        assert int(out.max()) == 255 and int(out.min()) == 0
+
+
+def test_transparent_areas_become_black(tmp_path):
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = 255
+    rgba[:2, :, 3] = 255  # top half opaque red, bottom half transparent
+    out = read_image(_save(Image.fromarray(rgba, "RGBA"), tmp_path / "t.png"))
+    assert out[:, 0, 0].tolist() == [255, 0, 0] and out[:, 3, 0].tolist() == [0, 0, 0]
+
+
+def test_bmp_gif_and_webp(tmp_path, rgb):
+    for suffix in (".bmp", ".gif", ".webp"):
+        assert read_image(_save(Image.fromarray(rgb), tmp_path / f"x{suffix}")).shape == (3, 20, 30)
+
+
+@pytest.mark.parametrize(
+    "name,content,reason",
+    [
+        ("empty.png", b"", "empty file"),
+        ("text.png", b"this is not an image at all", "not a recognised image format"),
+        ("cut.jpg", None, "corrupt or truncated"),
+        ("cut.png", None, "corrupt or truncated"),
+    ],
+)
+def test_bad_files_give_reasons(tmp_path, rgb, name, content, reason):
+    path = tmp_path / name
+    if content is None:
+        full = tmp_path / f"full{Path(name).suffix}"
+        Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(full)
+        content = full.read_bytes()[: len(full.read_bytes()) // 2]
+    path.write_bytes(content)
+    with pytest.raises(ImageReadError, match=reason) as info:
+        read_image(path)
+    assert info.value.path == str(path)
+
+
+def test_missing_tiny_and_huge(tmp_path, monkeypatch):
+    with pytest.raises(ImageReadError, match="file not found"):
+        read_image(tmp_path / "nope.png")
+    with pytest.raises(ImageReadError, match="1x1 pixels"):
+        read_image(_save(Image.new("RGB", (1, 1)), tmp_path / "one.png"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a decompression bomb, scaled down
+    with pytest.raises(ImageReadError, match="too large"):
+        read_image(_save(Image.new("L", (100, 100)), tmp_path / "bomb.png"))
+
+
+def test_is_image_file():
+    assert is_image_file(Path("a/b.JPG")) and is_image_file(Path("x.tiff"))
+    assert not is_image_file(Path("notes.txt")) and not is_image_file(Path(".hidden.png"))

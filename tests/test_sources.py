@@ -1,0 +1,115 @@
+"""Folder and manifest sources: class order, split rules and the messages users see."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from retinafm.data.sources import DataSourceError, load_folder, load_labelled, load_manifest, relabel
+
+
+def _img(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    return path
+
+
+def _tree(root: Path, layout: dict[str, dict[str, int]]) -> Path:
+    for split, classes in layout.items():
+        for cls, n in classes.items():
+            for i in range(n):
+                _img(root / split / cls / f"{i}.png")
+    return root
+
+
+def test_split_folders_sorted_classes_from_train(tmp_path):
+    root = _tree(tmp_path, {"train": {"normal": 3, "amd": 2}, "val": {"amd": 1, "normal": 1}, "test": {"normal": 2}})
+    (root / "train" / "normal" / "notes.txt").write_text("ignored")
+    data = load_folder(root)
+    assert data.class_names == ["amd", "normal"]
+    assert len(data.split("train")) == 5 and len(data.split("val")) == 2 and len(data.split("test")) == 2
+    assert {s.label for s in data.split("test")} == {1}
+    assert data.counts().loc["train", "amd"] == 2
+
+
+def test_class_missing_from_train_is_named(tmp_path):
+    root = _tree(tmp_path, {"train": {"normal": 2, "amd": 2}, "val": {"glaucoma": 1}})
+    with pytest.raises(DataSourceError, match="class 'glaucoma' is in .*val but not in"):
+        load_folder(root)
+
+
+def test_empty_train_class_folder_is_named(tmp_path):
+    root = _tree(tmp_path, {"train": {"normal": 2}})
+    (root / "train" / "amd").mkdir()
+    with pytest.raises(DataSourceError, match="amd has no image files"):
+        load_folder(root)
+
+
+def test_no_split_folders_needs_ratios_then_splits_stratified(tmp_path):
+    root = _tree(tmp_path, {"": {"a": 20, "b": 20}})
+    with pytest.raises(DataSourceError, match="--split 0.7,0.15,0.15"):
+        load_folder(root)
+    data = load_folder(root, split_ratios="0.6,0.2,0.2", seed=3)
+    assert data.auto_split
+    table = data.table()
+    counts = table.groupby(["split", "label"]).size()
+    assert counts["train"].tolist() == [12, 12] and counts["val"].tolist() == [4, 4]
+    again = load_folder(root, split_ratios="0.6,0.2,0.2", seed=3).table()
+    pd.testing.assert_frame_equal(table, again)  # seeded
+
+
+def test_manifest_relative_paths_and_checks(tmp_path):
+    for name in ["x1", "x2", "x3", "x4"]:
+        _img(tmp_path / "imgs" / f"{name}.png")
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,split,label,patient_id\nimgs/x1.png,train,dr,p1\nimgs/x2.png,train,normal,p2\n"
+                   "imgs/x3.png,VAL,dr,p3\nimgs/x4.png,test,normal,p4\n")
+    data = load_manifest(csv)
+    assert data.class_names == ["dr", "normal"]
+    assert data.samples[0].path == str(tmp_path / "imgs" / "x1.png") and data.samples[0].patient_id == "p1"
+    assert [s.split for s in data.samples] == ["train", "train", "val", "test"]
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,label\na.png,dr\n")
+    with pytest.raises(DataSourceError, match="lacks column.*path.*split"):
+        load_manifest(bad)
+    bad.write_text("path,split,label\na.png,train,dr\nb.png,train,\n")
+    with pytest.raises(DataSourceError, match="empty 'label' on line.*3"):
+        load_manifest(bad)
+    bad.write_text("path,split,label\na.png,train,dr\na.png,val,dr\n")
+    with pytest.raises(DataSourceError, match="duplicate path"):
+        load_manifest(bad)
+    bad.write_text("path,split,label\na.png,train,dr\nb.png,holdout,dr\n")
+    with pytest.raises(DataSourceError, match="unknown split"):
+        load_manifest(bad)
+    bad.write_text("path,split,label\na.png,train,dr\nb.png,test,amd\n")
+    with pytest.raises(DataSourceError, match="amd.*do not appear in the train split"):
+        load_manifest(bad)
+    with pytest.raises(DataSourceError, match="does not exist"):
+        load_manifest(tmp_path / "missing.csv")
+
+
+def test_manifest_auto_split_keeps_patients_together(tmp_path):
+    rows = [{"path": f"{p}_{e}.png", "label": "dr" if p % 2 else "normal", "patient_id": f"p{p}"}
+            for p in range(30) for e in ("L", "R")]
+    csv = tmp_path / "m.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    data = load_manifest(csv, split_ratios="0.6,0.2,0.2")
+    per_patient = data.table().groupby("patient_id")["split"].nunique()
+    assert (per_patient == 1).all()
+    assert set(data.table()["split"]) == {"train", "val", "test"}
+
+
+def test_load_labelled_and_relabel(tmp_path):
+    root = _tree(tmp_path, {"train": {"b": 1, "a": 1}, "val": {"a": 1}})
+    data = load_labelled(data_path=str(root))
+    moved = relabel(data, ["b", "a", "c"])
+    assert moved.class_names == ["b", "a", "c"]
+    assert [moved.class_names[s.label] for s in moved.samples] == [data.class_names[s.label] for s in data.samples]
+    with pytest.raises(DataSourceError, match="not among the model's classes"):
+        relabel(data, ["a"])
+    with pytest.raises(DataSourceError, match="--data-path DIR or --manifest"):
+        load_labelled()

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import torch
+
+from retinafm.data.transforms import AugmentSettings, eval_transform, train_transform
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def test_eval_is_resize_then_centre_crop_and_normalise():
+    img = torch.full((3, 300, 200), 128, dtype=torch.uint8)
+    out = eval_transform(224, MEAN, STD)(img)
+    assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+    expected = (128 / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+    torch.testing.assert_close(out[:, 100, 100], expected, atol=1e-3, rtol=0)
+    # Deterministic: evaluation must not augment.
+    x = torch.randint(0, 256, (3, 90, 120), dtype=torch.uint8)
+    assert torch.equal(eval_transform(64, MEAN, STD)(x), eval_transform(64, MEAN, STD)(x))
+
+
+def test_eval_crop_keeps_the_centre_fraction():
+    # Short side resized to 64/0.875 ≈ 73, then a 64 crop: the border stripes must be cut off.
+    img = torch.zeros((3, 100, 100), dtype=torch.uint8)
+    img[:, :, :3] = 255
+    out = eval_transform(64, (0, 0, 0), (1, 1, 1))(img)
+    assert out[:, :, 0].max() < 0.05
+
+
+def test_train_augments_randomly_with_right_shape():
+    x = torch.randint(0, 256, (3, 128, 96), dtype=torch.uint8)
+    tf = train_transform(64, MEAN, STD, AugmentSettings(crop_min_scale=0.08, randaug_magnitude=9, reprob=0.25))
+    torch.manual_seed(0)
+    a, b = tf(x), tf(x)
+    assert a.shape == b.shape == (3, 64, 64) and a.dtype == torch.float32
+    assert not torch.equal(a, b)
+    plain = train_transform(64, MEAN, STD, AugmentSettings(randaug_magnitude=0, reprob=0.0))
+    names = [type(t).__name__ for t in plain.transforms]
+    assert "RandAugment" not in names and "RandomErasing" not in names and "RandomResizedCrop" in names

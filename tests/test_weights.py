@@ -1,0 +1,259 @@
+"""Pretrained-weight loading: each family's key layout, built tiny, must give the same features as
+the timm model built from the same tensors; bad files fail loudly and safely."""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from retinafm.models.registry import ModelSpec, create_model, get_spec
+from retinafm.models.weights import (
+    WeightsError,
+    detect_family,
+    load_backbone_weights,
+    read_checkpoint,
+    resolve_weights,
+)
+
+MICRO = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+def _features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def _source_vit(global_pool: str = "token", **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
+                          global_pool=global_pool, **{**MICRO, **kw})
+    # Non-trivial norms so a dropped or misplaced norm would show in the features.
+    for name, p in m.named_parameters():
+        if "norm" in name:
+            p.data.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    return m
+
+
+def _mae_checkpoint(src: torch.nn.Module) -> dict:
+    """RETFound-MAE pretraining file: encoder + mask token + decoder under 'model', plus MAE extras."""
+    sd = dict(src.state_dict())
+    d = 16
+    sd["mask_token"] = torch.zeros(1, 1, d)
+    sd["decoder_embed.weight"] = torch.randn(d, 32)
+    sd["decoder_embed.bias"] = torch.zeros(d)
+    sd["decoder_pos_embed"] = torch.zeros(1, 17, d)
+    sd["decoder_blocks.0.norm1.weight"] = torch.ones(d)
+    sd["decoder_blocks.0.attn.qkv.weight"] = torch.randn(3 * d, d)
+    sd["decoder_norm.weight"] = torch.ones(d)
+    sd["decoder_pred.weight"] = torch.randn(8 * 8 * 3, d)
+    return {"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 799,
+            "scaler": {"scale": 65536.0}, "args": argparse.Namespace(model="mae_vit_large_patch16", norm_pix_loss=True)}
+
+
+def test_retfound_mae_layout_loads_with_only_head_and_fc_norm_missing(tmp_path: Path):
+    src = _source_vit("token")
+    path = tmp_path / "RETFound_mae_natureCFP.pth"
+    torch.save(_mae_checkpoint(src), path)
+    spec = ModelSpec(name="t", arch="vit_tiny_patch16_224", input_size=32, patch_size=8, family="retfound_mae",
+                     global_pool="avg", arch_kwargs=MICRO)
+    model = create_model(spec, num_classes=3)
+    report = load_backbone_weights(model, str(path), "retfound_mae")
+    assert report.family == "retfound_mae"
+    assert set(report.missing) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    assert "norm.weight" in report.dropped  # the pretraining norm gives way to fc_norm (RETFound)
+    for k, v in src.state_dict().items():
+        if not k.startswith("norm."):
+            torch.testing.assert_close(model.state_dict()[k], v)
+    # RETFound's head initialisation: truncated normal with std 2e-5, zero bias.
+    assert model.head.weight.abs().max() < 1e-4 and model.head.bias.abs().max() == 0
+
+
+def test_mae_features_equal_timm_model_built_from_same_tensors(tmp_path: Path):
+    src = _source_vit("token")
+    path = tmp_path / "mae.pth"
+    torch.save(_mae_checkpoint(src), path)
+    spec = ModelSpec(name="t", arch="vit_tiny_patch16_224", input_size=32, patch_size=8, global_pool="token",
+                     arch_kwargs=MICRO)
+    model = create_model(spec, num_classes=2)
+    load_backbone_weights(model, str(path), "retfound_mae")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(_features(model, x), _features(src, x))
+
+
+def test_position_embeddings_are_resampled_for_another_input_size(tmp_path: Path):
+    src = _source_vit("token")
+    path = tmp_path / "mae.pth"
+    torch.save(_mae_checkpoint(src), path)
+    spec = ModelSpec(name="t", arch="vit_tiny_patch16_224", input_size=48, patch_size=8, arch_kwargs=MICRO)
+    model = create_model(spec, num_classes=2, input_size=48)
+    load_backbone_weights(model, str(path), "retfound_mae")
+    assert model.pos_embed.shape == (1, 1 + 6 * 6, 32)
+    expected = timm.layers.resample_abs_pos_embed(src.pos_embed.detach(), new_size=(6, 6), num_prefix_tokens=1)
+    torch.testing.assert_close(model.pos_embed.detach(), expected)
+
+
+def _dinov2_source(**kw) -> torch.nn.Module:
+    torch.manual_seed(1)
+    return timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=28,
+                             patch_size=14, embed_dim=32, depth=4, num_heads=2, **kw)
+
+
+def _to_meta_dinov2(sd: dict, chunks: int = 0, swiglu: bool = False) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if swiglu:
+            k = k.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3.")
+        if chunks and k.startswith("blocks."):
+            i = int(k.split(".")[1])
+            k = f"blocks.{i // chunks}.{i}." + k.split(".", 2)[2]
+        out[k] = v
+    out["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])
+    return out
+
+
+def test_retfound_dinov2_teacher_layout(tmp_path: Path):
+    src = _dinov2_source()
+    teacher = {f"backbone.{k}": v for k, v in _to_meta_dinov2(src.state_dict(), chunks=2).items()}
+    teacher["dino_head.mlp.0.weight"] = torch.randn(8, 32)
+    teacher["ibot_head.last_layer.weight_g"] = torch.randn(1, 8)
+    path = tmp_path / "RETFound_dinov2_meh.pth"
+    torch.save({"teacher": teacher, "student": {}, "iteration": 100}, path)
+    spec = ModelSpec(name="t", arch="vit_small_patch14_dinov2", input_size=28, patch_size=14, family="retfound_dinov2",
+                     arch_kwargs=dict(embed_dim=32, depth=4, num_heads=2))
+    model = create_model(spec, num_classes=4)
+    report = load_backbone_weights(model, str(path), "retfound_dinov2")
+    assert report.family == "retfound_dinov2"
+    assert set(report.missing) == {"head.weight", "head.bias"}
+    x = torch.randn(2, 3, 28, 28)
+    torch.testing.assert_close(_features(model, x), _features(src, x))
+
+
+def test_dinov2_swiglu_names_are_mapped(tmp_path: Path):
+    from timm.layers import SwiGLUPacked
+
+    src = _dinov2_source(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU, mlp_ratio=2.0)
+    path = tmp_path / "dinov2_vitg14_pretrain.pth"
+    torch.save(_to_meta_dinov2(src.state_dict(), swiglu=True), path)
+    assert detect_family(read_checkpoint(path)) == "dinov2"
+    spec = ModelSpec(name="t", arch="vit_small_patch14_dinov2", input_size=28, patch_size=14, family="dinov2",
+                     arch_kwargs=dict(embed_dim=32, depth=4, num_heads=2, mlp_layer=SwiGLUPacked,
+                                      act_layer=torch.nn.SiLU, mlp_ratio=2.0))
+    model = create_model(spec, num_classes=2)
+    load_backbone_weights(model, str(path), "dinov2")
+    x = torch.randn(1, 3, 28, 28)
+    torch.testing.assert_close(_features(model, x), _features(src, x))
+
+
+def test_meta_dinov3_layout(tmp_path: Path):
+    torch.manual_seed(2)
+    kw = dict(embed_dim=32, depth=2, num_heads=2)
+    src = timm.create_model("vit_small_patch16_dinov3_qkvb", pretrained=False, num_classes=0, img_size=32, **kw)
+    meta = {}
+    for k, v in src.state_dict().items():
+        if k.endswith("attn.q_bias"):
+            v_bias = src.state_dict()[k.replace("q_bias", "v_bias")]
+            meta[k.replace("q_bias", "qkv.bias")] = torch.cat([v, torch.zeros_like(v), v_bias])
+            continue
+        if k.endswith("attn.v_bias") or "rope" in k:
+            continue
+        meta[k.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma").replace("reg_token", "storage_tokens")] = v
+    meta["mask_token"] = torch.zeros(1, 32)
+    meta["rope_embed.periods"] = torch.ones(4)
+    for i in range(2):
+        meta[f"blocks.{i}.attn.qkv.bias_mask"] = torch.ones(96)
+    path = tmp_path / "dinov3_vits16_pretrain.pth"
+    torch.save(meta, path)
+    spec = ModelSpec(name="t", arch="vit_small_patch16_dinov3_qkvb", input_size=32, family="dinov3", arch_kwargs=kw)  # timm default pool, as src
+    model = create_model(spec, num_classes=3)
+    report = load_backbone_weights(model, str(path), "dinov3")
+    assert report.family == "dinov3"
+    assert set(report.missing) == {"head.weight", "head.bias"}
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(_features(model, x), _features(src, x))
+
+
+def test_safetensors_and_ddp_prefixes(tmp_path: Path):
+    src = _source_vit("token")
+    path = tmp_path / "model.safetensors"
+    save_file({f"module.{k}": v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    spec = ModelSpec(name="t", arch="vit_tiny_patch16_224", input_size=32, patch_size=8, arch_kwargs=MICRO)
+    model = create_model(spec, num_classes=2)
+    load_backbone_weights(model, str(path))
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(_features(model, x), _features(src, x))
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path):
+    src = _source_vit("token")
+    path = tmp_path / "mae.pth"
+    torch.save(_mae_checkpoint(src), path)
+    model = create_model(get_spec("vit_micro_patch8"), num_classes=2)  # embed 64, depth 4
+    with pytest.raises(WeightsError, match="does not match architecture"):
+        load_backbone_weights(model, str(path))
+
+
+def test_file_without_matching_tensors_is_refused(tmp_path: Path):
+    path = tmp_path / "other.pth"
+    torch.save({"state_dict": {"conv.weight": torch.zeros(3)}}, path)
+    model = create_model(get_spec("vit_micro_patch8"), num_classes=2)
+    with pytest.raises(WeightsError):
+        load_backbone_weights(model, str(path))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/retinafm_pwned",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path: Path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _Evil()}, f)
+    with pytest.raises(WeightsError, match="cannot be opened safely"):
+        read_checkpoint(path)
+    assert not Path("/tmp/retinafm_pwned").exists()
+
+
+def test_resolve_weights_local_none_and_bad_values(tmp_path: Path):
+    spec = get_spec("vit_micro_patch8")
+    assert resolve_weights(spec, "none") is None
+    assert resolve_weights(spec, None) is None  # no zoo weights for this entry
+    f = tmp_path / "w.pth"
+    torch.save({}, f)
+    assert resolve_weights(spec, str(f)) == str(f)
+    with pytest.raises(WeightsError, match="no such file"):
+        resolve_weights(spec, str(tmp_path / "missing.pth"))
+    with pytest.raises(WeightsError, match="neither a file nor a Hugging Face repo"):
+        resolve_weights(spec, "not a repo id")
+
+
+def _fake_hub_cache(cache: Path, repo: str, filename: str, payload: dict) -> Path:
+    """The standard HF cache layout, as `hf download` leaves it, for offline resolution."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    snap = root / "snapshots" / commit
+    snap.mkdir(parents=True)
+    torch.save(payload, snap / filename)
+    return snap / filename
+
+
+def test_zoo_weights_come_from_the_offline_hub_cache(tmp_path: Path, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    spec = get_spec("RETFound_mae_natureCFP")
+    cached = _fake_hub_cache(tmp_path, "YukunZhou/RETFound_mae_natureCFP", "RETFound_mae_natureCFP.pth", {"model": {}})
+    assert Path(resolve_weights(spec, None)).resolve() == cached.resolve()
+    assert Path(resolve_weights(spec, "YukunZhou/RETFound_mae_natureCFP")).resolve() == cached.resolve()
+    with pytest.raises(WeightsError, match="not in the Hugging Face cache"):
+        resolve_weights(spec, "YukunZhou/RETFound_mae_meh:RETFound_mae_meh.pth")

@@ -21,14 +21,14 @@ def test_single_process_helpers_are_no_ops():
 def test_torchrun_two_cpu_processes(demo_data, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m", "retinafm",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "retinafm",
            "finetune", "--data-path", str(demo_data), "--out", str(run), "--model", "vit_micro_patch8",
            "--weights", "none", "--input-size", "32", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "8",
            "--lr", "1e-3", "--layer-decay", "1.0", "--randaug-magnitude", "0", "--reprob", "0", "--num-workers", "0",
            "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("epoch 2/2") == 1  # only rank 0 prints
+    assert proc.stdout.count("epoch 2/2") == 1 and proc.stdout.count("run directory:") == 1  # only rank 0 prints
     log = pd.read_csv(run / "log.csv")
     assert list(log["epoch"]) == [0, 1]
     preds = pd.read_csv(run / "predictions_test.csv")

@@ -47,8 +47,25 @@ def test_unknown_classes_and_missing_split(trained_run, demo_data, tmp_path):
     data = tmp_path / "d"
     shutil.copytree(demo_data, data)
     shutil.copytree(data / "train" / "normal", data / "train" / "cataract")
-    with pytest.raises(DataSourceError, match="cataract.*not among the model's classes"):
+    with pytest.raises(DataSourceError, match="'cataract'.*not among the model's classes"):
         evaluate_checkpoint(trained_run / "checkpoint-best.pth", tmp_path / "e", data_path=str(data))
     with pytest.raises(DataSourceError, match="no 'holdout' images"):
         evaluate_checkpoint(trained_run / "checkpoint-best.pth", tmp_path / "e2", data_path=str(demo_data),
                             split="holdout")
+
+
+def test_external_folder_without_train_split_or_without_splits(trained_run, demo_data, tmp_path):
+    import shutil
+
+    external = tmp_path / "external"
+    shutil.copytree(demo_data / "test" / "normal", external / "normal")
+    shutil.copytree(demo_data / "test" / "glaucoma", external / "glaucoma")
+    with pytest.warns(UserWarning, match="diabetic_retinopathy"):
+        ev = evaluate_checkpoint(trained_run / "checkpoint-best.pth", tmp_path / "e", data_path=str(external),
+                                 num_workers=0)
+    assert ev.metrics["n"] == 16
+    only_test = tmp_path / "only_test"
+    shutil.copytree(demo_data / "test", only_test / "test")
+    ev = evaluate_checkpoint(trained_run / "checkpoint-best.pth", tmp_path / "e2", data_path=str(only_test),
+                             num_workers=0)
+    assert ev.metrics["n"] == 24

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from retinafm.data.sources import DataSourceError, load_folder, load_labelled, load_manifest, relabel
+from retinafm.data.sources import DataSourceError, load_folder, load_labelled, load_manifest
 
 
 def _img(path: Path) -> Path:
@@ -103,13 +103,16 @@ def test_manifest_auto_split_keeps_patients_together(tmp_path):
     assert set(data.table()["split"]) == {"train", "val", "test"}
 
 
-def test_load_labelled_and_relabel(tmp_path):
+def test_load_labelled_and_fixed_class_order(tmp_path):
     root = _tree(tmp_path, {"train": {"b": 1, "a": 1}, "val": {"a": 1}})
-    data = load_labelled(data_path=str(root))
-    moved = relabel(data, ["b", "a", "c"])
-    assert moved.class_names == ["b", "a", "c"]
-    assert [moved.class_names[s.label] for s in moved.samples] == [data.class_names[s.label] for s in data.samples]
+    assert load_labelled(data_path=str(root)).class_names == ["a", "b"]
+    fixed = load_folder(root, class_names=["b", "a", "c"])  # a checkpoint's order, for evaluation
+    assert fixed.class_names == ["b", "a", "c"]
+    assert sorted((s.split, fixed.class_names[s.label]) for s in fixed.samples) == [
+        ("train", "a"), ("train", "b"), ("val", "a")]
     with pytest.raises(DataSourceError, match="not among the model's classes"):
-        relabel(data, ["a"])
+        load_folder(root, class_names=["a"])
+    flat = _tree(tmp_path / "flat", {"": {"a": 2}})
+    assert [s.split for s in load_folder(flat, class_names=["a", "b"], flat_split="test").samples] == ["test", "test"]
     with pytest.raises(DataSourceError, match="--data-path DIR or --manifest"):
         load_labelled()

@@ -71,8 +71,9 @@ def test_retfound_mae_layout_loads_with_only_head_and_fc_norm_missing(tmp_path: 
     for k, v in src.state_dict().items():
         if not k.startswith("norm."):
             torch.testing.assert_close(model.state_dict()[k], v)
-    # RETFound's head initialisation: truncated normal with std 2e-5, zero bias.
-    assert model.head.weight.abs().max() < 1e-4 and model.head.bias.abs().max() == 0
+    head_before = model.head.weight.detach().clone()
+    load_backbone_weights(model, str(path), "retfound_mae")  # loading never touches the task head
+    assert torch.equal(model.head.weight, head_before)
 
 
 def test_mae_features_equal_timm_model_built_from_same_tensors(tmp_path: Path):
@@ -255,5 +256,9 @@ def test_zoo_weights_come_from_the_offline_hub_cache(tmp_path: Path, monkeypatch
     cached = _fake_hub_cache(tmp_path, "YukunZhou/RETFound_mae_natureCFP", "RETFound_mae_natureCFP.pth", {"model": {}})
     assert Path(resolve_weights(spec, None)).resolve() == cached.resolve()
     assert Path(resolve_weights(spec, "YukunZhou/RETFound_mae_natureCFP")).resolve() == cached.resolve()
+    # A zoo weight by name, for another architecture entry.
+    assert Path(resolve_weights(get_spec("vit_large_patch16"), "RETFound_mae_natureCFP")).resolve() == cached.resolve()
+    with pytest.raises(WeightsError, match="no pretrained weights"):
+        resolve_weights(spec, "vit_tiny_patch16")
     with pytest.raises(WeightsError, match="not in the Hugging Face cache"):
         resolve_weights(spec, "YukunZhou/RETFound_mae_meh:RETFound_mae_meh.pth")

@@ -5,6 +5,7 @@ win. `--resume RUN_DIR` reads that run's config.yaml, so only changed flags need
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +34,10 @@ def _run(fn: Callable[[], Any]) -> Any:
         click.echo("interrupted. A fine-tune can be continued with --resume RUN_DIR.", err=True)
         sys.exit(130)
     except _user_errors() as exc:
+        if os.environ.get("RETINAFM_DEBUG"):
+            raise
         click.echo(f"error: {exc}", err=True)
+        click.echo("(set RETINAFM_DEBUG=1 to see the full traceback)", err=True)
         sys.exit(2)
 
 
@@ -134,9 +138,13 @@ def finetune_cmd(resume: str | None, **options: Any) -> None:
 
     if resume:
         options["out"] = resume
+    from .train import distributed as dist_utils
+
     cfg = FinetuneConfig(**options, resume=bool(resume))
     result = _run(lambda: finetune(cfg))
-    click.echo(f"run directory: {result.run_dir}")
+    if dist_utils.is_primary():
+        click.echo(f"run directory: {result.run_dir}")
+    dist_utils.cleanup()
 
 
 @main.command("evaluate")

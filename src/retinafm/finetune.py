@@ -57,10 +57,10 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     cfg.validate()
     device = resolve_device(cfg.device)
     dist_utils.init_distributed(device)
-    try:
-        return _finetune(cfg, device)
-    finally:
-        dist_utils.barrier()
+    # No barrier on failure: a rank that raised must exit so torchrun stops the others.
+    result = _finetune(cfg, device)
+    dist_utils.barrier()
+    return result
 
 
 def _finetune(cfg: FinetuneConfig, device: torch.device) -> FinetuneResult:
@@ -89,9 +89,8 @@ def _finetune(cfg: FinetuneConfig, device: torch.device) -> FinetuneResult:
     task = make_task(cfg.task, data.class_names)
 
     if dist_utils.is_primary():
-        if not cfg.resume:
-            write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "input_size": input_size,
-                                                 "class_names": list(data.class_names)})
+        write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "input_size": input_size,
+                                             "class_names": list(data.class_names)})
         if data.auto_split:
             write_csv(run_dir / "split.csv", data.table())
         _say(f"data: {data.source}\n{data.counts().to_string()}")
@@ -99,7 +98,6 @@ def _finetune(cfg: FinetuneConfig, device: torch.device) -> FinetuneResult:
     model = create_model(spec, task.num_outputs, input_size=input_size, drop_path=cfg.drop_path,
                          global_pool=cfg.global_pool)
     global_pool = str(model.global_pool)
-    init_head(model)
     resume_state = load_checkpoint(last_path) if cfg.resume else None
     if resume_state is not None:
         _check_resume_fits(resume_state, data, cfg)
@@ -110,6 +108,9 @@ def _finetune(cfg: FinetuneConfig, device: torch.device) -> FinetuneResult:
         weights = dist_utils.broadcast_object(weights)
         if weights:
             report = load_backbone_weights(model, weights, spec.family)
+            # RETFound's near-zero head suits a pretrained backbone; on a random one it would
+            # starve the backbone's gradients, so random init keeps timm's initialisation.
+            init_head(model)
             _say(report.summary())
         else:
             _say(f"model {spec.name}: random initialisation (no pretrained weights)")
@@ -129,7 +130,8 @@ def _finetune(cfg: FinetuneConfig, device: torch.device) -> FinetuneResult:
                                  shuffle=True, seed=cfg.seed)
     per_rank = len(train_ds) // dist_utils.world_size()
     train_loader = make_loader(train_ds, cfg.batch_size, num_workers=cfg.num_workers, shuffle=True, sampler=sampler,
-                               drop_last=per_rank > cfg.batch_size, seed=cfg.seed, pin_memory=device.type == "cuda")
+                               drop_last=per_rank > cfg.batch_size, seed=cfg.seed, pin_memory=device.type == "cuda",
+                               persistent=True)
     eval_tf = eval_transform(input_size, spec.mean, spec.std)
 
     lr = effective_lr(cfg.lr, cfg.blr, cfg.batch_size, cfg.accum_iter, dist_utils.world_size())

@@ -64,6 +64,7 @@ def make_loader(
     sampler: Optional[Sampler] = None,
     seed: int = 0,
     pin_memory: bool = False,
+    persistent: bool = False,
 ) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -76,7 +77,8 @@ def make_loader(
         drop_last=drop_last,
         generator=generator,
         pin_memory=pin_memory,
-        persistent_workers=False,
+        # Training iterates many epochs; keeping workers alive saves their start-up each epoch.
+        persistent_workers=persistent and num_workers > 0,
     )
 
 

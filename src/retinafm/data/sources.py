@@ -70,8 +70,18 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def load_folder(root: str | Path, split_ratios: Optional[str] = None, seed: int = 0) -> LabelledData:
-    """Read DATA/{train,val,test}/<class>/ (or DATA/<class>/ with `split_ratios`)."""
+def load_folder(
+    root: str | Path,
+    split_ratios: Optional[str] = None,
+    seed: int = 0,
+    class_names: Optional[Sequence[str]] = None,
+    flat_split: str = "test",
+) -> LabelledData:
+    """Read DATA/{train,val,test}/<class>/ (or DATA/<class>/ with `split_ratios`).
+
+    With `class_names` (a checkpoint's, for evaluation) no train split is needed, and a folder of
+    class folders without splits is read as the split `flat_split`.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataSourceError(f"--data-path {root} is not a folder")
@@ -82,7 +92,9 @@ def load_folder(root: str | Path, split_ratios: Optional[str] = None, seed: int 
                 f"{root} already has split folders ({', '.join(d.name for d in split_dirs)}); "
                 "drop --split or point --data-path at a folder of class folders."
             )
-        return _load_split_folders(root)
+        return _load_split_folders(root, class_names)
+    if class_names is not None:
+        return _load_class_folders(root, list(class_names), flat_split)
     if not split_ratios:
         raise DataSourceError(
             f"{root} has no train/val/test folders. Arrange it as {root}/train/<class>/..., "
@@ -104,12 +116,15 @@ def load_folder(root: str | Path, split_ratios: Optional[str] = None, seed: int 
     return LabelledData(samples, class_names, auto_split=True, source=str(root))
 
 
-def _load_split_folders(root: Path) -> LabelledData:
-    if not (root / "train").is_dir():
-        raise DataSourceError(f"{root} has split folders but no train/ folder")
-    class_names = [d.name for d in _class_dirs(root / "train")]
-    if not class_names:
-        raise DataSourceError(f"{root / 'train'} has no class folders")
+def _load_split_folders(root: Path, fixed_classes: Optional[Sequence[str]] = None) -> LabelledData:
+    if fixed_classes is None:
+        if not (root / "train").is_dir():
+            raise DataSourceError(f"{root} has split folders but no train/ folder")
+        class_names = [d.name for d in _class_dirs(root / "train")]
+        if not class_names:
+            raise DataSourceError(f"{root / 'train'} has no class folders")
+    else:
+        class_names = list(fixed_classes)
     index = {name: i for i, name in enumerate(class_names)}
     samples: list[Sample] = []
     for split in SPLITS:
@@ -118,6 +133,9 @@ def _load_split_folders(root: Path) -> LabelledData:
             continue
         for d in _class_dirs(split_dir):
             if d.name not in index:
+                if fixed_classes is not None:
+                    raise DataSourceError(
+                        f"class {d.name!r} in {split_dir} is not among the model's classes {class_names}")
                 raise DataSourceError(
                     f"class {d.name!r} is in {split_dir} but not in {root / 'train'}; "
                     "every class must have training images (or remove that folder)."
@@ -126,8 +144,20 @@ def _load_split_folders(root: Path) -> LabelledData:
             if not images and split == "train":
                 raise DataSourceError(f"class folder {d} has no image files")
             samples += [Sample(str(p), index[d.name], split) for p in images]
-    if not any(s.split == "train" for s in samples):
+    if fixed_classes is None and not any(s.split == "train" for s in samples):
         raise DataSourceError(f"{root / 'train'} holds no image files")
+    return LabelledData(samples, class_names, source=str(root))
+
+
+def _load_class_folders(root: Path, class_names: list[str], split: str) -> LabelledData:
+    index = {name: i for i, name in enumerate(class_names)}
+    samples: list[Sample] = []
+    for d in _class_dirs(root):
+        if d.name not in index:
+            raise DataSourceError(f"class {d.name!r} in {root} is not among the model's classes {class_names}")
+        samples += [Sample(str(p), index[d.name], split) for p in list_images(d)]
+    if not samples:
+        raise DataSourceError(f"{root} has no class folders with images (expected {root}/<class>/<image>)")
     return LabelledData(samples, class_names, source=str(root))
 
 
@@ -215,17 +245,3 @@ def load_labelled(
         return load_folder(data_path, split_ratios=split_ratios, seed=seed)
     raise DataSourceError("give --data-path DIR or --manifest FILE.csv")
 
-
-def relabel(data: LabelledData, class_names: Sequence[str]) -> LabelledData:
-    """Re-index `data`'s labels onto a checkpoint's class order; an unknown class is an error."""
-    index = {n: i for i, n in enumerate(class_names)}
-    unknown = sorted(set(data.class_names) - set(index))
-    if unknown:
-        raise DataSourceError(
-            f"class(es) {unknown} in {data.source} are not among the model's classes {list(class_names)}"
-        )
-    samples = [
-        Sample(s.path, index[data.class_names[s.label]] if s.label is not None else None, s.split, s.patient_id)
-        for s in data.samples
-    ]
-    return LabelledData(samples, list(class_names), data.auto_split, data.source)

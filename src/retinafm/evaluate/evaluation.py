@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..data.loader import ImageDataset, SkipLog
-from ..data.sources import DataSourceError, LabelledData, Sample, load_labelled, load_manifest, relabel
+from ..data.sources import DataSourceError, Sample, load_folder, load_manifest
 from ..data.transforms import eval_transform
 from ..files import prepare_output_dir, write_csv, write_json
 from ..tasks import make_task
@@ -105,8 +105,10 @@ def evaluate_checkpoint(
     model, meta = model_from_checkpoint(state)
     if manifest:
         data = load_manifest(manifest, class_names=meta.class_names)
+    elif data_path:
+        data = load_folder(data_path, class_names=meta.class_names, flat_split=split)
     else:
-        data = relabel(load_labelled(data_path=data_path), meta.class_names)
+        raise DataSourceError("give --data-path DIR or --manifest FILE.csv to evaluate on")
     samples = data.split(split)
     if not samples:
         raise DataSourceError(f"{data.source} has no {split!r} images")

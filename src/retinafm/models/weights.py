@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from .heads import HEAD_PREFIXES, init_head
-from .registry import ModelSpec
+from .heads import HEAD_PREFIXES
+from .registry import ZOO, ModelSpec
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
@@ -50,7 +50,8 @@ def resolve_weights(spec: ModelSpec, weights: Optional[str]) -> Optional[str]:
     """Turn --weights into a local file path, downloading from the Hub when needed.
 
     None means the zoo entry's own weights; 'none' means random initialisation. A value that is
-    an existing file is used as is; `hf-hub:org/repo[:file]` or `org/repo[:file]` is downloaded.
+    an existing file is used as is; a zoo name means that entry's weights; `hf-hub:org/repo[:file]`
+    or `org/repo[:file]` is downloaded.
     """
     if weights is not None and weights.lower() == "none":
         return None
@@ -61,6 +62,11 @@ def resolve_weights(spec: ModelSpec, weights: Optional[str]) -> Optional[str]:
     path = Path(weights).expanduser()
     if path.is_file():
         return str(path)
+    if weights in ZOO:  # another zoo entry's weights, e.g. --model vit_large_patch16 --weights RETFound_mae_meh
+        other = ZOO[weights]
+        if not other.hf_repo:
+            raise WeightsError(f"--weights {weights}: that zoo entry has no pretrained weights")
+        return hub_download(other.hf_repo, other.hf_filename)
     repo, _, filename = weights.removeprefix("hf-hub:").partition(":")
     explicit_hub = weights.startswith("hf-hub:") or bool(filename)
     if not explicit_hub and (path.suffix in WEIGHT_SUFFIXES or weights.startswith((".", "/", "~"))):
@@ -244,7 +250,7 @@ def _timm_filter(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, tor
 
 
 def load_backbone_weights(model: nn.Module, path: str, family_hint: str = "timm") -> LoadReport:
-    """Load a pretrained backbone into `model`; the task head keeps its fresh initialisation.
+    """Load a pretrained backbone into `model`; the task head is left as it is (see heads.init_head).
 
     Fails when the checkpoint does not fit the architecture (anything beyond the head and the
     global-pool norm missing, or weights of other shapes) or gives the backbone nothing.
@@ -287,7 +293,6 @@ def load_backbone_weights(model: nn.Module, path: str, family_hint: str = "timm"
     if not sd:
         raise WeightsError(f"{path}: the backbone received no weights")
     model.load_state_dict(sd, strict=False)
-    init_head(model)
     return LoadReport(str(path), family, len(sd), missing=missing, dropped=dropped)
 
 

@@ -1,0 +1,114 @@
+"""A small synthetic but learnable colour-fundus data set for the embedded demo and tests.
+
+Each image has a circular field of view, an orange-red retina with vignetting, an optic disc
+with a cup and a vessel tree. The classes carry the signs a grader looks for:
+- normal: small cup (cup-to-disc ratio ~0.3), no lesions;
+- diabetic_retinopathy: dark-red microaneurysms / blot haemorrhages and yellow hard exudates;
+- glaucoma: a large pale cup (cup-to-disc ratio 0.7-0.85) in a slightly larger, paler disc.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+CLASSES: tuple[str, ...] = ("normal", "diabetic_retinopathy", "glaucoma")
+SPLIT_SEED_OFFSETS = {"train": 0, "val": 1, "test": 2}
+
+
+def _vessels(draw: ImageDraw.ImageDraw, rng: np.random.Generator, start: tuple[float, float], size: int,
+             colour: tuple[int, int, int]) -> None:
+    """Arcades leaving the disc up and down, branching a few times, thinning as they go."""
+    stack = []
+    for base in (-math.pi / 2, math.pi / 2, -math.pi / 2 + 0.35, math.pi / 2 - 0.35):
+        toward_centre = 0.0 if start[0] < size / 2 else math.pi
+        angle = base * 0.8 + toward_centre * 0.2 + rng.normal(0, 0.15)
+        stack.append((start, angle, max(2.0, size * 0.022), 0))
+    while stack:
+        (x, y), angle, width, depth = stack.pop()
+        length = size * rng.uniform(0.12, 0.2)
+        points = [(x, y)]
+        for _ in range(6):
+            angle += rng.normal(0, 0.18)
+            # Vessels curve around the macula, toward the fovea side.
+            x += math.cos(angle) * length / 6 + (size / 2 - x) * 0.02
+            y += math.sin(angle) * length / 6
+            points.append((x, y))
+        draw.line(points, fill=colour, width=max(1, int(round(width))), joint="curve")
+        if depth < 3:
+            for turn in (-0.5, 0.45):
+                stack.append((points[-1], angle + turn + rng.normal(0, 0.15), width * 0.72, depth + 1))
+
+
+def render_fundus(rng: np.random.Generator, label: str, size: int = 128) -> np.ndarray:
+    """One (size, size, 3) uint8 RGB fundus-like image of class `label`."""
+    if label not in CLASSES:
+        raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
+    work = size * 2  # draw at 2x and downsample for smooth edges
+    cx, cy = work / 2 + rng.normal(0, work * 0.01), work / 2 + rng.normal(0, work * 0.01)
+    radius = work * 0.46
+    yy, xx = np.mgrid[0:work, 0:work]
+    r = np.hypot(xx - cx, yy - cy) / radius
+    brightness = rng.uniform(0.8, 1.1)
+    base = np.array([200, 85, 40]) * brightness + rng.normal(0, 8, 3)
+    vignette = np.clip(1.0 - 0.45 * r**2, 0, 1)[..., None]
+    img = np.clip(base * vignette, 0, 255).astype(np.uint8)
+    canvas = Image.fromarray(img)
+    draw = ImageDraw.Draw(canvas)
+
+    side = rng.choice([-1, 1])
+    dx, dy = cx + side * radius * rng.uniform(0.42, 0.52), cy + rng.normal(0, radius * 0.05)
+    disc_r = radius * rng.uniform(0.13, 0.16) * (1.15 if label == "glaucoma" else 1.0)
+    cdr = rng.uniform(0.7, 0.85) if label == "glaucoma" else rng.uniform(0.25, 0.4)
+    vessel = tuple(int(v) for v in np.array([120, 25, 20]) * rng.uniform(0.85, 1.1))
+    _vessels(draw, rng, (dx, dy), work, vessel)
+    disc = (245, 200, 120) if label == "glaucoma" else (235, 170, 90)
+    draw.ellipse([dx - disc_r * 0.9, dy - disc_r, dx + disc_r * 0.9, dy + disc_r], fill=disc)
+    cup_r = disc_r * cdr
+    draw.ellipse([dx - cup_r * 0.9, dy - cup_r, dx + cup_r * 0.9, dy + cup_r], fill=(252, 238, 200))
+    # Fovea: a darker spot on the other side of the centre.
+    fx = cx - side * radius * 0.1
+    draw.ellipse([fx - radius * 0.09, cy - radius * 0.09, fx + radius * 0.09, cy + radius * 0.09],
+                 fill=tuple(int(v) for v in base * 0.7))
+
+    if label == "diabetic_retinopathy":
+        # Sized to stay visible at the demo's 64 px input: a few pixels across after resizing.
+        for _ in range(rng.integers(10, 26)):  # microaneurysms and blot haemorrhages
+            a, d = rng.uniform(0, 2 * math.pi), radius * math.sqrt(rng.uniform(0.02, 0.55))
+            px, py, pr = cx + d * math.cos(a), cy + d * math.sin(a), work * rng.uniform(0.015, 0.035)
+            draw.ellipse([px - pr, py - pr, px + pr, py + pr], fill=(95, 10, 10))
+        centre = (cx + rng.normal(0, radius * 0.2), cy + rng.normal(0, radius * 0.2))
+        for _ in range(rng.integers(6, 16)):  # hard exudates, often clustered
+            px, py = centre[0] + rng.normal(0, radius * 0.15), centre[1] + rng.normal(0, radius * 0.15)
+            pr = work * rng.uniform(0.012, 0.025)
+            draw.ellipse([px - pr, py - pr, px + pr, py + pr], fill=(250, 225, 90))
+
+    canvas = canvas.filter(ImageFilter.GaussianBlur(radius=work * 0.004))
+    arr = np.asarray(canvas, dtype=np.float64) + rng.normal(0, 4, (work, work, 3))
+    arr[r > 1.0] = 0  # the unlit border outside the field of view
+    small = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(small)
+
+
+def write_demo_dataset(root: Path, n_train: int = 120, n_val: int = 30, n_test: int = 40, size: int = 128,
+                       seed: int = 0) -> Path:
+    """Write root/{train,val,test}/<class>/<class>_<split>_<i>.png; each split from its own stream."""
+    root = Path(root)
+    if root.exists() and any(root.iterdir()):
+        raise ValueError(f"{root} already exists and is not empty; choose an empty folder for the demo data")
+    for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
+        rng = np.random.default_rng([seed, SPLIT_SEED_OFFSETS[split]])
+        for label in CLASSES:
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                target = folder / f"{label}_{split}_{i:04d}.png"
+                fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
+                os.close(fd)
+                Image.fromarray(render_fundus(rng, label, size)).save(tmp)
+                os.replace(tmp, target)
+    return root

@@ -213,6 +213,7 @@ class _Evil:
         return (os.system, ("touch /tmp/retinafm_pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_that_would_run_code_is_refused(tmp_path: Path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:

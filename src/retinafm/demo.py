@@ -34,16 +34,17 @@ class DemoSummary:
 def demo_config(out: Path, epochs: Optional[int] = None) -> FinetuneConfig:
     """Settings for a from-scratch tiny ViT: no pretrained weights exist offline, so no layer decay,
     a milder crop (lesions must stay in view) and a short warmup."""
+    epochs = epochs or 30
     return FinetuneConfig(
         out=str(out / "run"),
         data_path=str(out / "data"),
         model="vit_micro_patch8",
         weights="none",
         input_size=64,
-        epochs=epochs or 40,
-        warmup_epochs=3,
+        epochs=epochs,
+        warmup_epochs=min(3, epochs - 1),
         batch_size=32,
-        lr=2e-3,
+        lr=1e-3,
         layer_decay=1.0,
         weight_decay=0.05,
         drop_path=0.0,

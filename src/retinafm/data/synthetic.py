@@ -76,15 +76,15 @@ def render_fundus(rng: np.random.Generator, label: str, size: int = 128) -> np.n
                  fill=tuple(int(v) for v in base * 0.7))
 
     if label == "diabetic_retinopathy":
-        # Sized to stay visible at the demo's 64 px input: a few pixels across after resizing.
-        for _ in range(rng.integers(10, 26)):  # microaneurysms and blot haemorrhages
+        # Moderate-to-severe disease, sized to stay 3-6 px across at the demo's 64 px input.
+        for _ in range(rng.integers(10, 26)):  # blot haemorrhages
             a, d = rng.uniform(0, 2 * math.pi), radius * math.sqrt(rng.uniform(0.02, 0.55))
-            px, py, pr = cx + d * math.cos(a), cy + d * math.sin(a), work * rng.uniform(0.015, 0.035)
+            px, py, pr = cx + d * math.cos(a), cy + d * math.sin(a), work * rng.uniform(0.025, 0.045)
             draw.ellipse([px - pr, py - pr, px + pr, py + pr], fill=(95, 10, 10))
         centre = (cx + rng.normal(0, radius * 0.2), cy + rng.normal(0, radius * 0.2))
         for _ in range(rng.integers(6, 16)):  # hard exudates, often clustered
             px, py = centre[0] + rng.normal(0, radius * 0.15), centre[1] + rng.normal(0, radius * 0.15)
-            pr = work * rng.uniform(0.012, 0.025)
+            pr = work * rng.uniform(0.022, 0.04)
             draw.ellipse([px - pr, py - pr, px + pr, py + pr], fill=(250, 225, 90))
 
     canvas = canvas.filter(ImageFilter.GaussianBlur(radius=work * 0.004))

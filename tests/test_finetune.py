@@ -119,7 +119,7 @@ def test_linear_probe_only_trains_the_head(tmp_path, demo_data):
     assert not torch.equal(state["model"]["head.weight"], torch.zeros_like(state["model"]["head.weight"]))
 
 
-def test_retfound_mae_vit_large_checkpoint_fine_tunes(tmp_path):
+def test_retfound_mae_vit_large_checkpoint_fine_tunes(tmp_path, capsys):
     """A RETFound-MAE file with real ViT-L/16 keys (decoder included) loads and fine-tunes a step."""
     import argparse
 
@@ -135,8 +135,9 @@ def test_retfound_mae_vit_large_checkpoint_fine_tunes(tmp_path):
                "decoder_embed.bias": torch.zeros(dec), "decoder_pos_embed": torch.zeros(1, 197, dec),
                "decoder_norm.weight": torch.ones(dec), "decoder_norm.bias": torch.zeros(dec),
                "decoder_pred.weight": torch.zeros(16 * 16 * 3, dec), "decoder_pred.bias": torch.zeros(16 * 16 * 3)})
-    for i in range(2):  # MAE's decoder has 8 such blocks; two keep the file small with the same key shapes
-        for k, v in timm.create_model("vit_tiny_patch16_224", embed_dim=dec, depth=1, num_heads=16).blocks[0].state_dict().items():
+    decoder_block = timm.create_model("vit_tiny_patch16_224", embed_dim=dec, depth=1, num_heads=16).blocks[0]
+    for i in range(8):  # MAE ViT-L's decoder: 8 blocks of width 512
+        for k, v in decoder_block.state_dict().items():
             sd[f"decoder_blocks.{i}.{k}"] = v
     before = {k: sd[k].clone() for k in ("blocks.0.attn.qkv.weight", "blocks.23.mlp.fc2.weight")}
     ckpt = tmp_path / "RETFound_mae_natureCFP.pth"
@@ -149,9 +150,13 @@ def test_retfound_mae_vit_large_checkpoint_fine_tunes(tmp_path):
             (tmp_path / "d" / split / cls).mkdir(parents=True)
             for i in range(2):
                 Image.fromarray(render_fundus(rng, cls, size=48)).save(tmp_path / "d" / split / cls / f"{i}.png")
-    cfg = tiny_finetune_config(tmp_path / "d", tmp_path / "run", model="RETFound_mae_natureCFP", weights=str(ckpt),
+    cfg = tiny_finetune_config(tmp_path / "d", tmp_path / "run", model="vit_large_patch16", weights=str(ckpt),
                                input_size=32, epochs=1, warmup_epochs=0, batch_size=4, layer_decay=0.65)
     result = finetune(cfg)
+    printed = capsys.readouterr().out
+    assert "retfound_mae layout" in printed
+    assert "newly initialised (not in the checkpoint): fc_norm.bias, fc_norm.weight, head.bias, head.weight\n" in printed
+    assert "decoder_blocks.7" not in printed.split("not used by this model:")[0]
     best = load_checkpoint(tmp_path / "run" / "checkpoint-best.pth")
     assert best["retinafm"]["arch"] == "vit_large_patch16_224" and best["model"]["pos_embed"].shape == (1, 5, 1024)
     for k, v in before.items():  # loaded, then moved by one optimiser step (not left at random init)

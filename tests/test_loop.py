@@ -76,6 +76,20 @@ def test_non_finite_loss_stops_with_advice(images):
                         epoch=0, settings=StepSettings(), progress=False)
 
 
+def test_no_readable_training_image_is_an_error(tmp_path):
+    from retinafm.data.sources import DataSourceError
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"")
+    ds = ImageDataset([str(bad)] * 4, [0, 1, 0, 1], eval_transform(8, (0.5,) * 3, (0.5,) * 3))
+    model = _Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = build_scheduler(opt, steps_per_epoch=1, epochs=1, warmup_epochs=0, min_lr=0.0)
+    with pytest.raises(DataSourceError, match="none of the training images could be read"):
+        train_one_epoch(model, make_loader(ds, 4), torch.nn.CrossEntropyLoss(), opt, sched, torch.device("cpu"),
+                        epoch=0, settings=StepSettings(), progress=False)
+
+
 def test_infer_keeps_input_order_and_reports_skips(images, tmp_path):
     paths, labels = images
     bad = tmp_path / "bad.png"

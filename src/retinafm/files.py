@@ -21,6 +21,10 @@ class OutputExistsError(FileExistsError):
     """An output already exists and the user did not ask to overwrite or resume it."""
 
 
+class OutputPathError(ValueError):
+    """An output path that cannot be created."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -80,6 +84,8 @@ def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resu
         path.mkdir(parents=True, exist_ok=True)
     except PermissionError as exc:
         raise PermissionError(f"cannot create output folder {path}: {exc.strerror}") from exc
+    except OSError as exc:  # a parent is a file, a name is too long, the disk is read-only, ...
+        raise OutputPathError(f"cannot create output folder {path}: {exc.strerror or exc}") from exc
     if not os.access(path, os.W_OK):
         raise PermissionError(f"output folder {path} is not writable; choose another --out.")
     return path

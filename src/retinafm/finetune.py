@@ -103,9 +103,12 @@ def _finetune(cfg: FinetuneConfig, device: torch.device) -> FinetuneResult:
         _check_resume_fits(resume_state, data, cfg)
         model.load_state_dict(resume_state["model"], strict=True)
     else:
-        # Rank 0 downloads first so the other ranks read the cache instead of racing for it.
+        # Rank 0 downloads first; the others then resolve from their own node's cache (on other
+        # nodes rank 0's path may not exist) instead of racing it for the same file.
         weights = resolve_weights(spec, cfg.weights) if dist_utils.is_primary() else None
-        weights = dist_utils.broadcast_object(weights)
+        dist_utils.barrier()
+        if not dist_utils.is_primary():
+            weights = resolve_weights(spec, cfg.weights)
         if weights:
             report = load_backbone_weights(model, weights, spec.family)
             # RETFound's near-zero head suits a pretrained backbone; on a random one it would

@@ -203,6 +203,8 @@ def load_manifest(
     if not names:
         raise DataSourceError(f"--manifest {csv_path} has no training rows")
     unknown = sorted(set(frame["label"]) - set(names))
+    if unknown and class_names:
+        raise DataSourceError(f"--manifest {csv_path}: label(s) {unknown} are not among the model's classes {names}")
     if unknown:
         raise DataSourceError(
             f"--manifest {csv_path}: label(s) {unknown} do not appear in the train split; "

@@ -71,15 +71,6 @@ def mean_across_ranks(value: float) -> float:
     return float(t.item()) / world_size()
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()

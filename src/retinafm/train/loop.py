@@ -16,6 +16,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from ..data.loader import ImageDataset, SkipLog, make_loader
+from ..data.sources import DataSourceError
 from . import distributed as dist_utils
 from .runtime import autocast
 
@@ -92,6 +93,9 @@ def train_one_epoch(
         total += loss_value * images.shape[0]
         count += images.shape[0]
         bar.set_postfix(loss=f"{loss_value:.4f}")
+    if dist_utils.mean_across_ranks(float(count)) == 0:
+        examples = "; ".join(f"{p}: {r}" for p, r in (skip_log.frame().values[:3] if skip_log is not None else []))
+        raise DataSourceError(f"none of the training images could be read, nothing to train on ({examples})")
     return dist_utils.mean_across_ranks(total / max(count, 1))
 
 

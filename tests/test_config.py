@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from retinafm.config import ConfigError, FinetuneConfig, from_dict, read_yaml_settings, to_dict
+from retinafm.config import ConfigError, FinetuneConfig, read_yaml_settings, to_dict
 
 
 def test_defaults_follow_retfound():
@@ -16,7 +16,7 @@ def test_yaml_round_trip_and_unknown_keys(tmp_path):
     path.write_text("epochs: 3\nbatch-size: 8\nmodel: vit_tiny_patch16\n")
     settings = read_yaml_settings(path)
     assert settings == {"epochs": 3, "batch_size": 8, "model": "vit_tiny_patch16"}
-    cfg = from_dict(FinetuneConfig, {**to_dict(FinetuneConfig()), **settings})
+    cfg = FinetuneConfig(**{**to_dict(FinetuneConfig()), **settings})
     assert cfg.batch_size == 8
     path.write_text("epoch: 3\n")
     with pytest.raises(ConfigError, match="unknown setting.*epoch"):

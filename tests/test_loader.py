@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image
 
 from retinafm.data.loader import ImageDataset, SkipLog, collate_skipping, make_loader

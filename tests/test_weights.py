@@ -204,7 +204,7 @@ def test_file_without_matching_tensors_is_refused(tmp_path: Path):
     path = tmp_path / "other.pth"
     torch.save({"state_dict": {"conv.weight": torch.zeros(3)}}, path)
     model = create_model(get_spec("vit_micro_patch8"), num_classes=2)
-    with pytest.raises(WeightsError):
+    with pytest.raises(WeightsError, match="the backbone received no weights"):
         load_backbone_weights(model, str(path))
 
 

@@ -6,7 +6,7 @@ plain dataclasses, and every run saves its resolved settings as config.yaml.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -106,7 +106,3 @@ def read_yaml_settings(path: str | Path, cls: type = FinetuneConfig) -> dict[str
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
-
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    known = config_fields(cls)
-    return cls(**{k: v for k, v in data.items() if k in known})

@@ -6,7 +6,6 @@ they apply).
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,21 +21,18 @@ from .config import ConfigError, FinetuneConfig, to_dict
 from .data.loader import ImageDataset, SkipLog, make_loader
 from .data.sources import DataSourceError, LabelledData, load_labelled
 from .data.transforms import AugmentSettings, eval_transform, train_transform
-from .evaluate.evaluation import SplitEvaluation, evaluate_samples, write_evaluation
+from .evaluate.evaluation import evaluate_samples, write_evaluation
 from .evaluate.plots import plot_training_curves
-from .files import prepare_output_dir, write_csv, write_json, write_yaml
+from .files import prepare_output_dir, write_csv, write_yaml
 from .models.heads import init_head
 from .models.registry import ModelSpec, create_model, get_spec
 from .models.weights import load_backbone_weights, resolve_weights
 from .tasks import make_task
 from .train import distributed as dist_utils
-from .train.checkpoint import CheckpointMeta, load_checkpoint, meta_of, save_checkpoint, unwrap
+from .train.checkpoint import CheckpointMeta, load_checkpoint, meta_of, save_checkpoint
 from .train.loop import StepSettings, train_one_epoch
 from .train.optim import build_optimizer, build_scheduler, current_lr, effective_lr
 from .train.runtime import amp_dtype, resolve_device, seed_everything
-
-log = logging.getLogger("retinafm")
-
 
 @dataclass
 class FinetuneResult:
@@ -103,20 +99,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device) -> FinetuneResult:
         _check_resume_fits(resume_state, data, cfg)
         model.load_state_dict(resume_state["model"], strict=True)
     else:
-        # Rank 0 downloads first; the others then resolve from their own node's cache (on other
-        # nodes rank 0's path may not exist) instead of racing it for the same file.
-        weights = resolve_weights(spec, cfg.weights) if dist_utils.is_primary() else None
-        dist_utils.barrier()
-        if not dist_utils.is_primary():
-            weights = resolve_weights(spec, cfg.weights)
-        if weights:
-            report = load_backbone_weights(model, weights, spec.family)
-            # RETFound's near-zero head suits a pretrained backbone; on a random one it would
-            # starve the backbone's gradients, so random init keeps timm's initialisation.
-            init_head(model)
-            _say(report.summary())
-        else:
-            _say(f"model {spec.name}: random initialisation (no pretrained weights)")
+        _load_pretrained(model, spec, cfg.weights)
     if cfg.adaptation == "lp":
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("head.")
@@ -207,28 +190,56 @@ def _finetune(cfg: FinetuneConfig, device: torch.device) -> FinetuneResult:
     if dist_utils.is_primary():
         result.files["curves"] = plot_training_curves(pd.DataFrame(rows), run_dir / "plots" / "curves.png")
     if test_samples:
-        best_state = load_checkpoint(best_path)
-        model.load_state_dict(best_state["model"], strict=True)
-        test = evaluate_samples(model, task, test_samples, eval_tf, device, split="test", batch_size=cfg.batch_size,
-                                num_workers=cfg.num_workers)
-        skip_log.add(test.skipped)
-        result.test = test.metrics
-        if dist_utils.is_primary():
-            result.files.update(write_evaluation(run_dir, task, test))
-            _say(f"test ({len(test.paths)} images, best epoch {best_epoch + 1}): "
-                 f"AUROC {test.metrics['auroc_macro']:.4f}  accuracy {test.metrics['accuracy']:.4f}  "
-                 f"kappa {test.metrics['kappa']:.4f}")
+        result.test = _evaluate_best(model, task, test_samples, eval_tf, device, cfg, run_dir, skip_log, result)
     else:
         _say("no test split: skipping the test evaluation")
-    skipped = dist_utils.all_gather_objects(skip_log.frame().values.tolist())
-    if dist_utils.is_primary():
-        merged = SkipLog()
-        for part in skipped:
-            merged.add([tuple(r) for r in part])
-        if len(merged):
-            result.files["skipped"] = write_csv(run_dir / "skipped.csv", merged.frame())
-            _say(f"{len(merged)} unreadable file(s) skipped; see {run_dir / 'skipped.csv'}")
+    _write_skipped(run_dir, skip_log, result)
     return result
+
+
+def _load_pretrained(model: nn.Module, spec: ModelSpec, weights: Optional[str]) -> None:
+    # Rank 0 downloads first; the others then resolve from their own node's cache (on other
+    # nodes rank 0's path may not exist) instead of racing it for the same file.
+    path = resolve_weights(spec, weights) if dist_utils.is_primary() else None
+    dist_utils.barrier()
+    if not dist_utils.is_primary():
+        path = resolve_weights(spec, weights)
+    if not path:
+        _say(f"model {spec.name}: random initialisation (no pretrained weights)")
+        return
+    report = load_backbone_weights(model, path, spec.family)
+    # RETFound's near-zero head suits a pretrained backbone; on a random one it would starve
+    # the backbone's gradients, so random init keeps timm's initialisation.
+    init_head(model)
+    _say(report.summary())
+
+
+def _evaluate_best(model, task, samples, transform, device, cfg: FinetuneConfig, run_dir: Path, skip_log: SkipLog,
+                   result: FinetuneResult) -> dict[str, float]:
+    """Test metrics, predictions and plots of the best checkpoint (not the last epoch)."""
+    model.load_state_dict(load_checkpoint(run_dir / "checkpoint-best.pth")["model"], strict=True)
+    test = evaluate_samples(model, task, samples, transform, device, split="test", batch_size=cfg.batch_size,
+                            num_workers=cfg.num_workers)
+    skip_log.add(test.skipped)
+    if dist_utils.is_primary():
+        result.files.update(write_evaluation(run_dir, task, test))
+        _say(f"test ({len(test.paths)} images, best epoch {result.best_epoch + 1}): "
+             f"AUROC {test.metrics['auroc_macro']:.4f}  accuracy {test.metrics['accuracy']:.4f}  "
+             f"kappa {test.metrics['kappa']:.4f}")
+    return test.metrics
+
+
+def _write_skipped(run_dir: Path, skip_log: SkipLog, result: FinetuneResult) -> None:
+    """skipped.csv with the unreadable files every rank met, written once by rank 0."""
+    parts = dist_utils.all_gather_objects(skip_log.frame().values.tolist())
+    if not dist_utils.is_primary():
+        return
+    merged = SkipLog()
+    for part in parts:
+        merged.add([tuple(r) for r in part])
+    if len(merged):
+        result.files["skipped"] = write_csv(run_dir / "skipped.csv", merged.frame())
+        _say(f"{len(merged)} unreadable file(s) skipped; see {run_dir / 'skipped.csv'}")
 
 
 def _check_resume_fits(state: dict[str, Any], data: LabelledData, cfg: FinetuneConfig) -> None:

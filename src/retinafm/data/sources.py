@@ -5,7 +5,7 @@ DATA/<class>/<image> plus split ratios gives an automatic stratified split.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn as nn
 

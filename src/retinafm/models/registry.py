@@ -6,7 +6,7 @@ Any timm ViT name also works as --model, with no weights unless --weights names 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import timm

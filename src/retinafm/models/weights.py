@@ -273,6 +273,11 @@ def load_backbone_weights(model: nn.Module, path: str, family_hint: str = "timm"
         raise WeightsError(f"{path} does not fit {type(model).__name__}: {exc}") from None
     dropped += sorted(k for k in sd if k == "mask_token")
     sd = {k: v for k, v in sd.items() if k != "mask_token"}
+    if not set(sd) & set(expected):
+        raise WeightsError(
+            f"{path}: the backbone received no weights (none of its {len(sd)} tensors, e.g. "
+            f"{_short(sorted(sd), 3)}, fit this model). Pick the --model this checkpoint was trained with."
+        )
     unexpected = sorted(set(sd) - set(expected))
     wrong_shape = sorted(k for k in sd if k in expected and sd[k].shape != expected[k].shape)
     fresh_ok = tuple(HEAD_PREFIXES) + ("fc_norm.",)
@@ -290,9 +295,7 @@ def load_backbone_weights(model: nn.Module, path: str, family_hint: str = "timm"
             f"{path} ({family} layout) does not match architecture {getattr(model, 'default_cfg', {}).get('architecture', type(model).__name__)}: "
             + "; ".join(details) + ". Pick the --model this checkpoint was trained with."
         )
-    if not sd:
-        raise WeightsError(f"{path}: the backbone received no weights")
-    model.load_state_dict(sd, strict=False)
+    model.load_state_dict(sd, strict=False)  # the key sets were checked above: only head/fc_norm may be new
     return LoadReport(str(path), family, len(sd), missing=missing, dropped=dropped)
 
 

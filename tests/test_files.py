@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -13,6 +14,7 @@ from retinafm.files import (
     refuse_existing_file,
     write_csv,
     write_json,
+    write_text,
 )
 
 
@@ -61,3 +63,12 @@ def test_unusable_output_folders(tmp_path):
                 prepare_output_dir(ro / "run")
     finally:
         ro.chmod(0o700)
+
+
+def test_outputs_follow_the_umask_like_a_plain_open(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644

@@ -13,6 +13,10 @@ from typing import Any, Optional
 import yaml
 
 
+TASK_NAMES = ("multiclass", "multilabel", "regression")
+HEADS = ("linear", "mlp", "transformer")
+
+
 class ConfigError(ValueError):
     """A setting has a value the toolkit cannot use; the message names the setting."""
 
@@ -28,7 +32,18 @@ class FinetuneConfig:
     model: str = "RETFound_mae_natureCFP"
     weights: Optional[str] = None  # None: the zoo entry's own weights; "none": random init
     adaptation: str = "finetune"  # finetune | lp
-    task: str = "multiclass"
+    task: str = "multiclass"  # multiclass | multilabel | regression
+    labels: Optional[str] = None  # multilabel: comma-separated manifest columns (default: all non-reserved)
+    targets: Optional[str] = None  # regression: comma-separated numeric manifest columns
+    head: str = "linear"  # linear | mlp | transformer
+    head_depth: int = 2  # mlp: hidden layers; transformer: encoder layers
+    head_num_heads: int = 4  # transformer head only
+    head_mlp_ratio: float = 2.0  # hidden width = backbone width x ratio (mlp, transformer)
+    head_dropout: float = 0.1  # mlp and transformer heads
+    loss: Optional[str] = None  # regression: huber (default) | mse
+    huber_beta: float = 1.0
+    pos_weight: bool = False  # multilabel: weight each label's positives by negatives/positives in train
+    threshold: str = "0.5"  # multilabel decision threshold: a number in (0, 1) or "youden" (chosen on val)
     epochs: int = 50
     batch_size: int = 16
     accum_iter: int = 1
@@ -61,8 +76,33 @@ class FinetuneConfig:
             raise ConfigError("give exactly one of --data-path DIR or --manifest FILE.csv")
         if self.adaptation not in ("finetune", "lp"):
             raise ConfigError(f"--adaptation must be 'finetune' or 'lp', not {self.adaptation!r}")
-        if self.task != "multiclass":
-            raise ConfigError(f"--task {self.task!r} is not available yet; use 'multiclass'")
+        if self.task not in TASK_NAMES:
+            raise ConfigError(f"--task must be one of {', '.join(TASK_NAMES)}, not {self.task!r}")
+        if self.labels and self.task != "multilabel":
+            raise ConfigError("--labels applies to --task multilabel; for regression use --targets")
+        if self.targets and self.task != "regression":
+            raise ConfigError("--targets applies to --task regression; for multi-label use --labels")
+        if (self.labels or self.targets or self.task != "multiclass") and not self.manifest:
+            raise ConfigError(f"--task {self.task} reads its labels or targets from a CSV: give --manifest FILE.csv")
+        if self.head not in HEADS:
+            raise ConfigError(f"--head must be one of {', '.join(HEADS)}, not {self.head!r}")
+        if self.head_depth < 1 or self.head_num_heads < 1:
+            raise ConfigError("--head-depth and --head-num-heads must be at least 1")
+        if self.head_mlp_ratio <= 0:
+            raise ConfigError(f"--head-mlp-ratio must be positive, got {self.head_mlp_ratio}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ConfigError(f"--head-dropout must be in [0, 1), got {self.head_dropout}")
+        if self.loss is not None and (self.task != "regression" or self.loss not in ("huber", "mse")):
+            raise ConfigError("--loss applies to --task regression and must be 'huber' or 'mse'")
+        if self.huber_beta <= 0:
+            raise ConfigError(f"--huber-beta must be positive, got {self.huber_beta}")
+        if self.pos_weight and self.task != "multilabel":
+            raise ConfigError("--pos-weight applies to --task multilabel")
+        self.threshold_value()
+        if str(self.threshold) != "0.5" and self.task != "multilabel":
+            raise ConfigError("--threshold applies to --task multilabel")
+        if (self.mixup > 0 or self.cutmix > 0) and self.task != "multiclass":
+            raise ConfigError("--mixup/--cutmix apply to --task multiclass only")
         if self.global_pool not in (None, "avg", "token"):
             raise ConfigError(f"--global-pool must be 'avg' or 'token', not {self.global_pool!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -79,6 +119,29 @@ class FinetuneConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
         if not 0.0 < self.crop_min_scale <= 1.0:
             raise ConfigError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
+
+
+    def threshold_value(self) -> Optional[float]:
+        """The fixed multilabel threshold, or None for thresholds chosen on validation (youden)."""
+        if str(self.threshold).lower() == "youden":
+            return None
+        try:
+            value = float(self.threshold)
+        except ValueError:
+            raise ConfigError(f"--threshold must be a number in (0, 1) or 'youden', not {self.threshold!r}") from None
+        if not 0.0 < value < 1.0:
+            raise ConfigError(f"--threshold must be in (0, 1), got {value}")
+        return value
+
+    def names_list(self) -> Optional[list[str]]:
+        """--labels / --targets as a list of manifest columns (None: every non-reserved column)."""
+        text = self.labels if self.task == "multilabel" else self.targets if self.task == "regression" else None
+        if not text:
+            return None
+        names = [n.strip() for n in str(text).split(",") if n.strip()]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--{'labels' if self.task == 'multilabel' else 'targets'} lists a column twice: {text}")
+        return names
 
 
 def config_fields(cls: type) -> set[str]:

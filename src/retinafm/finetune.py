@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pandas as pd
 import torch
@@ -40,6 +40,7 @@ class FinetuneResult:
     best_epoch: int
     best_val: dict[str, float]
     test: Optional[dict[str, float]] = None
+    selection_metric: str = "auroc_macro"  # the validation metric that chose best_epoch
     files: dict[str, Path] = field(default_factory=dict)
 
 
@@ -48,18 +49,28 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
-def finetune(cfg: FinetuneConfig) -> FinetuneResult:
-    """Fine-tune (or linear-probe) a zoo model on a labelled folder or manifest."""
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def finetune(cfg: FinetuneConfig, *, on_epoch: Optional[EpochCallback] = None,
+             evaluate_test: bool = True) -> FinetuneResult:
+    """Fine-tune (or linear-probe) a zoo model on a labelled folder or manifest.
+
+    `on_epoch(epoch, val_metrics)` runs after each epoch's validation (metrics include `loss`);
+    an exception it raises (Optuna's TrialPruned) stops the run. `evaluate_test=False` leaves the
+    test split untouched, as a hyperparameter search must.
+    """
     cfg.validate()
     device = resolve_device(cfg.device)
     dist_utils.init_distributed(device)
     # No barrier on failure: a rank that raised must exit so torchrun stops the others.
-    result = _finetune(cfg, device)
+    result = _finetune(cfg, device, on_epoch, evaluate_test)
     dist_utils.barrier()
     return result
 
 
-def _finetune(cfg: FinetuneConfig, device: torch.device) -> FinetuneResult:
+def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[EpochCallback],
+              evaluate_test: bool) -> FinetuneResult:
     run_dir = Path(cfg.out)
     last_path, best_path = run_dir / "checkpoint-last.pth", run_dir / "checkpoint-best.pth"
     if cfg.resume and not last_path.is_file():
@@ -184,14 +195,16 @@ def _finetune(cfg: FinetuneConfig, device: torch.device) -> FinetuneResult:
              f"val_{task.selection_metric} {val.metrics.get(task.selection_metric, float('nan')):.4f}"
              f"{'  *best*' if improved else ''}  ({row['seconds']:.1f}s)")
         dist_utils.barrier()
+        if on_epoch is not None:
+            on_epoch(epoch, {"loss": val.loss, **val.metrics})
 
-    result = FinetuneResult(run_dir, best_epoch, best or {})
+    result = FinetuneResult(run_dir, best_epoch, best or {}, selection_metric=task.selection_metric)
     dist_utils.barrier()
     if dist_utils.is_primary():
         result.files["curves"] = plot_training_curves(pd.DataFrame(rows), run_dir / "plots" / "curves.png")
-    if test_samples:
+    if test_samples and evaluate_test:
         result.test = _evaluate_best(model, task, test_samples, eval_tf, device, cfg, run_dir, skip_log, result)
-    else:
+    elif evaluate_test:
         _say("no test split: skipping the test evaluation")
     _write_skipped(run_dir, skip_log, result)
     return result

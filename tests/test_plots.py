@@ -1,4 +1,5 @@
-"""Each plot function writes one valid, reasonably sized PNG atomically, for binary and multi-class data."""
+"""Each plot function writes one valid, reasonably sized PNG atomically, for binary, multi-class,
+multi-label and regression data, degenerate sets included."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +7,18 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from retinafm.evaluate.metrics import confusion
-from retinafm.evaluate.plots import plot_confusion_matrix, plot_pr, plot_roc, plot_training_curves
+from retinafm.evaluate import plots
+from retinafm.evaluate.metrics import confusion, multilabel_confusion
+from retinafm.evaluate.plots import (
+    plot_confusion_matrix,
+    plot_multilabel_confusion,
+    plot_multilabel_pr,
+    plot_multilabel_roc,
+    plot_pr,
+    plot_regression_scatter,
+    plot_roc,
+    plot_training_curves,
+)
 
 
 def _assert_png(path, min_side=200):
@@ -80,3 +91,94 @@ def test_training_curves_without_metrics_or_with_nan(tmp_path):
     log = _log(3)
     log["val_auroc_macro"] = np.nan  # a class missing from validation
     _assert_png(plot_training_curves(log, tmp_path / "nan.png"))
+
+
+def _multilabel(n: int = 120, labels: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, labels)) < 0.3).astype(float)
+    p = 1 / (1 + np.exp(-(rng.normal(size=y.shape) + 2 * (y - 0.5))))
+    y[rng.random(y.shape) < 0.2] = np.nan
+    return y, p
+
+
+@pytest.mark.parametrize("labels", [1, 6])
+def test_multilabel_plots(tmp_path, labels):
+    y, p = _multilabel(labels=labels)
+    names = [f"finding {i}" for i in range(labels)]
+    cms = multilabel_confusion(y, p, 0.5)
+    written = [
+        plot_multilabel_confusion(cms, names, tmp_path / "cm.png"),
+        plot_multilabel_roc(y, p, names, tmp_path / "roc.png"),
+        plot_multilabel_pr(y, p, names, tmp_path / "pr.png"),
+    ]
+    assert written == [tmp_path / "cm.png", tmp_path / "roc.png", tmp_path / "pr.png"]
+    for path in written:
+        _assert_png(path)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["cm.png", "pr.png", "roc.png"]  # no temp files
+
+
+def test_multilabel_confusion_grid_grows_with_labels(tmp_path):
+    one = plot_multilabel_confusion(multilabel_confusion(*_multilabel(labels=1), 0.5), ["a"], tmp_path / "1.png")
+    six = plot_multilabel_confusion(multilabel_confusion(*_multilabel(labels=6), 0.5), list("abcdef"),
+                                    tmp_path / "6.png")
+    with Image.open(one) as small, Image.open(six) as large:
+        assert large.size[0] > 2 * small.size[0] and large.size[1] > 1.5 * small.size[1]  # 4 columns, 2 rows
+
+
+def test_multilabel_plots_with_degenerate_labels(tmp_path):
+    y, p = _multilabel(labels=3)
+    y[y[:, 0] == 1, 0] = 0  # no positives
+    y[:, 2] = np.nan  # never known
+    names = ["srf", "irf", "ped"]
+    _assert_png(plot_multilabel_roc(y, p, names, tmp_path / "roc.png"))
+    _assert_png(plot_multilabel_pr(y, p, names, tmp_path / "pr.png"))
+    _assert_png(plot_multilabel_confusion(multilabel_confusion(y, p, 0.5), names, tmp_path / "cm.png"))
+
+
+def test_multilabel_confusion_plot_checks_shape(tmp_path):
+    with pytest.raises(ValueError, match="2x2"):
+        plot_multilabel_confusion(np.zeros((2, 2, 2)), ["a", "b", "c"], tmp_path / "cm.png")
+    assert not list(tmp_path.iterdir())
+
+
+def _regression(n: int = 100, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = np.column_stack([rng.normal(60, 12, n), rng.normal(23.5, 1, n), rng.normal(0, 1, n)])
+    return y, y + rng.normal(0, 1, y.shape)
+
+
+def test_regression_scatter(tmp_path):
+    y, p = _regression()
+    _assert_png(plot_regression_scatter(y, p, ["age", "axial length", "SE"], tmp_path / "scatter.png"))
+
+
+def test_regression_scatter_degenerate_targets(tmp_path, recwarn):
+    y, p = _regression(n=5)
+    y[1:, 0] = np.nan  # a single known row
+    y[:, 1] = np.nan  # none
+    p[:, 2] = 1.0  # constant predictions
+    _assert_png(plot_regression_scatter(y, p, ["age", "axial length", "SE"], tmp_path / "scatter.png"))
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]  # the metrics already warned
+
+
+def test_training_curves_for_regression_clip_very_negative_r2(tmp_path, monkeypatch):
+    seen = {}
+    save = plots._save
+
+    def spy(fig, path):
+        ax = fig.axes[1]
+        seen["ylim"] = ax.get_ylim()
+        seen["labels"] = ax.get_legend_handles_labels()[1]
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    log = _log(6, metrics=False)
+    log["val_r2_macro"] = [-250.0, -3.0, -0.5, 0.2, 0.5, 0.6]
+    log["val_pearson_macro"] = [0.1, 0.3, 0.5, 0.7, 0.75, 0.8]
+    _assert_png(plot_training_curves(log, tmp_path / "curves.png"))
+    assert seen["labels"] == ["R² (macro)", "Pearson r (macro)", "2 values below -1, drawn at it"]
+    assert -1.1 < seen["ylim"][0] < -1.0 and seen["ylim"][1] == pytest.approx(1.02)
+
+    log["val_r2_macro"] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]  # nothing to clip: the usual 0–1 scale, no note
+    plot_training_curves(log, tmp_path / "curves.png")
+    assert seen["ylim"][0] == pytest.approx(-0.02) and seen["labels"] == ["R² (macro)", "Pearson r (macro)"]

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import click
 
-from .config import ConfigError, FinetuneConfig, read_yaml_settings
+from .config import HEADS, TASK_NAMES, ConfigError, FinetuneConfig, read_yaml_settings
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -95,56 +95,116 @@ def read_yaml_settings_lenient(path: Path) -> dict[str, Any]:
 D = FinetuneConfig()
 
 
+def finetune_options(command: Callable) -> Callable:
+    """The finetune flags, shared by `finetune` and `tune` (which searches some of them)."""
+    options = [
+        click.option("--resume", "resume", type=click.Path(file_okay=False), default=None, is_eager=True,
+                     help="Continue the run in this directory from its checkpoint-last.pth."),
+        click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, expose_value=False,
+                     help="YAML file of settings (any flag below, dashes or underscores)."),
+        click.option("--data-path", type=click.Path(), help="Folder DATA/{train,val,test}/<class>/<image>."),
+        click.option("--manifest", type=click.Path(),
+                     help="CSV: path, split [, patient_id] and label | 0/1 label columns | numeric targets."),
+        click.option("--split", help="Automatic stratified split ratios train,val,test, e.g. 0.7,0.15,0.15."),
+        click.option("--out", type=click.Path(), help="Run directory to create."),
+        click.option("--model", default=D.model, show_default=True,
+                     help="Zoo name (see `retinafm models`) or timm ViT."),
+        click.option("--weights", default=None, help="Zoo weights (default), HF repo id, local file, or 'none'."),
+        click.option("--adaptation", type=click.Choice(["finetune", "lp"]), default=D.adaptation, show_default=True),
+        click.option("--task", type=click.Choice(TASK_NAMES), default=D.task, show_default=True,
+                     help="multiclass (binary is two classes), multilabel or regression (one or more targets)."),
+        click.option("--labels", default=None,
+                     help="multilabel: comma-separated 0/1 manifest columns (default: every non-reserved column)."),
+        click.option("--targets", default=None,
+                     help="regression: comma-separated numeric manifest columns (default: every non-reserved column)."),
+        click.option("--head", type=click.Choice(HEADS), default=D.head, show_default=True,
+                     help="Task head on the pooled feature: linear, mlp, or transformer (one token per output)."),
+        click.option("--head-depth", type=int, default=D.head_depth, show_default=True,
+                     help="mlp: hidden layers; transformer: encoder layers."),
+        click.option("--head-num-heads", type=int, default=D.head_num_heads, show_default=True,
+                     help="Attention heads of the transformer head."),
+        click.option("--head-mlp-ratio", type=float, default=D.head_mlp_ratio, show_default=True,
+                     help="Hidden width of the mlp/transformer head as a multiple of the backbone width."),
+        click.option("--head-dropout", type=float, default=D.head_dropout, show_default=True,
+                     help="Dropout inside the mlp/transformer head."),
+        click.option("--loss", type=click.Choice(["huber", "mse"]), default=None,
+                     help="regression loss on standardised targets (default huber)."),
+        click.option("--huber-beta", type=float, default=D.huber_beta, show_default=True,
+                     help="regression: where the Huber (SmoothL1) loss turns from quadratic to linear."),
+        click.option("--pos-weight", is_flag=True,
+                     help="multilabel: weight each label's positives by its negative/positive ratio in train."),
+        click.option("--threshold", default=D.threshold, show_default=True,
+                     help="multilabel decision threshold, or 'youden' for per-label thresholds chosen on val."),
+        click.option("--epochs", type=int, default=D.epochs, show_default=True),
+        click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Per process."),
+        click.option("--accum-iter", type=int, default=D.accum_iter, show_default=True),
+        click.option("--lr", type=float, default=None, help="Absolute lr (default: blr × effective batch / 256)."),
+        click.option("--blr", type=float, default=D.blr, show_default=True),
+        click.option("--min-lr", type=float, default=D.min_lr, show_default=True),
+        click.option("--layer-decay", type=float, default=D.layer_decay, show_default=True),
+        click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True),
+        click.option("--drop-path", type=float, default=D.drop_path, show_default=True),
+        click.option("--warmup-epochs", type=int, default=D.warmup_epochs, show_default=True),
+        click.option("--smoothing", type=float, default=D.smoothing, show_default=True,
+                     help="Label smoothing (multiclass; multilabel smooths towards 0.5)."),
+        click.option("--mixup", type=float, default=D.mixup, show_default=True),
+        click.option("--cutmix", type=float, default=D.cutmix, show_default=True),
+        click.option("--clip-grad", type=float, default=None, help="Clip gradient norm to this value."),
+        click.option("--input-size", type=int, default=None, help="Default: the model's input size."),
+        click.option("--global-pool", type=click.Choice(["avg", "token"]), default=None,
+                     help="avg (RETFound: mean of patch tokens + fc_norm) or token (CLS); default per model."),
+        click.option("--crop-min-scale", type=float, default=D.crop_min_scale, show_default=True),
+        click.option("--randaug-magnitude", type=int, default=D.randaug_magnitude, show_default=True),
+        click.option("--reprob", type=float, default=D.reprob, show_default=True, help="Random erasing probability."),
+        click.option("--seed", type=int, default=D.seed, show_default=True),
+        click.option("--device", default=D.device, show_default=True, help="auto, cpu or cuda."),
+        click.option("--num-workers", type=int, default=D.num_workers, show_default=True),
+        click.option("--overwrite", is_flag=True, help="Allow writing into an existing non-empty --out."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("finetune")
-@click.option("--resume", "resume", type=click.Path(file_okay=False), default=None, is_eager=True,
-              help="Continue the run in this directory from its checkpoint-last.pth.")
-@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, expose_value=False,
-              help="YAML file of settings (any flag below, dashes or underscores).")
-@click.option("--data-path", type=click.Path(), help="Folder DATA/{train,val,test}/<class>/<image>.")
-@click.option("--manifest", type=click.Path(), help="CSV with path, split, label [, patient_id].")
-@click.option("--split", help="Automatic stratified split ratios train,val,test, e.g. 0.7,0.15,0.15.")
-@click.option("--out", type=click.Path(), help="Run directory to create.")
-@click.option("--model", default=D.model, show_default=True, help="Zoo name (see `retinafm models`) or timm ViT.")
-@click.option("--weights", default=None, help="Zoo weights (default), HF repo id, local file, or 'none'.")
-@click.option("--adaptation", type=click.Choice(["finetune", "lp"]), default=D.adaptation, show_default=True)
-@click.option("--task", default=D.task, show_default=True, help="multiclass (binary is two classes).")
-@click.option("--epochs", type=int, default=D.epochs, show_default=True)
-@click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Per process.")
-@click.option("--accum-iter", type=int, default=D.accum_iter, show_default=True)
-@click.option("--lr", type=float, default=None, help="Absolute lr (default: blr × effective batch / 256).")
-@click.option("--blr", type=float, default=D.blr, show_default=True)
-@click.option("--min-lr", type=float, default=D.min_lr, show_default=True)
-@click.option("--layer-decay", type=float, default=D.layer_decay, show_default=True)
-@click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True)
-@click.option("--drop-path", type=float, default=D.drop_path, show_default=True)
-@click.option("--warmup-epochs", type=int, default=D.warmup_epochs, show_default=True)
-@click.option("--smoothing", type=float, default=D.smoothing, show_default=True)
-@click.option("--mixup", type=float, default=D.mixup, show_default=True)
-@click.option("--cutmix", type=float, default=D.cutmix, show_default=True)
-@click.option("--clip-grad", type=float, default=None, help="Clip gradient norm to this value.")
-@click.option("--input-size", type=int, default=None, help="Default: the model's input size.")
-@click.option("--global-pool", type=click.Choice(["avg", "token"]), default=None,
-              help="avg (RETFound: mean of patch tokens + fc_norm) or token (CLS); default per model.")
-@click.option("--crop-min-scale", type=float, default=D.crop_min_scale, show_default=True)
-@click.option("--randaug-magnitude", type=int, default=D.randaug_magnitude, show_default=True)
-@click.option("--reprob", type=float, default=D.reprob, show_default=True, help="Random erasing probability.")
-@click.option("--seed", type=int, default=D.seed, show_default=True)
-@click.option("--device", default=D.device, show_default=True, help="auto, cpu or cuda.")
-@click.option("--num-workers", type=int, default=D.num_workers, show_default=True)
-@click.option("--overwrite", is_flag=True, help="Allow writing into an existing non-empty --out.")
+@finetune_options
 def finetune_cmd(resume: str | None, **options: Any) -> None:
     """Fine-tune (or linear-probe) a model on a labelled folder or manifest."""
     from .finetune import finetune
+    from .train import distributed as dist_utils
 
     if resume:
         options["out"] = resume
-    from .train import distributed as dist_utils
-
     cfg = FinetuneConfig(**options, resume=bool(resume))
     result = _run(lambda: finetune(cfg))
     if dist_utils.is_primary():
         click.echo(f"run directory: {result.run_dir}")
     dist_utils.cleanup()
+
+
+@main.command("tune")
+@finetune_options
+@click.option("--trials", type=int, default=20, show_default=True, help="Trials to run (in all, with --storage).")
+@click.option("--tune-epochs", type=int, default=10, show_default=True, help="Epochs per trial.")
+@click.option("--direction", type=click.Choice(["maximize", "minimize"]), default="maximize", show_default=True,
+              help="Of the task's validation selection metric (AUROC, or R² for regression).")
+@click.option("--storage", default=None, help="Optuna storage URL (e.g. sqlite:///study.db) for a resumable study.")
+@click.option("--study-name", default=None, help="Study name in --storage (default: the --out folder's name).")
+@click.option("--timeout", type=float, default=None, help="Stop starting new trials after this many seconds.")
+def tune_cmd(resume: str | None, trials: int, tune_epochs: int, direction: str, storage: str | None,
+             study_name: str | None, timeout: float | None, **options: Any) -> None:
+    """Optuna search (TPE, median pruning) over lr, weight decay, layer decay, drop path and head
+    settings; --out is the study folder. Prints the finetune command of the best trial."""
+    from .hpo import TuneSettings, tune
+
+    if resume:
+        raise click.UsageError("tune has no --resume; give --storage to continue a study")
+    cfg = FinetuneConfig(**options)
+    settings = TuneSettings(trials=trials, tune_epochs=tune_epochs, direction=direction, storage=storage,
+                            study_name=study_name, timeout=timeout)
+    result = _run(lambda: tune(cfg, settings))
+    click.echo(f"best trial {result.best_trial}: {result.best_value:.4f}  {result.best_params}")
+    click.echo(f"study files in {result.out}; reproduce the best trial at full epochs with:\n{result.command}")
 
 
 @main.command("evaluate")
@@ -167,9 +227,7 @@ def evaluate_cmd(checkpoint: str, data_path: str | None, manifest: str | None, s
     ev = _run(lambda: evaluate_checkpoint(checkpoint, out, data_path=data_path, manifest=manifest, split=split_name,
                                           batch_size=batch_size, device=device, num_workers=num_workers,
                                           overwrite=overwrite))
-    m = ev.metrics
-    click.echo(f"{split_name}: {len(ev.paths)} images  AUROC {m['auroc_macro']:.4f}  accuracy {m['accuracy']:.4f}  "
-               f"F1 {m['f1_macro']:.4f}  kappa {m['kappa']:.4f}  MCC {m['mcc']:.4f}")
+    click.echo(f"{split_name}: {len(ev.paths)} images  {ev.task.summary(ev.metrics)}")
     click.echo(f"written to {out}")
 
 
@@ -183,7 +241,7 @@ def evaluate_cmd(checkpoint: str, data_path: str | None, manifest: str | None, s
 @click.option("--overwrite", is_flag=True)
 def predict_cmd(checkpoint: str, images: str, out: str, batch_size: int, device: str, num_workers: int,
                 overwrite: bool) -> None:
-    """Per-class probabilities for new images: path, prediction, prob_<class>..."""
+    """Predictions for new images: path, then per-class probabilities (or one column per target)."""
     from .predict import predict
 
     res = _run(lambda: predict(checkpoint, images, out, batch_size=batch_size, device=device,

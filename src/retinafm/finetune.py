@@ -6,6 +6,7 @@ they apply).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,12 @@ from .data.transforms import AugmentSettings, eval_transform, train_transform
 from .evaluate.evaluation import evaluate_samples, write_evaluation
 from .evaluate.plots import plot_training_curves
 from .files import prepare_output_dir, write_csv, write_yaml
-from .models.heads import init_head
+from .models.heads import HeadSettings, init_head
 from .models.registry import ModelSpec, create_model, get_spec
 from .models.weights import load_backbone_weights, resolve_weights
-from .tasks import make_task
+from .tasks import task_from_config
 from .train import distributed as dist_utils
-from .train.checkpoint import CheckpointMeta, load_checkpoint, meta_of, save_checkpoint
+from .train.checkpoint import CheckpointMeta, load_checkpoint, meta_of, save_checkpoint, task_of
 from .train.loop import StepSettings, train_one_epoch
 from .train.optim import build_optimizer, build_scheduler, current_lr, effective_lr
 from .train.runtime import amp_dtype, resolve_device, seed_everything
@@ -80,20 +81,23 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
     dist_utils.barrier()
     seed_everything(cfg.seed + dist_utils.rank())
 
-    data = load_labelled(cfg.data_path, cfg.manifest, cfg.split, seed=cfg.seed)
+    data = load_labelled(cfg.data_path, cfg.manifest, cfg.split, seed=cfg.seed, task=cfg.task,
+                         columns=cfg.names_list())
     train_samples, val_samples, test_samples = data.split("train"), data.split("val"), data.split("test")
     if not val_samples:
         raise DataSourceError(
             f"{data.source} has no validation images; add a val split (the best epoch is chosen on it) "
             "or use --split 0.7,0.15,0.15."
         )
-    if len(data.class_names) < 2:
+    if cfg.task == "multiclass" and len(data.class_names) < 2:
         raise DataSourceError(f"{data.source} has a single class {data.class_names}; classification needs two or more")
     spec = get_spec(cfg.model)
     input_size = cfg.input_size or spec.input_size
     if input_size % spec.patch_size:
         raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} of {spec.name}")
-    task = make_task(cfg.task, data.class_names)
+    task = task_from_config(cfg, data.class_names)
+    task = task.fit(task.target_array(train_samples))  # e.g. target statistics from train only
+    head = HeadSettings(cfg.head, cfg.head_depth, cfg.head_num_heads, cfg.head_mlp_ratio, cfg.head_dropout)
 
     if dist_utils.is_primary():
         write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "input_size": input_size,
@@ -103,7 +107,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
         _say(f"data: {data.source}\n{data.counts().to_string()}")
 
     model = create_model(spec, task.num_outputs, input_size=input_size, drop_path=cfg.drop_path,
-                         global_pool=cfg.global_pool)
+                         global_pool=cfg.global_pool, head=head)
     global_pool = str(model.global_pool)
     resume_state = load_checkpoint(last_path) if cfg.resume else None
     if resume_state is not None:
@@ -120,7 +124,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     augment = AugmentSettings(cfg.crop_min_scale, cfg.randaug_magnitude, reprob=cfg.reprob)
-    train_ds = ImageDataset([s.path for s in train_samples], [s.label for s in train_samples],
+    train_ds = ImageDataset([s.path for s in train_samples], task.dataset_targets(train_samples),
                             train_transform(input_size, spec.mean, spec.std, augment))
     # An epoch-seeded sampler even on one process, so a resumed run sees the same order.
     sampler = DistributedSampler(train_ds, num_replicas=dist_utils.world_size(), rank=dist_utils.rank(),
@@ -144,13 +148,14 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
 
         mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
                          num_classes=task.num_outputs)
-    criterion = task.train_loss(cfg.smoothing, soft_targets=mixup_fn is not None)
+    criterion = task.train_loss(cfg.smoothing, soft_targets=mixup_fn is not None).to(device)
     settings = StepSettings(cfg.accum_iter, cfg.clip_grad, dtype)
 
     meta = CheckpointMeta(
         model_name=spec.name, arch=spec.arch, arch_kwargs=dict(spec.arch_kwargs), task=task.name,
         class_names=list(task.class_names), input_size=input_size, mean=list(spec.mean), std=list(spec.std),
         global_pool=global_pool, modality=spec.modality, patch_size=spec.patch_size, settings=to_dict(cfg),
+        task_state=task.state(), head=dataclasses.asdict(head),
     )
     start_epoch, best, best_loss, best_epoch, rows = 0, None, float("inf"), -1, []
     if resume_state is not None:
@@ -175,7 +180,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
         train_loss = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler, device, epoch=epoch,
                                      settings=settings, scaler=scaler, mixup_fn=mixup_fn, skip_log=skip_log)
         val = evaluate_samples(model, task, val_samples, eval_tf, device, split="val", batch_size=cfg.batch_size,
-                               num_workers=cfg.num_workers, progress=False)
+                               num_workers=cfg.num_workers, progress=False, calibrate=True)
         skip_log.add(val.skipped)
         row = {"epoch": epoch, "lr": current_lr(optimizer), "train_loss": train_loss, "val_loss": val.loss,
                **{f"val_{k}": v for k, v in val.metrics.items() if k != "n"}, "seconds": round(time.time() - start, 2)}
@@ -183,7 +188,8 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
         improved = task.is_better(val.metrics, val.loss, best, best_loss)
         if improved:
             best, best_loss, best_epoch = dict(val.metrics), val.loss, epoch
-        meta.epoch, meta.metrics = epoch, dict(val.metrics)
+        # Each checkpoint keeps the task state (e.g. validation thresholds) of its own weights.
+        meta.epoch, meta.metrics, meta.task_state = epoch, dict(val.metrics), val.task.state()
         if dist_utils.is_primary():
             write_csv(run_dir / "log.csv", pd.DataFrame(rows))
             if improved:
@@ -203,7 +209,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
     if dist_utils.is_primary():
         result.files["curves"] = plot_training_curves(pd.DataFrame(rows), run_dir / "plots" / "curves.png")
     if test_samples and evaluate_test:
-        result.test = _evaluate_best(model, task, test_samples, eval_tf, device, cfg, run_dir, skip_log, result)
+        result.test = _evaluate_best(model, test_samples, eval_tf, device, cfg, run_dir, skip_log, result)
     elif evaluate_test:
         _say("no test split: skipping the test evaluation")
     _write_skipped(run_dir, skip_log, result)
@@ -227,18 +233,19 @@ def _load_pretrained(model: nn.Module, spec: ModelSpec, weights: Optional[str]) 
     _say(report.summary())
 
 
-def _evaluate_best(model, task, samples, transform, device, cfg: FinetuneConfig, run_dir: Path, skip_log: SkipLog,
+def _evaluate_best(model, samples, transform, device, cfg: FinetuneConfig, run_dir: Path, skip_log: SkipLog,
                    result: FinetuneResult) -> dict[str, float]:
-    """Test metrics, predictions and plots of the best checkpoint (not the last epoch)."""
-    model.load_state_dict(load_checkpoint(run_dir / "checkpoint-best.pth")["model"], strict=True)
+    """Test metrics, predictions and plots of the best checkpoint (not the last epoch), with the
+    task state (thresholds) chosen on validation for those weights."""
+    best_state = load_checkpoint(run_dir / "checkpoint-best.pth")
+    model.load_state_dict(best_state["model"], strict=True)
+    task = task_of(meta_of(best_state))
     test = evaluate_samples(model, task, samples, transform, device, split="test", batch_size=cfg.batch_size,
                             num_workers=cfg.num_workers)
     skip_log.add(test.skipped)
     if dist_utils.is_primary():
         result.files.update(write_evaluation(run_dir, task, test))
-        _say(f"test ({len(test.paths)} images, best epoch {result.best_epoch + 1}): "
-             f"AUROC {test.metrics['auroc_macro']:.4f}  accuracy {test.metrics['accuracy']:.4f}  "
-             f"kappa {test.metrics['kappa']:.4f}")
+        _say(f"test ({len(test.paths)} images, best epoch {result.best_epoch + 1}): {task.summary(test.metrics)}")
     return test.metrics
 
 
@@ -257,6 +264,8 @@ def _write_skipped(run_dir: Path, skip_log: SkipLog, result: FinetuneResult) -> 
 
 def _check_resume_fits(state: dict[str, Any], data: LabelledData, cfg: FinetuneConfig) -> None:
     meta = meta_of(state)
+    if meta.task != cfg.task:
+        raise ConfigError(f"--resume: the run is a {meta.task} task, not --task {cfg.task}")
     if list(meta.class_names) != list(data.class_names):
         raise ConfigError(
             f"--resume: the run was trained on classes {meta.class_names} but the data now has {data.class_names}"

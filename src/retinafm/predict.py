@@ -13,9 +13,8 @@ from .data.loader import ImageDataset, SkipLog
 from .data.sources import DataSourceError, list_images
 from .data.transforms import eval_transform
 from .files import refuse_existing_file, write_csv
-from .tasks import make_task
 from .train import distributed as dist_utils
-from .train.checkpoint import load_checkpoint, model_from_checkpoint
+from .train.checkpoint import load_checkpoint, model_from_checkpoint, task_of
 from .train.loop import infer
 from .train.runtime import amp_dtype, resolve_device
 
@@ -54,7 +53,9 @@ def predict(
     overwrite: bool = False,
     progress: bool = True,
 ) -> PredictResult:
-    """Write `out` (path, prediction, prob_<class>...); unreadable files go to skipped.csv beside it."""
+    """Write `out`: path first, then the task's columns (multiclass: prediction, prob_<class>...;
+    multilabel: prediction, prob_<label>...; regression: one column per target in original
+    units). Unreadable files go to skipped.csv beside it."""
     out = Path(out)
     refuse_existing_file(out, overwrite=overwrite)
     state = load_checkpoint(checkpoint)
@@ -62,14 +63,14 @@ def predict(
     paths = collect_images(images)
     dev = resolve_device(device)
     dist_utils.init_distributed(dev)
-    task = make_task(meta.task, meta.class_names)
+    task = task_of(meta)
     dataset = ImageDataset(paths, [None] * len(paths), eval_transform(meta.input_size, meta.mean, meta.std))
     result = infer(model.to(dev), dataset, dev, batch_size=batch_size, num_workers=num_workers,
                    amp_dtype=amp_dtype(dev), desc="predict", progress=progress)
     if len(result.indices) == 0:
         raise DataSourceError(f"none of the {len(paths)} images under {images} could be read: {result.skipped[:3]}")
-    probs = task.activate(torch.from_numpy(result.logits)).numpy()
-    frame = task.prediction_frame([paths[i] for i in result.indices], probs)
+    outputs = task.activate(torch.from_numpy(result.logits))
+    frame = task.prediction_frame([paths[i] for i in result.indices], outputs)
     skip_log = SkipLog()
     skip_log.add(result.skipped)
     skipped_path = None

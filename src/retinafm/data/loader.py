@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -25,11 +26,21 @@ class Batch:
 
 
 class ImageDataset(Dataset):
-    """Items are (image tensor, target, index) or, for an unreadable file, (None, (path, reason), index)."""
+    """Items are (image tensor, target, index) or, for an unreadable file, (None, (path, reason), index).
 
-    def __init__(self, paths: Sequence[str], targets: Sequence[int | None], transform: Callable) -> None:
+    Targets are class indices (None → -1) or, for multilabel/regression, float vectors with NaN
+    for missing values (a None row becomes all-NaN).
+    """
+
+    def __init__(self, paths: Sequence[str], targets: Sequence[int | Sequence[float] | None],
+                 transform: Callable) -> None:
         self.paths = list(paths)
-        self.targets = [(-1 if t is None else int(t)) for t in targets]
+        if any(isinstance(t, (tuple, list, np.ndarray)) for t in targets):
+            width = next(len(t) for t in targets if t is not None)
+            self.targets = [np.full(width, np.nan, np.float32) if t is None else np.asarray(t, np.float32)
+                            for t in targets]
+        else:
+            self.targets = [(-1 if t is None else int(t)) for t in targets]
         self.transform = transform
 
     def __len__(self) -> int:
@@ -49,7 +60,10 @@ def collate_skipping(items: list) -> Batch:
     if not good:
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped)
     images = torch.stack([it[0] for it in good])
-    targets = torch.tensor([it[1] for it in good], dtype=torch.long)
+    if isinstance(good[0][1], np.ndarray):
+        targets = torch.from_numpy(np.stack([it[1] for it in good]))
+    else:
+        targets = torch.tensor([it[1] for it in good], dtype=torch.long)
     indices = torch.tensor([it[2] for it in good], dtype=torch.long)
     return Batch(images, targets, indices, skipped)
 

@@ -1,7 +1,9 @@
-"""Turn a labelled folder or a CSV manifest into a list of samples with class names.
+"""Turn a labelled folder or a CSV manifest into a list of samples with their output names.
 
 Folder layout (RETFound's): DATA/{train,val,test}/<class>/<image>. Without split folders,
-DATA/<class>/<image> plus split ratios gives an automatic stratified split.
+DATA/<class>/<image> plus split ratios gives an automatic stratified split. A manifest carries a
+class `label` (multiclass), one 0/1 column per label (multilabel) or numeric target columns
+(regression); an empty cell in a label/target column is a missing value, masked at training.
 """
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import pandas as pd
 
 from .io import is_image_file
 from .splits import parse_ratios, stratified_split
 
 SPLITS = ("train", "val", "test")
-REQUIRED_MANIFEST_COLUMNS = ("path", "label")
+# Manifest columns that are never labels or targets.
+RESERVED_COLUMNS = ("path", "split", "patient_id", "label")
 
 
 class DataSourceError(ValueError):
@@ -25,40 +29,51 @@ class DataSourceError(ValueError):
 @dataclass(frozen=True)
 class Sample:
     path: str
-    label: Optional[int] = None
+    label: Optional[int] = None  # multiclass: index into class_names
     split: Optional[str] = None
     patient_id: Optional[str] = None
+    targets: Optional[tuple[float, ...]] = None  # multilabel (0/1) or regression values; NaN = missing
 
 
 @dataclass
 class LabelledData:
-    """Samples with their class names (index i of class_names is label i)."""
+    """Samples with their output names: class names (multiclass, index i is label i), label
+    names (multilabel) or target names (regression), in the order of each sample's targets."""
 
     samples: list[Sample]
     class_names: list[str]
     auto_split: bool = False
     source: str = ""
+    task: str = "multiclass"
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
 
     def table(self) -> pd.DataFrame:
-        """One row per sample with the label's name, for saving the split used."""
-        rows = [
-            {
-                "path": s.path,
-                "split": s.split,
-                "label": self.class_names[s.label] if s.label is not None else None,
-                "patient_id": s.patient_id,
-            }
-            for s in self.samples
-        ]
-        return pd.DataFrame(rows, columns=["path", "split", "label", "patient_id"])
+        """One row per sample (label name, or one column per label/target), for saving the split used."""
+        frame = pd.DataFrame({"path": [s.path for s in self.samples], "split": [s.split for s in self.samples]})
+        if self.task == "multiclass":
+            frame["label"] = [self.class_names[s.label] if s.label is not None else None for s in self.samples]
+        else:
+            values = np.array([s.targets for s in self.samples], dtype=float).reshape(len(self.samples), -1)
+            for i, name in enumerate(self.class_names):
+                frame[name] = values[:, i]
+        frame["patient_id"] = [s.patient_id for s in self.samples]
+        return frame
 
     def counts(self) -> pd.DataFrame:
-        """Images per split and class, for printing a data summary."""
+        """A data summary per split: images per class (multiclass), positives per label
+        (multilabel) or known values and mean per target (regression)."""
         table = self.table()
-        return table.groupby(["split", "label"]).size().unstack(fill_value=0)
+        if self.task == "multiclass":
+            return table.groupby(["split", "label"]).size().unstack(fill_value=0)
+        grouped = table.groupby("split")[self.class_names]
+        if self.task == "multilabel":
+            summary = grouped.sum().astype(int)
+        else:
+            summary = grouped.mean().round(3).rename(columns=lambda c: f"mean_{c}")
+        summary.insert(0, "images", table.groupby("split").size())
+        return summary
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -166,36 +181,69 @@ def load_manifest(
     split_ratios: Optional[str] = None,
     seed: int = 0,
     class_names: Optional[Sequence[str]] = None,
+    task: str = "multiclass",
 ) -> LabelledData:
-    """Read a CSV with columns path, label and (split | automatic --split) [, patient_id].
+    """Read a manifest CSV: path, (split | automatic --split) [, patient_id] and the task's columns.
 
-    Paths are relative to the CSV's folder unless absolute. Class names are the sorted labels of
-    the train split unless `class_names` fixes them (as a checkpoint does at evaluation).
+    multiclass: a `label` column; class names are the sorted labels of the train split unless
+    `class_names` fixes them (as a checkpoint does at evaluation). multilabel / regression:
+    `class_names` names the 0/1 label or numeric target columns (None: every column that is not
+    path, split, patient_id or label). Paths are relative to the CSV's folder unless absolute.
     """
     csv_path = Path(csv_path)
+    frame = _read_manifest(csv_path, split_ratios, task)
+    if task == "multiclass":
+        names, labels = _class_labels(frame, csv_path, split_ratios, class_names)
+        strata: list = labels
+        targets: list = [None] * len(frame)
+    else:
+        names = _target_columns(frame, csv_path, class_names, task)
+        values = _target_values(frame, csv_path, names, task)
+        labels, targets = [None] * len(frame), [tuple(row) for row in values]
+        strata = _strata(values, task)
+    patient = frame["patient_id"] if "patient_id" in frame.columns else None
+    if split_ratios:
+        groups = list(patient) if patient is not None else None
+        splits = stratified_split(strata, parse_ratios(split_ratios), seed=seed, groups=groups)
+    else:
+        splits = list(frame["split"])
+    patients = list(patient) if patient is not None else [None] * len(frame)
+    samples = [Sample(p, y, s, g, t) for p, y, s, g, t in zip(frame["path"], labels, splits, patients, targets)]
+    data = LabelledData(samples, names, auto_split=bool(split_ratios), source=str(csv_path), task=task)
+    if task != "multiclass" and class_names is None and not data.split("train"):
+        raise DataSourceError(f"--manifest {csv_path} has no training rows")
+    return data
+
+
+def _read_manifest(csv_path: Path, split_ratios: Optional[str], task: str) -> pd.DataFrame:
     try:
         frame = pd.read_csv(csv_path, dtype={"path": str, "split": str, "label": str, "patient_id": str})
     except FileNotFoundError:
         raise DataSourceError(f"--manifest {csv_path} does not exist") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataSourceError(f"--manifest {csv_path} is not a readable CSV: {exc}") from None
-    missing = [c for c in REQUIRED_MANIFEST_COLUMNS if c not in frame.columns]
+    frame.columns = [str(c).strip() for c in frame.columns]
+    required = ("path", "label") if task == "multiclass" else ("path",)
+    missing = [c for c in required if c not in frame.columns]
     if "split" not in frame.columns and not split_ratios:
         missing.append("split (or pass --split ratios)")
     if missing:
         raise DataSourceError(
             f"--manifest {csv_path} lacks column(s): {', '.join(missing)}; it has {', '.join(frame.columns)}"
         )
-    _check_cells(frame, csv_path)
+    _check_cells(frame, csv_path, task)
     base = csv_path.parent
     frame["path"] = [str(p if Path(p).is_absolute() else base / p) for p in frame["path"]]
-    patient = frame["patient_id"] if "patient_id" in frame.columns else None
-
     if "split" in frame.columns and not split_ratios:
         frame["split"] = frame["split"].str.strip().str.lower()
-        bad = sorted(set(frame["split"]) - set(SPLITS))
+        bad = sorted(set(frame["split"].fillna("(empty)")) - set(SPLITS))
         if bad:
             raise DataSourceError(f"--manifest {csv_path}: unknown split value(s) {bad}; use train, val, test")
+    return frame
+
+
+def _class_labels(frame: pd.DataFrame, csv_path: Path, split_ratios: Optional[str],
+                  class_names: Optional[Sequence[str]]) -> tuple[list[str], list[int]]:
     names = list(class_names) if class_names else sorted(
         set(frame.loc[frame["split"] == "train", "label"] if "split" in frame.columns and not split_ratios
             else frame["label"])
@@ -211,19 +259,67 @@ def load_manifest(
             "every class needs training images."
         )
     index = {n: i for i, n in enumerate(names)}
-    labels = [index[x] for x in frame["label"]]
-    if split_ratios:
-        groups = list(patient) if patient is not None else None
-        splits = stratified_split(labels, parse_ratios(split_ratios), seed=seed, groups=groups)
-    else:
-        splits = list(frame["split"])
-    patients = list(patient) if patient is not None else [None] * len(frame)
-    samples = [Sample(p, y, s, g) for p, y, s, g in zip(frame["path"], labels, splits, patients)]
-    return LabelledData(samples, names, auto_split=bool(split_ratios), source=str(csv_path))
+    return names, [index[x] for x in frame["label"]]
 
 
-def _check_cells(frame: pd.DataFrame, csv_path: Path) -> None:
-    for column in ("path", "label"):
+def _target_columns(frame: pd.DataFrame, csv_path: Path, columns: Optional[Sequence[str]], task: str) -> list[str]:
+    flag = "--labels" if task == "multilabel" else "--targets"
+    if columns:
+        names = list(columns)
+        absent = [c for c in names if c not in frame.columns]
+        if absent:
+            raise DataSourceError(f"--manifest {csv_path} has no column(s) {absent} ({flag}); "
+                                  f"it has {', '.join(frame.columns)}")
+        reserved = [c for c in names if c in RESERVED_COLUMNS]
+        if reserved:
+            raise DataSourceError(f"{flag}: {reserved} are reserved manifest columns, not {task} columns")
+        return names
+    names = [c for c in frame.columns if c not in RESERVED_COLUMNS]
+    if not names:
+        kind = "0/1 label" if task == "multilabel" else "numeric target"
+        raise DataSourceError(f"--manifest {csv_path} has no {kind} columns besides {', '.join(frame.columns)}")
+    return names
+
+
+def _target_values(frame: pd.DataFrame, csv_path: Path, names: list[str], task: str) -> np.ndarray:
+    """(rows, columns) float array; empty cells are NaN (missing), anything else unusable is an error."""
+    flag = "--labels" if task == "multilabel" else "--targets"
+    out = np.empty((len(frame), len(names)), dtype=np.float64)
+    for i, name in enumerate(names):
+        raw = frame[name]
+        values = pd.to_numeric(raw, errors="coerce")
+        bad = raw.notna() & values.isna()
+        if task == "multilabel":
+            bad |= values.notna() & ~values.isin([0, 1])
+        if bad.any():
+            lines = ", ".join(str(j + 2) for j in np.flatnonzero(bad.to_numpy())[:10])  # +2: header, 1-based
+            want = "0 or 1 (or empty for unknown)" if task == "multilabel" else "a number (or empty for unknown)"
+            raise DataSourceError(
+                f"--manifest {csv_path}: column {name!r} must hold {want}; see line(s) {lines} "
+                f"(value {raw[bad].iloc[0]!r}). Choose the columns with {flag}."
+            )
+        if values.isna().all():
+            raise DataSourceError(f"--manifest {csv_path}: column {name!r} has no values")
+        out[:, i] = values.to_numpy(dtype=np.float64)
+    return out
+
+
+def _strata(values: np.ndarray, task: str) -> list[int]:
+    """What an automatic split stratifies on when there is no single class label."""
+    if task == "multilabel":
+        # The rarest positive label of each row, so rare findings reach every split.
+        positives = np.nan_to_num(values, nan=0.0) > 0.5
+        rarity = np.argsort(np.argsort(positives.sum(axis=0)))  # 0 = rarest label
+        return [int(np.argmin(np.where(row, rarity, len(rarity)))) if row.any() else -1 for row in positives]
+    # Regression: quintiles of the first target keep each split's range of values similar.
+    first = values[:, 0]
+    known = ~np.isnan(first)
+    edges = np.unique(np.quantile(first[known], [0.2, 0.4, 0.6, 0.8]))
+    return [int(np.searchsorted(edges, v)) if k else -1 for v, k in zip(first, known)]
+
+
+def _check_cells(frame: pd.DataFrame, csv_path: Path, task: str = "multiclass") -> None:
+    for column in ("path", "label") if task == "multiclass" else ("path",):
         empty = frame.index[frame[column].isna()].tolist()
         if empty:
             rows = ", ".join(str(i + 2) for i in empty[:10])  # +2: header line, 1-based
@@ -231,7 +327,8 @@ def _check_cells(frame: pd.DataFrame, csv_path: Path) -> None:
     dupes = frame["path"][frame["path"].duplicated()].unique().tolist()
     if dupes:
         raise DataSourceError(f"--manifest {csv_path}: duplicate path(s) {dupes[:5]}")
-    frame["label"] = frame["label"].str.strip()
+    if task == "multiclass":
+        frame["label"] = frame["label"].str.strip()
 
 
 def load_labelled(
@@ -239,10 +336,15 @@ def load_labelled(
     manifest: Optional[str] = None,
     split_ratios: Optional[str] = None,
     seed: int = 0,
+    task: str = "multiclass",
+    columns: Optional[Sequence[str]] = None,
 ) -> LabelledData:
-    """Entry point for workflows: exactly one of a folder or a manifest."""
+    """Entry point for workflows: exactly one of a folder or a manifest. `columns` picks the
+    multilabel/regression manifest columns (--labels / --targets)."""
     if manifest:
-        return load_manifest(manifest, split_ratios=split_ratios, seed=seed)
+        return load_manifest(manifest, split_ratios=split_ratios, seed=seed, class_names=columns, task=task)
+    if task != "multiclass":
+        raise DataSourceError(f"--task {task} needs a --manifest CSV with its label/target columns")
     if data_path:
         return load_folder(data_path, split_ratios=split_ratios, seed=seed)
     raise DataSourceError("give --data-path DIR or --manifest FILE.csv")

@@ -44,10 +44,29 @@ def _vessels(draw: ImageDraw.ImageDraw, rng: np.random.Generator, start: tuple[f
                 stack.append((points[-1], angle + turn + rng.normal(0, 0.15), width * 0.72, depth + 1))
 
 
+# The findings of each demo class (large pale cup, haemorrhages, exudates).
+CLASS_FINDINGS = {
+    "normal": (False, False, False),
+    "diabetic_retinopathy": (False, True, True),
+    "glaucoma": (True, False, False),
+}
+MULTILABEL_LABELS: tuple[str, ...] = ("large_cup", "haemorrhages", "exudates")
+REGRESSION_TARGETS: tuple[str, ...] = ("cup_to_disc", "exudate_count")
+
+
 def render_fundus(rng: np.random.Generator, label: str, size: int = 128) -> np.ndarray:
     """One (size, size, 3) uint8 RGB fundus-like image of class `label`."""
     if label not in CLASSES:
         raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
+    large_cup, haemorrhages, exudates = CLASS_FINDINGS[label]
+    return render_findings(rng, size, large_cup=large_cup, haemorrhages=haemorrhages, exudates=exudates)
+
+
+def render_findings(rng: np.random.Generator, size: int = 128, *, large_cup: bool = False,
+                    haemorrhages: bool = False, exudates: bool = False, cup_to_disc: float | None = None,
+                    exudate_count: int | None = None) -> np.ndarray:
+    """A fundus-like image with the given findings; `cup_to_disc` / `exudate_count` fix those
+    quantities (regression data), otherwise they are drawn to suit the findings."""
     work = size * 2  # draw at 2x and downsample for smooth edges
     cx, cy = work / 2 + rng.normal(0, work * 0.01), work / 2 + rng.normal(0, work * 0.01)
     radius = work * 0.46
@@ -62,11 +81,14 @@ def render_fundus(rng: np.random.Generator, label: str, size: int = 128) -> np.n
 
     side = rng.choice([-1, 1])
     dx, dy = cx + side * radius * rng.uniform(0.42, 0.52), cy + rng.normal(0, radius * 0.05)
-    disc_r = radius * rng.uniform(0.13, 0.16) * (1.15 if label == "glaucoma" else 1.0)
-    cdr = rng.uniform(0.7, 0.85) if label == "glaucoma" else rng.uniform(0.25, 0.4)
+    disc_r = radius * rng.uniform(0.13, 0.16) * (1.15 if large_cup else 1.0)
+    if cup_to_disc is not None:
+        cdr = cup_to_disc
+    else:
+        cdr = rng.uniform(0.7, 0.85) if large_cup else rng.uniform(0.25, 0.4)
     vessel = tuple(int(v) for v in np.array([120, 25, 20]) * rng.uniform(0.85, 1.1))
     _vessels(draw, rng, (dx, dy), work, vessel)
-    disc = (245, 200, 120) if label == "glaucoma" else (235, 170, 90)
+    disc = (245, 200, 120) if large_cup else (235, 170, 90)
     draw.ellipse([dx - disc_r * 0.9, dy - disc_r, dx + disc_r * 0.9, dy + disc_r], fill=disc)
     cup_r = disc_r * cdr
     draw.ellipse([dx - cup_r * 0.9, dy - cup_r, dx + cup_r * 0.9, dy + cup_r], fill=(252, 238, 200))
@@ -75,14 +97,15 @@ def render_fundus(rng: np.random.Generator, label: str, size: int = 128) -> np.n
     draw.ellipse([fx - radius * 0.09, cy - radius * 0.09, fx + radius * 0.09, cy + radius * 0.09],
                  fill=tuple(int(v) for v in base * 0.7))
 
-    if label == "diabetic_retinopathy":
-        # Moderate-to-severe disease, sized to stay 3-6 px across at the demo's 64 px input.
+    # Moderate-to-severe disease, sized to stay 3-6 px across at the demo's 64 px input.
+    if haemorrhages:
         for _ in range(rng.integers(10, 26)):  # blot haemorrhages
             a, d = rng.uniform(0, 2 * math.pi), radius * math.sqrt(rng.uniform(0.02, 0.55))
             px, py, pr = cx + d * math.cos(a), cy + d * math.sin(a), work * rng.uniform(0.025, 0.045)
             draw.ellipse([px - pr, py - pr, px + pr, py + pr], fill=(95, 10, 10))
+    if exudates or exudate_count:
         centre = (cx + rng.normal(0, radius * 0.2), cy + rng.normal(0, radius * 0.2))
-        for _ in range(rng.integers(6, 16)):  # hard exudates, often clustered
+        for _ in range(exudate_count if exudate_count is not None else rng.integers(6, 16)):  # hard exudates
             px, py = centre[0] + rng.normal(0, radius * 0.15), centre[1] + rng.normal(0, radius * 0.15)
             pr = work * rng.uniform(0.022, 0.04)
             draw.ellipse([px - pr, py - pr, px + pr, py + pr], fill=(250, 225, 90))
@@ -112,3 +135,61 @@ def write_demo_dataset(root: Path, n_train: int = 120, n_val: int = 30, n_test: 
                 Image.fromarray(render_fundus(rng, label, size)).save(tmp)
                 os.replace(tmp, target)
     return root
+
+
+def _save_png(array: np.ndarray, target: Path) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=target.parent)
+    os.close(fd)
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, target)
+
+
+def _write_manifest_dataset(root: Path, counts: dict[str, int], seed: int, row_fn) -> Path:
+    """images/<split>_<i>.png plus manifest.csv (path, split, then row_fn's columns)."""
+    import pandas as pd
+
+    root = Path(root)
+    if root.exists() and any(root.iterdir()):
+        raise ValueError(f"{root} already exists and is not empty; choose an empty folder")
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for split, count in counts.items():
+        rng = np.random.default_rng([seed, SPLIT_SEED_OFFSETS[split]])
+        for i in range(count):
+            image, values = row_fn(rng)
+            name = f"images/{split}_{i:04d}.png"
+            _save_png(image, root / name)
+            rows.append({"path": name, "split": split, **values})
+    frame = pd.DataFrame(rows)
+    frame.to_csv(root / "manifest.csv", index=False)
+    return root / "manifest.csv"
+
+
+def write_multilabel_dataset(root: Path, n_train: int = 120, n_val: int = 40, n_test: int = 40, size: int = 128,
+                             seed: int = 0, missing: float = 0.05) -> Path:
+    """Fundus images with independent findings (large_cup, haemorrhages, exudates; each present
+    with probability 0.4) and manifest.csv with one 0/1 column per finding; a `missing` fraction
+    of cells is left empty (unknown). Returns the manifest's path."""
+    def row(rng: np.random.Generator):
+        present = rng.random(len(MULTILABEL_LABELS)) < 0.4
+        image = render_findings(rng, size, **dict(zip(MULTILABEL_LABELS, map(bool, present))))
+        unknown = rng.random(len(MULTILABEL_LABELS)) < missing
+        return image, {n: (None if u else int(p)) for n, p, u in zip(MULTILABEL_LABELS, present, unknown)}
+
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    return _write_manifest_dataset(root, counts, seed, row)
+
+
+def write_regression_dataset(root: Path, n_train: int = 120, n_val: int = 40, n_test: int = 40, size: int = 128,
+                             seed: int = 0, missing: float = 0.05) -> Path:
+    """Fundus images with a continuous cup-to-disc ratio (0.2-0.85) and a hard-exudate count
+    (0-20), the two targets of manifest.csv; a `missing` fraction of cells is empty. Returns the
+    manifest's path."""
+    def row(rng: np.random.Generator):
+        cdr, count = float(rng.uniform(0.2, 0.85)), int(rng.integers(0, 21))
+        image = render_findings(rng, size, large_cup=cdr > 0.6, cup_to_disc=cdr, exudate_count=count)
+        values = {"cup_to_disc": round(cdr, 4), "exudate_count": count}
+        return image, {k: (None if rng.random() < missing else v) for k, v in values.items()}
+
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    return _write_manifest_dataset(root, counts, seed, row)

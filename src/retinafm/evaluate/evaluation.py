@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,24 +17,23 @@ from ..data.loader import ImageDataset, SkipLog
 from ..data.sources import DataSourceError, Sample, load_folder, load_manifest
 from ..data.transforms import eval_transform
 from ..files import prepare_output_dir, write_csv, write_json
-from ..tasks import make_task
 from ..train import distributed as dist_utils
-from ..train.checkpoint import load_checkpoint, model_from_checkpoint
+from ..train.checkpoint import load_checkpoint, model_from_checkpoint, task_of
 from ..train.loop import infer
 from ..train.runtime import amp_dtype, resolve_device
-from .metrics import confusion, metrics_to_frame
-from .plots import plot_confusion_matrix, plot_pr, plot_roc
+from .metrics import metrics_to_frame
 
 
 @dataclass
 class SplitEvaluation:
     split: str
     paths: list[str]
-    targets: np.ndarray
-    probs: np.ndarray
+    targets: np.ndarray  # class indices (multiclass) or (N, outputs) floats with NaN = unknown
+    outputs: np.ndarray  # probabilities, or predictions in original units (regression)
     loss: float
     metrics: dict[str, float]
     skipped: list[tuple[str, str]]
+    task: Any = None  # the task as evaluated (with thresholds chosen on this split when calibrated)
 
 
 def evaluate_samples(
@@ -48,42 +47,47 @@ def evaluate_samples(
     batch_size: int,
     num_workers: int = 0,
     progress: bool = True,
+    calibrate: bool = False,
 ) -> SplitEvaluation:
-    """Inference over labelled samples, then loss and the task's metrics on the readable ones."""
-    dataset = ImageDataset([s.path for s in samples], [s.label for s in samples], transform)
+    """Inference over labelled samples, then loss and the task's metrics on the readable ones.
+
+    `calibrate` lets the task choose what it picks on validation (multilabel Youden thresholds)
+    from these outputs before the metrics are computed.
+    """
+    dataset = ImageDataset([s.path for s in samples], task.dataset_targets(samples), transform)
     result = infer(model, dataset, device, batch_size=batch_size, num_workers=num_workers,
                    amp_dtype=amp_dtype(device), desc=split, progress=progress)
     if len(result.indices) == 0:
         raise DataSourceError(f"none of the {len(samples)} {split} images could be read (see skipped.csv)")
-    targets = np.array([samples[i].label for i in result.indices], dtype=np.int64)
+    read = [samples[i] for i in result.indices]
+    targets = task.target_array(read)
     logits = torch.from_numpy(result.logits)
-    loss = float(task.eval_loss()(logits, torch.from_numpy(targets)))
-    probs = task.activate(logits).numpy()
+    outputs = task.activate(logits)
+    if calibrate:
+        task = task.calibrate(targets, outputs)
     return SplitEvaluation(
         split=split,
-        paths=[samples[i].path for i in result.indices],
+        paths=[s.path for s in read],
         targets=targets,
-        probs=probs,
-        loss=loss,
-        metrics=task.metrics(targets, probs),
+        outputs=outputs,
+        loss=task.loss(logits, targets),
+        metrics=task.metrics(targets, outputs),
         skipped=result.skipped,
+        task=task,
     )
 
 
 def write_evaluation(out_dir: Path, task, ev: SplitEvaluation) -> dict[str, Path]:
-    """metrics_<split>.json/.csv, predictions_<split>.csv and plots/{confusion_matrix,roc,pr}.png."""
+    """metrics_<split>.json/.csv, predictions_<split>.csv and the task's plots under plots/."""
     out_dir = Path(out_dir)
     metrics = {"split": ev.split, "loss": ev.loss, **ev.metrics}
     written = {
         "metrics_json": write_json(out_dir / f"metrics_{ev.split}.json", metrics),
         "metrics_csv": write_csv(out_dir / f"metrics_{ev.split}.csv", metrics_to_frame(ev.metrics)),
-        "predictions": write_csv(out_dir / f"predictions_{ev.split}.csv", task.prediction_frame(ev.paths, ev.probs, ev.targets)),
+        "predictions": write_csv(out_dir / f"predictions_{ev.split}.csv",
+                                 task.prediction_frame(ev.paths, ev.outputs, ev.targets)),
     }
-    cm = confusion(ev.targets, ev.probs.argmax(axis=1), task.num_outputs)
-    plots = out_dir / "plots"
-    written["confusion_matrix"] = plot_confusion_matrix(cm, task.class_names, plots / "confusion_matrix.png")
-    written["roc"] = plot_roc(ev.targets, ev.probs, task.class_names, plots / "roc.png")
-    written["pr"] = plot_pr(ev.targets, ev.probs, task.class_names, plots / "pr.png")
+    written.update(task.plots(ev.targets, ev.outputs, out_dir / "plots"))
     return written
 
 
@@ -103,7 +107,10 @@ def evaluate_checkpoint(
     state = load_checkpoint(checkpoint)
     model, meta = model_from_checkpoint(state)
     if manifest:
-        data = load_manifest(manifest, class_names=meta.class_names)
+        data = load_manifest(manifest, class_names=meta.class_names, task=meta.task)
+    elif meta.task != "multiclass":
+        raise DataSourceError(f"this {meta.task} checkpoint is evaluated on a --manifest CSV with columns "
+                              f"{', '.join(meta.class_names)}")
     elif data_path:
         data = load_folder(data_path, class_names=meta.class_names, flat_split=split)
     else:
@@ -116,7 +123,7 @@ def evaluate_checkpoint(
     out_dir = Path(out)
     if dist_utils.is_primary():
         prepare_output_dir(out_dir, overwrite=overwrite)
-    task = make_task(meta.task, meta.class_names)
+    task = task_of(meta)
     ev = evaluate_samples(model.to(dev), task, samples, eval_transform(meta.input_size, meta.mean, meta.std), dev,
                           split=split, batch_size=batch_size, num_workers=num_workers)
     if dist_utils.is_primary():

@@ -1,12 +1,15 @@
-"""Figures people would rather see than read: confusion matrix, ROC, PR, training curves.
+"""Figures people would rather see than read: confusion matrices, ROC, PR, regression scatter,
+training curves.
 
 Each function saves one PNG atomically (temporary file in the same folder, then rename), closes
 its figure and returns the path.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import matplotlib
 
@@ -18,61 +21,98 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
 
 from ..files import atomic_path  # noqa: E402
+from .metrics import _known, _missing_outcome, regression_metrics  # noqa: E402
 
 DPI = 120
 # Validation metrics drawn in the training-curves figure, in this order, when the log has them.
-CURVE_METRICS = {"val_auroc_macro": "AUROC (macro)", "val_accuracy": "accuracy", "val_kappa": "kappa"}
+CURVE_METRICS = {"val_auroc_macro": "AUROC (macro)", "val_accuracy": "accuracy", "val_kappa": "kappa",
+                 "val_r2_macro": "R² (macro)", "val_pearson_macro": "Pearson r (macro)"}
+# R² of a barely trained regressor can be -100 or worse; a scale reaching that far would flatten
+# every other curve, so values below this floor are marked at the floor instead.
+CURVE_FLOOR = -1.0
 
 
 def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: Path, normalize: bool = False) -> Path:
     """Annotated heatmap of `cm` (rows: true, columns: predicted); `normalize` shows row fractions."""
     cm = np.asarray(cm, dtype=float)
-    shown = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1) if normalize else cm
+    shown = _row_fractions(cm) if normalize else cm
     n = len(class_names)
     fig, ax = plt.subplots(figsize=(1.1 * n + 3, 1.0 * n + 2.5))
     vmax = 1.0 if normalize else max(float(shown.max(initial=0)), 1.0)
-    im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=vmax)
+    im = _draw_matrix(ax, shown, _cell_texts(shown, ".2f") if normalize else _cell_texts(cm, ".0f"), vmax)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    ax.set(xticks=range(n), yticks=range(n), xlabel="Predicted", ylabel="True",
-           title="Confusion matrix" + (" (row-normalised)" if normalize else ""))
+    ax.set(xlabel="Predicted", ylabel="True", title="Confusion matrix" + (" (row-normalised)" if normalize else ""))
     ax.set_xticklabels(class_names, rotation=30, ha="right")
     ax.set_yticklabels(class_names)
-    for i in range(n):
-        for j in range(n):
-            text = f"{shown[i, j]:.2f}" if normalize else f"{int(cm[i, j])}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=9,
-                    color="white" if shown[i, j] > vmax / 2 else "black")
+    return _save(fig, path)
+
+
+def plot_multilabel_confusion(cms: np.ndarray, names: Sequence[str], path: Path) -> Path:
+    """One annotated 2x2 matrix per label (rows: true, columns: predicted; negative, positive) in
+    one figure, shaded by row fraction so rare findings stay readable, annotated with counts."""
+    cms = np.asarray(cms, dtype=float)
+    if cms.shape != (len(names), 2, 2):
+        raise ValueError(f"need one 2x2 matrix per label, shape ({len(names)}, 2, 2); got {cms.shape}")
+    fig, axes = _panels(len(names), width=2.7, height=2.6)
+    for ax, name, cm in zip(axes, names, cms):
+        _draw_matrix(ax, _row_fractions(cm), _cell_texts(cm, ".0f"), 1.0)
+        ax.set_xticklabels(["neg", "pos"])
+        ax.set_yticklabels(["neg", "pos"])
+        ax.set(title=name, xlabel="Predicted", ylabel="True")
+    fig.suptitle("Confusion matrix per label (shade: row fraction)")
+    fig.tight_layout()
     return _save(fig, path)
 
 
 def plot_roc(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: Path) -> Path:
     """One-vs-rest ROC curve per class (binary: the positive class) with its AUC, and the chance line."""
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for name, positive, scores in _one_vs_rest(ax, y_true, probs, class_names):
-        fpr, tpr, _ = roc_curve(positive, scores)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(positive, scores):.3f})")
-    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="chance")
-    ax.set(xlabel="False positive rate (1 − specificity)", ylabel="True positive rate (sensitivity)",
-           title="ROC (one vs rest)", xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return _roc_figure(_one_vs_rest(y_true, probs, class_names), "ROC (one vs rest)", path)
 
 
 def plot_pr(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: Path) -> Path:
     """One-vs-rest precision–recall curve per class (binary: the positive class) with its average precision."""
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for name, positive, scores in _one_vs_rest(ax, y_true, probs, class_names):
-        precision, recall, _ = precision_recall_curve(positive, scores)
-        ax.plot(recall, precision, label=f"{name} (AP {average_precision_score(positive, scores):.3f})")
-    ax.set(xlabel="Recall (sensitivity)", ylabel="Precision (PPV)", title="Precision–recall (one vs rest)",
-           xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(loc="lower left", fontsize=8)
+    return _pr_figure(_one_vs_rest(y_true, probs, class_names), "Precision–recall (one vs rest)", path)
+
+
+def plot_multilabel_roc(targets: np.ndarray, probs: np.ndarray, names: Sequence[str], path: Path) -> Path:
+    """ROC curve per label over its known rows (0/1 targets, NaN unknown) with its AUC, and the chance line."""
+    return _roc_figure(_per_label(targets, probs, names), "ROC (per label)", path)
+
+
+def plot_multilabel_pr(targets: np.ndarray, probs: np.ndarray, names: Sequence[str], path: Path) -> Path:
+    """Precision–recall curve per label over its known rows with its average precision."""
+    return _pr_figure(_per_label(targets, probs, names), "Precision–recall (per label)", path)
+
+
+def plot_regression_scatter(targets: np.ndarray, preds: np.ndarray, names: Sequence[str], path: Path) -> Path:
+    """One panel per target: predicted against true value over its known rows, the identity line,
+    and R², MAE and n in the title."""
+    targets, preds = np.asarray(targets, dtype=float), np.asarray(preds, dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # undefined metrics were already reported with the metrics
+        metrics = regression_metrics(targets, preds, names)
+    fig, axes = _panels(len(names), width=3.6, height=3.6)
+    for i, (ax, name) in enumerate(zip(axes, names)):
+        y, p = _known(targets, preds, i)
+        ax.scatter(y, p, s=10, alpha=0.5, edgecolors="none")
+        lo, hi = (min(y.min(), p.min()), max(y.max(), p.max())) if len(y) else (0.0, 1.0)
+        pad = 0.05 * (hi - lo) or 0.5  # a single point (or all equal) still gets a visible range
+        lo, hi = lo - pad, hi + pad
+        ax.plot([lo, hi], [lo, hi], "--", color="grey", lw=1, label="identity")
+        ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="true", ylabel="predicted", aspect="equal",
+               title=f"{name}\nR² {_number(metrics[f'r2_{name}'], '.3f')}  "
+                     f"MAE {_number(metrics[f'mae_{name}'], '.3g')}  n={len(y)}")
+        if not len(y):
+            ax.text(0.5, 0.5, "no known values", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
     return _save(fig, path)
 
 
 def plot_training_curves(log: pd.DataFrame, path: Path) -> Path:
     """Three panels from a run's log (`epoch` 0-based, `lr`, `train_loss`, `val_loss`, `val_*`):
-    losses, validation AUROC/accuracy/kappa (those present) and learning rate, per epoch."""
+    losses, the validation metrics of CURVE_METRICS that are present (values below CURVE_FLOOR are
+    marked at the floor) and learning rate, per epoch."""
     epochs = log["epoch"].to_numpy() + 1
     marker = "o" if len(log) < 30 else None
     fig, (loss_ax, metric_ax, lr_ax) = plt.subplots(1, 3, figsize=(14, 3.8), sharex=True)
@@ -83,11 +123,21 @@ def plot_training_curves(log: pd.DataFrame, path: Path) -> Path:
     loss_ax.set(title="Loss", xlabel="epoch", ylabel="loss")
 
     shown = [c for c in CURVE_METRICS if c in log]
+    off_scale = 0
     for column in shown:
-        metric_ax.plot(epochs, log[column], marker=marker, label=CURVE_METRICS[column])
-    # Kappa can go below 0; otherwise keep the familiar 0–1 scale.
+        values = log[column].to_numpy(dtype=float)
+        (line,) = metric_ax.plot(epochs, values, marker=marker, label=CURVE_METRICS[column])
+        below = values < CURVE_FLOOR
+        if below.any():
+            metric_ax.plot(epochs[below], np.full(below.sum(), CURVE_FLOOR), "v", color=line.get_color())
+            off_scale += int(below.sum())
+    if off_scale:
+        metric_ax.plot([], [], "v", color="grey",
+                       label=f"{off_scale} value{'s' if off_scale > 1 else ''} below {CURVE_FLOOR:g}, drawn at it")
+    # Kappa and R² can go below 0; otherwise keep the familiar 0–1 scale.
     lowest = float(np.nanmin(log[shown].to_numpy(dtype=float), initial=0.0)) if shown else 0.0
-    metric_ax.set(title="Validation", xlabel="epoch", ylim=(min(0.0, lowest) - 0.02, 1.02))
+    bottom = max(min(0.0, lowest), CURVE_FLOOR) - (0.06 if off_scale else 0.02)  # room for the whole ▼
+    metric_ax.set(title="Validation", xlabel="epoch", ylim=(bottom, 1.02))
     if not shown:
         metric_ax.text(0.5, 0.5, "no validation metrics logged", ha="center", va="center",
                        transform=metric_ax.transAxes, color="grey")
@@ -108,18 +158,94 @@ def plot_training_curves(log: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _one_vs_rest(ax: plt.Axes, y_true: np.ndarray, probs: np.ndarray,
-                 class_names: Sequence[str]) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, positives, scores) per class (binary: the positive class only). A class whose curve
-    is undefined in this set gets a legend entry saying so instead of a curve."""
+Outcomes = Iterable[tuple[str, np.ndarray, np.ndarray]]  # (name, positive (bool), scores) per curve
+
+
+def _roc_figure(outcomes: Outcomes, title: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name, positive, scores in _defined(ax, outcomes):
+        fpr, tpr, _ = roc_curve(positive, scores)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(positive, scores):.3f})")
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="chance")
+    ax.set(xlabel="False positive rate (1 − specificity)", ylabel="True positive rate (sensitivity)",
+           title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def _pr_figure(outcomes: Outcomes, title: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name, positive, scores in _defined(ax, outcomes):
+        precision, recall, _ = precision_recall_curve(positive, scores)
+        ax.plot(recall, precision, label=f"{name} (AP {average_precision_score(positive, scores):.3f})")
+    ax.set(xlabel="Recall (sensitivity)", ylabel="Precision (PPV)", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, path)
+
+
+def _one_vs_rest(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> Outcomes:
+    """Per class (binary: the positive class only), one vs rest."""
     y_true, probs = np.asarray(y_true), np.asarray(probs)
-    for c in [1] if len(class_names) == 2 else range(len(class_names)):
-        positive = y_true == c
-        if positive.any() and not positive.all():
-            yield class_names[c], positive, probs[:, c]
+    return [(class_names[c], y_true == c, probs[:, c])
+            for c in ([1] if len(class_names) == 2 else range(len(class_names)))]
+
+
+def _per_label(targets: np.ndarray, probs: np.ndarray, names: Sequence[str]) -> Outcomes:
+    """Per label, over the rows where its target is known."""
+    targets, probs = np.asarray(targets, dtype=float), np.asarray(probs, dtype=float)
+    if targets.shape != probs.shape or probs.ndim != 2 or probs.shape[1] != len(names):
+        raise ValueError(f"targets {targets.shape} and probs {probs.shape} must both be (N, {len(names)})")
+    outcomes = []
+    for i, name in enumerate(names):
+        y, p = _known(targets, probs, i)
+        outcomes.append((name, y == 1, p))
+    return outcomes
+
+
+def _defined(ax: plt.Axes, outcomes: Outcomes) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """The outcomes whose curve is defined in this set; each other one gets a legend entry saying
+    why instead of a curve."""
+    for name, positive, scores in outcomes:
+        missing = _missing_outcome(positive)
+        if missing:
+            ax.plot([], [], " ", label=f"{name}: {missing}, no curve")
         else:
-            missing = "no negatives" if positive.all() else "no positives"
-            ax.plot([], [], " ", label=f"{class_names[c]}: {missing}, no curve")
+            yield name, positive, scores
+
+
+def _panels(count: int, width: float, height: float, max_columns: int = 4) -> tuple[plt.Figure, list[plt.Axes]]:
+    """A grid of `count` panels of about width x height inches, spare grid cells hidden."""
+    columns = min(count, max_columns)
+    rows = math.ceil(count / columns)
+    fig, grid = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    axes = list(grid.ravel())
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes[:count]
+
+
+def _draw_matrix(ax: plt.Axes, shade: np.ndarray, texts: list[list[str]], vmax: float) -> plt.AxesImage:
+    """Square heatmap of `shade` with each cell's text in a colour readable on its background."""
+    n = len(shade)
+    im = ax.imshow(shade, cmap="Blues", vmin=0, vmax=vmax)
+    ax.set(xticks=range(n), yticks=range(n))
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, texts[i][j], ha="center", va="center", fontsize=9,
+                    color="white" if shade[i, j] > vmax / 2 else "black")
+    return im
+
+
+def _cell_texts(values: np.ndarray, fmt: str) -> list[list[str]]:
+    return [[format(v, fmt) for v in row] for row in values]
+
+
+def _row_fractions(cm: np.ndarray) -> np.ndarray:
+    return cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+
+
+def _number(value: float, fmt: str) -> str:
+    return "n/a" if math.isnan(value) else format(value, fmt)
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

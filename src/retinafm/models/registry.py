@@ -12,6 +12,8 @@ from typing import Any, Optional
 import timm
 import torch.nn as nn
 
+from .heads import HeadSettings, attach_head
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RETFOUND_LICENCE = "CC-BY-NC-4.0, gated"
@@ -153,15 +155,20 @@ def create_model(
     input_size: Optional[int] = None,
     drop_path: float = 0.0,
     global_pool: Optional[str] = None,
+    head: Optional[HeadSettings] = None,
 ) -> nn.Module:
-    """Build the backbone with a fresh `num_classes` head; weights are loaded separately."""
+    """Build the backbone with a fresh `num_classes`-output head (linear unless `head` says
+    otherwise); weights are loaded separately."""
     kwargs = dict(spec.arch_kwargs)
     kwargs.update(pretrained=False, num_classes=num_classes, img_size=input_size or spec.input_size,
                   drop_path_rate=drop_path)
     pool = global_pool or spec.global_pool
     if pool:
         kwargs["global_pool"] = pool
-    return timm.create_model(spec.arch, **kwargs)
+    model = timm.create_model(spec.arch, **kwargs)
+    if head is not None and head.kind != "linear":
+        attach_head(model, head, num_classes)
+    return model
 
 
 def zoo_table() -> list[dict[str, str]]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..files import save_torch
+from ..models.heads import HeadSettings
 from ..models.registry import ModelSpec, create_model
 
 FORMAT_VERSION = 1
@@ -31,7 +32,7 @@ class CheckpointMeta:
     arch: str
     arch_kwargs: dict[str, Any]
     task: str
-    class_names: list[str]
+    class_names: list[str]  # output names: classes, labels or targets, in output order
     input_size: int
     mean: list[float]
     std: list[float]
@@ -41,6 +42,8 @@ class CheckpointMeta:
     settings: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     epoch: int = -1
+    task_state: dict[str, Any] = field(default_factory=dict)  # thresholds, target statistics...
+    head: dict[str, Any] = field(default_factory=dict)  # HeadSettings fields; empty: linear
 
     def spec(self) -> ModelSpec:
         return ModelSpec(
@@ -113,10 +116,18 @@ def meta_of(state: dict[str, Any]) -> CheckpointMeta:
     return CheckpointMeta(**info)
 
 
+def task_of(meta: CheckpointMeta):
+    """The checkpoint's task with its saved thresholds / target statistics."""
+    from ..tasks import make_task
+
+    return make_task(meta.task, meta.class_names, **meta.task_state)
+
+
 def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, CheckpointMeta]:
     """Rebuild the architecture from the metadata and load the weights strictly."""
     meta = meta_of(state)
-    model = create_model(meta.spec(), len(meta.class_names), input_size=meta.input_size, global_pool=meta.global_pool)
+    model = create_model(meta.spec(), len(meta.class_names), input_size=meta.input_size, global_pool=meta.global_pool,
+                         head=HeadSettings(**meta.head) if meta.head else None)
     try:
         model.load_state_dict(state["model"], strict=True)
     except RuntimeError as exc:

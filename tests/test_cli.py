@@ -74,5 +74,26 @@ def test_unknown_config_key(tmp_path):
 
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "retinafm", "--help"], capture_output=True, text=True, check=True)
-    for verb in ("finetune", "evaluate", "predict", "models", "demo"):
+    for verb in ("finetune", "tune", "evaluate", "predict", "models", "demo"):
         assert verb in out.stdout
+
+
+def test_regression_through_the_command_line(regression_manifest, tmp_path):
+    common = ["--manifest", str(regression_manifest), "--model", "vit_micro_patch8", "--weights", "none",
+              "--input-size", "32", "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "0", "--device", "cpu"]
+    res = run("finetune", *common, "--task", "regression", "--targets", "cup_to_disc", "--head", "mlp",
+              "--huber-beta", "0.5", "--out", str(tmp_path / "run"))
+    assert res.exit_code == 0, res.output
+    assert "macro R²" in res.output
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (saved["task"], saved["targets"], saved["head"], saved["huber_beta"]) == ("regression", "cup_to_disc",
+                                                                                     "mlp", 0.5)
+    res = run("evaluate", "--checkpoint", str(tmp_path / "run" / "checkpoint-best.pth"), "--manifest",
+              str(regression_manifest), "--split", "val", "--out", str(tmp_path / "ev"), "--num-workers", "0")
+    assert res.exit_code == 0 and "val: 40 images  macro R²" in res.output
+    assert list(pd.read_csv(tmp_path / "ev" / "predictions_val.csv").columns) == ["path", "true_cup_to_disc",
+                                                                                "cup_to_disc"]
+    bad = run("finetune", *common, "--task", "regression", "--targets", "age", "--out", str(tmp_path / "r2"))
+    assert bad.exit_code == 2 and "has no column(s) ['age'] (--targets)" in bad.output
+    bad = run("finetune", *common, "--task", "multilabel", "--out", str(tmp_path / "r3"))
+    assert bad.exit_code == 2 and "column 'cup_to_disc' must hold 0 or 1" in bad.output

@@ -38,8 +38,31 @@ def test_yaml_round_trip_and_unknown_keys(tmp_path):
     ({"smoothing": 1.5}, "--smoothing"),
     ({"global_pool": "max"}, "--global-pool"),
     ({"device": "tpu"}, "--device"),
+    ({"task": "segmentation"}, "--task must be one of multiclass, multilabel, regression"),
+    ({"task": "regression"}, "--task regression reads its labels or targets from a CSV: give --manifest"),
+    ({"labels": "drusen"}, "--labels applies to --task multilabel"),
+    ({"targets": "age"}, "--targets applies to --task regression"),
+    ({"head": "conv"}, "--head must be one of linear, mlp, transformer"),
+    ({"head_depth": 0}, "--head-depth and --head-num-heads must be at least 1"),
+    ({"head_dropout": 1.0}, "--head-dropout must be in"),
+    ({"loss": "huber"}, "--loss applies to --task regression"),
+    ({"huber_beta": 0.0}, "--huber-beta must be positive"),
+    ({"pos_weight": True}, "--pos-weight applies to --task multilabel"),
+    ({"threshold": "0.3"}, "--threshold applies to --task multilabel"),
+    ({"data_path": None, "manifest": "m.csv", "task": "multilabel", "threshold": "1.5"}, r"--threshold must be in \(0, 1\)"),
+    ({"data_path": None, "manifest": "m.csv", "task": "multilabel", "threshold": "best"}, "or 'youden'"),
+    ({"data_path": None, "manifest": "m.csv", "task": "regression", "mixup": 0.8}, "--mixup/--cutmix apply to"),
 ])
 def test_validation_names_the_option(changes, message):
     cfg = FinetuneConfig(**{"out": "run", "data_path": "data", **changes})
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
+
+
+def test_task_columns_and_thresholds():
+    cfg = FinetuneConfig(out="r", manifest="m.csv", task="multilabel", labels=" drusen, srf ,", threshold="youden")
+    cfg.validate()
+    assert cfg.names_list() == ["drusen", "srf"] and cfg.threshold_value() is None
+    assert FinetuneConfig(out="r", manifest="m.csv", task="multilabel").threshold_value() == 0.5
+    with pytest.raises(ConfigError, match="lists a column twice"):
+        FinetuneConfig(out="r", manifest="m.csv", task="regression", targets="age,age").names_list()

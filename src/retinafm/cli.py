@@ -26,12 +26,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             PermissionError, FileNotFoundError, ValueError)
 
 
-def _run(fn: Callable[[], Any]) -> Any:
+def _run(fn: Callable[[], Any],
+         on_interrupt: str = "A fine-tune can be continued with --resume RUN_DIR.") -> Any:
     """Turn the errors a user can cause into one clear line and a non-zero exit, not a traceback."""
     try:
         return fn()
     except KeyboardInterrupt:
-        click.echo("interrupted. A fine-tune can be continued with --resume RUN_DIR.", err=True)
+        click.echo(f"interrupted. {on_interrupt}", err=True)
         sys.exit(130)
     except _user_errors() as exc:
         if os.environ.get("RETINAFM_DEBUG"):
@@ -202,7 +203,8 @@ def tune_cmd(resume: str | None, trials: int, tune_epochs: int, direction: str, 
     cfg = FinetuneConfig(**options)
     settings = TuneSettings(trials=trials, tune_epochs=tune_epochs, direction=direction, storage=storage,
                             study_name=study_name, timeout=timeout)
-    result = _run(lambda: tune(cfg, settings))
+    result = _run(lambda: tune(cfg, settings),
+                  on_interrupt="A study run with --storage continues when the same command is run again.")
     click.echo(f"best trial {result.best_trial}: {result.best_value:.4f}  {result.best_params}")
     click.echo(f"study files in {result.out}; reproduce the best trial at full epochs with:\n{result.command}")
 

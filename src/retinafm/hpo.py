@@ -8,6 +8,7 @@ settings on it would leak it into the result.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import shlex
 import warnings
@@ -22,8 +23,15 @@ from .config import ConfigError, FinetuneConfig
 from .files import atomic_path, prepare_output_dir, write_csv, write_json
 from .train.loop import NonFiniteLossError
 
-# The validation metric each task's best epoch is chosen by (tasks.*.selection_metric).
+# The validation metric each task's best epoch is chosen by (tasks.*.selection_metric). Kept here,
+# not imported from tasks, because the epoch callback needs it before finetune() returns a result;
+# test_hpo checks it against the task classes.
 SELECTION_METRICS = {"multiclass": "auroc_macro", "multilabel": "auroc_macro", "regression": "r2_macro"}
+
+
+def selection_metric(task: str) -> str:
+    """The validation metric a `task` run picks its best epoch by: the search's objective."""
+    return SELECTION_METRICS[task]
 
 
 class TuneError(ValueError):
@@ -87,7 +95,7 @@ def tune(base: FinetuneConfig, settings: TuneSettings) -> TuneResult:
     if settings.direction not in ("maximize", "minimize"):
         raise ConfigError(f"--direction must be maximize or minimize, not {settings.direction!r}")
     out = Path(base.out)
-    metric = SELECTION_METRICS[base.task]
+    metric = selection_metric(base.task)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed instead
     study = _open_study(out, base, settings)
     finished = [t for t in study.trials if t.state.is_finished()]
@@ -111,12 +119,13 @@ def tune(base: FinetuneConfig, settings: TuneSettings) -> TuneResult:
             result = finetune(cfg, on_epoch=report, evaluate_test=False)
         finally:  # pruned or finished, a trial is never resumed
             _drop_checkpoints(Path(cfg.out), keep_best=True)
+            _free_memory()  # a pruned trial's model and loader workers go before the next starts
         # NaN (e.g. AUROC undefined on every epoch) makes Optuna mark the trial failed, not best.
         return float(result.best_val.get(metric, float("nan")))
 
     if remaining > 0:
         # A diverging trial (too high an lr) fails alone; bad data or settings stop the search.
-        study.optimize(objective, n_trials=remaining, timeout=settings.timeout, callbacks=[_say_trial],
+        study.optimize(objective, n_trials=remaining, timeout=settings.timeout, callbacks=[_trial_printer(metric)],
                        catch=(NonFiniteLossError,))
     return _write_summary(study, base, settings, metric)
 
@@ -126,12 +135,19 @@ def _open_study(out: Path, base: FinetuneConfig, settings: TuneSettings) -> optu
     # A study already in --storage is continued in its folder; anything else needs an empty --out.
     in_use = out.is_dir() and any(out.iterdir())
     prepare_output_dir(out, overwrite=base.overwrite, resume=in_use and _study_exists(name, settings.storage))
-    sampler = optuna.samplers.TPESampler(seed=base.seed)
-    # Pruning waits for 2 complete trials (a median needs something to compare with) and ignores
-    # the first third of a trial's epochs, when warmup makes every trial look poor.
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=max(1, settings.tune_epochs // 3))
-    return optuna.create_study(study_name=name, storage=settings.storage, direction=settings.direction,
-                               sampler=sampler, pruner=pruner, load_if_exists=True)
+    # Pruning waits for 3 complete trials (the median of 2 is their mean, one lucky trial would set
+    # the bar) and never judges a trial during its lr warmup or the first third of its epochs, when
+    # every setting still looks poor. With 3 trials x 2 epochs nothing is pruned, and that is right.
+    warmup = trial_config(base, {}, settings.tune_epochs, out).warmup_epochs
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3,
+                                         n_warmup_steps=max(1, warmup, settings.tune_epochs // 3))
+    study = optuna.create_study(study_name=name, storage=settings.storage, direction=settings.direction,
+                                pruner=pruner, load_if_exists=True)
+    # TPE's first trials are random draws from its seeded generator: a continued study seeded
+    # like the first session would repeat the first session's trials, so the seed moves on with
+    # the number of trials already run (a new study still uses --seed itself).
+    study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials))
+    return study
 
 
 def _study_exists(name: str, storage: Optional[str]) -> bool:
@@ -144,10 +160,22 @@ def _study_exists(name: str, storage: Optional[str]) -> bool:
     return True
 
 
-def _say_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    shown = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in trial.params.items()}
-    value = "" if trial.value is None else f" {trial.value:.4f}"
-    print(f"trial {trial.number}: {trial.state.name.lower()}{value}  {shown}", flush=True)
+def _trial_printer(metric: str):
+    def say(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """One line per finished trial (Optuna's own log is at WARNING)."""
+        shown = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in trial.params.items()}
+        value = "" if trial.value is None else f" val_{metric} {trial.value:.4f}"
+        print(f"trial {trial.number}: {trial.state.name.lower()}{value}  {shown}", flush=True)
+
+    return say
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _drop_checkpoints(run: Path, keep_best: bool) -> None:
@@ -163,8 +191,11 @@ def _write_summary(study: optuna.Study, base: FinetuneConfig, settings: TuneSett
     files = {"trials": write_csv(out / "trials.csv", study.trials_dataframe())}
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
-        raise TuneError(f"no trial of the study completed ({states}); see {files['trials']} and each trial's "
-                        f"log under {out / 'trials'}")
+        for trial in study.trials:  # no trial's weights are worth keeping
+            _drop_checkpoints(out / "trials" / f"trial_{trial.number:03d}", keep_best=False)
+        raise TuneError(f"no trial completed: all {len(study.trials)} were pruned or failed "
+                        f"({states.get('PRUNED', 0)} pruned, {states.get('FAIL', 0)} failed); see {files['trials']} "
+                        f"and each trial's log.csv under {out / 'trials'}")
     best = study.best_trial
     for trial in study.trials:  # only the best trial's weights are worth their disk space
         if trial.number != best.number:

@@ -15,7 +15,8 @@ from retinafm.cli import main
 from retinafm.config import FinetuneConfig
 from retinafm.files import OutputExistsError
 from retinafm.finetune import FinetuneResult
-from retinafm.hpo import (SELECTION_METRICS, TuneError, TuneSettings, finetune_command, search_space, trial_config,
+from retinafm.hpo import (TuneError, TuneSettings, finetune_command, search_space, selection_metric,
+                          trial_config,
                           tune)
 
 
@@ -110,9 +111,11 @@ def test_the_printed_command_parses_back_to_the_same_settings(tmp_path):
 def test_the_metric_table_matches_the_tasks():
     from retinafm.tasks import MulticlassTask, MultilabelTask, RegressionTask
 
-    assert SELECTION_METRICS == {"multiclass": MulticlassTask.selection_metric,
-                                 "multilabel": MultilabelTask.selection_metric,
-                                 "regression": RegressionTask.selection_metric}
+    assert [selection_metric(t) for t in ("multiclass", "multilabel", "regression")] == [
+        "auroc_macro", "auroc_macro", "r2_macro"]
+    assert MulticlassTask(("a", "b")).selection_metric == selection_metric("multiclass")
+    assert MultilabelTask(("a",)).selection_metric == selection_metric("multilabel")
+    assert RegressionTask(("a",)).selection_metric == selection_metric("regression")
 
 
 def _fake_finetune(scores):

@@ -21,17 +21,14 @@ import pandas as pd
 
 from .config import ConfigError, FinetuneConfig
 from .files import atomic_path, prepare_output_dir, write_csv, write_json
+from .tasks import TASKS
 from .train.loop import NonFiniteLossError
 
-# The validation metric each task's best epoch is chosen by (tasks.*.selection_metric). Kept here,
-# not imported from tasks, because the epoch callback needs it before finetune() returns a result;
-# test_hpo checks it against the task classes.
-SELECTION_METRICS = {"multiclass": "auroc_macro", "multilabel": "auroc_macro", "regression": "r2_macro"}
-
-
 def selection_metric(task: str) -> str:
-    """The validation metric a `task` run picks its best epoch by: the search's objective."""
-    return SELECTION_METRICS[task]
+    """The validation metric a `task` run picks its best epoch by: the search's objective. Read
+    from the task class (a dataclass default), since the epoch callback needs it before
+    finetune() returns its result."""
+    return TASKS[task].selection_metric
 
 
 class TuneError(ValueError):

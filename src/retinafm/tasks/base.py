@@ -31,7 +31,7 @@ class TaskBase:
     def state(self) -> dict[str, Any]:
         """Everything but the output names, as plain types, for the checkpoint's task_state."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)  # type: ignore[arg-type]
-                if f.name not in ("output_names", "name") and f.init}
+                if f.name not in ("output_names", "name")}
 
     def fit(self, train_targets: np.ndarray) -> "TaskBase":
         """The task with what it learns from the training targets (nothing by default)."""
@@ -61,10 +61,24 @@ def masked_mean(per_element: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (per_element * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def float_targets(samples: Sequence[Any], width: int) -> np.ndarray:
-    """(N, width) float array of the samples' target vectors, NaN where unknown."""
-    rows = [s.targets if s.targets is not None else (np.nan,) * width for s in samples]
-    return np.asarray(rows, dtype=np.float64).reshape(len(rows), width)
+class VectorTargetTask(TaskBase):
+    """Tasks whose target is one float per output (0/1 labels or values), NaN where unknown."""
+
+    # Fields holding one float per output; checkpoints give them back as lists.
+    per_output_fields: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in self.per_output_fields:
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+
+    def target_array(self, samples: Sequence[Any]) -> np.ndarray:
+        """(N, outputs) float array of the samples' targets, NaN where unknown."""
+        rows = [s.targets if s.targets is not None else (np.nan,) * self.num_outputs for s in samples]
+        return np.asarray(rows, dtype=np.float64).reshape(len(rows), self.num_outputs)
+
+    def dataset_targets(self, samples: Sequence[Any]) -> list:
+        return [tuple(row) for row in self.target_array(samples)]
 
 
 def _plain(value: Any) -> Any:

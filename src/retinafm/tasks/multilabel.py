@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..evaluate.metrics import multilabel_confusion, multilabel_metrics, youden_thresholds
 from ..evaluate.plots import plot_multilabel_confusion, plot_multilabel_pr, plot_multilabel_roc
-from .base import TaskBase, float_targets, masked_mean
+from .base import VectorTargetTask, masked_mean
 
 
 class MaskedBCEWithLogits(nn.Module):
@@ -41,7 +41,7 @@ class MaskedBCEWithLogits(nn.Module):
 
 
 @dataclass(frozen=True)
-class MultilabelTask(TaskBase):
+class MultilabelTask(VectorTargetTask):
     output_names: tuple[str, ...]
     name: str = "multilabel"
     selection_metric: str = "auroc_macro"
@@ -50,23 +50,13 @@ class MultilabelTask(TaskBase):
     use_pos_weight: bool = False
     pos_weight: Optional[tuple[float, ...]] = None  # negatives/positives per label in train
 
-    def __post_init__(self) -> None:
-        if self.thresholds is not None:
-            object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
-        if self.pos_weight is not None:
-            object.__setattr__(self, "pos_weight", tuple(float(w) for w in self.pos_weight))
+    per_output_fields = ("thresholds", "pos_weight")
 
     @property
     def decision_thresholds(self) -> list[float]:
         if self.thresholds is not None:
             return list(self.thresholds)
         return [0.5 if self.threshold is None else float(self.threshold)] * self.num_outputs
-
-    def target_array(self, samples: Sequence) -> np.ndarray:
-        return float_targets(samples, self.num_outputs)
-
-    def dataset_targets(self, samples: Sequence) -> list:
-        return [tuple(row) for row in self.target_array(samples)]
 
     def fit(self, train_targets: np.ndarray) -> "MultilabelTask":
         positives = np.nansum(train_targets, axis=0)

@@ -19,7 +19,7 @@ import torch.nn as nn
 from ..data.sources import DataSourceError
 from ..evaluate.metrics import regression_metrics
 from ..evaluate.plots import plot_regression_scatter
-from .base import TaskBase, float_targets, masked_mean
+from .base import VectorTargetTask, masked_mean
 
 
 class MaskedRegressionLoss(nn.Module):
@@ -43,7 +43,7 @@ class MaskedRegressionLoss(nn.Module):
 
 
 @dataclass(frozen=True)
-class RegressionTask(TaskBase):
+class RegressionTask(VectorTargetTask):
     output_names: tuple[str, ...]
     name: str = "regression"
     # Best epoch: highest validation macro R² (mean over targets); ties go to the lower loss.
@@ -53,16 +53,7 @@ class RegressionTask(TaskBase):
     mean: Optional[tuple[float, ...]] = None  # train statistics, set by fit()
     std: Optional[tuple[float, ...]] = None
 
-    def __post_init__(self) -> None:
-        for name in ("mean", "std"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
-
-    def target_array(self, samples: Sequence) -> np.ndarray:
-        return float_targets(samples, self.num_outputs)
-
-    def dataset_targets(self, samples: Sequence) -> list:
-        return [tuple(row) for row in self.target_array(samples)]
+    per_output_fields = ("mean", "std")
 
     def fit(self, train_targets: np.ndarray) -> "RegressionTask":
         mean, std = [], []

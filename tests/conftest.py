@@ -30,6 +30,7 @@ def tiny_finetune_config(data: Path, out: Path, **overrides):
         out=str(out), data_path=str(data) if data else None, model="vit_micro_patch8", weights="none", input_size=32,
         epochs=2, warmup_epochs=1, batch_size=16, lr=1e-3, layer_decay=1.0, drop_path=0.0,
         randaug_magnitude=0, reprob=0.0, crop_min_scale=0.5, num_workers=0, device="cpu",
+        bootstrap=0,  # tests that check confidence intervals ask for them
     )
     settings.update(overrides)
     return FinetuneConfig(**settings)
@@ -41,7 +42,7 @@ def trained_run(demo_data, tmp_path_factory) -> Path:
     from retinafm.finetune import finetune
 
     run = tmp_path_factory.mktemp("trained") / "run"
-    finetune(tiny_finetune_config(demo_data, run, epochs=2))
+    finetune(tiny_finetune_config(demo_data, run, epochs=2, bootstrap=200))
     return run
 
 

@@ -74,7 +74,7 @@ def test_unknown_config_key(tmp_path):
 
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "retinafm", "--help"], capture_output=True, text=True, check=True)
-    for verb in ("finetune", "tune", "evaluate", "predict", "models", "demo"):
+    for verb in ("finetune", "tune", "evaluate", "compare", "report", "import", "predict", "models", "demo"):
         assert verb in out.stdout
 
 
@@ -97,3 +97,38 @@ def test_regression_through_the_command_line(regression_manifest, tmp_path):
     assert bad.exit_code == 2 and "has no column(s) ['age'] (--targets)" in bad.output
     bad = run("finetune", *common, "--task", "multilabel", "--out", str(tmp_path / "r3"))
     assert bad.exit_code == 2 and "column 'cup_to_disc' must hold 0 or 1" in bad.output
+
+
+def test_evaluate_compare_and_report_verbs(trained_run, demo_data, tmp_path):
+    import json
+    import shutil
+
+    run_copy = tmp_path / "run"
+    shutil.copytree(trained_run, run_copy)
+    res = run("evaluate", "--checkpoint", str(run_copy / "checkpoint-best.pth"), "--data-path", str(demo_data),
+              "--out", str(tmp_path / "ev"), "--num-workers", "0", "--bootstrap", "100", "--seed", "4")
+    assert res.exit_code == 0, res.output
+    assert "test: 24 images" in res.output and "AUROC" in res.output and "–" in res.output  # value (low–high)
+    metrics = json.loads((tmp_path / "ev" / "metrics_test.json").read_text())
+    assert metrics["bootstrap"]["replicates"] == 100 and metrics["bootstrap"]["seed"] == 4
+    assert (tmp_path / "ev" / "report.html").is_file()
+
+    bad = run("evaluate", "--checkpoint", str(run_copy / "checkpoint-best.pth"), "--data-path", str(demo_data),
+              "--out", str(tmp_path / "ev2"), "--bootstrap", "50")
+    assert bad.exit_code == 2 and "--bootstrap" in bad.output
+
+    # The same checkpoint on the same images: no difference, p = 1.
+    res = run("compare", str(run_copy), str(tmp_path / "ev"), "--out", str(tmp_path / "cmp"), "--bootstrap", "100")
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
+    assert list(table["test"]) == ["paired bootstrap"] + ["DeLong"] * 3
+    assert table["difference"].abs().max() < 1e-9 and (table["p_value"] == 1).all()
+    assert (tmp_path / "cmp" / "forest.png").is_file() and "reference: run" in res.output
+    again = run("compare", str(run_copy), str(tmp_path / "ev"), "--out", str(tmp_path / "cmp"))
+    assert again.exit_code == 2 and "already exists" in again.output
+    missing = run("compare", str(run_copy), str(tmp_path / "ev"), "--on", "val", "--out", str(tmp_path / "c2"))
+    assert missing.exit_code == 2 and "predictions_val.csv" in missing.output
+
+    (run_copy / "report.html").unlink()
+    res = run("report", str(run_copy))
+    assert res.exit_code == 0 and (run_copy / "report.html").is_file()

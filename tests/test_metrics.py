@@ -24,8 +24,10 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from retinafm.evaluate.calibration import expected_calibration_error
 from retinafm.evaluate.metrics import (
     confusion,
+    grade_order_of,
     metrics_to_frame,
     multiclass_metrics,
     multilabel_confusion,
@@ -95,7 +97,7 @@ def test_perfect_predictions(c):
     y = np.arange(6) % c
     m = multiclass_metrics(y, np.eye(c)[y], [f"k{i}" for i in range(c)])
     for key, value in m.items():
-        assert value == (6.0 if key == "n" else 1.0), key
+        assert value == (6.0 if key == "n" else 0.0 if key == "ece" else 1.0), key
 
 
 def test_absent_class_is_nan_with_a_warning_not_a_crash():
@@ -140,7 +142,7 @@ def test_values_are_plain_json_floats_and_names_kept():
         m = multiclass_metrics(y, p, ["a b", "c-d", "e/f"])
     assert all(type(v) is float for v in m.values())
     expected = {"n", "accuracy", "balanced_accuracy", "auroc_macro", "auprc_macro", "f1_macro",
-                "sensitivity_macro", "specificity_macro", "kappa", "mcc"}
+                "sensitivity_macro", "specificity_macro", "kappa", "mcc", "ece"}
     expected |= {f"{metric}_{name}" for metric in ("auroc", "auprc", "sensitivity", "specificity")
                  for name in ("a b", "c-d", "e/f")}
     assert set(m) == expected
@@ -151,8 +153,9 @@ def test_values_are_plain_json_floats_and_names_kept():
 def test_metrics_to_frame():
     m = multiclass_metrics(*_data(40, 2), ["a", "b"])
     frame = metrics_to_frame(m)
-    assert list(frame.columns) == ["metric", "value"]
+    assert list(frame.columns) == ["metric", "value", "ci_low", "ci_high"]
     assert frame["metric"].tolist() == list(m) and frame["value"].tolist() == list(m.values())
+    assert frame["ci_low"].isna().all()
 
 
 def test_confusion_keeps_absent_classes():
@@ -214,8 +217,8 @@ def test_multilabel_metrics_match_sklearn():
 def test_multilabel_keys_order_and_types():
     y, p = _ml_data(80)
     m = multilabel_metrics(y, p, LABELS)
-    macro = ["auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "kappa"]
-    assert list(m)[:8] == ["n"] + [f"{k}_macro" for k in macro]
+    macro = ["auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "kappa", "ece"]
+    assert list(m)[:9] == ["n"] + [f"{k}_macro" for k in macro]
     assert set(m) == {"n"} | {f"{k}_macro" for k in macro} | {
         f"{k}_{name}" for k in macro + ["threshold", "n", "prevalence"] for name in LABELS}
     assert all(type(v) is float for v in m.values())
@@ -401,3 +404,55 @@ def test_regression_degenerate_target_is_nan_with_a_warning(column, prediction, 
 def test_regression_unusable_inputs_are_clear_errors(y, p, match):
     with pytest.raises(ValueError, match=match):
         regression_metrics(y, p, TARGETS)
+
+
+def test_grade_order_of_numbered_class_names():
+    assert grade_order_of(["0", "1", "2", "3", "4"]) == [0, 1, 2, 3, 4]
+    assert grade_order_of(["DR0", "DR1", "DR2"]) == [0, 1, 2]
+    assert grade_order_of(["1_mild", "0_none", "2_severe"]) == [1, 0, 2]  # lowest grade first
+    # Sorted as text, grade 10 comes before grade 2; the order follows the numbers.
+    names = [f"grade_{i}" for i in sorted(range(11), key=str)]
+    assert [names[i] for i in grade_order_of(names)] == [f"grade_{i}" for i in range(11)]
+    assert grade_order_of(["normal", "glaucoma", "dr"]) is None
+    assert grade_order_of(["0", "1"]) is None  # binary: quadratic kappa is the unweighted one
+    assert grade_order_of(["grade_1", "grade_3", "grade_4"]) is None  # not consecutive
+
+
+def test_quadratic_kappa_follows_the_grade_order_not_the_class_index():
+    rng = np.random.default_rng(0)
+    grades = rng.integers(0, 5, 300)
+    predicted = np.clip(grades + rng.integers(-1, 2, 300), 0, 4)
+    names = ["grade_0", "grade_1", "grade_10", "grade_2", "grade_3"]  # class index order of sorted text
+    grade_of_class = [0, 1, 4, 2, 3]  # "grade_10" is the fifth grade here
+    class_of_grade = np.argsort(grade_of_class)
+    y, pred = class_of_grade[grades], class_of_grade[predicted]
+    probs = np.eye(5)[pred] * 0.8 + 0.04
+    ordered = multiclass_metrics(y, probs, names, grade_order=class_of_grade.tolist())
+    assert ordered["quadratic_kappa"] == pytest.approx(cohen_kappa_score(grades, predicted, weights="quadratic"))
+    assert ordered["kappa"] == pytest.approx(cohen_kappa_score(grades, predicted))
+    assert ordered["quadratic_kappa"] > ordered["kappa"]  # near misses count as partly right
+    assert "quadratic_kappa" not in multiclass_metrics(y, probs, names)
+    with pytest.raises(ValueError, match="grade order"):
+        multiclass_metrics(y, probs, names, grade_order=[0, 1, 2])
+
+
+def test_expected_calibration_error_is_reported():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 200)
+    probs = rng.dirichlet(np.ones(3), 200)
+    m = multiclass_metrics(y, probs, ["a", "b", "c"])
+    correct = (probs.argmax(1) == y).astype(float)
+    assert m["ece"] == pytest.approx(expected_calibration_error(correct, probs.max(1)))
+    targets = rng.integers(0, 2, (200, 2)).astype(float)
+    targets[0, 1] = np.nan
+    p = rng.random((200, 2))
+    ml = multilabel_metrics(targets, p, ["x", "y"])
+    assert ml["ece_y"] == pytest.approx(expected_calibration_error(targets[1:, 1], p[1:, 1]))
+    assert ml["ece_macro"] == pytest.approx((ml["ece_x"] + ml["ece_y"]) / 2)
+
+
+def test_metrics_frame_puts_intervals_beside_values():
+    frame = metrics_to_frame({"n": 10.0, "auroc_macro": 0.9}, {"auroc_macro": (0.8, 0.95)})
+    assert list(frame.columns) == ["metric", "value", "ci_low", "ci_high"]
+    assert frame.iloc[1].tolist() == ["auroc_macro", 0.9, 0.8, 0.95]
+    assert np.isnan(frame.iloc[0]["ci_low"])

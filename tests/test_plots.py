@@ -182,3 +182,116 @@ def test_training_curves_for_regression_clip_very_negative_r2(tmp_path, monkeypa
     log["val_r2_macro"] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]  # nothing to clip: the usual 0–1 scale, no note
     plot_training_curves(log, tmp_path / "curves.png")
     assert seen["ylim"][0] == pytest.approx(-0.02) and seen["labels"] == ["R² (macro)", "Pearson r (macro)"]
+
+
+# --- macro averages, calibration, forest ---------------------------------------------------------
+
+
+def _spy(monkeypatch) -> dict:
+    """Capture the first axes' legend labels, title and texts of the next figure saved."""
+    seen: dict = {}
+    save = plots._save
+
+    def spy(fig, path):
+        ax = fig.axes[0]
+        seen.update(labels=ax.get_legend_handles_labels()[1], title=ax.get_title(), xlabel=ax.get_xlabel(),
+                    texts=[t.get_text() for t in ax.texts], axes=len(fig.axes))
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    return seen
+
+
+def _tied(c: int, n: int, seed: int):
+    """Noisy predictions rounded to 1 decimal: many tied scores, i.e. vertical/diagonal ROC jumps."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    p = np.round(rng.dirichlet(np.ones(c), n) + 0.4 * np.eye(c)[y], 1) + 0.05
+    return y, p / p.sum(1, keepdims=True)  # rows with one rounded vector tie in every column
+
+
+@pytest.mark.parametrize("c, seed", [(3, 0), (5, 1), (4, 2)])
+def test_macro_roc_area_is_sklearns_macro_auroc(c, seed):
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y, p = _tied(c, 150, seed)
+    fpr, tpr, area = plots.macro_roc([roc_curve(y == k, p[:, k])[:2] for k in range(c)])
+    assert area == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"), abs=1e-6)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= -1e-12)  # a proper ROC curve
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("c, seed", [(3, 0), (5, 1)])
+def test_macro_pr_area_is_the_mean_average_precision(c, seed):
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    y, p = _tied(c, 150, seed)
+    curves = [precision_recall_curve(y == k, p[:, k])[1::-1] for k in range(c)]  # (recall, precision)
+    recall, precision, ap = plots.macro_pr(curves)
+    assert ap == pytest.approx(np.mean([average_precision_score(y == k, p[:, k]) for k in range(c)]), abs=1e-9)
+    assert np.all(np.diff(recall) > 0) and recall[0] == 0 and recall[-1] == 1 and len(precision) == len(recall)
+
+
+def test_roc_and_pr_legends_carry_the_macro_average(tmp_path, monkeypatch):
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    seen = _spy(monkeypatch)
+    y, p = _predictions(4)
+    names = list("abcd")
+    plot_roc(y, p, names, tmp_path / "roc.png")
+    aucs = [roc_auc_score(y == k, p[:, k]) for k in range(4)]
+    assert seen["labels"][-2:] == [f"macro (AUC {np.mean(aucs):.3f})", "chance"]
+    plot_pr(y, p, names, tmp_path / "pr.png")
+    aps = [average_precision_score(y == k, p[:, k]) for k in range(4)]
+    assert seen["labels"][-1] == f"macro (AP {np.mean(aps):.3f})"
+
+    y, p = _predictions(2)
+    plot_roc(y, p, ["neg", "pos"], tmp_path / "binary.png")  # binary: the positive class only
+    assert [label.split(" (")[0] for label in seen["labels"]] == ["pos", "chance"]
+
+
+def test_multilabel_macro_skips_undefined_labels(tmp_path, monkeypatch):
+    from sklearn.metrics import roc_auc_score
+
+    seen = _spy(monkeypatch)
+    y, p = _multilabel(labels=4)
+    y[:, 3] = np.nan  # never known: no curve, not in the macro
+    plot_multilabel_roc(y, p, list("abcd"), tmp_path / "roc.png")
+    aucs = [roc_auc_score(*[a[~np.isnan(y[:, i])] for a in (y[:, i], p[:, i])]) for i in range(3)]
+    assert f"macro (AUC {np.mean(aucs):.3f})" in seen["labels"]
+    assert "d: no rows with a known target, no curve" in seen["labels"]
+    plot_multilabel_pr(y[:, :1], p[:, :1], ["a"], tmp_path / "pr.png")  # one label: no macro
+    assert not any(label.startswith("macro") for label in seen["labels"])
+
+
+def test_plot_calibration(tmp_path, monkeypatch):
+    from retinafm.evaluate.calibration import expected_calibration_error
+
+    seen = _spy(monkeypatch)
+    y, p = _predictions(3)
+    correct = (p.argmax(1) == y).astype(float)
+    unknown = np.full(len(y), np.nan)
+    path = plots.plot_calibration([("top label", correct, p.max(1)), ("<b>x</b>", unknown, p[:, 0])],
+                                  tmp_path / "plots" / "calibration.png")
+    _assert_png(path)
+    assert seen["title"] == "Calibration (reliability)" and seen["axes"] == 2  # diagram + histogram
+    assert seen["labels"] == ["perfectly calibrated",
+                              f"top label (ECE {expected_calibration_error(correct, p.max(1)):.3f})",
+                              "<b>x</b>: no rows with a known outcome"]
+    assert [x.name for x in path.parent.iterdir()] == ["calibration.png"]
+
+
+def test_plot_forest(tmp_path, monkeypatch):
+    seen = _spy(monkeypatch)
+    rows = [
+        {"label": "model B vs A — task X", "difference": 0.031, "ci_low": 0.012, "ci_high": 0.05, "p_value": 0.0004},
+        {"label": "model C vs A — task X", "difference": -0.01, "ci_low": -0.04, "ci_high": 0.02, "p_value": 0.47},
+        {"label": "model D vs A — task Y", "difference": float("nan"), "ci_low": float("nan"),
+         "ci_high": float("nan"), "p_value": float("nan")},
+    ]
+    _assert_png(plots.plot_forest(rows, tmp_path / "forest.png", metric="auroc_macro", reference="A"), min_side=150)
+    assert seen["xlabel"] == "difference in auroc_macro (vs A)"
+    assert {"p<0.001", "p=0.470", "+0.031 (+0.012, +0.050)", "n/a"} <= set(seen["texts"])
+    assert seen["texts"].count("n/a") == 3  # marker, difference and p of the NaN row
+
+    _assert_png(plots.plot_forest([], tmp_path / "empty.png", metric="r2_macro", reference="A"), min_side=100)

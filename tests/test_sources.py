@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from retinafm.data.sources import DataSourceError, load_folder, load_labelled, load_manifest
+from retinafm.data.sources import DataSourceError, load_folder, load_labelled, load_manifest, parse_label_map
 
 
 def _img(path: Path) -> Path:
@@ -162,3 +162,35 @@ def test_regression_manifest_numbers_and_auto_split(tmp_path):
 def test_tasks_other_than_multiclass_need_a_manifest(tmp_path):
     with pytest.raises(DataSourceError, match="--task regression needs a --manifest"):
         load_labelled(data_path=str(tmp_path), task="regression")
+
+
+def test_parse_label_map():
+    assert parse_label_map("no_dr=normal, mild=dr,moderate=dr") == {"no_dr": "normal", "mild": "dr", "moderate": "dr"}
+    assert parse_label_map(None) == {} and parse_label_map("") == {}
+    for bad in ("no_dr", "=normal", "a=", "a=b,a=c"):
+        with pytest.raises(DataSourceError, match="--label-map"):
+            parse_label_map(bad)
+
+
+def test_label_map_renames_and_merges_an_external_sets_classes(tmp_path):
+    root = _tree(tmp_path / "ext", {"test": {"none": 2, "mild": 1, "moderate": 1}})
+    data = load_folder(root, class_names=["normal", "dr"], label_map={"none": "normal", "mild": "dr", "moderate": "dr"})
+    assert sorted(data.class_names[s.label] for s in data.split("test")) == ["dr", "dr", "normal", "normal"]
+    with pytest.raises(DataSourceError, match="'moderate'.*--label-map moderate=<model class>"):
+        load_folder(root, class_names=["normal", "dr"], label_map={"none": "normal", "mild": "dr"})
+    with pytest.raises(DataSourceError, match=r"--label-map names \['severe'\].*mild, moderate, none"):
+        load_folder(root, class_names=["normal", "dr"], label_map={"severe": "dr"})
+    csv = _write_manifest(tmp_path, "path,split,label\na.png,test,none\nb.png,test,mild\n")
+    data = load_manifest(csv, class_names=["normal", "dr"], label_map={"none": "normal", "mild": "dr"})
+    assert [data.class_names[s.label] for s in data.samples] == ["normal", "dr"]
+    with pytest.raises(DataSourceError, match="--label-map mild=<model class>"):
+        load_manifest(csv, class_names=["normal", "dr"], label_map={"none": "normal"})
+
+
+def test_external_manifest_columns_renamed_and_absent_ones_unknown(tmp_path):
+    csv = _write_manifest(tmp_path, "path,split,DRUSEN\na.png,test,1\nb.png,test,0\n")
+    data = load_manifest(csv, task="multilabel", class_names=["drusen", "srf"], label_map={"DRUSEN": "drusen"},
+                         absent_unknown=True)
+    assert data.samples[0].targets[0] == 1.0 and np.isnan(data.samples[0].targets[1])
+    with pytest.raises(DataSourceError, match=r"no column\(s\) \['srf'\]"):
+        load_manifest(csv, task="multilabel", class_names=["drusen", "srf"], label_map={"DRUSEN": "drusen"})

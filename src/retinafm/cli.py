@@ -136,6 +136,11 @@ def finetune_options(command: Callable) -> Callable:
                      help="multilabel: weight each label's positives by its negative/positive ratio in train."),
         click.option("--threshold", default=D.threshold, show_default=True,
                      help="multilabel decision threshold, or 'youden' for per-label thresholds chosen on val."),
+        click.option("--ordinal", is_flag=True,
+                     help="multiclass: the classes are ordered grades (adds quadratic-weighted kappa); classes "
+                          "named with grade numbers (0..4, DR0.., 0_none..) are detected without it."),
+        click.option("--bootstrap", type=int, default=D.bootstrap, show_default=True,
+                     help="Bootstrap replicates for the test metrics' 95% CIs (patient-level with patient_id); 0: none."),
         click.option("--epochs", type=int, default=D.epochs, show_default=True),
         click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Per process."),
         click.option("--accum-iter", type=int, default=D.accum_iter, show_default=True),
@@ -210,27 +215,103 @@ def tune_cmd(resume: str | None, trials: int, tune_epochs: int, direction: str, 
 
 
 @main.command("evaluate")
-@click.option("--checkpoint", required=True, type=click.Path(), help="A run's checkpoint-best.pth.")
-@click.option("--data-path", type=click.Path(), help="Labelled folder.")
+@click.option("--checkpoint", required=True, type=click.Path(), help="A run's checkpoint-best.pth (or an imported one).")
+@click.option("--data-path", type=click.Path(), help="Labelled folder (its own test split, or an external set).")
 @click.option("--manifest", type=click.Path(), help="Labelled CSV manifest.")
 @click.option("--split", "split_name", default="test", show_default=True, help="Which split to evaluate.")
-@click.option("--out", required=True, type=click.Path(), help="Folder for metrics, predictions and plots.")
+@click.option("--out", required=True, type=click.Path(), help="Folder for metrics, predictions, plots and report.html.")
+@click.option("--label-map", default=None,
+              help="External sets: rename their classes (or columns) to the model's, data=model,... e.g. "
+                   "'no_dr=normal,mild=dr,moderate=dr' (several may merge into one).")
+@click.option("--ordinal", is_flag=True, help="Treat the classes as ordered grades (quadratic-weighted kappa).")
+@click.option("--bootstrap", type=int, default=1000, show_default=True,
+              help="Bootstrap replicates for 95% CIs (patient-level when the manifest has patient_id); 0: none.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--num-workers", type=int, default=2, show_default=True)
 @click.option("--overwrite", is_flag=True)
 def evaluate_cmd(checkpoint: str, data_path: str | None, manifest: str | None, split_name: str, out: str,
-                 batch_size: int, device: str, num_workers: int, overwrite: bool) -> None:
-    """Metrics (AUROC, AUPRC, accuracy, sensitivity, specificity, F1, kappa, MCC) and plots."""
+                 label_map: str | None, ordinal: bool, bootstrap: int, seed: int, batch_size: int, device: str,
+                 num_workers: int, overwrite: bool) -> None:
+    """Metrics with 95% CIs (AUROC, AUPRC, accuracy, sensitivity, specificity, F1, kappa, MCC, ECE),
+    predictions, plots and report.html — on the run's test split or an external data set."""
+    from .data.sources import parse_label_map
     from .evaluate.evaluation import evaluate_checkpoint
 
     if bool(data_path) == bool(manifest):
         raise click.UsageError("give exactly one of --data-path or --manifest")
     ev = _run(lambda: evaluate_checkpoint(checkpoint, out, data_path=data_path, manifest=manifest, split=split_name,
-                                          batch_size=batch_size, device=device, num_workers=num_workers,
+                                          label_map=parse_label_map(label_map), ordinal=ordinal, bootstrap=bootstrap,
+                                          seed=seed, batch_size=batch_size, device=device, num_workers=num_workers,
                                           overwrite=overwrite))
-    click.echo(f"{split_name}: {len(ev.paths)} images  {ev.task.summary(ev.metrics)}")
+    click.echo(f"{split_name}: {len(ev.paths)} images  {ev.task.summary(ev.metrics, ev.ci)}")
+    if ev.notes.get("absent_classes"):
+        click.echo(f"not in this set (metrics undefined): {', '.join(ev.notes['absent_classes'])}")
+    click.echo(f"written to {out} (open {Path(out) / 'report.html'})")
+
+
+@main.command("compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--on", "split_name", default="test", show_default=True, help="Which split's predictions to compare.")
+@click.option("--out", default="comparison", show_default=True, type=click.Path(),
+              help="Folder for comparison.csv/.json and forest.png.")
+@click.option("--metric", default=None, help="Headline metric (default: the task's, e.g. auroc_macro or r2_macro).")
+@click.option("--bootstrap", type=int, default=1000, show_default=True, help="Paired bootstrap replicates.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def compare_cmd(runs: tuple[str, ...], split_name: str, out: str, metric: str | None, bootstrap: int, seed: int,
+                overwrite: bool) -> None:
+    """Paired comparison of RUNS (the first is the reference) on the same images: metric difference
+    with a paired bootstrap CI and p-value, DeLong's test per ROC curve; give folders of runs (one
+    sub-folder per task) for a Wilcoxon signed-rank test across tasks."""
+    from .compare import compare_runs
+
+    result = _run(lambda: compare_runs(runs, out, split=split_name, metric=metric, bootstrap=bootstrap, seed=seed,
+                                       overwrite=overwrite))
+    table = result.table()
+    shown = table[["task", "model", "metric", "reference_value", "model_value", "difference", "ci_low", "ci_high",
+                   "p_value", "test"]]
+    if not shown["task"].any():
+        shown = shown.drop(columns="task")
+    click.echo(f"reference: {table['reference'].iloc[0]}")
+    click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    for entry in result.wilcoxon:
+        click.echo(f"Wilcoxon signed-rank over {entry['tasks']} tasks, {entry['model']} vs {entry['reference']} "
+                   f"({entry['metric']}): better on {entry['model_better']}, p = {entry['p_value']:.4g}"
+                   + (f"  ({entry['note']})" if entry.get("note") else ""))
     click.echo(f"written to {out}")
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--split", "split_name", default="test", show_default=True)
+def report_cmd(run_dir: str, split_name: str) -> None:
+    """(Re)write RUN_DIR/report.html: one self-contained page with data, settings, curves, metrics
+    with CIs, figures and the most confident errors."""
+    from .evaluate.report import write_report
+
+    path = _run(lambda: write_report(run_dir, split_name))
+    click.echo(f"report: {path}")
+
+
+@main.command("import")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--from", "source", type=click.Choice(["retfound"]), required=True,
+              help="Which codebase fine-tuned the checkpoint.")
+@click.option("--classes", required=True,
+              help="Class names in the order of the head's outputs (RETFound: sorted folder names), comma-separated.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="retinafm checkpoint to write.")
+@click.option("--overwrite", is_flag=True)
+def import_cmd(checkpoint: str, source: str, classes: str, out: str, overwrite: bool) -> None:
+    """Turn a model fine-tuned elsewhere (RETFound's main_finetune.py) into a retinafm checkpoint
+    with the identical forward, for `evaluate`, `predict` and `compare`."""
+    from .convert import import_retfound
+
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    result = _run(lambda: import_retfound(checkpoint, names, out, overwrite=overwrite))
+    click.echo(f"imported {result.model_name} ({result.arch}, {len(result.class_names)} classes: "
+               f"{', '.join(result.class_names)}; input {result.input_size}px) to {result.out}")
 
 
 @main.command("predict")

@@ -44,6 +44,8 @@ class FinetuneConfig:
     huber_beta: float = 1.0
     pos_weight: bool = False  # multilabel: weight each label's positives by negatives/positives in train
     threshold: str = "0.5"  # multilabel decision threshold: a number in (0, 1) or "youden" (chosen on val)
+    ordinal: bool = False  # multiclass: the classes are ordered grades (adds quadratic-weighted kappa)
+    bootstrap: int = 1000  # bootstrap replicates for the test metrics' 95% CIs; 0: none
     epochs: int = 50
     batch_size: int = 16
     accum_iter: int = 1
@@ -101,6 +103,11 @@ class FinetuneConfig:
         self.threshold_value()
         if str(self.threshold) != "0.5" and self.task != "multilabel":
             raise ConfigError("--threshold applies to --task multilabel")
+        if self.ordinal and self.task != "multiclass":
+            raise ConfigError("--ordinal applies to --task multiclass (graded classes such as DR 0-4)")
+        if self.bootstrap < 0 or 0 < self.bootstrap < 100:
+            raise ConfigError(f"--bootstrap must be 0 (no confidence intervals) or at least 100 replicates, "
+                              f"got {self.bootstrap}")
         if (self.mixup > 0 or self.cutmix > 0) and self.task != "multiclass":
             raise ConfigError("--mixup/--cutmix apply to --task multiclass only")
         if self.global_pool not in (None, "avg", "token"):

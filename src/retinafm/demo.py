@@ -82,6 +82,10 @@ def _prepare(out: Path, overwrite: bool) -> None:
     write_text(out / MARKER, "written by `retinafm demo`\n")
 
 
+def _ci_text(ci: Optional[tuple[float, float]]) -> str:
+    return f" (95% CI {ci[0]:.4f}–{ci[1]:.4f})" if ci else ""
+
+
 def run_demo(out: Path, epochs: Optional[int] = None, overwrite: bool = False) -> DemoSummary:
     from .data.synthetic import write_demo_dataset
     from .evaluate.evaluation import evaluate_checkpoint
@@ -124,9 +128,11 @@ def run_demo(out: Path, epochs: Optional[int] = None, overwrite: bool = False) -
 Demo finished in {elapsed / 60:.1f} min.
   data set           {out / 'data'}  (train/val/test/<class>/*.png)
   run directory      {run_dir}
-                     config.yaml, log.csv, checkpoint-best.pth, checkpoint-last.pth,
-                     metrics_test.json/.csv, predictions_test.csv, plots/*.png
+                     config.yaml, data_summary.csv, log.csv, checkpoint-best.pth, checkpoint-last.pth,
+                     metrics_test.json/.csv (with 95% CIs), predictions_test.csv, plots/*.png
+  report             {run_dir / 'report.html'}  (open it in a browser)
   evaluation         {out / 'evaluation'}
   predictions        {out / 'predictions.csv'}  ({len(pred.predictions)} images)
-Held-out test macro AUROC: {auroc:.4f}  ({'meets' if passed else 'BELOW'} the {AUROC_TARGET} target)""", flush=True)
+Held-out test macro AUROC: {auroc:.4f}{_ci_text(ev.ci.get("auroc_macro"))}  \
+({'meets' if passed else 'BELOW'} the {AUROC_TARGET} target)""", flush=True)
     return DemoSummary(out, auroc, passed, elapsed)

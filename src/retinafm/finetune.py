@@ -1,8 +1,8 @@
 """`retinafm finetune`: a pretrained backbone + a task head, trained RETFound's way.
 
-Writes the run directory: config.yaml, log.csv, checkpoint-best.pth, checkpoint-last.pth,
-metrics_test.json/.csv, predictions_test.csv, plots/*.png (and split.csv, skipped.csv when
-they apply).
+Writes the run directory: config.yaml, data_summary.csv, log.csv, checkpoint-best.pth,
+checkpoint-last.pth, metrics_test.json/.csv (with bootstrap CIs), predictions_test.csv,
+plots/*.png, report.html (and split.csv, skipped.csv when they apply).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from .data.sources import DataSourceError, LabelledData, load_labelled
 from .data.transforms import AugmentSettings, eval_transform, train_transform
 from .evaluate.evaluation import evaluate_samples, write_evaluation
 from .evaluate.plots import plot_training_curves
+from .evaluate.report import write_report
 from .files import prepare_output_dir, write_csv, write_yaml
 from .models.heads import HeadSettings, init_head
 from .models.registry import ModelSpec, create_model, get_spec
@@ -104,7 +105,9 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
                                              "class_names": list(data.class_names)})
         if data.auto_split:
             write_csv(run_dir / "split.csv", data.table())
-        _say(f"data: {data.source}\n{data.counts().to_string()}")
+        counts = data.counts()
+        write_csv(run_dir / "data_summary.csv", counts.reset_index())
+        _say(f"data: {data.source}\n{counts.to_string()}")
 
     model = create_model(spec, task.num_outputs, input_size=input_size, drop_path=cfg.drop_path,
                          global_pool=cfg.global_pool, head=head)
@@ -213,6 +216,9 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
     elif evaluate_test:
         _say("no test split: skipping the test evaluation")
     _write_skipped(run_dir, skip_log, result)
+    if evaluate_test and dist_utils.is_primary():
+        result.files["report"] = write_report(run_dir, "test")
+        _say(f"report: {result.files['report']}")
     return result
 
 
@@ -240,12 +246,14 @@ def _evaluate_best(model, samples, transform, device, cfg: FinetuneConfig, run_d
     best_state = load_checkpoint(run_dir / "checkpoint-best.pth")
     model.load_state_dict(best_state["model"], strict=True)
     task = task_of(meta_of(best_state))
+    if cfg.bootstrap and dist_utils.is_primary():
+        _say(f"test metrics: {cfg.bootstrap} bootstrap replicates for the 95% confidence intervals")
     test = evaluate_samples(model, task, samples, transform, device, split="test", batch_size=cfg.batch_size,
-                            num_workers=cfg.num_workers)
+                            num_workers=cfg.num_workers, bootstrap=cfg.bootstrap, seed=cfg.seed)
     skip_log.add(test.skipped)
     if dist_utils.is_primary():
         result.files.update(write_evaluation(run_dir, task, test))
-        _say(f"test ({len(test.paths)} images, best epoch {result.best_epoch + 1}): {task.summary(test.metrics)}")
+        _say(f"test ({len(test.paths)} images, best epoch {result.best_epoch + 1}): {task.summary(test.metrics, test.ci)}")
     return test.metrics
 
 

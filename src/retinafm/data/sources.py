@@ -91,13 +91,18 @@ def load_folder(
     seed: int = 0,
     class_names: Optional[Sequence[str]] = None,
     flat_split: str = "test",
+    label_map: Optional[dict[str, str]] = None,
 ) -> LabelledData:
     """Read DATA/{train,val,test}/<class>/ (or DATA/<class>/ with `split_ratios`).
 
     With `class_names` (a checkpoint's, for evaluation) no train split is needed, and a folder of
-    class folders without splits is read as the split `flat_split`.
+    class folders without splits is read as the split `flat_split`. `label_map` renames the
+    folder's classes to the model's (several may map to one, merging them).
     """
     root = Path(root)
+    if label_map:
+        folders = {d.name for split in [root, *(root / s for s in SPLITS)] if split.is_dir() for d in _class_dirs(split)}
+        _check_label_map(label_map, folders, f"--data-path {root}", "class folders")
     if not root.is_dir():
         raise DataSourceError(f"--data-path {root} is not a folder")
     split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
@@ -107,9 +112,9 @@ def load_folder(
                 f"{root} already has split folders ({', '.join(d.name for d in split_dirs)}); "
                 "drop --split or point --data-path at a folder of class folders."
             )
-        return _load_split_folders(root, class_names)
+        return _load_split_folders(root, class_names, label_map or {})
     if class_names is not None:
-        return _load_class_folders(root, list(class_names), flat_split)
+        return _load_class_folders(root, list(class_names), flat_split, label_map or {})
     if not split_ratios:
         raise DataSourceError(
             f"{root} has no train/val/test folders. Arrange it as {root}/train/<class>/..., "
@@ -131,7 +136,9 @@ def load_folder(
     return LabelledData(samples, class_names, auto_split=True, source=str(root))
 
 
-def _load_split_folders(root: Path, fixed_classes: Optional[Sequence[str]] = None) -> LabelledData:
+def _load_split_folders(root: Path, fixed_classes: Optional[Sequence[str]] = None,
+                        label_map: Optional[dict[str, str]] = None) -> LabelledData:
+    label_map = label_map or {}
     if fixed_classes is None:
         if not (root / "train").is_dir():
             raise DataSourceError(f"{root} has split folders but no train/ folder")
@@ -146,11 +153,11 @@ def _load_split_folders(root: Path, fixed_classes: Optional[Sequence[str]] = Non
         split_dir = root / split
         if not split_dir.is_dir():
             continue
+        if fixed_classes is not None:
+            _check_known(_class_dirs(split_dir), split_dir, class_names, label_map)
         for d in _class_dirs(split_dir):
-            if d.name not in index:
-                if fixed_classes is not None:
-                    raise DataSourceError(
-                        f"class {d.name!r} in {split_dir} is not among the model's classes {class_names}")
+            name = label_map.get(d.name, d.name)
+            if name not in index:
                 raise DataSourceError(
                     f"class {d.name!r} is in {split_dir} but not in {root / 'train'}; "
                     "every class must have training images (or remove that folder)."
@@ -158,19 +165,18 @@ def _load_split_folders(root: Path, fixed_classes: Optional[Sequence[str]] = Non
             images = list_images(d)
             if not images and split == "train":
                 raise DataSourceError(f"class folder {d} has no image files")
-            samples += [Sample(str(p), index[d.name], split) for p in images]
+            samples += [Sample(str(p), index[name], split) for p in images]
     if fixed_classes is None and not any(s.split == "train" for s in samples):
         raise DataSourceError(f"{root / 'train'} holds no image files")
     return LabelledData(samples, class_names, source=str(root))
 
 
-def _load_class_folders(root: Path, class_names: list[str], split: str) -> LabelledData:
+def _load_class_folders(root: Path, class_names: list[str], split: str, label_map: dict[str, str]) -> LabelledData:
     index = {name: i for i, name in enumerate(class_names)}
     samples: list[Sample] = []
+    _check_known(_class_dirs(root), root, class_names, label_map)
     for d in _class_dirs(root):
-        if d.name not in index:
-            raise DataSourceError(f"class {d.name!r} in {root} is not among the model's classes {class_names}")
-        samples += [Sample(str(p), index[d.name], split) for p in list_images(d)]
+        samples += [Sample(str(p), index[label_map.get(d.name, d.name)], split) for p in list_images(d)]
     if not samples:
         raise DataSourceError(f"{root} has no class folders with images (expected {root}/<class>/<image>)")
     return LabelledData(samples, class_names, source=str(root))
@@ -182,6 +188,8 @@ def load_manifest(
     seed: int = 0,
     class_names: Optional[Sequence[str]] = None,
     task: str = "multiclass",
+    label_map: Optional[dict[str, str]] = None,
+    absent_unknown: bool = False,
 ) -> LabelledData:
     """Read a manifest CSV: path, (split | automatic --split) [, patient_id] and the task's columns.
 
@@ -189,16 +197,28 @@ def load_manifest(
     `class_names` fixes them (as a checkpoint does at evaluation). multilabel / regression:
     `class_names` names the 0/1 label or numeric target columns (None: every column that is not
     path, split, patient_id or label). Paths are relative to the CSV's folder unless absolute.
+
+    External evaluation: `label_map` renames the manifest's labels (multiclass) or columns to the
+    model's; with `absent_unknown`, a model column the manifest lacks is unknown for every row.
     """
     csv_path = Path(csv_path)
     frame = _read_manifest(csv_path, split_ratios, task)
+    if label_map:
+        if task == "multiclass":
+            _check_label_map(label_map, set(frame["label"]), f"--manifest {csv_path}", "labels")
+            frame["label"] = frame["label"].replace(label_map)
+        else:
+            _check_label_map(label_map, set(frame.columns) - set(RESERVED_COLUMNS), f"--manifest {csv_path}", "columns")
+            frame = frame.rename(columns=label_map)
     if task == "multiclass":
         names, labels = _class_labels(frame, csv_path, split_ratios, class_names)
         strata: list = labels
         targets: list = [None] * len(frame)
     else:
-        names = _target_columns(frame, csv_path, class_names, task)
-        values = _target_values(frame, csv_path, names, task)
+        names = _target_columns(frame, csv_path, class_names, task, absent_unknown)
+        absent = [c for c in names if c not in frame.columns]
+        frame = frame.assign(**{c: np.nan for c in absent})  # unknown for every row
+        values = _target_values(frame, csv_path, names, task, may_be_empty=absent)
         labels, targets = [None] * len(frame), [tuple(row) for row in values]
         strata = _strata(values, task)
     patient = frame["patient_id"] if "patient_id" in frame.columns else None
@@ -252,7 +272,8 @@ def _class_labels(frame: pd.DataFrame, csv_path: Path, split_ratios: Optional[st
         raise DataSourceError(f"--manifest {csv_path} has no training rows")
     unknown = sorted(set(frame["label"]) - set(names))
     if unknown and class_names:
-        raise DataSourceError(f"--manifest {csv_path}: label(s) {unknown} are not among the model's classes {names}")
+        raise DataSourceError(f"--manifest {csv_path}: label(s) {unknown} are not among the model's classes {names}; "
+                              f"map them with --label-map {unknown[0]}=<model class>,...")
     if unknown:
         raise DataSourceError(
             f"--manifest {csv_path}: label(s) {unknown} do not appear in the train split; "
@@ -262,12 +283,13 @@ def _class_labels(frame: pd.DataFrame, csv_path: Path, split_ratios: Optional[st
     return names, [index[x] for x in frame["label"]]
 
 
-def _target_columns(frame: pd.DataFrame, csv_path: Path, columns: Optional[Sequence[str]], task: str) -> list[str]:
+def _target_columns(frame: pd.DataFrame, csv_path: Path, columns: Optional[Sequence[str]], task: str,
+                    absent_unknown: bool = False) -> list[str]:
     flag = "--labels" if task == "multilabel" else "--targets"
     if columns:
         names = list(columns)
         absent = [c for c in names if c not in frame.columns]
-        if absent:
+        if absent and not absent_unknown:
             raise DataSourceError(f"--manifest {csv_path} has no column(s) {absent} ({flag}); "
                                   f"it has {', '.join(frame.columns)}")
         reserved = [c for c in names if c in RESERVED_COLUMNS]
@@ -281,7 +303,8 @@ def _target_columns(frame: pd.DataFrame, csv_path: Path, columns: Optional[Seque
     return names
 
 
-def _target_values(frame: pd.DataFrame, csv_path: Path, names: list[str], task: str) -> np.ndarray:
+def _target_values(frame: pd.DataFrame, csv_path: Path, names: list[str], task: str,
+                   may_be_empty: Sequence[str] = ()) -> np.ndarray:
     """(rows, columns) float array; empty cells are NaN (missing), anything else unusable is an error."""
     flag = "--labels" if task == "multilabel" else "--targets"
     out = np.empty((len(frame), len(names)), dtype=np.float64)
@@ -298,24 +321,61 @@ def _target_values(frame: pd.DataFrame, csv_path: Path, names: list[str], task: 
                 f"--manifest {csv_path}: column {name!r} must hold {want}; see line(s) {lines} "
                 f"(value {raw[bad].iloc[0]!r}). Choose the columns with {flag}."
             )
-        if values.isna().all():
+        if values.isna().all() and name not in may_be_empty:
             raise DataSourceError(f"--manifest {csv_path}: column {name!r} has no values")
         out[:, i] = values.to_numpy(dtype=np.float64)
     return out
 
 
+def rarest_positive(values: np.ndarray) -> np.ndarray:
+    """For 0/1/NaN label rows (N, L): the index of each row's rarest positive label (rarity counted
+    over these rows), -1 for rows with none. Stratifying on it brings rare findings into every part."""
+    positives = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0) > 0.5
+    rarity = np.argsort(np.argsort(positives.sum(axis=0)))  # 0 = rarest label
+    rows = [int(np.argmin(np.where(row, rarity, len(rarity)))) if row.any() else -1 for row in positives]
+    return np.asarray(rows, dtype=np.int64)
+
+
 def _strata(values: np.ndarray, task: str) -> list[int]:
     """What an automatic split stratifies on when there is no single class label."""
     if task == "multilabel":
-        # The rarest positive label of each row, so rare findings reach every split.
-        positives = np.nan_to_num(values, nan=0.0) > 0.5
-        rarity = np.argsort(np.argsort(positives.sum(axis=0)))  # 0 = rarest label
-        return [int(np.argmin(np.where(row, rarity, len(rarity)))) if row.any() else -1 for row in positives]
+        return rarest_positive(values).tolist()
     # Regression: quintiles of the first target keep each split's range of values similar.
     first = values[:, 0]
     known = ~np.isnan(first)
     edges = np.unique(np.quantile(first[known], [0.2, 0.4, 0.6, 0.8]))
     return [int(np.searchsorted(edges, v)) if k else -1 for v, k in zip(first, known)]
+
+
+def parse_label_map(text: Optional[str]) -> dict[str, str]:
+    """--label-map "old=new,old2=new": data class (or column) name -> the model's."""
+    mapping: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        old, sep, new = (part.strip() for part in item.partition("="))
+        if not sep or not old or not new:
+            raise DataSourceError(f"--label-map: {item.strip()!r} is not old=new (e.g. --label-map no_dr=normal,dr=referable)")
+        if old in mapping:
+            raise DataSourceError(f"--label-map: {old!r} is mapped twice")
+        mapping[old] = new
+    return mapping
+
+
+def _check_label_map(label_map: dict[str, str], present: set, where: str, what: str) -> None:
+    unused = sorted(set(label_map) - {str(p) for p in present})
+    if unused:
+        raise DataSourceError(f"--label-map names {unused}, which {where} does not have; its {what}: "
+                              f"{', '.join(sorted(str(p) for p in present))}")
+
+
+def _check_known(dirs: list[Path], folder: Path, class_names: Sequence[str], label_map: dict[str, str]) -> None:
+    """All of a folder's classes the model does not know, in one message with the --label-map to write."""
+    unknown = [d.name for d in dirs if label_map.get(d.name, d.name) not in class_names]
+    if unknown:
+        raise DataSourceError(
+            f"class folder(s) {unknown} in {folder} are not among the model's classes {list(class_names)}; "
+            f"map them with --label-map {','.join(f'{u}=<model class>' for u in unknown)}")
 
 
 def _check_cells(frame: pd.DataFrame, csv_path: Path, task: str = "multiclass") -> None:

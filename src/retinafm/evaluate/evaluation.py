@@ -1,11 +1,14 @@
-"""Evaluate a model on a labelled split and write metrics, predictions and plots.
+"""Evaluate a model on a labelled split and write metrics (with bootstrap confidence intervals),
+predictions, plots and the HTML report.
 
-The end of `finetune` and the `evaluate` command both come through `write_evaluation`, so a
-number in metrics_test.json always means the same thing.
+The end of `finetune` and the `evaluate` command both come through `evaluate_samples` and
+`write_evaluation`, so a number in metrics_test.json always means the same thing.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -20,8 +23,17 @@ from ..files import prepare_output_dir, write_csv, write_json
 from ..train import distributed as dist_utils
 from ..train.checkpoint import load_checkpoint, model_from_checkpoint, task_of
 from ..train.loop import infer
+from ..tasks import grade_order
 from ..train.runtime import amp_dtype, resolve_device
+from .bootstrap import bootstrap_ci, bootstrap_samples
 from .metrics import metrics_to_frame
+from .report import write_report
+
+
+# Bootstrap CIs at this level; replicates run in worker processes once there are enough of them
+# to pay for starting the workers.
+CI_LEVEL = 0.95
+PARALLEL_REPLICATES = 500
 
 
 @dataclass
@@ -34,6 +46,32 @@ class SplitEvaluation:
     metrics: dict[str, float]
     skipped: list[tuple[str, str]]
     task: Any = None  # the task as evaluated (with thresholds chosen on this split when calibrated)
+    patient_ids: list[Optional[str]] = field(default_factory=list)
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> (low, high)
+    bootstrap: dict[str, Any] = field(default_factory=dict)  # how the CIs were made
+    notes: dict[str, Any] = field(default_factory=dict)  # e.g. absent_classes, label_map
+
+
+def confidence_intervals(task, targets: np.ndarray, outputs: np.ndarray, patient_ids: Sequence[Optional[str]],
+                         replicates: int, seed: int = 0) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]:
+    """Percentile bootstrap CIs of every metric the task reports (counts and thresholds excluded):
+    stratified as the task says (by class for multi-class), resampling whole patients when the
+    data has patient ids, since one patient's images are not independent."""
+    groups = np.asarray(patient_ids, dtype=object) if any(p is not None for p in patient_ids) else None
+    samples = bootstrap_samples(len(outputs), replicates, seed, strata=task.bootstrap_strata(targets), groups=groups)
+
+    def statistic(rows: np.ndarray) -> dict[str, float]:
+        return {k: v for k, v in task.metrics(targets[rows], outputs[rows]).items() if _has_ci(k)}
+
+    ci = bootstrap_ci(statistic, samples, level=CI_LEVEL, n_jobs=-1 if replicates >= PARALLEL_REPLICATES else 1)
+    info = {"replicates": replicates, "seed": seed, "level": CI_LEVEL, "method": "percentile",
+            "unit": "patient" if groups is not None else "image",
+            "stratified": task.bootstrap_strata(targets) is not None}
+    return ci, info
+
+
+def _has_ci(metric: str) -> bool:
+    return metric != "n" and not metric.startswith(("n_", "threshold_"))
 
 
 def evaluate_samples(
@@ -48,11 +86,14 @@ def evaluate_samples(
     num_workers: int = 0,
     progress: bool = True,
     calibrate: bool = False,
+    bootstrap: int = 0,
+    seed: int = 0,
 ) -> SplitEvaluation:
     """Inference over labelled samples, then loss and the task's metrics on the readable ones.
 
     `calibrate` lets the task choose what it picks on validation (multilabel Youden thresholds)
-    from these outputs before the metrics are computed.
+    from these outputs before the metrics are computed. `bootstrap` replicates (0: none) add 95%
+    confidence intervals to every metric.
     """
     dataset = ImageDataset([s.path for s in samples], task.dataset_targets(samples), transform)
     result = infer(model, dataset, device, batch_size=batch_size, num_workers=num_workers,
@@ -65,7 +106,7 @@ def evaluate_samples(
     outputs = task.activate(logits)
     if calibrate:
         task = task.calibrate(targets, outputs)
-    return SplitEvaluation(
+    ev = SplitEvaluation(
         split=split,
         paths=[s.path for s in read],
         targets=targets,
@@ -74,18 +115,30 @@ def evaluate_samples(
         metrics=task.metrics(targets, outputs),
         skipped=result.skipped,
         task=task,
+        patient_ids=[s.patient_id for s in read],
     )
+    if bootstrap and dist_utils.is_primary():  # the other ranks only wait for rank 0's files
+        ev.ci, ev.bootstrap = confidence_intervals(task, targets, outputs, ev.patient_ids, bootstrap, seed)
+    return ev
 
 
 def write_evaluation(out_dir: Path, task, ev: SplitEvaluation) -> dict[str, Path]:
-    """metrics_<split>.json/.csv, predictions_<split>.csv and the task's plots under plots/."""
+    """metrics_<split>.json/.csv (point estimates beside their CIs), predictions_<split>.csv and
+    the task's plots under plots/."""
     out_dir = Path(out_dir)
-    metrics = {"split": ev.split, "loss": ev.loss, **ev.metrics}
+    metrics: dict[str, Any] = {"split": ev.split, "loss": ev.loss, **ev.metrics}
+    if ev.ci:
+        metrics["ci"] = {k: list(v) for k, v in ev.ci.items()}
+        metrics["bootstrap"] = ev.bootstrap
+    metrics["task"] = {"name": task.name, "outputs": list(task.output_names), "state": task.state()}
+    metrics.update(ev.notes)
+    predictions = task.prediction_frame(ev.paths, ev.outputs, ev.targets)
+    if any(p is not None for p in ev.patient_ids):  # lets `compare` resample patients too
+        predictions.insert(1, "patient_id", ev.patient_ids)
     written = {
         "metrics_json": write_json(out_dir / f"metrics_{ev.split}.json", metrics),
-        "metrics_csv": write_csv(out_dir / f"metrics_{ev.split}.csv", metrics_to_frame(ev.metrics)),
-        "predictions": write_csv(out_dir / f"predictions_{ev.split}.csv",
-                                 task.prediction_frame(ev.paths, ev.outputs, ev.targets)),
+        "metrics_csv": write_csv(out_dir / f"metrics_{ev.split}.csv", metrics_to_frame(ev.metrics, ev.ci)),
+        "predictions": write_csv(out_dir / f"predictions_{ev.split}.csv", predictions),
     }
     written.update(task.plots(ev.targets, ev.outputs, out_dir / "plots"))
     return written
@@ -98,38 +151,75 @@ def evaluate_checkpoint(
     data_path: Optional[str] = None,
     manifest: Optional[str] = None,
     split: str = "test",
+    label_map: Optional[dict[str, str]] = None,
+    ordinal: bool = False,
+    bootstrap: int = 1000,
+    seed: int = 0,
     batch_size: int = 32,
     device: str = "auto",
     num_workers: int = 2,
     overwrite: bool = False,
+    report: bool = True,
 ) -> SplitEvaluation:
-    """`retinafm evaluate`: a fine-tuned checkpoint against a labelled folder or manifest split."""
+    """`retinafm evaluate`: a fine-tuned checkpoint against a labelled folder or manifest split,
+    its own or an external data set (`label_map` renames that set's classes or columns to the
+    model's; model classes the set lacks are reported in the metrics, not an error)."""
     state = load_checkpoint(checkpoint)
     model, meta = model_from_checkpoint(state)
     if manifest:
-        data = load_manifest(manifest, class_names=meta.class_names, task=meta.task)
+        data = load_manifest(manifest, class_names=meta.class_names, task=meta.task, label_map=label_map,
+                             absent_unknown=True)
     elif meta.task != "multiclass":
         raise DataSourceError(f"this {meta.task} checkpoint is evaluated on a --manifest CSV with columns "
                               f"{', '.join(meta.class_names)}")
     elif data_path:
-        data = load_folder(data_path, class_names=meta.class_names, flat_split=split)
+        data = load_folder(data_path, class_names=meta.class_names, flat_split=split, label_map=label_map)
     else:
         raise DataSourceError("give --data-path DIR or --manifest FILE.csv to evaluate on")
     samples = data.split(split)
     if not samples:
         raise DataSourceError(f"{data.source} has no {split!r} images")
+    if bootstrap < 0 or 0 < bootstrap < 100:
+        raise DataSourceError(f"--bootstrap must be 0 (no confidence intervals) or at least 100 replicates, "
+                              f"got {bootstrap}")
     dev = resolve_device(device)
     dist_utils.init_distributed(dev)
     out_dir = Path(out)
     if dist_utils.is_primary():
         prepare_output_dir(out_dir, overwrite=overwrite)
     task = task_of(meta)
+    if ordinal and meta.task != "multiclass":
+        raise DataSourceError("--ordinal applies to multi-class checkpoints (graded classes such as DR 0-4)")
+    if ordinal and not task.ordinal:
+        task = dataclasses.replace(task, grade_order=grade_order(task.output_names, ordinal=True))
     ev = evaluate_samples(model.to(dev), task, samples, eval_transform(meta.input_size, meta.mean, meta.std), dev,
-                          split=split, batch_size=batch_size, num_workers=num_workers)
+                          split=split, batch_size=batch_size, num_workers=num_workers, bootstrap=bootstrap, seed=seed)
+    ev.notes = _external_notes(task, ev.targets, label_map)
     if dist_utils.is_primary():
         write_evaluation(out_dir, task, ev)
         if ev.skipped:
             log = SkipLog()
             log.add(ev.skipped)
             write_csv(out_dir / "skipped.csv", log.frame())
+        if report:
+            write_report(out_dir, split, title=f"{Path(checkpoint).name} on {data.source}")
     return ev
+
+
+def _external_notes(task, targets: np.ndarray, label_map: Optional[dict[str, str]]) -> dict[str, Any]:
+    """What a reader of external-set metrics must know: outputs the set has no examples of (their
+    per-class metrics are undefined) and how its labels were mapped."""
+    if task.name == "multiclass":
+        present = set(np.asarray(targets).tolist())
+        absent = [name for i, name in enumerate(task.output_names) if i not in present]
+    else:
+        known = ~np.isnan(targets)
+        absent = [name for i, name in enumerate(task.output_names) if not known[:, i].any()]
+    notes: dict[str, Any] = {}
+    if absent:
+        warnings.warn(f"the evaluated set has no examples of {absent}; their per-class metrics are undefined (NaN) "
+                      "and left out of macro averages", UserWarning, stacklevel=2)
+        notes["absent_classes"] = absent
+    if label_map:
+        notes["label_map"] = dict(label_map)
+    return notes

@@ -10,8 +10,9 @@ and macro-average rules.
 """
 from __future__ import annotations
 
+import re
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,10 +34,12 @@ from sklearn.metrics import (
 )
 from scipy.stats import pearsonr
 
+from .calibration import expected_calibration_error
+
 # Youden thresholds are kept inside (0, 1): roc_curve's first threshold is +inf, which JSON cannot
 # hold; 1 - _EDGE still calls (almost) nothing positive.
 _EDGE = 1e-6
-_BINARY_METRICS = ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "kappa")
+_BINARY_METRICS = ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "kappa", "ece")
 _REGRESSION_METRICS = {"r2": "R²", "mae": "MAE", "rmse": "RMSE", "pearson": "Pearson r"}
 
 
@@ -45,13 +48,19 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.nd
     return confusion_matrix(y_true, y_pred, labels=list(range(num_classes)))
 
 
-def multiclass_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+def multiclass_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
+                       grade_order: Optional[Sequence[int]] = None) -> dict[str, float]:
     """All classification metrics for integer labels `y_true` (N,) and class probabilities `probs` (N, C).
 
     Keys: n, accuracy, balanced_accuracy, auroc_macro, auprc_macro, f1_macro, sensitivity_macro,
-    specificity_macro, kappa, mcc, then auroc_<class>, auprc_<class>, sensitivity_<class> and
+    specificity_macro, kappa (unweighted Cohen's), [quadratic_kappa], mcc, ece (top-label expected
+    calibration error, 10 bins), then auroc_<class>, auprc_<class>, sensitivity_<class> and
     specificity_<class> for every class name as given. Values are plain Python floats (NaN where
     undefined). For C=2, auroc_macro/auprc_macro are those of the positive class (index 1).
+
+    `grade_order` (class indices from the lowest grade to the highest) marks the classes as ordered
+    grades: quadratic_kappa is then added, weighting a disagreement by the squared grade distance —
+    unweighted kappa treats "grade 0 called grade 4" like "grade 3 called grade 4".
     """
     y_true = np.asarray(y_true, dtype=np.int64).reshape(-1)
     probs = np.asarray(probs, dtype=np.float64)
@@ -87,12 +96,30 @@ def multiclass_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Seque
         "sensitivity_macro": _nanmean(sensitivity),
         "specificity_macro": _nanmean(specificity),
         "kappa": _quiet(lambda: cohen_kappa_score(y_true, y_pred, labels=labels)),
-        "mcc": _quiet(lambda: matthews_corrcoef(y_true, y_pred)),
     }
+    if grade_order is not None:
+        order = _check_grade_order(grade_order, len(names))
+        # cohen_kappa_score weights by position in `labels`, so the grade order goes there.
+        out["quadratic_kappa"] = _quiet(lambda: cohen_kappa_score(y_true, y_pred, labels=order, weights="quadratic"))
+    out["mcc"] = _quiet(lambda: matthews_corrcoef(y_true, y_pred))
+    out["ece"] = expected_calibration_error((y_pred == y_true).astype(float), probs.max(axis=1))
     for prefix, values in (("auroc", aurocs), ("auprc", auprcs), ("sensitivity", sensitivity),
                            ("specificity", specificity)):
         out.update({f"{prefix}_{name}": float(v) for name, v in zip(names, values)})
     return out
+
+
+def grade_order_of(class_names: Sequence[str]) -> Optional[list[int]]:
+    """Class indices from the lowest to the highest grade when every class name carries a grade
+    number ("0".."4", "DR0".."DR4", "grade_1".., "0_none", "1_mild"...) and the numbers are
+    consecutive; None when the names do not look like grades."""
+    found = [re.search(r"\d+", str(name)) for name in class_names]
+    if len(found) < 3 or not all(found):  # two classes: quadratic and unweighted kappa agree
+        return None
+    numbers = [int(m.group()) for m in found if m]
+    if sorted(numbers) != list(range(min(numbers), min(numbers) + len(numbers))):
+        return None
+    return [int(i) for i in np.argsort(numbers, kind="stable")]
 
 
 def youden_thresholds(targets: np.ndarray, probs: np.ndarray, names: Sequence[str]) -> list[float]:
@@ -123,9 +150,10 @@ def multilabel_metrics(targets: np.ndarray, probs: np.ndarray, names: Sequence[s
     predicted positive when its probability is >= its threshold.
 
     Keys: n (rows), auroc_macro, auprc_macro, accuracy_macro, sensitivity_macro,
-    specificity_macro, f1_macro, kappa_macro (means over the labels where defined), then
-    <metric>_<label> for auroc, auprc, accuracy, sensitivity, specificity, f1, kappa, and
-    threshold_<label>, n_<label> (rows with a known target), prevalence_<label>.
+    specificity_macro, f1_macro, kappa_macro, ece_macro (means over the labels where defined),
+    then <metric>_<label> for auroc, auprc, accuracy, sensitivity, specificity, f1, kappa, ece
+    (expected calibration error, 10 bins), and threshold_<label>, n_<label> (rows with a known
+    target), prevalence_<label>.
     """
     names = list(names)
     targets, probs = _check_table(targets, probs, names, "probs")
@@ -144,10 +172,12 @@ def multilabel_metrics(targets: np.ndarray, probs: np.ndarray, names: Sequence[s
                 "specificity": recall_score(y, pred, pos_label=0, zero_division=np.nan),
                 "f1": f1_score(y, pred, zero_division=np.nan),
                 "kappa": _quiet(lambda: cohen_kappa_score(y, pred, labels=[0, 1])),
+                "ece": expected_calibration_error(y, p),
                 "prevalence": np.mean(y),
             }
         else:
-            values = dict.fromkeys(("accuracy", "sensitivity", "specificity", "f1", "kappa", "prevalence"), np.nan)
+            values = dict.fromkeys(("accuracy", "sensitivity", "specificity", "f1", "kappa", "ece", "prevalence"),
+                                   np.nan)
         values.update(auroc=auroc, auprc=auprc, threshold=cut[i], n=len(y))
         for key, value in values.items():
             per[key].append(float(value))
@@ -221,9 +251,14 @@ def regression_metrics(targets: np.ndarray, preds: np.ndarray, names: Sequence[s
     return out
 
 
-def metrics_to_frame(metrics: dict[str, float]) -> pd.DataFrame:
-    """Two columns, `metric` and `value`, one row per metric in dict order (for metrics CSVs)."""
-    return pd.DataFrame({"metric": list(metrics), "value": list(metrics.values())})
+def metrics_to_frame(metrics: dict[str, float],
+                     ci: Optional[dict[str, tuple[float, float]]] = None) -> pd.DataFrame:
+    """`metric`, `value`, `ci_low`, `ci_high`: one row per metric in dict order (for metrics CSVs);
+    the CI cells are empty for metrics without an interval (counts, or no bootstrap)."""
+    ci = ci or {}
+    nan = (float("nan"), float("nan"))
+    return pd.DataFrame({"metric": list(metrics), "value": list(metrics.values()),
+                         "ci_low": [ci.get(k, nan)[0] for k in metrics], "ci_high": [ci.get(k, nan)[1] for k in metrics]})
 
 
 def _check_inputs(y_true: np.ndarray, probs: np.ndarray, names: list[str]) -> None:
@@ -239,6 +274,13 @@ def _check_inputs(y_true: np.ndarray, probs: np.ndarray, names: list[str]) -> No
     if y_true.min() < 0 or y_true.max() >= len(names):
         raise ValueError(f"labels must be class indices in [0, {len(names) - 1}]; "
                          f"got values from {y_true.min()} to {y_true.max()}")
+
+
+def _check_grade_order(order: Sequence[int], num_classes: int) -> list[int]:
+    order = [int(i) for i in order]
+    if sorted(order) != list(range(num_classes)):
+        raise ValueError(f"grade order must list each of the {num_classes} class indices once; got {order}")
+    return order
 
 
 def _check_table(targets: np.ndarray, outputs: np.ndarray, names: Sequence[str] | None,

@@ -1,5 +1,6 @@
-"""Figures people would rather see than read: confusion matrices, ROC, PR, regression scatter,
-training curves.
+"""Figures people would rather see than read: confusion matrices, ROC and PR (with their macro
+averages), reliability diagrams, regression scatter, training curves, forest plots of model
+comparisons.
 
 Each function saves one PNG atomically (temporary file in the same folder, then rename), closes
 its figure and returns the path.
@@ -18,9 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
 
 from ..files import atomic_path  # noqa: E402
+from .calibration import calibration_bins, expected_calibration_error  # noqa: E402
 from .metrics import _known, _missing_outcome, regression_metrics  # noqa: E402
 
 DPI = 120
@@ -65,23 +67,120 @@ def plot_multilabel_confusion(cms: np.ndarray, names: Sequence[str], path: Path)
 
 
 def plot_roc(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: Path) -> Path:
-    """One-vs-rest ROC curve per class (binary: the positive class) with its AUC, and the chance line."""
+    """One-vs-rest ROC curve per class with its AUC, their macro average (see `macro_roc`) and the
+    chance line; binary: the positive class's curve only."""
     return _roc_figure(_one_vs_rest(y_true, probs, class_names), "ROC (one vs rest)", path)
 
 
 def plot_pr(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: Path) -> Path:
-    """One-vs-rest precision–recall curve per class (binary: the positive class) with its average precision."""
+    """One-vs-rest precision–recall curve per class with its average precision and their macro
+    average (see `macro_pr`); binary: the positive class's curve only."""
     return _pr_figure(_one_vs_rest(y_true, probs, class_names), "Precision–recall (one vs rest)", path)
 
 
 def plot_multilabel_roc(targets: np.ndarray, probs: np.ndarray, names: Sequence[str], path: Path) -> Path:
-    """ROC curve per label over its known rows (0/1 targets, NaN unknown) with its AUC, and the chance line."""
+    """ROC curve per label over its known rows (0/1 targets, NaN unknown) with its AUC, the macro
+    average over the labels with a defined curve, and the chance line."""
     return _roc_figure(_per_label(targets, probs, names), "ROC (per label)", path)
 
 
 def plot_multilabel_pr(targets: np.ndarray, probs: np.ndarray, names: Sequence[str], path: Path) -> Path:
-    """Precision–recall curve per label over its known rows with its average precision."""
+    """Precision–recall curve per label over its known rows with its average precision, and the
+    macro average over the labels with a defined curve."""
     return _pr_figure(_per_label(targets, probs, names), "Precision–recall (per label)", path)
+
+
+def plot_calibration(outcomes: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path, n_bins: int = 10) -> Path:
+    """Reliability diagram: per (name, outcome 0/1 with NaN unknown, predicted probability), the
+    observed frequency against the mean predicted probability in each non-empty equal-width bin,
+    with its ECE in the legend and the diagonal of perfect calibration; underneath, histograms of
+    the predicted probabilities (known rows)."""
+    curves = []  # binned before any figure exists, so bad input leaves no open figure behind
+    for name, outcome, prob in outcomes:
+        outcome = np.asarray(outcome, dtype=float).reshape(-1)
+        prob = np.asarray(prob, dtype=float).reshape(-1)
+        curves.append((name, calibration_bins(outcome, prob, n_bins), expected_calibration_error(outcome, prob, n_bins),
+                       prob[~np.isnan(outcome)]))
+    fig, (ax, hist_ax) = plt.subplots(2, 1, figsize=(5.5, 6.4), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 1], "hspace": 0.08})
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfectly calibrated")
+    for name, (mean, frequency, count), ece, known_prob in curves:
+        if not count.sum():
+            ax.plot([], [], " ", label=f"{name}: no rows with a known outcome")
+            continue
+        filled = count > 0
+        (line,) = ax.plot(mean[filled], frequency[filled], marker="o", ms=4, label=f"{name} (ECE {ece:.3f})")
+        hist_ax.hist(known_prob, bins=np.linspace(0.0, 1.0, n_bins + 1), histtype="step", lw=1.5,
+                     color=line.get_color())
+    ax.set(ylabel="Observed frequency", title="Calibration (reliability)", xlim=(0, 1), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    hist_ax.set(xlabel="Mean predicted probability", ylabel="count", xlim=(0, 1))
+    hist_ax.yaxis.set_major_locator(MaxNLocator(nbins=3, integer=True))
+    hist_ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_forest(rows: Sequence[dict], path: Path, *, metric: str, reference: str) -> Path:
+    """Forest plot of model comparisons: per row (`label`, `difference`, `ci_low`, `ci_high`,
+    `p_value`) the difference as a point with its CI whisker, top to bottom in the given order,
+    a line at no difference, and the difference, CI and p-value written at the right."""
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * max(n, 1)))
+    ys = np.arange(n)[::-1]  # first row on top
+    finite = [0.0]
+    for y, row in zip(ys, rows):
+        diff, low, high = (_float(row.get(k)) for k in ("difference", "ci_low", "ci_high"))
+        if math.isnan(diff):
+            ax.text(0, y, "n/a", ha="center", va="center", fontsize=9, color="grey",
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+            continue
+        has_ci = not (math.isnan(low) or math.isnan(high))
+        xerr = [[diff - low], [high - diff]] if has_ci else None
+        ax.errorbar(diff, y, xerr=xerr, fmt="s", color="tab:blue", ecolor="tab:blue", capsize=4, ms=6, lw=1.6)
+        finite += [diff, *([low, high] if has_ci else [])]
+    ax.axvline(0, color="grey", lw=1, ls="--")
+    lo, hi = min(finite), max(finite)
+    pad = 0.08 * (hi - lo) or 0.05
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(-0.7, max(n, 1) - 0.3)
+    ax.set_yticks(ys, [str(r.get("label", "")) for r in rows])
+    ax.set_xlabel(f"difference in {metric} (vs {reference})")
+    ax.grid(axis="x", alpha=0.3)
+    # Text columns right of the axes: x in axes fraction, y in data units.
+    right = ax.get_yaxis_transform()
+    ax.text(1.02, max(n, 1) - 0.3, "difference (95% CI)", transform=right, ha="left", va="bottom",
+            fontsize=9, weight="bold")
+    ax.text(1.33, max(n, 1) - 0.3, "p", transform=right, ha="left", va="bottom", fontsize=9, weight="bold")
+    for y, row in zip(ys, rows):
+        ax.text(1.02, y, _difference_text(row), transform=right, ha="left", va="center", fontsize=9)
+        ax.text(1.33, y, _p_text(_float(row.get("p_value"))), transform=right, ha="left", va="center", fontsize=9)
+    if not n:
+        ax.text(0.5, 0.5, "no comparisons", ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax.set_title(f"{metric}: difference from {reference}")
+    return _save(fig, path)
+
+
+def _difference_text(row: dict) -> str:
+    diff, low, high = (_float(row.get(k)) for k in ("difference", "ci_low", "ci_high"))
+    if math.isnan(diff):
+        return "n/a"
+    if math.isnan(low) or math.isnan(high):
+        return f"{diff:+.3f}"
+    return f"{diff:+.3f} ({low:+.3f}, {high:+.3f})"
+
+
+def _p_text(p: float) -> str:
+    if math.isnan(p):
+        return "n/a"
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def plot_regression_scatter(targets: np.ndarray, preds: np.ndarray, names: Sequence[str], path: Path) -> Path:
@@ -159,13 +258,19 @@ def plot_training_curves(log: pd.DataFrame, path: Path) -> Path:
 
 
 Outcomes = Iterable[tuple[str, np.ndarray, np.ndarray]]  # (name, positive (bool), scores) per curve
+MACRO_STYLE = {"linestyle": "--", "linewidth": 2.5, "color": "black"}
 
 
 def _roc_figure(outcomes: Outcomes, title: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 5))
+    curves = []
     for name, positive, scores in _defined(ax, outcomes):
         fpr, tpr, _ = roc_curve(positive, scores)
+        curves.append((fpr, tpr))
         ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(positive, scores):.3f})")
+    if len(curves) > 1:  # one curve (binary, one label) is its own average
+        fpr, tpr, area = macro_roc(curves)
+        ax.plot(fpr, tpr, **MACRO_STYLE, label=f"macro (AUC {area:.3f})")
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="chance")
     ax.set(xlabel="False positive rate (1 − specificity)", ylabel="True positive rate (sensitivity)",
            title=title, xlim=(0, 1), ylim=(0, 1.02))
@@ -175,12 +280,74 @@ def _roc_figure(outcomes: Outcomes, title: str, path: Path) -> Path:
 
 def _pr_figure(outcomes: Outcomes, title: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 5))
+    curves = []
     for name, positive, scores in _defined(ax, outcomes):
         precision, recall, _ = precision_recall_curve(positive, scores)
+        curves.append((recall, precision))
         ax.plot(recall, precision, label=f"{name} (AP {average_precision_score(positive, scores):.3f})")
+    if len(curves) > 1:
+        recall, precision, ap = macro_pr(curves)
+        # AP is the area under this step function, so the macro curve is drawn as steps too.
+        ax.plot(recall, precision, drawstyle="steps-pre", **MACRO_STYLE, label=f"macro (AP {ap:.3f})")
     ax.set(xlabel="Recall (sensitivity)", ylabel="Precision (PPV)", title=title, xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(loc="lower left", fontsize=8)
     return _save(fig, path)
+
+
+def macro_roc(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, float]:
+    """Macro-average ROC curve of per-class curves (fpr, tpr) as roc_curve returns them.
+
+    The common grid is the union of the classes' FPRs; at each grid FPR every class contributes
+    both its TPR before and after a vertical jump there, so the mean curve is exact and its area
+    equals the mean of the per-class AUCs (sklearn's macro one-vs-rest AUROC). Returns
+    (fpr, tpr, area); fpr repeats each grid point twice (before and after the jump).
+    """
+    if not curves:
+        raise ValueError("macro_roc needs at least one curve")
+    grid = np.unique(np.concatenate([np.asarray(fpr, dtype=float) for fpr, _ in curves]))
+    before = np.mean([_limit(fpr, tpr, grid, "left") for fpr, tpr in curves], axis=0)
+    after = np.mean([_limit(fpr, tpr, grid, "right") for fpr, tpr in curves], axis=0)
+    fpr = np.repeat(grid, 2)
+    tpr = np.column_stack([before, after]).ravel()
+    return fpr, tpr, float(auc(fpr, tpr))
+
+
+def macro_pr(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, float]:
+    """Macro-average precision–recall curve of per-class curves (recall, precision) as
+    precision_recall_curve returns them (recall decreasing).
+
+    On the common recall grid (the union of the classes' recalls) each class's precision is the
+    step function average precision integrates (the precision where the recall first reaches that
+    value), so the area under the mean curve, drawn as steps, is the mean of the per-class APs.
+    Returns (recall ascending, precision, mean AP).
+    """
+    if not curves:
+        raise ValueError("macro_pr needs at least one curve")
+    grid = np.unique(np.concatenate([np.asarray(recall, dtype=float) for recall, _ in curves]))
+    steps = []
+    for recall, precision in curves:
+        recall, precision = np.asarray(recall, dtype=float)[::-1], np.asarray(precision, dtype=float)[::-1]
+        # For the recall interval (r_prev, r], AP uses the precision at r's first (ascending) point.
+        steps.append(precision[np.minimum(np.searchsorted(recall, grid, side="left"), len(recall) - 1)])
+    precision = np.mean(steps, axis=0)
+    return grid, precision, float(np.sum(np.diff(grid) * precision[1:]))
+
+
+def _limit(x: np.ndarray, y: np.ndarray, grid: np.ndarray, side: str) -> np.ndarray:
+    """The piecewise-linear curve through (x, y) (x non-decreasing, vertical jumps allowed) at each
+    grid point, approached from the left (value before a jump) or the right (after it)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    # left: first point at or after g; right: last point at or before g.
+    at = np.searchsorted(x, grid, side="left") if side == "left" else np.searchsorted(x, grid, side="right") - 1
+    at = np.clip(at, 0, len(x) - 1)
+    exact = x[at] == grid
+    # Grid points between two of this curve's points lie on the segment joining them.
+    hi = np.clip(np.searchsorted(x, grid, side="right"), 1, len(x) - 1)
+    lo = hi - 1
+    span = x[hi] - x[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inside = y[lo] + (y[hi] - y[lo]) * np.where(span > 0, (grid - x[lo]) / span, 0.0)
+    return np.where(exact, y[at], inside)
 
 
 def _one_vs_rest(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> Outcomes:

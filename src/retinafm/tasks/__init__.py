@@ -2,8 +2,9 @@
 the validation metric that picks the best checkpoint; the training loop is shared."""
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
+from ..evaluate.metrics import grade_order_of
 from .multiclass import MulticlassTask
 from .multilabel import MultilabelTask
 from .regression import RegressionTask
@@ -25,4 +26,13 @@ def task_from_config(cfg: Any, output_names: Sequence[str]) -> Task:
         return MultilabelTask(tuple(output_names), threshold=cfg.threshold_value(), use_pos_weight=cfg.pos_weight)
     if cfg.task == "regression":
         return RegressionTask(tuple(output_names), loss_kind=cfg.loss or "huber", huber_beta=cfg.huber_beta)
-    return MulticlassTask(tuple(output_names))
+    return MulticlassTask(tuple(output_names), grade_order=grade_order(output_names, cfg.ordinal))
+
+
+def grade_order(class_names: Sequence[str], ordinal: bool) -> Optional[tuple[int, ...]]:
+    """Classes named as numbered grades are ordered by their numbers; `ordinal` (--ordinal) also
+    marks other names as grades, in their class order. None: nominal classes."""
+    order = grade_order_of(class_names)
+    if order is None and ordinal and len(class_names) > 2:
+        order = list(range(len(class_names)))
+    return tuple(order) if order is not None else None

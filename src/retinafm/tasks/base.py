@@ -7,7 +7,7 @@ statistics from train, thresholds from validation); `state()` is what the checkp
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,26 @@ class TaskBase:
     def calibrate(self, targets: np.ndarray, outputs: np.ndarray) -> "TaskBase":
         """The task with what it chooses on validation outputs (nothing by default)."""
         return self
+
+    def bootstrap_strata(self, targets: np.ndarray) -> Optional[np.ndarray]:
+        """What bootstrap replicates are stratified on (None: plain resampling)."""
+        return None
+
+    # (label, metric key, format) printed after training and evaluation, most important first.
+    summary_fields: tuple[tuple[str, str, str], ...] = ()
+
+    def summary(self, metrics: dict[str, float], ci: Optional[dict[str, tuple[float, float]]] = None) -> str:
+        """One line of the headline metrics, each with its 95% CI when `ci` has one."""
+        parts = []
+        for label, key, fmt in self.summary_fields:
+            if key not in metrics:
+                continue
+            text = f"{label} {metrics[key]:{fmt}}"
+            low, high = (ci or {}).get(key, (float("nan"), float("nan")))
+            if not (np.isnan(low) or np.isnan(high)):
+                text += f" ({low:{fmt}}–{high:{fmt}})"
+            parts.append(text)
+        return "  ".join(parts)
 
     def is_better(self, metrics: dict[str, float], loss: float, best: dict[str, float] | None,
                   best_loss: float) -> bool:
@@ -79,6 +99,18 @@ class VectorTargetTask(TaskBase):
 
     def dataset_targets(self, samples: Sequence[Any]) -> list:
         return [tuple(row) for row in self.target_array(samples)]
+
+    @staticmethod
+    def columns_of(frame: Any, columns: Sequence[str]) -> np.ndarray:
+        """These CSV columns as an (N, len(columns)) float array, empty cells as NaN."""
+        require_columns(frame, columns)
+        return frame[list(columns)].astype("float64").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def require_columns(frame: Any, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"the predictions have no column(s) {missing}; they have {', '.join(map(str, frame.columns))}")
 
 
 def _plain(value: Any) -> Any:

@@ -12,8 +12,8 @@ import torch.nn as nn
 from timm.loss import SoftTargetCrossEntropy
 
 from ..evaluate.metrics import confusion, multiclass_metrics
-from ..evaluate.plots import plot_confusion_matrix, plot_pr, plot_roc
-from .base import TaskBase
+from ..evaluate.plots import plot_calibration, plot_confusion_matrix, plot_pr, plot_roc
+from .base import TaskBase, require_columns
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,23 @@ class MulticlassTask(TaskBase):
     name: str = "multiclass"
     # Best epoch: highest validation macro AUROC (binary: the positive class's); ties go to the lower loss.
     selection_metric: str = "auroc_macro"
+    # Ordered grades (e.g. DR 0-4): class indices from the lowest grade to the highest; None: nominal.
+    grade_order: Optional[tuple[int, ...]] = None
+
+    summary_fields = (("AUROC", "auroc_macro", ".4f"), ("accuracy", "accuracy", ".4f"), ("F1", "f1_macro", ".4f"),
+                      ("quadratic kappa", "quadratic_kappa", ".4f"), ("kappa", "kappa", ".4f"), ("MCC", "mcc", ".4f"))
+
+    def __post_init__(self) -> None:
+        if self.grade_order is not None:  # checkpoints give it back as a list
+            object.__setattr__(self, "grade_order", tuple(int(i) for i in self.grade_order))
+
+    @property
+    def ordinal(self) -> bool:
+        return self.grade_order is not None
+
+    def bootstrap_strata(self, targets: np.ndarray) -> np.ndarray:
+        """Resample within each class, so every replicate keeps the class counts."""
+        return np.asarray(targets)
 
     def target_array(self, samples: Sequence) -> np.ndarray:
         return np.array([s.label for s in samples], dtype=np.int64)
@@ -40,7 +57,7 @@ class MulticlassTask(TaskBase):
         return torch.softmax(logits.float(), dim=1).numpy()
 
     def metrics(self, targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-        return multiclass_metrics(targets, probs, self.output_names)
+        return multiclass_metrics(targets, probs, self.output_names, self.grade_order)
 
     def predicted_labels(self, probs: np.ndarray) -> list[str]:
         return [self.output_names[i] for i in probs.argmax(axis=1)]
@@ -55,14 +72,25 @@ class MulticlassTask(TaskBase):
             frame[f"prob_{name}"] = probs[:, i]
         return frame
 
+    def from_prediction_frame(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(targets, probabilities) back from an evaluation's predictions CSV (`label`, prob_<class>)."""
+        require_columns(frame, ["label", *(f"prob_{n}" for n in self.output_names)])
+        index = {name: i for i, name in enumerate(self.output_names)}
+        unknown = sorted(set(frame["label"].astype(str)) - set(index))
+        if unknown:
+            raise ValueError(f"labels {unknown[:5]} are not among the classes {list(self.output_names)}")
+        targets = np.array([index[str(v)] for v in frame["label"]], dtype=np.int64)
+        return targets, frame[[f"prob_{n}" for n in self.output_names]].to_numpy(dtype=np.float64)
+
     def plots(self, targets: np.ndarray, probs: np.ndarray, folder: Path) -> dict[str, Path]:
         cm = confusion(targets, probs.argmax(axis=1), self.num_outputs)
+        # Top-label reliability: is the model right as often as its confidence says?
+        correct = (probs.argmax(axis=1) == np.asarray(targets)).astype(float)
         return {
             "confusion_matrix": plot_confusion_matrix(cm, self.output_names, folder / "confusion_matrix.png"),
+            "confusion_matrix_normalized": plot_confusion_matrix(
+                cm, self.output_names, folder / "confusion_matrix_normalized.png", normalize=True),
             "roc": plot_roc(targets, probs, self.output_names, folder / "roc.png"),
             "pr": plot_pr(targets, probs, self.output_names, folder / "pr.png"),
+            "calibration": plot_calibration([("top label", correct, probs.max(axis=1))], folder / "calibration.png"),
         }
-
-    def summary(self, metrics: dict[str, float]) -> str:
-        return (f"AUROC {metrics['auroc_macro']:.4f}  accuracy {metrics['accuracy']:.4f}  "
-                f"F1 {metrics['f1_macro']:.4f}  kappa {metrics['kappa']:.4f}  MCC {metrics['mcc']:.4f}")

@@ -16,8 +16,9 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ..evaluate.metrics import multilabel_confusion, multilabel_metrics, youden_thresholds
-from ..evaluate.plots import plot_multilabel_confusion, plot_multilabel_pr, plot_multilabel_roc
+from ..data.sources import rarest_positive
+from ..evaluate.metrics import _known, multilabel_confusion, multilabel_metrics, youden_thresholds
+from ..evaluate.plots import plot_calibration, plot_multilabel_confusion, plot_multilabel_pr, plot_multilabel_roc
 from .base import VectorTargetTask, masked_mean
 
 
@@ -51,6 +52,8 @@ class MultilabelTask(VectorTargetTask):
     pos_weight: Optional[tuple[float, ...]] = None  # negatives/positives per label in train
 
     per_output_fields = ("thresholds", "pos_weight")
+    summary_fields = (("macro AUROC", "auroc_macro", ".4f"), ("AUPRC", "auprc_macro", ".4f"), ("F1", "f1_macro", ".4f"),
+                      ("sensitivity", "sensitivity_macro", ".4f"), ("specificity", "specificity_macro", ".4f"))
 
     @property
     def decision_thresholds(self) -> list[float]:
@@ -70,6 +73,11 @@ class MultilabelTask(VectorTargetTask):
         # BCE's pos_weight: each positive counts as negatives/positives of them, balancing rare findings.
         weights = tuple(float(n / p) if p > 0 and n > 0 else 1.0 for p, n in zip(positives, negatives))
         return replace(self, pos_weight=weights)
+
+    def bootstrap_strata(self, targets: np.ndarray) -> np.ndarray:
+        """Each row's rarest positive label (-1: none), as the automatic split stratifies: every
+        replicate then keeps positives of each finding, however rare."""
+        return rarest_positive(targets)
 
     def calibrate(self, targets: np.ndarray, probs: np.ndarray) -> "MultilabelTask":
         if self.threshold is not None:
@@ -104,15 +112,18 @@ class MultilabelTask(VectorTargetTask):
             frame[f"prob_{name}"] = probs[:, i]
         return frame
 
+    def from_prediction_frame(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(targets, probabilities) back from an evaluation's predictions CSV (true_<label>, prob_<label>)."""
+        return (self.columns_of(frame, [f"true_{n}" for n in self.output_names]),
+                self.columns_of(frame, [f"prob_{n}" for n in self.output_names]))
+
     def plots(self, targets: np.ndarray, probs: np.ndarray, folder: Path) -> dict[str, Path]:
         cms = multilabel_confusion(targets, probs, self.decision_thresholds)
         return {
             "confusion_matrix": plot_multilabel_confusion(cms, self.output_names, folder / "confusion_matrix.png"),
             "roc": plot_multilabel_roc(targets, probs, self.output_names, folder / "roc.png"),
             "pr": plot_multilabel_pr(targets, probs, self.output_names, folder / "pr.png"),
+            "calibration": plot_calibration(
+                [(name, *_known(targets, probs, i)) for i, name in enumerate(self.output_names)],
+                folder / "calibration.png"),
         }
-
-    def summary(self, metrics: dict[str, float]) -> str:
-        return (f"macro AUROC {metrics['auroc_macro']:.4f}  AUPRC {metrics['auprc_macro']:.4f}  "
-                f"F1 {metrics['f1_macro']:.4f}  sensitivity {metrics['sensitivity_macro']:.4f}  "
-                f"specificity {metrics['specificity_macro']:.4f}")

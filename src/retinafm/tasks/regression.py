@@ -54,6 +54,8 @@ class RegressionTask(VectorTargetTask):
     std: Optional[tuple[float, ...]] = None
 
     per_output_fields = ("mean", "std")
+    summary_fields = (("macro R²", "r2_macro", ".4f"), ("MAE", "mae_macro", ".4g"), ("RMSE", "rmse_macro", ".4g"),
+                      ("Pearson r", "pearson_macro", ".4f"))
 
     def fit(self, train_targets: np.ndarray) -> "RegressionTask":
         mean, std = [], []
@@ -99,9 +101,10 @@ class RegressionTask(VectorTargetTask):
             frame[name] = preds[:, i]
         return frame
 
+    def from_prediction_frame(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(targets, predictions) back from an evaluation's predictions CSV (true_<target>, <target>)."""
+        return (self.columns_of(frame, [f"true_{n}" for n in self.output_names]),
+                self.columns_of(frame, list(self.output_names)))
+
     def plots(self, targets: np.ndarray, preds: np.ndarray, folder: Path) -> dict[str, Path]:
         return {"scatter": plot_regression_scatter(targets, preds, self.output_names, folder / "scatter.png")}
-
-    def summary(self, metrics: dict[str, float]) -> str:
-        return (f"macro R² {metrics['r2_macro']:.4f}  MAE {metrics['mae_macro']:.4g}  "
-                f"RMSE {metrics['rmse_macro']:.4g}  Pearson r {metrics['pearson_macro']:.4f}")

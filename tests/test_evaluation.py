@@ -50,6 +50,7 @@ def test_evaluate_checkpoint_writes_metrics_that_match_sklearn(trained_run, demo
                                "state": {"selection_metric": "auroc_macro", "grade_order": None}}
 
 
+@pytest.mark.filterwarnings("ignore:class 'glaucoma' has no positives")  # expected: the set has no glaucoma
 def test_external_set_with_other_class_names_via_label_map(trained_run, demo_data, tmp_path):
     import shutil
 

@@ -310,8 +310,8 @@ def import_cmd(checkpoint: str, source: str, classes: str, out: str, overwrite: 
 
     names = [c.strip() for c in classes.split(",") if c.strip()]
     result = _run(lambda: import_retfound(checkpoint, names, out, overwrite=overwrite))
-    click.echo(f"imported {result.model_name} ({result.arch}, {len(result.class_names)} classes: "
-               f"{', '.join(result.class_names)}; input {result.input_size}px) to {result.out}")
+    click.echo(f"wrote {result.out}: {result.variant} as timm {result.arch}, {len(result.class_names)} classes: "
+               f"{', '.join(result.class_names)}; input {result.input_size}px")
 
 
 @main.command("predict")

@@ -64,7 +64,7 @@ def predict(
     dev = resolve_device(device)
     dist_utils.init_distributed(dev)
     task = task_of(meta)
-    dataset = ImageDataset(paths, [None] * len(paths), eval_transform(meta.input_size, meta.mean, meta.std))
+    dataset = ImageDataset(paths, [None] * len(paths), eval_transform(meta.input_size, meta.mean, meta.std, meta.eval_crop_pct))
     result = infer(model.to(dev), dataset, dev, batch_size=batch_size, num_workers=num_workers,
                    amp_dtype=amp_dtype(dev), desc="predict", progress=progress)
     if len(result.indices) == 0:

@@ -24,8 +24,9 @@ class AugmentSettings:
     reprob: float = 0.25
 
 
-def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    resize = int(round(input_size / EVAL_CROP_PCT))
+def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float],
+                   crop_pct: float = EVAL_CROP_PCT) -> v2.Compose:
+    resize = int(round(input_size / crop_pct))
     return v2.Compose([
         v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
         v2.CenterCrop(input_size),

@@ -192,7 +192,7 @@ def evaluate_checkpoint(
         raise DataSourceError("--ordinal applies to multi-class checkpoints (graded classes such as DR 0-4)")
     if ordinal and not task.ordinal:
         task = dataclasses.replace(task, grade_order=grade_order(task.output_names, ordinal=True))
-    ev = evaluate_samples(model.to(dev), task, samples, eval_transform(meta.input_size, meta.mean, meta.std), dev,
+    ev = evaluate_samples(model.to(dev), task, samples, eval_transform(meta.input_size, meta.mean, meta.std, meta.eval_crop_pct), dev,
                           split=split, batch_size=batch_size, num_workers=num_workers, bootstrap=bootstrap, seed=seed)
     ev.notes = _external_notes(task, ev.targets, label_map)
     if dist_utils.is_primary():

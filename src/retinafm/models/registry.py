@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import timm
+import torch
 import torch.nn as nn
 
 from .heads import HeadSettings, attach_head
@@ -114,6 +115,35 @@ ZOO: dict[str, ModelSpec] = {
 }
 
 
+class RepeatedLayerNorm(nn.LayerNorm):
+    """A LayerNorm applied `repeats` times with one set of weights (state-dict keys unchanged).
+
+    RETFound's 2025 fine-tuning code under timm 0.9 normalises the pooled feature twice: its own
+    forward_features applies fc_norm and timm's forward_head applies it again. Models imported
+    from that code keep the second pass so their outputs are identical.
+    """
+
+    repeats: int = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.repeats):
+            x = super().forward(x)
+        return x
+
+
+def repeat_fc_norm(model: nn.Module, repeats: int) -> None:
+    """Make `model.fc_norm` (a LayerNorm) apply `repeats` times."""
+    if repeats == 1:
+        return
+    norm = getattr(model, "fc_norm", None)
+    if not isinstance(norm, nn.LayerNorm) or repeats < 1:
+        raise ValueError(f"fc_norm_repeats={repeats} needs a model with a LayerNorm fc_norm (global average pooling)")
+    repeated = RepeatedLayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine)
+    repeated.load_state_dict(norm.state_dict())
+    repeated.repeats = repeats
+    model.fc_norm = repeated
+
+
 class UnknownModelError(KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
@@ -156,9 +186,11 @@ def create_model(
     drop_path: float = 0.0,
     global_pool: Optional[str] = None,
     head: Optional[HeadSettings] = None,
+    fc_norm_repeats: int = 1,
 ) -> nn.Module:
     """Build the backbone with a fresh `num_classes`-output head (linear unless `head` says
-    otherwise); weights are loaded separately."""
+    otherwise); weights are loaded separately. `fc_norm_repeats` reproduces RETFound-trained
+    models (see RepeatedLayerNorm)."""
     kwargs = dict(spec.arch_kwargs)
     kwargs.update(pretrained=False, num_classes=num_classes, img_size=input_size or spec.input_size,
                   drop_path_rate=drop_path)
@@ -168,6 +200,7 @@ def create_model(
     model = timm.create_model(spec.arch, **kwargs)
     if head is not None and head.kind != "linear":
         attach_head(model, head, num_classes)
+    repeat_fc_norm(model, fc_norm_repeats)
     return model
 
 

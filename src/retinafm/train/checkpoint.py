@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from ..data.transforms import EVAL_CROP_PCT
 from ..files import save_torch
 from ..models.heads import HeadSettings
 from ..models.registry import ModelSpec, create_model
@@ -44,6 +45,8 @@ class CheckpointMeta:
     epoch: int = -1
     task_state: dict[str, Any] = field(default_factory=dict)  # thresholds, target statistics...
     head: dict[str, Any] = field(default_factory=dict)  # HeadSettings fields; empty: linear
+    fc_norm_repeats: int = 1  # 2 for models imported from RETFound's 2025 code (see RepeatedLayerNorm)
+    eval_crop_pct: float = EVAL_CROP_PCT  # evaluation resize = input_size / eval_crop_pct, then centre crop
 
     def spec(self) -> ModelSpec:
         return ModelSpec(
@@ -127,7 +130,7 @@ def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, CheckpointM
     """Rebuild the architecture from the metadata and load the weights strictly."""
     meta = meta_of(state)
     model = create_model(meta.spec(), len(meta.class_names), input_size=meta.input_size, global_pool=meta.global_pool,
-                         head=HeadSettings(**meta.head) if meta.head else None)
+                         head=HeadSettings(**meta.head) if meta.head else None, fc_norm_repeats=meta.fc_norm_repeats)
     try:
         model.load_state_dict(state["model"], strict=True)
     except RuntimeError as exc:

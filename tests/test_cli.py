@@ -43,7 +43,7 @@ def test_config_file_and_flags(demo_data, tmp_path):
     config.write_text(yaml.safe_dump({
         "data-path": str(demo_data), "model": "vit_micro_patch8", "weights": "none", "input_size": 32,
         "epochs": 1, "warmup_epochs": 0, "batch_size": 16, "lr": 1e-3, "randaug_magnitude": 0, "reprob": 0.0,
-        "num_workers": 0, "device": "cpu", "layer_decay": 1.0}))
+        "num_workers": 0, "device": "cpu", "layer_decay": 1.0, "bootstrap": 0}))
     res = run("finetune", "--config", str(config), "--out", str(tmp_path / "run"), "--drop-path", "0.05")
     assert res.exit_code == 0, res.output
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
@@ -74,7 +74,8 @@ def test_unknown_config_key(tmp_path):
 
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "retinafm", "--help"], capture_output=True, text=True, check=True)
-    for verb in ("finetune", "tune", "evaluate", "compare", "report", "import", "predict", "models", "demo"):
+    for verb in ("finetune", "tune", "evaluate", "compare", "report", "import", "predict", "models", "demo",
+                 "embed", "probe", "label-efficiency"):
         assert verb in out.stdout
 
 
@@ -132,3 +133,26 @@ def test_evaluate_compare_and_report_verbs(trained_run, demo_data, tmp_path):
     (run_copy / "report.html").unlink()
     res = run("report", str(run_copy))
     assert res.exit_code == 0 and (run_copy / "report.html").is_file()
+
+
+def test_embed_probe_and_label_efficiency_verbs(demo_data, tmp_path):
+    tiny = ["--model", "vit_micro_patch8", "--weights", "none", "--input-size", "32", "--num-workers", "0",
+            "--device", "cpu"]
+    res = run("embed", "--images", str(demo_data), "--out", str(tmp_path / "e.parquet"), "--shard-size", "50", *tiny)
+    assert res.exit_code == 0, res.output
+    assert "120 embeddings of dimension 64 written" in res.output
+    again = run("embed", "--images", str(demo_data), "--out", str(tmp_path / "e.parquet"), *tiny)
+    assert again.exit_code == 2 and "already exists" in again.output
+    res = run("probe", "--embeddings", str(tmp_path / "e.parquet"), "--out", str(tmp_path / "probe"),
+              "--bootstrap", "0")
+    assert res.exit_code == 0, res.output
+    assert "linear probe, test: AUROC" in res.output and (tmp_path / "probe" / "checkpoint-best.pth").is_file()
+    bad = run("probe", "--embeddings", str(tmp_path / "e.parquet"), "--out", str(tmp_path / "p2"), "--task",
+              "multilabel")
+    assert bad.exit_code == 2 and "needs --labels" in bad.output and "Traceback" not in bad.output
+    res = run("label-efficiency", "--data-path", str(demo_data), "--out", str(tmp_path / "le"), "--adaptation", "lp",
+              "--fractions", "0.5,1", "--seeds", "2", *tiny)
+    assert res.exit_code == 0, res.output
+    assert pd.read_csv(tmp_path / "le" / "label_efficiency.csv")["n_train"].tolist() == [36, 72]
+    bad = run("label-efficiency", "--data-path", str(demo_data), "--out", str(tmp_path / "le2"), "--fractions", "2")
+    assert bad.exit_code == 2 and "--fractions" in bad.output

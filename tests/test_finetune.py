@@ -105,9 +105,10 @@ def test_no_validation_split_is_a_clear_error(tmp_path):
         finetune(tiny_finetune_config(tmp_path / "d", tmp_path / "run"))
 
 
-def test_linear_probe_only_trains_the_head(tmp_path, demo_data):
+def test_sgd_linear_probe_only_trains_the_head(tmp_path, demo_data):
     run = tmp_path / "lp"
-    finetune(tiny_finetune_config(demo_data, run, epochs=1, warmup_epochs=0, adaptation="lp", mixup=0.8, cutmix=1.0))
+    finetune(tiny_finetune_config(demo_data, run, epochs=1, warmup_epochs=0, adaptation="lp", lp_mode="sgd",
+                                  mixup=0.8, cutmix=1.0))
     # Start from a saved random backbone to compare: the lp run's backbone must equal its init.
     state = load_checkpoint(run / "checkpoint-last.pth")
     torch.manual_seed(0)
@@ -117,6 +118,26 @@ def test_linear_probe_only_trains_the_head(tmp_path, demo_data):
     trained_blocks = {k: v for k, v in state["model"].items() if k.startswith("blocks.0.")}
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in trained_blocks.items())
     assert not torch.equal(state["model"]["head.weight"], torch.zeros_like(state["model"]["head.weight"]))
+
+
+def test_linear_probe_defaults_to_cached_features(tmp_path, demo_data):
+    """--adaptation lp embeds each image once and fits the scikit-learn probe into the run dir."""
+    from retinafm.embed import read_embeddings
+    from retinafm.predict import predict
+
+    run = tmp_path / "lp"
+    result = finetune(tiny_finetune_config(demo_data, run, adaptation="lp"))
+    assert result.test["auroc_macro"] > 0.7 and result.selection_metric == "auroc_macro"
+    emb = read_embeddings(run / "embeddings.parquet")
+    assert len(emb.frame) == 120 and list(emb.frame.columns) == ["path", "split", "label"]
+    assert emb.vectors.dtype == np.float32
+    assert json.loads((run / "metrics_test.json").read_text())["auroc_macro"] == result.test["auroc_macro"]
+    expected = pd.read_csv(run / "predictions_test.csv").set_index("path")
+    got = pd.read_csv(predict(run / "checkpoint-best.pth", demo_data / "test", tmp_path / "p.csv", num_workers=0,
+                              device="cpu", progress=False).out).set_index("path").loc[expected.index]
+    np.testing.assert_allclose(got.filter(like="prob_").to_numpy(), expected.filter(like="prob_").to_numpy(), atol=1e-4)
+    with pytest.raises(ConfigError, match="--lp-mode sgd"):
+        finetune(tiny_finetune_config(demo_data, tmp_path / "mlp", adaptation="lp", head="mlp"))
 
 
 def test_retfound_mae_vit_large_checkpoint_fine_tunes(tmp_path, capsys):

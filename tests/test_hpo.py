@@ -95,7 +95,7 @@ def test_the_printed_command_parses_back_to_the_same_settings(tmp_path):
     cfg = FinetuneConfig(out=str(tmp_path / "best dir"), manifest="m.csv", task="regression", targets="age,sbp",
                          head="transformer", head_num_heads=8, lr=0.00012345678901234, layer_decay=0.71,
                          huber_beta=1.5, pos_weight=False, epochs=30)
-    other = FinetuneConfig(out="o", data_path="it's here", task="multiclass", adaptation="lp", lr=0.1 + 0.2,
+    other = FinetuneConfig(out="o", data_path="it's here", task="multiclass", adaptation="lp", lp_mode="sgd", lr=0.1 + 0.2,
                            weight_decay=1e-6 * 3, head="mlp", head_dropout=0.30000000000000004, warmup_epochs=3)
     labels = FinetuneConfig(out="o", manifest="m.csv", task="multilabel", labels="a,b", pos_weight=True,
                             threshold="youden", overwrite=True)

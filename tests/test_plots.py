@@ -295,3 +295,12 @@ def test_plot_forest(tmp_path, monkeypatch):
     assert seen["texts"].count("n/a") == 3  # marker, difference and p of the NaN row
 
     _assert_png(plots.plot_forest([], tmp_path / "empty.png", metric="r2_macro", reference="A"), min_side=100)
+
+
+def test_probe_grid_and_label_efficiency_plots(tmp_path):
+    grid = pd.DataFrame({"C": [1e-3, 1e-2, 0.1, 1.0], "auroc_macro": [0.6, 0.7, 0.8, np.nan],
+                         "scheme": "validation"})
+    _assert_png(plots.plot_probe_grid(grid, "auroc_macro", tmp_path / "grid.png"))
+    summary = pd.DataFrame({"fraction": [0.05, 0.5, 1.0], "n_train": [30, 300, 600], "mean": [0.7, 0.85, np.nan],
+                            "sd": [0.05, 0.01, 0.0], "seeds": [3, 3, 1]})
+    _assert_png(plots.plot_label_efficiency(summary, "auroc_macro", "RETFound (linear probe)", tmp_path / "le.png"))

@@ -112,6 +112,8 @@ def finetune_options(command: Callable) -> Callable:
                      help="Zoo name (see `retinafm models`) or timm ViT."),
         click.option("--weights", default=None, help="Zoo weights (default), HF repo id, local file, or 'none'."),
         click.option("--adaptation", type=click.Choice(["finetune", "lp"]), default=D.adaptation, show_default=True),
+        click.option("--lp-mode", type=click.Choice(["features", "sgd"]), default=D.lp_mode, show_default=True,
+                     help="lp: embed once + scikit-learn probe (features), or RETFound's epoch loop (sgd)."),
         click.option("--task", type=click.Choice(TASK_NAMES), default=D.task, show_default=True,
                      help="multiclass (binary is two classes), multilabel or regression (one or more targets)."),
         click.option("--labels", default=None,
@@ -212,6 +214,25 @@ def tune_cmd(resume: str | None, trials: int, tune_epochs: int, direction: str, 
                   on_interrupt="A study run with --storage continues when the same command is run again.")
     click.echo(f"best trial {result.best_trial}: {result.best_value:.4f}  {result.best_params}")
     click.echo(f"study files in {result.out}; reproduce the best trial at full epochs with:\n{result.command}")
+
+
+@main.command("label-efficiency")
+@finetune_options
+@click.option("--fractions", default="0.05,0.1,0.25,0.5,1", show_default=True,
+              help="Fractions of the train split, each class alike.")
+@click.option("--seeds", type=int, default=3, show_default=True, help="Subsets (and runs) per fraction.")
+@click.option("--metric", default=None, help="Test metric to plot (default: the task's, AUROC macro or R² macro).")
+def label_efficiency_cmd(resume: str | None, fractions: str, seeds: int, metric: str | None, **options: Any) -> None:
+    """Test performance against the number of training images: class-stratified subsets of the
+    train split, several seeds each; a table and a plot (mean ± sd). With --adaptation lp
+    (recommended) every image is embedded once and each point takes seconds."""
+    from .label_efficiency import label_efficiency, parse_fractions
+
+    if resume:
+        raise click.UsageError("label-efficiency has no --resume")
+    result = _run(lambda: label_efficiency(FinetuneConfig(**options), parse_fractions(fractions), seeds,
+                                           metric=metric))
+    click.echo(f"study folder: {result.out}")
 
 
 @main.command("evaluate")
@@ -332,6 +353,74 @@ def predict_cmd(checkpoint: str, images: str, out: str, batch_size: int, device:
     click.echo(f"{len(res.predictions)} predictions written to {res.out}")
     if res.skipped_path:
         click.echo(f"{len(res.skipped)} unreadable file(s) listed in {res.skipped_path}")
+
+
+@main.command("embed")
+@click.option("--images", required=True, type=click.Path(),
+              help="A folder (train|val|test/<class>/ keeps split and label), a manifest CSV (its columns are kept), or an image.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="emb.parquet, or emb.npy (+ emb.csv index).")
+@click.option("--model", default=None, help="Zoo name or timm architecture (see `retinafm models`).")
+@click.option("--weights", default=None, help="For --model: file, hf repo id, zoo name, or 'none' (default: the zoo entry's).")
+@click.option("--checkpoint", default=None, type=click.Path(), help="Instead of --model: a retinafm checkpoint.")
+@click.option("--pool", type=click.Choice(["cls", "avg"]), default=None,
+              help="Class token or average of patch tokens (default: the model's own; RETFound: avg).")
+@click.option("--tta-flip", is_flag=True, help="Average with the horizontally flipped image's embedding.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--input-size", type=int, default=None)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--shard-size", type=int, default=2048, show_default=True, help="Images per resumable shard.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--num-workers", type=int, default=2, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def embed_cmd(images: str, out: str, overwrite: bool, **options: Any) -> None:
+    """One pooled feature vector per image, for probes and analysis. Interrupted? Run the same
+    command again: finished shards are kept."""
+    from .embed import EmbedSettings, embed
+
+    res = _run(lambda: embed(images, out, EmbedSettings(**options), overwrite=overwrite),
+               on_interrupt="Run the same command again to continue from the finished shards.")
+    reused = f" ({res.shards_reused} shard(s) reused)" if res.shards_reused else ""
+    click.echo(f"{res.count} embeddings of dimension {res.dim} written to {res.out}{reused}")
+    if res.skipped:
+        click.echo(f"{len(res.skipped)} unreadable file(s) listed in {res.out.with_name(res.out.stem + '_skipped.csv')}")
+
+
+@main.command("probe")
+@click.option("--embeddings", required=True, type=click.Path(), help="An `embed` output (.parquet or .npy).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
+@click.option("--task", type=click.Choice(["multiclass", "multilabel", "regression"]), default="multiclass",
+              show_default=True)
+@click.option("--label-column", default="label", show_default=True, help="Multi-class: the class column.")
+@click.option("--labels", "label_columns", default=None, help="Multi-label: the 0/1 columns, comma-separated.")
+@click.option("--targets", "target_columns", default=None, help="Regression: the value columns, comma-separated.")
+@click.option("--knn-k", type=int, default=20, show_default=True)
+@click.option("--folds", type=int, default=5, show_default=True, help="k-fold on train when there is no val split.")
+@click.option("--threshold", default="0.5", show_default=True,
+              help="Multi-label decision threshold, or 'youden' (chosen per label on validation).")
+@click.option("--bootstrap", type=int, default=1000, show_default=True, help="Replicates for the test CIs (0: none).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def probe_cmd(embeddings: str, out: str, task: str, label_column: str, label_columns: str | None,
+              target_columns: str | None, knn_k: int, folds: int, threshold: str, bootstrap: int, seed: int,
+              overwrite: bool) -> None:
+    """Linear probe (logistic / ridge regression, regularisation chosen on validation) and kNN on
+    embeddings: metrics with CIs, predictions, report, and a checkpoint `predict` can use."""
+    from .probe import ProbeSettings, probe
+
+    def run_probe():
+        if threshold.lower() != "youden":
+            try:
+                value: float | None = float(threshold)
+            except ValueError:
+                raise ConfigError(f"--threshold must be a probability or 'youden', got {threshold!r}") from None
+        else:
+            value = None
+        settings = ProbeSettings(task=task, label_column=label_column, columns=label_columns or target_columns,
+                                 knn_k=knn_k, folds=folds, threshold=value, bootstrap=bootstrap, seed=seed)
+        return probe(embeddings, out, settings, overwrite=overwrite)
+
+    result = _run(run_probe)
+    click.echo(f"run directory: {result.run_dir} (checkpoint-best.pth, metrics, predictions, report.html; kNN in knn/)")
 
 
 @main.command("demo")

@@ -32,6 +32,9 @@ class FinetuneConfig:
     model: str = "RETFound_mae_natureCFP"
     weights: Optional[str] = None  # None: the zoo entry's own weights; "none": random init
     adaptation: str = "finetune"  # finetune | lp
+    # lp only: "features" embeds every image once and fits a scikit-learn probe (seconds);
+    # "sgd" is RETFound's way, the frozen backbone run in every epoch with the head trained by AdamW.
+    lp_mode: str = "features"
     task: str = "multiclass"  # multiclass | multilabel | regression
     labels: Optional[str] = None  # multilabel: comma-separated manifest columns (default: all non-reserved)
     targets: Optional[str] = None  # regression: comma-separated numeric manifest columns
@@ -78,6 +81,11 @@ class FinetuneConfig:
             raise ConfigError("give exactly one of --data-path DIR or --manifest FILE.csv")
         if self.adaptation not in ("finetune", "lp"):
             raise ConfigError(f"--adaptation must be 'finetune' or 'lp', not {self.adaptation!r}")
+        if self.lp_mode not in ("features", "sgd"):
+            raise ConfigError(f"--lp-mode must be 'features' or 'sgd', not {self.lp_mode!r}")
+        if self.adaptation == "lp" and self.lp_mode == "features" and self.head != "linear":
+            raise ConfigError(f"--head {self.head} needs gradient training: add --lp-mode sgd (the features probe "
+                              "fits a linear head)")
         if self.task not in TASK_NAMES:
             raise ConfigError(f"--task must be one of {', '.join(TASK_NAMES)}, not {self.task!r}")
         if self.labels and self.task != "multilabel":

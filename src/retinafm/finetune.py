@@ -71,6 +71,46 @@ def finetune(cfg: FinetuneConfig, *, on_epoch: Optional[EpochCallback] = None,
     return result
 
 
+def samples_table(data: LabelledData, include_test: bool = True) -> pd.DataFrame:
+    """path, split, the label (class name) or target columns, patient_id: what `embed` carries along."""
+    rows = []
+    for s in data.samples:
+        if s.split == "test" and not include_test:
+            continue
+        row: dict[str, Any] = {"path": s.path, "split": s.split}
+        if s.label is not None:
+            row["label"] = data.class_names[s.label]
+        elif s.targets is not None:
+            row.update(zip(data.class_names, s.targets))
+        row["patient_id"] = s.patient_id
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.drop(columns="patient_id") if frame["patient_id"].isna().all() else frame
+
+
+def _feature_probe(cfg: FinetuneConfig, data: LabelledData, run_dir: Path, evaluate_test: bool) -> FinetuneResult:
+    """--adaptation lp: every image through the frozen backbone once, then the scikit-learn probe."""
+    from .embed import EmbedSettings, embed
+    from .probe import ProbeSettings, probe
+
+    embeddings = run_dir / "embeddings.parquet"
+    settings = EmbedSettings(model=cfg.model, weights=cfg.weights, input_size=cfg.input_size,
+                             pool={"token": "cls", "avg": "avg"}.get(cfg.global_pool or ""), dtype="float32",
+                             batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device)
+    _say(f"linear probe on {cfg.model} features: embedding {len(data.samples)} images once")
+    embed(samples_table(data, include_test=evaluate_test), embeddings, settings, overwrite=cfg.overwrite)
+    if not dist_utils.is_primary():  # the ranks shared the embedding; fitting the probe takes one process
+        return FinetuneResult(run_dir, -1, {})
+    columns = None if cfg.task == "multiclass" else ",".join(data.class_names)
+    result = probe(embeddings, run_dir, ProbeSettings(task=cfg.task, columns=columns, threshold=cfg.threshold_value(),
+                                                      bootstrap=cfg.bootstrap, seed=cfg.seed),
+                   overwrite=True)
+    val, test = result.evaluations.get("val"), result.evaluations.get("test")
+    return FinetuneResult(run_dir, -1, {**val.metrics, "loss": val.loss} if val else {},
+                          test.metrics if test else None, result.task.selection_metric,
+                          {"checkpoint": result.checkpoint, "embeddings": embeddings})
+
+
 def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[EpochCallback],
               evaluate_test: bool) -> FinetuneResult:
     run_dir = Path(cfg.out)
@@ -92,6 +132,8 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
         )
     if cfg.task == "multiclass" and len(data.class_names) < 2:
         raise DataSourceError(f"{data.source} has a single class {data.class_names}; classification needs two or more")
+    if cfg.adaptation == "lp" and cfg.lp_mode == "features":
+        return _feature_probe(cfg, data, run_dir, evaluate_test)
     spec = get_spec(cfg.model)
     input_size = cfg.input_size or spec.input_size
     if input_size % spec.patch_size:

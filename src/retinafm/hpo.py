@@ -78,7 +78,8 @@ def search_space(trial: optuna.Trial, cfg: FinetuneConfig) -> dict[str, Any]:
 def trial_config(base: FinetuneConfig, params: dict[str, Any], epochs: int, out: Path) -> FinetuneConfig:
     """`base` with a trial's settings, shortened to `epochs` with the same share of warmup."""
     warmup = min(round(base.warmup_epochs * epochs / base.epochs), epochs - 1) if base.epochs else 0
-    return dataclasses.replace(base, **params, epochs=epochs, warmup_epochs=max(0, warmup), out=str(out),
+    # Trials train by epochs (pruned on validation): a probe searched this way is RETFound's SGD probe.
+    return dataclasses.replace(base, **params, lp_mode="sgd", epochs=epochs, warmup_epochs=max(0, warmup), out=str(out),
                                resume=False, overwrite=True)
 
 

@@ -122,9 +122,9 @@ def evaluate_samples(
     return ev
 
 
-def write_evaluation(out_dir: Path, task, ev: SplitEvaluation) -> dict[str, Path]:
+def write_evaluation(out_dir: Path, task, ev: SplitEvaluation, *, plots: bool = True) -> dict[str, Path]:
     """metrics_<split>.json/.csv (point estimates beside their CIs), predictions_<split>.csv and
-    the task's plots under plots/."""
+    (unless `plots` is False) the task's plots under plots/."""
     out_dir = Path(out_dir)
     metrics: dict[str, Any] = {"split": ev.split, "loss": ev.loss, **ev.metrics}
     if ev.ci:
@@ -140,7 +140,8 @@ def write_evaluation(out_dir: Path, task, ev: SplitEvaluation) -> dict[str, Path
         "metrics_csv": write_csv(out_dir / f"metrics_{ev.split}.csv", metrics_to_frame(ev.metrics, ev.ci)),
         "predictions": write_csv(out_dir / f"predictions_{ev.split}.csv", predictions),
     }
-    written.update(task.plots(ev.targets, ev.outputs, out_dir / "plots"))
+    if plots:
+        written.update(task.plots(ev.targets, ev.outputs, out_dir / "plots"))
     return written
 
 

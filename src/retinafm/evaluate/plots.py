@@ -415,6 +415,42 @@ def _number(value: float, fmt: str) -> str:
     return "n/a" if math.isnan(value) else format(value, fmt)
 
 
+def plot_probe_grid(grid: pd.DataFrame, metric: str, path: Path) -> Path:
+    """A linear probe's validation score over its regularisation grid (first column of `grid`)."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot(grid.iloc[:, 0], grid[metric], marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel(grid.columns[0] + (" (inverse regularisation)" if grid.columns[0] == "C" else " (regularisation)"))
+    ax.set_ylabel(f"{metric} ({grid['scheme'].iloc[0]})")
+    ax.set_title("Linear probe: choice of regularisation")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_label_efficiency(summary: pd.DataFrame, metric: str, label: str, path: Path) -> Path:
+    """Test metric (mean +- sd over seeds) against the number of training images, log x axis."""
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.errorbar(summary["n_train"], summary["mean"], yerr=summary["sd"], marker="o", capsize=4,
+                label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(summary["n_train"].tolist())
+    ax.set_xticklabels([f"{n:.0f}" for n in summary["n_train"]])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("training images (log scale)")
+    ax.set_ylabel(f"test {metric} (mean ± sd over seeds)")
+    seeds = int(summary["seeds"].max()) if len(summary) else 0
+    ax.set_title(f"Label efficiency ({seeds} seed{'s' if seeds != 1 else ''} per point)")
+    for _, row in summary.iterrows():
+        if not math.isnan(row["mean"]):
+            ax.annotate(f"{row['fraction']:.0%}", (row["n_train"], row["mean"]), textcoords="offset points",
+                        xytext=(6, -10), ha="left", fontsize=8, color="0.35")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     path = Path(path)
     try:

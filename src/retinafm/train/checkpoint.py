@@ -47,6 +47,12 @@ class CheckpointMeta:
     head: dict[str, Any] = field(default_factory=dict)  # HeadSettings fields; empty: linear
     fc_norm_repeats: int = 1  # 2 for models imported from RETFound's 2025 code (see RepeatedLayerNorm)
     eval_crop_pct: float = EVAL_CROP_PCT  # evaluation resize = input_size / eval_crop_pct, then centre crop
+    # Probes: where the frozen backbone's weights come from ({"checkpoint": path} or {"model", "weights",
+    # "weights_file"}); the file then holds only the head. Empty: the file holds every weight.
+    backbone: dict[str, Any] = field(default_factory=dict)
+    # A probe fitted on flip-averaged embeddings: its linear head on averaged features equals the
+    # average of its logits on the image and its mirror, which is how the rebuilt model predicts.
+    tta_flip: bool = False
 
     def spec(self) -> ModelSpec:
         return ModelSpec(
@@ -81,10 +87,7 @@ def save_checkpoint(
     scaler: Optional[torch.amp.GradScaler] = None,
     extra: Optional[dict[str, Any]] = None,
 ) -> Path:
-    state: dict[str, Any] = {
-        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-        "retinafm": {"format": FORMAT_VERSION, **meta.__dict__, "versions": versions()},
-    }
+    state = _state(meta, {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()})
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     if scaler is not None and scaler.is_enabled():
@@ -92,6 +95,70 @@ def save_checkpoint(
     if extra:
         state.update(extra)
     return save_torch(path, state)
+
+
+def _state(meta: CheckpointMeta, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {"model": weights, "retinafm": {"format": FORMAT_VERSION, **meta.__dict__, "versions": versions()}}
+
+
+def save_probe_checkpoint(path: str | Path, meta: CheckpointMeta, head: dict[str, torch.Tensor],
+                          backbone_state: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """A probe's checkpoint: its head, plus the backbone's weights only when meta.backbone cannot
+    name where they come from (a randomly initialised backbone)."""
+    return save_torch(path, _state(meta, {**(backbone_state or {}), **head}))
+
+
+def backbone_fields(info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Optional[dict[str, torch.Tensor]]]:
+    """From an embeddings file's metadata: the CheckpointMeta fields describing its backbone, the
+    reference to its weights, and (for a random-init backbone, which has no reference) its weights."""
+    from ..models.registry import get_spec
+
+    if info.get("checkpoint"):
+        source = meta_of(load_checkpoint(info["checkpoint"]))
+        keep = ("arch", "arch_kwargs", "input_size", "mean", "std", "global_pool", "modality", "patch_size",
+                "fc_norm_repeats", "eval_crop_pct")
+        fields = {k: getattr(source, k) for k in keep}
+        fields.update(model_name=source.model_name, tta_flip=bool(info.get("tta_flip")))
+        return fields, {"checkpoint": str(info["checkpoint"])}, None
+    if not info.get("model"):
+        raise CheckpointError("the embeddings file does not say which model made it (no 'model' in its metadata); "
+                              "re-create it with `retinafm embed`")
+    spec = get_spec(info["model"])
+    fields = dict(model_name=spec.name, arch=spec.arch, arch_kwargs=dict(spec.arch_kwargs), input_size=int(info["input_size"]),
+                  mean=list(info["mean"]), std=list(info["std"]), global_pool="token" if info["pool"] == "cls" else "avg",
+                  modality=spec.modality, patch_size=spec.patch_size, eval_crop_pct=float(info["crop_pct"]),
+                  tta_flip=bool(info.get("tta_flip")))
+    if info.get("weights_file"):
+        return fields, {"model": spec.name, "weights": info.get("weights"), "weights_file": info["weights_file"]}, None
+    from ..embed import EmbedSettings, embedding_model
+
+    model, _ = embedding_model(EmbedSettings(model=spec.name, weights="none", pool=info["pool"],
+                                             input_size=int(info["input_size"])))
+    return fields, {}, {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+
+
+def _load_backbone_reference(model: nn.Module, reference: dict[str, Any]) -> None:
+    """Fill a probe's backbone from the checkpoint or pretrained weights it was fitted on."""
+    if reference.get("checkpoint"):
+        path = Path(reference["checkpoint"])
+        if not path.is_file():
+            raise CheckpointError(f"this probe was fitted on the features of {path}, which is missing; put it back "
+                                  "or re-run the probe")
+        source, _ = model_from_checkpoint(load_checkpoint(path))
+        weights = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+        result = model.load_state_dict(weights, strict=False)
+        if result.unexpected_keys or any(not k.startswith("head.") for k in result.missing_keys):
+            raise CheckpointError(f"the backbone of {path} does not fit this probe's architecture")
+        return
+    from ..models.registry import get_spec
+    from ..models.weights import load_backbone_weights, resolve_weights
+
+    spec = get_spec(reference["model"])
+    file = reference.get("weights_file")
+    path = file if file and Path(file).is_file() else resolve_weights(spec, reference.get("weights"))
+    if path is None:
+        raise CheckpointError(f"this probe's backbone {spec.name} has no weights to load")
+    load_backbone_weights(model, path, spec.family)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -132,8 +199,23 @@ def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, CheckpointM
     model = create_model(meta.spec(), len(meta.class_names), input_size=meta.input_size, global_pool=meta.global_pool,
                          head=HeadSettings(**meta.head) if meta.head else None, fc_norm_repeats=meta.fc_norm_repeats)
     try:
-        model.load_state_dict(state["model"], strict=True)
+        if meta.backbone:  # a probe: backbone from its reference, then the head
+            _load_backbone_reference(model, meta.backbone)
+            result = model.load_state_dict(state["model"], strict=False)
+            if result.unexpected_keys or set(state["model"]) != {k for k in model.state_dict() if k.startswith("head.")}:
+                raise RuntimeError(f"head weights {sorted(state['model'])} do not fit")
+        else:
+            model.load_state_dict(state["model"], strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint weights do not fit {meta.arch}: {str(exc)[:500]}") from None
+    if meta.tta_flip:
+        model.forward = _flip_averaged(model.forward)
     model.eval()
     return model, meta
+
+
+def _flip_averaged(forward):
+    def averaged(x: torch.Tensor) -> torch.Tensor:
+        return (forward(x) + forward(torch.flip(x, dims=[-1]))) / 2
+
+    return averaged

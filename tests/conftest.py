@@ -70,3 +70,30 @@ def tiny_manifest_config(manifest: Path, out: Path, **overrides):
                     batch_size=16, lr=1e-3, crop_min_scale=0.8, smoothing=0.0)
     settings.update(overrides)
     return tiny_finetune_config(None, out, **settings)
+
+
+@pytest.fixture(scope="session")
+def oct_volume_data(tmp_path_factory) -> Path:
+    """A labelled folder of OCT volumes: 5-frame DICOMs (amd: a bright band; normal: faint), and in
+    test/ also a Heidelberg .vol and a multi-page TIFF."""
+    from medical_files import oct_bscans, write_dicom, write_heidelberg_vol, write_multipage_tiff
+
+    root = tmp_path_factory.mktemp("oct") / "data"
+    for split, count in (("train", 6), ("val", 2), ("test", 2)):
+        for label, bright in (("amd", 1.0), ("normal", 0.2)):
+            for i in range(count):
+                write_dicom(root / split / label / f"{label}_{split}{i}.dcm", oct_bscans(5, seed=100 * i + len(split),
+                                                                                          bright=bright))
+    write_heidelberg_vol(root / "test" / "amd" / "heyex.vol", oct_bscans(4, seed=7, bright=1.0))
+    write_multipage_tiff(root / "test" / "normal" / "stack.tif", oct_bscans(3, seed=8, bright=0.2))
+    return root
+
+
+@pytest.fixture(scope="session")
+def oct_run(oct_volume_data, tmp_path_factory) -> Path:
+    """A short run on every B-scan of the OCT volumes (read-only for the tests that use it)."""
+    from retinafm.finetune import finetune
+
+    run = tmp_path_factory.mktemp("oct_run") / "run"
+    finetune(tiny_finetune_config(oct_volume_data, run, epochs=3, oct_frames="all", batch_size=8))
+    return run

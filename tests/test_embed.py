@@ -226,3 +226,13 @@ def test_npy_and_parquet_hold_the_same(demo_data, tmp_path):
     np.testing.assert_array_equal(a.vectors, b.vectors)
     pd.testing.assert_frame_equal(a.frame, b.frame)
     assert json.loads((tmp_path / "a.json").read_text())["dim"] == 64
+
+
+def test_volumes_embed_bscan_by_bscan_with_their_columns(oct_volume_data, tmp_path):
+    emb = read_embeddings(embed(oct_volume_data, tmp_path / "o.parquet", tiny(oct_frames="3"), progress=False).out)
+    # 20 five-frame DICOMs + 4-frame .vol + 3-frame TIFF, 3 B-scans each
+    assert len(emb.frame) == 22 * 3 and emb.frame["path"].str.contains("#frame=").all()
+    vol = emb.frame[emb.frame["path"].str.contains("heyex.vol")]
+    assert vol["path"].str.extract(r"#frame=(\d)")[0].tolist() == ["0", "2", "3"]
+    assert set(vol["split"]) == {"test"} and set(vol["label"]) == {"amd"}
+    assert emb.vectors.shape == (66, 64) and np.isfinite(emb.vectors).all()

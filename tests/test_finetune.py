@@ -184,3 +184,54 @@ def test_retfound_mae_vit_large_checkpoint_fine_tunes(tmp_path, capsys):
         delta = (best["model"][k] - v).abs().max().item()
         assert 0 < delta < 1e-2, (k, delta)
     assert result.best_epoch == 0
+
+
+def test_finetune_on_oct_volumes_uses_every_bscan(oct_run):
+    """DICOM, .vol and multi-page TIFF volumes train and evaluate B-scan by B-scan (--oct-frames all)."""
+    predictions = pd.read_csv(oct_run / "predictions_test.csv")
+    # test: 2 + 2 five-frame DICOMs, a 4-frame .vol and a 3-frame TIFF
+    assert len(predictions) == 4 * 5 + 4 + 3
+    assert predictions["path"].str.contains("#frame=").all()
+    assert predictions["path"].str.contains(r"heyex\.vol#frame=3").any()
+    assert predictions["path"].str.contains(r"stack\.tif#frame=2").any()
+    summary = pd.read_csv(oct_run / "data_summary.csv")
+    assert summary.set_index("split").loc["train", ["amd", "normal"]].tolist() == [30, 30]
+    assert not (oct_run / "skipped.csv").exists()
+
+
+def test_run_killed_mid_training_resumes_to_the_same_result(tmp_path, demo_data):
+    """kill -9 during training, then --resume: the final metrics equal an uninterrupted run's (CPU)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["--data-path", str(demo_data), "--model", "vit_micro_patch8", "--weights", "none", "--input-size", "32",
+            "--epochs", "6", "--warmup-epochs", "1", "--batch-size", "16", "--lr", "1e-3", "--layer-decay", "1.0",
+            "--randaug-magnitude", "5", "--reprob", "0.25", "--smoothing", "0.1", "--num-workers", "0",
+            "--device", "cpu", "--bootstrap", "0", "--seed", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "retinafm", "finetune"]
+    subprocess.run([*command, *args, "--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*command, *args, "--out", str(run)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "log.csv").is_file() and len(pd.read_csv(run / "log.csv")) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "metrics_test.json").exists()
+    subprocess.run([*command, "--resume", str(run)], env=env, check=True, capture_output=True)
+
+    whole = json.loads((tmp_path / "whole" / "metrics_test.json").read_text())
+    resumed = json.loads((run / "metrics_test.json").read_text())
+    for key in ("auroc_macro", "accuracy", "kappa", "loss"):
+        assert resumed[key] == pytest.approx(whole[key], abs=1e-6), key
+    log_whole, log_resumed = pd.read_csv(tmp_path / "whole" / "log.csv"), pd.read_csv(run / "log.csv")
+    np.testing.assert_allclose(log_resumed["train_loss"], log_whole["train_loss"], atol=1e-6)

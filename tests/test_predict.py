@@ -65,3 +65,51 @@ def test_predictions_match_the_test_evaluation(trained_run, demo_data, tmp_path)
     run = pd.read_csv(trained_run / "predictions_test.csv").set_index("path").sort_index()
     cols = [f"prob_{c}" for c in CLASSES]
     np.testing.assert_allclose(ours[cols].to_numpy(), run[cols].to_numpy(), atol=1e-5)
+
+
+def test_volumes_get_one_row_each_with_mean_and_max(oct_run, oct_volume_data, tmp_path):
+    result = predict(oct_run / "checkpoint-best.pth", oct_volume_data / "test", tmp_path / "p.csv",
+                     num_workers=0, device="cpu", progress=False)  # the run's own --oct-frames: all
+    frames = pd.read_csv(tmp_path / "p.csv")
+    assert len(frames) == 27 and frames["path"].str.contains("#frame=").all()
+    volumes = pd.read_csv(tmp_path / "p_volumes.csv")
+    assert result.volumes_path == tmp_path / "p_volumes.csv"
+    assert list(volumes.columns) == ["path", "frames", "prediction", "mean_prob_amd", "mean_prob_normal",
+                                     "max_prob_amd", "max_prob_normal"]
+    assert len(volumes) == 6 and sorted(volumes["frames"].unique().tolist()) == [3, 4, 5]
+    vol = str(oct_volume_data / "test" / "amd" / "heyex.vol")
+    mine = frames[frames["path"].str.startswith(vol + "#")]
+    row = volumes.set_index("path").loc[vol]
+    assert row["frames"] == 4
+    np.testing.assert_allclose(row["mean_prob_amd"], mine["prob_amd"].mean(), rtol=1e-6)
+    np.testing.assert_allclose(row["max_prob_normal"], mine["prob_normal"].max(), rtol=1e-6)
+    assert row["prediction"] == ("amd" if row["mean_prob_amd"] >= row["mean_prob_normal"] else "normal")
+
+    middle = predict(oct_run / "checkpoint-best.pth", oct_volume_data / "test", tmp_path / "m.csv", num_workers=0,
+                     device="cpu", progress=False, oct_frames="middle")
+    assert len(middle.predictions) == 6 and middle.volumes is None and not (tmp_path / "m_volumes.csv").exists()
+
+
+def test_fundus_crop_is_saved_in_the_checkpoint_and_reapplied(demo_data, tmp_path):
+    """A run trained with --fundus-crop predicts through the same crop, from the checkpoint alone."""
+    import torch
+
+    from conftest import tiny_finetune_config
+    from retinafm.data.io import read_image
+    from retinafm.data.preprocess import fundus_crop
+    from retinafm.data.transforms import eval_transform
+    from retinafm.finetune import finetune
+    from retinafm.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    run = tmp_path / "run"
+    finetune(tiny_finetune_config(demo_data, run, epochs=1, warmup_epochs=0, fundus_crop=True))
+    model, meta = model_from_checkpoint(load_checkpoint(run / "checkpoint-best.pth"))
+    assert meta.preprocess == {"fundus_crop": True, "oct_crop": None}
+    images = sorted((demo_data / "test" / "glaucoma").glob("*.png"))[:3]
+    got = predict(run / "checkpoint-best.pth", images[0].parent, tmp_path / "p.csv", num_workers=0, device="cpu",
+                  progress=False).predictions.set_index("path")
+    recipe = eval_transform(meta.input_size, meta.mean, meta.std, meta.eval_crop_pct)
+    with torch.no_grad():
+        for path in images:
+            probs = torch.softmax(model(recipe(fundus_crop(read_image(path)))[None]), dim=1)[0].numpy()
+            np.testing.assert_allclose(got.loc[str(path)].filter(like="prob_").to_numpy(float), probs, atol=1e-5)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from retinafm.data.transforms import AugmentSettings, eval_transform, train_transform
@@ -36,3 +37,22 @@ def test_train_augments_randomly_with_right_shape():
     plain = train_transform(64, MEAN, STD, AugmentSettings(randaug_magnitude=0, reprob=0.0))
     names = [type(t).__name__ for t in plain.transforms]
     assert "RandAugment" not in names and "RandomErasing" not in names and "RandomResizedCrop" in names
+
+
+def test_preprocessing_runs_before_the_recipe_and_round_trips_its_state():
+    from skimage import data as skdata
+
+    from retinafm.data.preprocess import center_crop_fraction, fundus_crop
+    from retinafm.data.transforms import Preprocessing, eval_transform
+
+    canvas = np.zeros((700, 1000, 3), np.uint8)
+    canvas[: 700, 150:850] = skdata.retina()[::2, ::2][:700, :700]
+    image = torch.from_numpy(canvas).permute(2, 0, 1).contiguous()
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    plain = eval_transform(32, mean, std)
+    cropped = eval_transform(32, mean, std, preprocessing=Preprocessing(fundus_crop=True))
+    torch.testing.assert_close(cropped(image), plain(fundus_crop(image)))
+    central = eval_transform(32, mean, std, preprocessing=Preprocessing(oct_crop=0.5))
+    torch.testing.assert_close(central(image), plain(center_crop_fraction(image, 0.5)))
+    settings = Preprocessing(fundus_crop=True, oct_crop=0.8)
+    assert Preprocessing.from_state(settings.state()) == settings and Preprocessing.from_state({}) == Preprocessing()

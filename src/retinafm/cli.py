@@ -5,8 +5,10 @@ win. `--resume RUN_DIR` reads that run's config.yaml, so only changed flags need
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,8 +24,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .models.weights import WeightsError
     from .train.checkpoint import CheckpointError
 
+    # OSError: unwritable or missing paths, read-only folders, a full disk; the message names the path.
     return (ConfigError, DataSourceError, OutputExistsError, UnknownModelError, WeightsError, CheckpointError,
-            PermissionError, FileNotFoundError, ValueError)
+            OSError, ValueError)
 
 
 def _run(fn: Callable[[], Any],
@@ -37,7 +40,11 @@ def _run(fn: Callable[[], Any],
     except _user_errors() as exc:
         if os.environ.get("RETINAFM_DEBUG"):
             raise
-        click.echo(f"error: {exc}", err=True)
+        message = str(exc)
+        if isinstance(exc, OSError) and exc.filename:  # "[Errno 30] ..." into the path and the reason
+            hint = "; choose a folder you can write to" if exc.errno in (errno.EACCES, errno.EROFS) else ""
+            message = f"cannot use {exc.filename}: {exc.strerror or exc}{hint}"
+        click.echo(f"error: {message}", err=True)
         click.echo("(set RETINAFM_DEBUG=1 to see the full traceback)", err=True)
         sys.exit(2)
 
@@ -46,6 +53,12 @@ def _run(fn: Callable[[], Any],
 @click.version_option(package_name="retinafm")
 def main() -> None:
     """retinafm: fine-tune, evaluate and run retinal foundation models (RETFound, DINOv2, DINOv3)."""
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001 (warnings' signature)
+    """Warnings about the user's data (skipped files, modality) as one plain line, not source locations."""
+    return f"warning: {message}\n"
 
 
 @main.command("models")
@@ -96,6 +109,17 @@ def read_yaml_settings_lenient(path: Path) -> dict[str, Any]:
 D = FinetuneConfig()
 
 
+def modality_option() -> Callable:
+    return click.option("--modality", type=click.Choice(["CFP", "OCT"]), default=None,
+                        help="What the images are, when the colour/grayscale check guesses wrong.")
+
+
+def oct_frames_option(default: str | None = "middle") -> Callable:
+    return click.option("--oct-frames", default=default, show_default=default is not None,
+                        help="B-scans of each OCT volume (multi-frame DICOM, .vol, .e2e, multi-page TIFF): "
+                             "middle, all, or N evenly spread" + ("." if default else "; default: as in training."))
+
+
 def finetune_options(command: Callable) -> Callable:
     """The finetune flags, shared by `finetune` and `tune` (which searches some of them)."""
     options = [
@@ -107,6 +131,12 @@ def finetune_options(command: Callable) -> Callable:
         click.option("--manifest", type=click.Path(),
                      help="CSV: path, split [, patient_id] and label | 0/1 label columns | numeric targets."),
         click.option("--split", help="Automatic stratified split ratios train,val,test, e.g. 0.7,0.15,0.15."),
+        oct_frames_option(D.oct_frames),
+        click.option("--fundus-crop", is_flag=True, default=D.fundus_crop,
+                     help="Crop fundus photographs to their circular field of view, padded square (kept for predict)."),
+        click.option("--oct-crop", type=float, default=D.oct_crop,
+                     help="Keep this central fraction of each OCT B-scan, e.g. 0.8 (kept for predict)."),
+        modality_option(),
         click.option("--out", type=click.Path(), help="Run directory to create."),
         click.option("--model", default=D.model, show_default=True,
                      help="Zoo name (see `retinafm models`) or timm ViT."),
@@ -252,9 +282,11 @@ def label_efficiency_cmd(resume: str | None, fractions: str, seeds: int, metric:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--num-workers", type=int, default=2, show_default=True)
 @click.option("--overwrite", is_flag=True)
+@oct_frames_option(None)
+@modality_option()
 def evaluate_cmd(checkpoint: str, data_path: str | None, manifest: str | None, split_name: str, out: str,
                  label_map: str | None, ordinal: bool, bootstrap: int, seed: int, batch_size: int, device: str,
-                 num_workers: int, overwrite: bool) -> None:
+                 num_workers: int, overwrite: bool, oct_frames: str | None, modality: str | None) -> None:
     """Metrics with 95% CIs (AUROC, AUPRC, accuracy, sensitivity, specificity, F1, kappa, MCC, ECE),
     predictions, plots and report.html — on the run's test split or an external data set."""
     from .data.sources import parse_label_map
@@ -265,7 +297,7 @@ def evaluate_cmd(checkpoint: str, data_path: str | None, manifest: str | None, s
     ev = _run(lambda: evaluate_checkpoint(checkpoint, out, data_path=data_path, manifest=manifest, split=split_name,
                                           label_map=parse_label_map(label_map), ordinal=ordinal, bootstrap=bootstrap,
                                           seed=seed, batch_size=batch_size, device=device, num_workers=num_workers,
-                                          overwrite=overwrite))
+                                          overwrite=overwrite, oct_frames=oct_frames, modality=modality))
     click.echo(f"{split_name}: {len(ev.paths)} images  {ev.task.summary(ev.metrics, ev.ci)}")
     if ev.notes.get("absent_classes"):
         click.echo(f"not in this set (metrics undefined): {', '.join(ev.notes['absent_classes'])}")
@@ -343,14 +375,20 @@ def import_cmd(checkpoint: str, source: str, classes: str, out: str, overwrite: 
 @click.option("--device", default="auto", show_default=True)
 @click.option("--num-workers", type=int, default=2, show_default=True)
 @click.option("--overwrite", is_flag=True)
+@oct_frames_option(None)
+@modality_option()
 def predict_cmd(checkpoint: str, images: str, out: str, batch_size: int, device: str, num_workers: int,
-                overwrite: bool) -> None:
-    """Predictions for new images: path, then per-class probabilities (or one column per target)."""
+                overwrite: bool, oct_frames: str | None, modality: str | None) -> None:
+    """Predictions for new images: path, then per-class probabilities (or one column per target).
+    With --oct-frames all (or N), also one row per volume in <out>_volumes.csv."""
     from .predict import predict
 
     res = _run(lambda: predict(checkpoint, images, out, batch_size=batch_size, device=device,
-                               num_workers=num_workers, overwrite=overwrite))
+                               num_workers=num_workers, overwrite=overwrite, oct_frames=oct_frames,
+                               modality=modality))
     click.echo(f"{len(res.predictions)} predictions written to {res.out}")
+    if res.volumes_path:
+        click.echo(f"{len(res.volumes)} volume-level rows (mean and max over B-scans) in {res.volumes_path}")
     if res.skipped_path:
         click.echo(f"{len(res.skipped)} unreadable file(s) listed in {res.skipped_path}")
 
@@ -369,6 +407,10 @@ def predict_cmd(checkpoint: str, images: str, out: str, batch_size: int, device:
 @click.option("--input-size", type=int, default=None)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--shard-size", type=int, default=2048, show_default=True, help="Images per resumable shard.")
+@oct_frames_option()
+@click.option("--fundus-crop", is_flag=True, help="With --model: crop fundus photographs to their field of view.")
+@click.option("--oct-crop", type=float, default=None, help="With --model: keep this central fraction of each B-scan.")
+@modality_option()
 @click.option("--device", default="auto", show_default=True)
 @click.option("--num-workers", type=int, default=2, show_default=True)
 @click.option("--overwrite", is_flag=True)
@@ -434,6 +476,85 @@ def demo_cmd(out: str, epochs: int | None, overwrite: bool) -> None:
     summary = _run(lambda: run_demo(Path(out), epochs=epochs, overwrite=overwrite))
     if not summary.passed:
         sys.exit(1)
+
+
+@main.command("split")
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False),
+              help="CSV: path, a patient id column [, label | 0/1 label columns | targets] [, split].")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Manifest CSV to write with its split column; with --check, an optional CSV of the leaking ids.")
+@click.option("--by", default="patient_id", show_default=True,
+              help="Column whose rows stay in one split (the patient id); 'none' splits image by image.")
+@click.option("--ratios", default="0.7,0.15,0.15", show_default=True, help="train,val,test fractions of the patients.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--stratify", default=None,
+              help="Column to stratify on (default: label; else each row's rarest positive 0/1 label column; "
+                   "'none': no stratification). Numeric columns with many values go by quintile.")
+@click.option("--check", is_flag=True,
+              help="Don't split: list the ids whose images lie in more than one split of the manifest's split "
+                   "column; exit 1 if there are any, 0 when clean.")
+@click.option("--resplit", is_flag=True, help="Replace the split column the manifest already has.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def split_cmd(manifest: str, out: str | None, by: str, ratios: str, seed: int, stratify: str | None, check: bool,
+              resplit: bool, overwrite: bool) -> None:
+    """Patient-grouped, stratified, seeded train/val/test split of a manifest (paths unchanged), or
+    with --check a patient-leakage report on the split it already has."""
+    from .data import splits as sp
+    from .files import refuse_existing_file, write_csv
+
+    group_by = None if by.strip().lower() == "none" else by.strip()
+    if check:
+        if group_by is None:
+            raise click.UsageError("--check needs --by COLUMN, the patient id column to check")
+        if resplit or stratify:
+            raise click.UsageError("--check only reads the existing split; --resplit and --stratify are for splitting")
+
+        def run_check():
+            if out:
+                refuse_existing_file(out, overwrite=overwrite)
+            frame = sp.read_manifest_table(manifest)
+            report = sp.leakage_report(frame, by=group_by)
+            summary = sp.split_summary(frame, by=group_by)
+            if out:
+                write_csv(out, report)
+            return report, summary
+
+        report, summary = _run(run_check)
+        click.echo(summary.to_string())
+        if report.empty:
+            click.echo(f"no leakage: every {group_by} is in one split")
+            return
+        click.echo(f"leakage: {len(report)} {group_by} value(s) have images in more than one split "
+                   f"({int(report['images'].sum())} images)")
+        click.echo(report.head(20).to_string(index=False))
+        if len(report) > 20:
+            click.echo(f"... and {len(report) - 20} more" + (f" (all in {out})" if out else "; pass --out to list all"))
+        elif out:
+            click.echo(f"written to {out}")
+        sys.exit(1)
+
+    if not out:
+        raise click.UsageError("give --out FILE.csv for the split manifest (or --check to look for leakage)")
+
+    def run_split():
+        refuse_existing_file(out, overwrite=overwrite)
+        frame = sp.read_manifest_table(manifest)
+        if sp.has_split(frame) and not resplit:
+            counts = sp.split_summary(frame, by=None, stratify="none")["images"].drop("total")
+            raise sp.SplitError(f"--manifest {manifest} already has a split column "
+                                f"({', '.join(f'{k} {v}' for k, v in counts.items())}); pass --resplit to replace "
+                                "it, or check it for patient leakage with --check")
+        result = sp.split_manifest(frame, by=group_by, ratios=ratios, seed=seed, stratify=stratify)
+        summary = sp.split_summary(result, by=group_by, stratify=stratify)
+        write_csv(out, result)
+        return result, summary
+
+    result, summary = _run(run_split)
+    info = result.attrs["split_info"]
+    grouping = f"{info['groups']} {group_by} groups" if group_by else "image by image"
+    click.echo(f"wrote {out}: {len(result)} images, {grouping}, stratified by {info['stratified_by']} "
+               f"(ratios {ratios}, seed {seed})")
+    click.echo(summary.to_string())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,17 +8,35 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
 
 TASK_NAMES = ("multiclass", "multilabel", "regression")
 HEADS = ("linear", "mlp", "transformer")
+MODALITIES = ("CFP", "OCT")
+OctFrames = Union[str, int]
 
 
 class ConfigError(ValueError):
     """A setting has a value the toolkit cannot use; the message names the setting."""
+
+
+def parse_oct_frames(value: OctFrames) -> OctFrames:
+    """'middle' | 'all' | a positive integer (also given as text)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif str(value).strip().lower() in ("middle", "all"):
+        return str(value).strip().lower()
+    else:
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"--oct-frames must be middle, all or a number of B-scans, got {value!r}") from None
+    if number < 1:
+        raise ConfigError(f"--oct-frames must be at least 1, got {number}")
+    return number
 
 
 @dataclass
@@ -36,6 +54,10 @@ class FinetuneConfig:
     # "sgd" is RETFound's way, the frozen backbone run in every epoch with the head trained by AdamW.
     lp_mode: str = "features"
     task: str = "multiclass"  # multiclass | multilabel | regression
+    oct_frames: str = "middle"  # B-scans of each volume used: middle | all | N (evenly spread)
+    fundus_crop: bool = False  # crop colour fundus photographs to their field of view, padded square
+    oct_crop: Optional[float] = None  # keep this central fraction of each OCT B-scan (e.g. 0.8)
+    modality: Optional[str] = None  # CFP | OCT: what the images are, overriding the modality check
     labels: Optional[str] = None  # multilabel: comma-separated manifest columns (default: all non-reserved)
     targets: Optional[str] = None  # regression: comma-separated numeric manifest columns
     head: str = "linear"  # linear | mlp | transformer
@@ -94,6 +116,11 @@ class FinetuneConfig:
             raise ConfigError("--targets applies to --task regression; for multi-label use --labels")
         if (self.labels or self.targets or self.task != "multiclass") and not self.manifest:
             raise ConfigError(f"--task {self.task} reads its labels or targets from a CSV: give --manifest FILE.csv")
+        parse_oct_frames(self.oct_frames)
+        if self.oct_crop is not None and not 0 < self.oct_crop <= 1:
+            raise ConfigError(f"--oct-crop is the central fraction to keep, in (0, 1]; got {self.oct_crop}")
+        if self.modality is not None and self.modality not in MODALITIES:
+            raise ConfigError(f"--modality must be one of {', '.join(MODALITIES)}, not {self.modality!r}")
         if self.head not in HEADS:
             raise ConfigError(f"--head must be one of {', '.join(HEADS)}, not {self.head!r}")
         if self.head_depth < 1 or self.head_num_heads < 1:

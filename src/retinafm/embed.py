@@ -22,9 +22,12 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from .config import parse_oct_frames
 from .data.loader import ImageDataset, SkipLog
 from .data.sources import SPLITS, DataSourceError, _class_dirs, list_images
-from .data.transforms import EVAL_CROP_PCT, eval_transform
+from .data.preprocess import check_modality
+from .data.transforms import EVAL_CROP_PCT, Preprocessing, eval_transform
+from .data.volumes import expand_frames
 from .files import OutputExistsError, atomic_path, refuse_existing_file, write_csv, write_json
 from .train import distributed as dist_utils
 from .train.loop import infer
@@ -49,16 +52,26 @@ class EmbedSettings:
     num_workers: int = 2
     device: str = "auto"
     shard_size: int = 2048
+    oct_frames: str = "middle"  # B-scans of each volume: middle | all | N
+    fundus_crop: bool = False  # with --model: crop fundus photographs to their field of view first
+    oct_crop: Optional[float] = None  # with --model: keep this central fraction of each B-scan
+    modality: Optional[str] = None  # CFP | OCT: what the images are, instead of guessing
 
     def check(self) -> None:
         if (self.model is None) == (self.checkpoint is None):
             raise DataSourceError("give exactly one of --model NAME (with --weights) or --checkpoint FILE")
         if self.checkpoint is not None and self.weights is not None:
             raise DataSourceError("--weights goes with --model; a --checkpoint already holds its weights")
+        if self.checkpoint is not None and (self.fundus_crop or self.oct_crop):
+            raise DataSourceError("--fundus-crop / --oct-crop go with --model; a --checkpoint applies the "
+                                  "preprocessing it was trained with")
+        if self.oct_crop is not None and not 0 < self.oct_crop <= 1:
+            raise DataSourceError(f"--oct-crop is the central fraction to keep, in (0, 1]; got {self.oct_crop}")
         if self.pool is not None and self.pool not in POOLS:
             raise DataSourceError(f"--pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
         if self.dtype not in DTYPES:
             raise DataSourceError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        parse_oct_frames(self.oct_frames)
         if self.shard_size < 1 or self.batch_size < 1:
             raise DataSourceError("--shard-size and --batch-size must be at least 1")
 
@@ -82,13 +95,28 @@ class EmbedResult:
 
 
 # --------------------------------------------------------------------------- which images
-def image_table(images: str | Path | pd.DataFrame) -> pd.DataFrame:
+def image_table(images: str | Path | pd.DataFrame, oct_frames: str | int = "middle") -> pd.DataFrame:
     """The images to embed and the columns that travel with them.
 
     A manifest CSV (a `path` column, relative to the CSV, plus anything else); a labelled folder
     `<split>/<class>/<image>` (path, split, label); any folder of images (path only); or a
-    table with a `path` column (from Python, e.g. `finetune --adaptation lp`).
+    table with a `path` column (from Python, e.g. `finetune --adaptation lp`). Volumes become
+    the B-scans `oct_frames` picks (`file#frame=N`), each with its file's columns.
     """
+    return _expand_rows(_listed(images), oct_frames)
+
+
+def _expand_rows(frame: pd.DataFrame, oct_frames: str | int) -> pd.DataFrame:
+    pairs = [(row, address) for row, path in enumerate(frame["path"])
+             for address, _ in expand_frames([path], oct_frames)]
+    if len(pairs) == len(frame):
+        return frame
+    out = frame.iloc[[row for row, _ in pairs]].reset_index(drop=True)
+    out["path"] = [address for _, address in pairs]
+    return out
+
+
+def _listed(images: str | Path | pd.DataFrame) -> pd.DataFrame:
     if isinstance(images, pd.DataFrame):
         if "path" not in images.columns or images.empty:
             raise DataSourceError("the table of images to embed needs rows and a 'path' column")
@@ -151,9 +179,10 @@ def embedding_model(settings: EmbedSettings) -> tuple[nn.Module, dict[str, Any]]
                                   f"{'class token' if pool == 'token' else 'average'} pool; its features are that one")
         if settings.input_size is not None and settings.input_size != meta.input_size:
             raise DataSourceError(f"--input-size {settings.input_size}: {settings.checkpoint} takes {meta.input_size} px")
-        recipe = dict(input_size=meta.input_size, mean=list(meta.mean), std=list(meta.std), crop_pct=meta.eval_crop_pct)
+        recipe = dict(input_size=meta.input_size, mean=list(meta.mean), std=list(meta.std), crop_pct=meta.eval_crop_pct,
+                      preprocess=Preprocessing.from_state(meta.preprocess).state())
         source = dict(checkpoint=str(Path(settings.checkpoint).resolve()), model=meta.model_name, arch=meta.arch,
-                      class_names=list(meta.class_names), task=meta.task)
+                      class_names=list(meta.class_names), task=meta.task, modality=meta.modality)
     else:
         spec = get_spec(settings.model)
         input_size = settings.input_size or spec.input_size
@@ -169,9 +198,10 @@ def embedding_model(settings: EmbedSettings) -> tuple[nn.Module, dict[str, Any]]
         if path is not None:
             load_backbone_weights(model, path, spec.family)
         pool = str(model.global_pool)
-        recipe = dict(input_size=input_size, mean=list(spec.mean), std=list(spec.std), crop_pct=EVAL_CROP_PCT)
+        recipe = dict(input_size=input_size, mean=list(spec.mean), std=list(spec.std), crop_pct=EVAL_CROP_PCT,
+                      preprocess=Preprocessing(settings.fundus_crop, settings.oct_crop).state())
         source = dict(model=spec.name, arch=spec.arch, weights=settings.weights if path is not None else "none",
-                      weights_file=path)
+                      weights_file=path, modality=spec.modality)
     info = {**source, **recipe, "pool": "cls" if pool == "token" else pool, "tta_flip": settings.tta_flip,
             "dtype": settings.dtype}
     return model.eval(), info
@@ -201,12 +231,15 @@ def embed(images: str | Path | pd.DataFrame, out: str | Path, settings: EmbedSet
         shutil.rmtree(parts)
     if not parts.exists():  # an unfinished run's output does not exist yet
         refuse_existing_file(out, overwrite=overwrite)
-    table = image_table(images)
+    table = image_table(images, settings.oct_frames)
     model, info = embedding_model(settings)
     dev = resolve_device(settings.device)
     dist_utils.init_distributed(dev)
     extractor = PooledFeatures(model, settings.tta_flip).to(dev)
-    transform = eval_transform(info["input_size"], info["mean"], info["std"], info["crop_pct"])
+    transform = eval_transform(info["input_size"], info["mean"], info["std"], info["crop_pct"],
+                               Preprocessing.from_state(info["preprocess"]))
+    if dist_utils.is_primary():
+        check_modality(table["path"].tolist(), info["modality"], info["model"], settings.modality)
     key = _job_key(table, info, settings.shard_size)
     if dist_utils.is_primary():
         _claim_parts(parts, key)

@@ -21,7 +21,8 @@ from torch.utils.data import DistributedSampler
 from .config import ConfigError, FinetuneConfig, to_dict
 from .data.loader import ImageDataset, SkipLog, make_loader
 from .data.sources import DataSourceError, LabelledData, load_labelled
-from .data.transforms import AugmentSettings, eval_transform, train_transform
+from .data.preprocess import check_modality
+from .data.transforms import AugmentSettings, Preprocessing, eval_transform, train_transform
 from .evaluate.evaluation import evaluate_samples, write_evaluation
 from .evaluate.plots import plot_training_curves
 from .evaluate.report import write_report
@@ -34,7 +35,7 @@ from .train import distributed as dist_utils
 from .train.checkpoint import CheckpointMeta, load_checkpoint, meta_of, save_checkpoint, task_of
 from .train.loop import StepSettings, train_one_epoch
 from .train.optim import build_optimizer, build_scheduler, current_lr, effective_lr
-from .train.runtime import amp_dtype, resolve_device, seed_everything
+from .train.runtime import amp_dtype, resolve_device, restore_rng_state, rng_state, seed_everything
 
 @dataclass
 class FinetuneResult:
@@ -96,7 +97,9 @@ def _feature_probe(cfg: FinetuneConfig, data: LabelledData, run_dir: Path, evalu
     embeddings = run_dir / "embeddings.parquet"
     settings = EmbedSettings(model=cfg.model, weights=cfg.weights, input_size=cfg.input_size,
                              pool={"token": "cls", "avg": "avg"}.get(cfg.global_pool or ""), dtype="float32",
-                             batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device)
+                             batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device,
+                             oct_frames=cfg.oct_frames, fundus_crop=cfg.fundus_crop, oct_crop=cfg.oct_crop,
+                             modality=cfg.modality)
     _say(f"linear probe on {cfg.model} features: embedding {len(data.samples)} images once")
     embed(samples_table(data, include_test=evaluate_test), embeddings, settings, overwrite=cfg.overwrite)
     if not dist_utils.is_primary():  # the ranks shared the embedding; fitting the probe takes one process
@@ -123,7 +126,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
     seed_everything(cfg.seed + dist_utils.rank())
 
     data = load_labelled(cfg.data_path, cfg.manifest, cfg.split, seed=cfg.seed, task=cfg.task,
-                         columns=cfg.names_list())
+                         columns=cfg.names_list(), oct_frames=cfg.oct_frames)
     train_samples, val_samples, test_samples = data.split("train"), data.split("val"), data.split("test")
     if not val_samples:
         raise DataSourceError(
@@ -169,8 +172,11 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     augment = AugmentSettings(cfg.crop_min_scale, cfg.randaug_magnitude, reprob=cfg.reprob)
+    preprocessing = Preprocessing(cfg.fundus_crop, cfg.oct_crop)
+    if dist_utils.is_primary():
+        check_modality([s.path for s in train_samples], spec.modality, spec.name, cfg.modality)
     train_ds = ImageDataset([s.path for s in train_samples], task.dataset_targets(train_samples),
-                            train_transform(input_size, spec.mean, spec.std, augment))
+                            train_transform(input_size, spec.mean, spec.std, augment, preprocessing))
     # An epoch-seeded sampler even on one process, so a resumed run sees the same order.
     sampler = DistributedSampler(train_ds, num_replicas=dist_utils.world_size(), rank=dist_utils.rank(),
                                  shuffle=True, seed=cfg.seed)
@@ -178,7 +184,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
     train_loader = make_loader(train_ds, cfg.batch_size, num_workers=cfg.num_workers, shuffle=True, sampler=sampler,
                                drop_last=per_rank > cfg.batch_size, seed=cfg.seed, pin_memory=device.type == "cuda",
                                persistent=True)
-    eval_tf = eval_transform(input_size, spec.mean, spec.std)
+    eval_tf = eval_transform(input_size, spec.mean, spec.std, preprocessing=preprocessing)
 
     lr = effective_lr(cfg.lr, cfg.blr, cfg.batch_size, cfg.accum_iter, dist_utils.world_size())
     optimizer = build_optimizer(model, lr, cfg.weight_decay, cfg.layer_decay if cfg.adaptation == "finetune" else None)
@@ -200,7 +206,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
         model_name=spec.name, arch=spec.arch, arch_kwargs=dict(spec.arch_kwargs), task=task.name,
         class_names=list(task.class_names), input_size=input_size, mean=list(spec.mean), std=list(spec.std),
         global_pool=global_pool, modality=spec.modality, patch_size=spec.patch_size, settings=to_dict(cfg),
-        task_state=task.state(), head=dataclasses.asdict(head),
+        task_state=task.state(), head=dataclasses.asdict(head), preprocess=preprocessing.state(),
     )
     start_epoch, best, best_loss, best_epoch, rows = 0, None, float("inf"), -1, []
     if resume_state is not None:
@@ -213,7 +219,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
         best_epoch = int(resume_state.get("best_epoch", -1))
         if (run_dir / "log.csv").is_file():
             rows = pd.read_csv(run_dir / "log.csv").query("epoch < @start_epoch").to_dict("records")
-        torch.set_rng_state(resume_state["rng_cpu"])
+        restore_rng_state(resume_state)
         _say(f"resuming {run_dir} at epoch {start_epoch}")
 
     skip_log = SkipLog()
@@ -240,7 +246,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
             if improved:
                 save_checkpoint(best_path, model, meta)
             save_checkpoint(last_path, model, meta, optimizer=optimizer, scaler=scaler, extra={
-                "best_metrics": best, "best_loss": best_loss, "best_epoch": best_epoch, "rng_cpu": torch.get_rng_state(),
+                "best_metrics": best, "best_loss": best_loss, "best_epoch": best_epoch, **rng_state(),
             })
         _say(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val.loss:.4f}  "
              f"val_{task.selection_metric} {val.metrics.get(task.selection_metric, float('nan')):.4f}"

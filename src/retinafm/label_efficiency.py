@@ -72,7 +72,7 @@ def label_efficiency(cfg: FinetuneConfig, fractions: Sequence[float], seeds: int
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     out = prepare_output_dir(cfg.out, overwrite=cfg.overwrite)
     data = load_labelled(cfg.data_path, cfg.manifest, cfg.split, seed=cfg.seed, task=cfg.task,
-                         columns=cfg.names_list())
+                         columns=cfg.names_list(), oct_frames=cfg.oct_frames)
     if not data.split("test"):
         raise DataSourceError(f"{data.source} has no test split; the study reports test performance")
     if not data.split("val"):

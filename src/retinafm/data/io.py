@@ -13,7 +13,11 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"})
+from .dicom import looks_like_dicom
+from .volumes import EYEPY_SUFFIXES, VolumeError, read_volume_image, split_address
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp",
+                            ".dcm", ".dicom", ".vol", ".e2e"})
 _JPEG_MAGIC = b"\xff\xd8\xff"
 # Truncated files must fail rather than decode as half-grey images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -29,29 +33,51 @@ class ImageReadError(Exception):
 
 
 def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    """By name; a file without a suffix counts when it is DICOM by content (many exports are named IM0001)."""
+    if path.name.startswith("."):
+        return False
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    return not path.suffix and path.is_file() and looks_like_dicom(path)
 
 
 def read_image(path: str | Path) -> torch.Tensor:
     """Return the image at `path` as a (3, H, W) uint8 RGB tensor.
 
-    Grayscale (8/16-bit), RGBA, palette and CMYK images all become RGB. Raises ImageReadError
-    with the reason for anything unreadable.
+    Grayscale (8/16-bit), RGBA, palette and CMYK images all become RGB; DICOM, Heidelberg
+    .vol/.e2e and multi-page TIFF frames are addressed as `file#frame=N` (see data.volumes).
+    Raises ImageReadError with the reason for anything unreadable.
     """
-    path = Path(path)
+    address = str(path)
+    file, frame, slo = split_address(address)
+    path = Path(file)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            head = fh.read(132)
     except FileNotFoundError:
-        raise ImageReadError(path, "file not found") from None
+        raise ImageReadError(address, "file not found") from None
     except OSError as exc:
-        raise ImageReadError(path, f"cannot read file ({exc.strerror or exc})") from None
-    if not data:
-        raise ImageReadError(path, "empty file (0 bytes)")
-    image = _decode_jpeg_fast(data) if data.startswith(_JPEG_MAGIC) else None
+        raise ImageReadError(address, f"cannot read file ({exc.strerror or exc})") from None
+    if not head:
+        raise ImageReadError(address, "empty file (0 bytes)")
+    image = None
+    if frame is not None or slo or path.suffix.lower() in EYEPY_SUFFIXES or looks_like_dicom(path, head):
+        try:
+            array = read_volume_image(str(path), frame, slo)
+        except VolumeError as exc:
+            raise ImageReadError(address, str(exc)) from None
+        if array is not None:
+            image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    if image is None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ImageReadError(address, f"cannot read file ({exc.strerror or exc})") from None
+        image = _decode_jpeg_fast(data) if data.startswith(_JPEG_MAGIC) else None
     if image is None:
         image = _decode_with_pil(path)
     if image.shape[1] < 2 or image.shape[2] < 2:
-        raise ImageReadError(path, f"image is only {image.shape[2]}x{image.shape[1]} pixels")
+        raise ImageReadError(address, f"image is only {image.shape[2]}x{image.shape[1]} pixels")
     return image
 
 

@@ -7,7 +7,9 @@ class `label` (multiclass), one 0/1 column per label (multilabel) or numeric tar
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -77,8 +79,29 @@ class LabelledData:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, in a stable order."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+    """Image files under `folder`, recursively, in a stable order.
+
+    A file whose name is not valid UTF-8 (old scanners, network shares) is left out with a warning
+    naming it: the CSVs every command writes (pandas' Arrow strings) cannot hold such a name."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if not (path.is_file() and is_image_file(path)):
+            continue
+        if not _utf8_name(path):
+            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+            warnings.warn(f"skipping {shown}: its file name is not valid UTF-8; rename the file to use it",
+                          stacklevel=2)
+            continue
+        found.append(path)
+    return found
+
+
+def _utf8_name(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _class_dirs(folder: Path) -> list[Path]:
@@ -391,6 +414,16 @@ def _check_cells(frame: pd.DataFrame, csv_path: Path, task: str = "multiclass") 
         frame["label"] = frame["label"].str.strip()
 
 
+def expand_volumes(data: LabelledData, oct_frames: str | int = "middle") -> LabelledData:
+    """Each multi-frame file (DICOM, .vol/.e2e, multi-page TIFF) becomes the B-scans `oct_frames`
+    picks, addressed `file#frame=N`, with the file's label, split and patient. Splits were made
+    per file, so one volume's B-scans never straddle two splits."""
+    from .volumes import expand_frames
+
+    samples = [replace(s, path=address) for s in data.samples for address, _ in expand_frames([s.path], oct_frames)]
+    return replace(data, samples=samples)
+
+
 def load_labelled(
     data_path: Optional[str] = None,
     manifest: Optional[str] = None,
@@ -398,14 +431,17 @@ def load_labelled(
     seed: int = 0,
     task: str = "multiclass",
     columns: Optional[Sequence[str]] = None,
+    oct_frames: str | int = "middle",
 ) -> LabelledData:
     """Entry point for workflows: exactly one of a folder or a manifest. `columns` picks the
-    multilabel/regression manifest columns (--labels / --targets)."""
+    multilabel/regression manifest columns (--labels / --targets); `oct_frames` the B-scans of volumes."""
     if manifest:
-        return load_manifest(manifest, split_ratios=split_ratios, seed=seed, class_names=columns, task=task)
-    if task != "multiclass":
+        data = load_manifest(manifest, split_ratios=split_ratios, seed=seed, class_names=columns, task=task)
+    elif task != "multiclass":
         raise DataSourceError(f"--task {task} needs a --manifest CSV with its label/target columns")
-    if data_path:
-        return load_folder(data_path, split_ratios=split_ratios, seed=seed)
-    raise DataSourceError("give --data-path DIR or --manifest FILE.csv")
+    elif data_path:
+        data = load_folder(data_path, split_ratios=split_ratios, seed=seed)
+    else:
+        raise DataSourceError("give --data-path DIR or --manifest FILE.csv")
+    return expand_volumes(data, oct_frames)
 

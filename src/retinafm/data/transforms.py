@@ -5,8 +5,8 @@ twice as fast as the PIL path; conversion to float happens after the geometric o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 from torchvision.transforms import InterpolationMode
@@ -24,10 +24,31 @@ class AugmentSettings:
     reprob: float = 0.25
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """Steps before the model's recipe, saved in the checkpoint so `predict` repeats them."""
+
+    fundus_crop: bool = False  # crop to the circular field of view, padded square (AutoMorph-style)
+    oct_crop: Optional[float] = None  # keep this central fraction of each B-scan
+
+    def ops(self) -> list:
+        from .preprocess import CentralCrop, FundusCrop
+
+        return ([FundusCrop()] if self.fundus_crop else []) + ([CentralCrop(self.oct_crop)] if self.oct_crop else [])
+
+    def state(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: Optional[dict[str, Any]]) -> "Preprocessing":
+        return cls(**(state or {}))
+
+
 def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float],
-                   crop_pct: float = EVAL_CROP_PCT) -> v2.Compose:
+                   crop_pct: float = EVAL_CROP_PCT, preprocessing: Preprocessing = Preprocessing()) -> v2.Compose:
     resize = int(round(input_size / crop_pct))
     return v2.Compose([
+        *preprocessing.ops(),
         v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
         v2.CenterCrop(input_size),
         v2.ToDtype(torch.float32, scale=True),
@@ -40,8 +61,10 @@ def train_transform(
     mean: Sequence[float],
     std: Sequence[float],
     augment: AugmentSettings = AugmentSettings(),
+    preprocessing: Preprocessing = Preprocessing(),
 ) -> v2.Compose:
     ops: list = [
+        *preprocessing.ops(),
         v2.RandomResizedCrop(
             input_size, scale=(augment.crop_min_scale, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True
         ),

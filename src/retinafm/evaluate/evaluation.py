@@ -17,11 +17,11 @@ import torch
 import torch.nn as nn
 
 from ..data.loader import ImageDataset, SkipLog
-from ..data.sources import DataSourceError, Sample, load_folder, load_manifest
-from ..data.transforms import eval_transform
+from ..data.sources import DataSourceError, Sample, expand_volumes, load_folder, load_manifest
+from ..data.preprocess import check_modality
 from ..files import prepare_output_dir, write_csv, write_json
 from ..train import distributed as dist_utils
-from ..train.checkpoint import load_checkpoint, model_from_checkpoint, task_of
+from ..train.checkpoint import eval_transform_of, load_checkpoint, model_from_checkpoint, task_of
 from ..train.loop import infer
 from ..tasks import grade_order
 from ..train.runtime import amp_dtype, resolve_device
@@ -161,6 +161,8 @@ def evaluate_checkpoint(
     num_workers: int = 2,
     overwrite: bool = False,
     report: bool = True,
+    oct_frames: str | int | None = None,  # None: as the model was trained
+    modality: str | None = None,  # what the images are (CFP / OCT), instead of guessing
 ) -> SplitEvaluation:
     """`retinafm evaluate`: a fine-tuned checkpoint against a labelled folder or manifest split,
     its own or an external data set (`label_map` renames that set's classes or columns to the
@@ -177,7 +179,7 @@ def evaluate_checkpoint(
         data = load_folder(data_path, class_names=meta.class_names, flat_split=split, label_map=label_map)
     else:
         raise DataSourceError("give --data-path DIR or --manifest FILE.csv to evaluate on")
-    samples = data.split(split)
+    samples = expand_volumes(data, oct_frames or meta.settings.get("oct_frames") or "middle").split(split)
     if not samples:
         raise DataSourceError(f"{data.source} has no {split!r} images")
     if bootstrap < 0 or 0 < bootstrap < 100:
@@ -193,7 +195,9 @@ def evaluate_checkpoint(
         raise DataSourceError("--ordinal applies to multi-class checkpoints (graded classes such as DR 0-4)")
     if ordinal and not task.ordinal:
         task = dataclasses.replace(task, grade_order=grade_order(task.output_names, ordinal=True))
-    ev = evaluate_samples(model.to(dev), task, samples, eval_transform(meta.input_size, meta.mean, meta.std, meta.eval_crop_pct), dev,
+    if dist_utils.is_primary():
+        check_modality([s.path for s in samples], meta.modality, meta.model_name, modality)
+    ev = evaluate_samples(model.to(dev), task, samples, eval_transform_of(meta), dev,
                           split=split, batch_size=batch_size, num_workers=num_workers, bootstrap=bootstrap, seed=seed)
     ev.notes = _external_notes(task, ev.targets, label_map)
     if dist_utils.is_primary():

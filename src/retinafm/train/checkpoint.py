@@ -53,6 +53,7 @@ class CheckpointMeta:
     # A probe fitted on flip-averaged embeddings: its linear head on averaged features equals the
     # average of its logits on the image and its mirror, which is how the rebuilt model predicts.
     tta_flip: bool = False
+    preprocess: dict[str, Any] = field(default_factory=dict)  # Preprocessing fields (fundus crop, OCT crop)
 
     def spec(self) -> ModelSpec:
         return ModelSpec(
@@ -116,7 +117,7 @@ def backbone_fields(info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     if info.get("checkpoint"):
         source = meta_of(load_checkpoint(info["checkpoint"]))
         keep = ("arch", "arch_kwargs", "input_size", "mean", "std", "global_pool", "modality", "patch_size",
-                "fc_norm_repeats", "eval_crop_pct")
+                "fc_norm_repeats", "eval_crop_pct", "preprocess")
         fields = {k: getattr(source, k) for k in keep}
         fields.update(model_name=source.model_name, tta_flip=bool(info.get("tta_flip")))
         return fields, {"checkpoint": str(info["checkpoint"])}, None
@@ -127,7 +128,7 @@ def backbone_fields(info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     fields = dict(model_name=spec.name, arch=spec.arch, arch_kwargs=dict(spec.arch_kwargs), input_size=int(info["input_size"]),
                   mean=list(info["mean"]), std=list(info["std"]), global_pool="token" if info["pool"] == "cls" else "avg",
                   modality=spec.modality, patch_size=spec.patch_size, eval_crop_pct=float(info["crop_pct"]),
-                  tta_flip=bool(info.get("tta_flip")))
+                  tta_flip=bool(info.get("tta_flip")), preprocess=dict(info.get("preprocess") or {}))
     if info.get("weights_file"):
         return fields, {"model": spec.name, "weights": info.get("weights"), "weights_file": info["weights_file"]}, None
     from ..embed import EmbedSettings, embedding_model
@@ -184,6 +185,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def meta_of(state: dict[str, Any]) -> CheckpointMeta:
     info = {k: v for k, v in state["retinafm"].items() if k in CheckpointMeta.__dataclass_fields__}
     return CheckpointMeta(**info)
+
+
+def eval_transform_of(meta: CheckpointMeta):
+    """The evaluation recipe a checkpoint's model expects, its preprocessing included."""
+    from ..data.transforms import Preprocessing, eval_transform
+
+    return eval_transform(meta.input_size, meta.mean, meta.std, meta.eval_crop_pct,
+                          Preprocessing.from_state(meta.preprocess))
 
 
 def task_of(meta: CheckpointMeta):

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test install clean browser
+.PHONY: demo test install clean browser bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -n 2 -q
+
+# Side-by-side timings on this machine (CPU: about 10 minutes); results go in benchmarks/RESULTS.md by hand.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/inference.py --images 64
+	$(BIN)/python benchmarks/probe.py --per-class 120
 
 # The report test renders report.html in headless Chromium. As root on Debian it is installed here;
 # elsewhere that test is skipped (with CI set it fails and asks for Debian's chromium instead).

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 
 from retinafm.train import distributed as dist_utils
@@ -38,3 +39,38 @@ def test_torchrun_two_cpu_processes(demo_data, tmp_path):
     assert metrics["n"] == 24
     # lr scales with the world size: blr is not used (lr given), so the head's peak lr is 1e-3.
     assert log["lr"].max() <= 1e-3 + 1e-12
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "retinafm", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_torchrun_predict_and_embed_merge_shards_in_input_order(trained_run, demo_data, tmp_path):
+    from retinafm.embed import EmbedSettings, embed, read_embeddings
+    from retinafm.predict import predict
+
+    checkpoint = trained_run / "checkpoint-best.pth"
+    proc = _torchrun("predict", "--checkpoint", str(checkpoint), "--images", str(demo_data / "test"),
+                     "--out", str(tmp_path / "ddp.csv"), "--num-workers", "0", "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("predictions written") == 1  # rank 0 alone writes and reports
+    single = predict(checkpoint, demo_data / "test", tmp_path / "one.csv", num_workers=0, device="cpu",
+                     progress=False).predictions
+    both = pd.read_csv(tmp_path / "ddp.csv")
+    assert both["path"].tolist() == single["path"].tolist()  # every image once, in input order
+    probs = [c for c in both.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(both[probs].to_numpy(), single[probs].to_numpy(), atol=1e-4)  # other batch sizes
+
+    proc = _torchrun("embed", "--images", str(demo_data), "--out", str(tmp_path / "ddp.parquet"), "--model",
+                     "vit_micro_patch8", "--weights", "none", "--input-size", "32", "--shard-size", "50",
+                     "--num-workers", "0", "--device", "cpu", "--dtype", "float32")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ddp = read_embeddings(tmp_path / "ddp.parquet")
+    one = read_embeddings(embed(demo_data, tmp_path / "one.parquet",
+                                EmbedSettings(model="vit_micro_patch8", weights="none", input_size=32, num_workers=0,
+                                              device="cpu", dtype="float32"), progress=False).out)
+    assert ddp.frame["path"].tolist() == one.frame["path"].tolist() and len(ddp.frame) == 120
+    np.testing.assert_allclose(ddp.vectors, one.vectors, atol=1e-4)
+    assert not (tmp_path / "ddp.parquet.parts").exists()

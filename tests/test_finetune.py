@@ -235,3 +235,13 @@ def test_run_killed_mid_training_resumes_to_the_same_result(tmp_path, demo_data)
         assert resumed[key] == pytest.approx(whole[key], abs=1e-6), key
     log_whole, log_resumed = pd.read_csv(tmp_path / "whole" / "log.csv"), pd.read_csv(run / "log.csv")
     np.testing.assert_allclose(log_resumed["train_loss"], log_whole["train_loss"], atol=1e-6)
+
+
+def test_gradient_checkpointing_trains_the_same_model(tmp_path, demo_data):
+    """--grad-checkpointing trades compute for memory; the numbers must not change (CPU, same seed)."""
+    plain = finetune(tiny_finetune_config(demo_data, tmp_path / "plain", epochs=1, warmup_epochs=0, drop_path=0.1))
+    saved = finetune(tiny_finetune_config(demo_data, tmp_path / "ckpt", epochs=1, warmup_epochs=0, drop_path=0.1,
+                                          grad_checkpointing=True))
+    a, b = pd.read_csv(tmp_path / "plain" / "log.csv"), pd.read_csv(tmp_path / "ckpt" / "log.csv")
+    np.testing.assert_allclose(b["train_loss"], a["train_loss"], rtol=1e-5)
+    assert saved.test["auroc_macro"] == pytest.approx(plain.test["auroc_macro"], abs=1e-6)

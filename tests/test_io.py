@@ -98,3 +98,29 @@ def test_missing_tiny_and_huge(tmp_path, monkeypatch):
 def test_is_image_file():
     assert is_image_file(Path("a/b.JPG")) and is_image_file(Path("x.tiff"))
     assert not is_image_file(Path("notes.txt")) and not is_image_file(Path(".hidden.png"))
+
+
+def test_large_jpeg_decodes_at_a_reduced_scale_never_below_the_size_asked(tmp_path):
+    from retinafm.data.synthetic import render_fundus
+
+    photo = render_fundus(np.random.default_rng(0), "glaucoma", size=1200)
+    Image.fromarray(photo).save(tmp_path / "big.jpg", quality=92)
+    full = read_image(tmp_path / "big.jpg")
+    small = read_image(tmp_path / "big.jpg", decode_size=256)
+    assert tuple(full.shape) == (3, 1200, 1200) and tuple(small.shape) == (3, 300, 300)  # 1/4 scale >= 256
+    reference = torch.nn.functional.interpolate(full[None].float(), size=(300, 300), mode="area")[0]
+    assert (small.float() - reference).abs().mean() < 3.0  # the same picture, smaller
+    assert tuple(read_image(tmp_path / "big.jpg", decode_size=700).shape) == (3, 1200, 1200)  # < 2x: full decode
+    Image.fromarray(photo).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    assert tuple(read_image(tmp_path / "cmyk.jpg", decode_size=256).shape) == (3, 1200, 1200)  # full-decode path
+
+
+def test_recipes_ask_for_the_resolution_they_need():
+    from retinafm.data.loader import ImageDataset
+    from retinafm.data.transforms import AugmentSettings, Preprocessing, eval_transform, train_transform
+
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    assert eval_transform(224, mean, std).decode_size == 256
+    assert eval_transform(224, mean, std, preprocessing=Preprocessing(fundus_crop=True)).decode_size == 384
+    assert train_transform(224, mean, std, AugmentSettings(crop_min_scale=0.25)).decode_size == 448
+    assert ImageDataset(["a.jpg"], [None], eval_transform(224, mean, std)).decode_size == 256

@@ -113,3 +113,13 @@ def test_fundus_crop_is_saved_in_the_checkpoint_and_reapplied(demo_data, tmp_pat
         for path in images:
             probs = torch.softmax(model(recipe(fundus_crop(read_image(path)))[None]), dim=1)[0].numpy()
             np.testing.assert_allclose(got.loc[str(path)].filter(like="prob_").to_numpy(float), probs, atol=1e-5)
+
+
+def test_cpu_int8_predictions_stay_close_to_fp32(trained_run, demo_data, tmp_path):
+    fp32 = predict(trained_run / "checkpoint-best.pth", demo_data / "test", tmp_path / "a.csv", num_workers=0,
+                   device="cpu", progress=False).predictions
+    int8 = predict(trained_run / "checkpoint-best.pth", demo_data / "test", tmp_path / "b.csv", num_workers=0,
+                   device="cpu", progress=False, cpu_int8=True).predictions
+    assert int8["path"].tolist() == fp32["path"].tolist()
+    diff = (int8.filter(like="prob_").to_numpy() - fp32.filter(like="prob_").to_numpy())
+    assert 0 < abs(diff).max() < 0.05

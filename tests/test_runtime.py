@@ -26,3 +26,20 @@ def test_seed_everything_is_repeatable():
     a = torch.rand(3)
     seed_everything(3)
     assert torch.equal(a, torch.rand(3))
+
+
+def test_cpu_int8_quantises_linear_layers_and_keeps_outputs_close():
+    from retinafm.models.registry import create_model, get_spec
+    from retinafm.train.runtime import quantize_for_cpu
+
+    torch.manual_seed(0)
+    model = create_model(get_spec("vit_micro_patch8"), 3, input_size=32).eval()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.inference_mode():
+        reference = model(x).softmax(dim=1)
+        quantised = quantize_for_cpu(model, torch.device("cpu"))
+        got = quantised(x).softmax(dim=1)
+    assert sum(type(m).__module__.startswith("torch.ao.nn.quantized") for m in quantised.modules()) >= 4 * 4
+    assert (got - reference).abs().max() < 0.05 and not torch.equal(got, reference)
+    with pytest.raises(ValueError, match="--cpu-int8 is for CPU"):
+        quantize_for_cpu(model, torch.device("cuda", 0))

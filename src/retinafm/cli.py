@@ -109,6 +109,11 @@ def read_yaml_settings_lenient(path: Path) -> dict[str, Any]:
 D = FinetuneConfig()
 
 
+def cpu_int8_option() -> Callable:
+    return click.option("--cpu-int8", is_flag=True,
+                        help="Dynamic int8 Linear layers on CPU: ~1.3x faster on ViT-B, outputs change slightly.")
+
+
 def modality_option() -> Callable:
     return click.option("--modality", type=click.Choice(["CFP", "OCT"]), default=None,
                         help="What the images are, when the colour/grayscale check guesses wrong.")
@@ -137,6 +142,10 @@ def finetune_options(command: Callable) -> Callable:
         click.option("--oct-crop", type=float, default=D.oct_crop,
                      help="Keep this central fraction of each OCT B-scan, e.g. 0.8 (kept for predict)."),
         modality_option(),
+        click.option("--grad-checkpointing", is_flag=True, default=D.grad_checkpointing,
+                     help="Recompute block activations in backward: far less GPU memory, about a third more compute."),
+        click.option("--compile", is_flag=True, default=D.compile,
+                     help="torch.compile the model for training (GPU; pays a compile time up front)."),
         click.option("--out", type=click.Path(), help="Run directory to create."),
         click.option("--model", default=D.model, show_default=True,
                      help="Zoo name (see `retinafm models`) or timm ViT."),
@@ -202,6 +211,12 @@ def finetune_options(command: Callable) -> Callable:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def _primary() -> bool:
+    from .train import distributed as dist_utils
+
+    return dist_utils.is_primary()
 
 
 @main.command("finetune")
@@ -284,9 +299,11 @@ def label_efficiency_cmd(resume: str | None, fractions: str, seeds: int, metric:
 @click.option("--overwrite", is_flag=True)
 @oct_frames_option(None)
 @modality_option()
+@cpu_int8_option()
 def evaluate_cmd(checkpoint: str, data_path: str | None, manifest: str | None, split_name: str, out: str,
                  label_map: str | None, ordinal: bool, bootstrap: int, seed: int, batch_size: int, device: str,
-                 num_workers: int, overwrite: bool, oct_frames: str | None, modality: str | None) -> None:
+                 num_workers: int, overwrite: bool, oct_frames: str | None, modality: str | None,
+                 cpu_int8: bool) -> None:
     """Metrics with 95% CIs (AUROC, AUPRC, accuracy, sensitivity, specificity, F1, kappa, MCC, ECE),
     predictions, plots and report.html — on the run's test split or an external data set."""
     from .data.sources import parse_label_map
@@ -297,7 +314,10 @@ def evaluate_cmd(checkpoint: str, data_path: str | None, manifest: str | None, s
     ev = _run(lambda: evaluate_checkpoint(checkpoint, out, data_path=data_path, manifest=manifest, split=split_name,
                                           label_map=parse_label_map(label_map), ordinal=ordinal, bootstrap=bootstrap,
                                           seed=seed, batch_size=batch_size, device=device, num_workers=num_workers,
-                                          overwrite=overwrite, oct_frames=oct_frames, modality=modality))
+                                          overwrite=overwrite, oct_frames=oct_frames, modality=modality,
+                                          cpu_int8=cpu_int8))
+    if not _primary():
+        return
     click.echo(f"{split_name}: {len(ev.paths)} images  {ev.task.summary(ev.metrics, ev.ci)}")
     if ev.notes.get("absent_classes"):
         click.echo(f"not in this set (metrics undefined): {', '.join(ev.notes['absent_classes'])}")
@@ -377,20 +397,22 @@ def import_cmd(checkpoint: str, source: str, classes: str, out: str, overwrite: 
 @click.option("--overwrite", is_flag=True)
 @oct_frames_option(None)
 @modality_option()
+@cpu_int8_option()
 def predict_cmd(checkpoint: str, images: str, out: str, batch_size: int, device: str, num_workers: int,
-                overwrite: bool, oct_frames: str | None, modality: str | None) -> None:
+                overwrite: bool, oct_frames: str | None, modality: str | None, cpu_int8: bool) -> None:
     """Predictions for new images: path, then per-class probabilities (or one column per target).
     With --oct-frames all (or N), also one row per volume in <out>_volumes.csv."""
     from .predict import predict
 
     res = _run(lambda: predict(checkpoint, images, out, batch_size=batch_size, device=device,
                                num_workers=num_workers, overwrite=overwrite, oct_frames=oct_frames,
-                               modality=modality))
-    click.echo(f"{len(res.predictions)} predictions written to {res.out}")
-    if res.volumes_path:
-        click.echo(f"{len(res.volumes)} volume-level rows (mean and max over B-scans) in {res.volumes_path}")
-    if res.skipped_path:
-        click.echo(f"{len(res.skipped)} unreadable file(s) listed in {res.skipped_path}")
+                               modality=modality, cpu_int8=cpu_int8))
+    if _primary():  # under torchrun every rank returns; one reports
+        click.echo(f"{len(res.predictions)} predictions written to {res.out}")
+        if res.volumes_path:
+            click.echo(f"{len(res.volumes)} volume-level rows (mean and max over B-scans) in {res.volumes_path}")
+        if res.skipped_path:
+            click.echo(f"{len(res.skipped)} unreadable file(s) listed in {res.skipped_path}")
 
 
 @main.command("embed")
@@ -411,6 +433,7 @@ def predict_cmd(checkpoint: str, images: str, out: str, batch_size: int, device:
 @click.option("--fundus-crop", is_flag=True, help="With --model: crop fundus photographs to their field of view.")
 @click.option("--oct-crop", type=float, default=None, help="With --model: keep this central fraction of each B-scan.")
 @modality_option()
+@cpu_int8_option()
 @click.option("--device", default="auto", show_default=True)
 @click.option("--num-workers", type=int, default=2, show_default=True)
 @click.option("--overwrite", is_flag=True)
@@ -422,9 +445,11 @@ def embed_cmd(images: str, out: str, overwrite: bool, **options: Any) -> None:
     res = _run(lambda: embed(images, out, EmbedSettings(**options), overwrite=overwrite),
                on_interrupt="Run the same command again to continue from the finished shards.")
     reused = f" ({res.shards_reused} shard(s) reused)" if res.shards_reused else ""
-    click.echo(f"{res.count} embeddings of dimension {res.dim} written to {res.out}{reused}")
-    if res.skipped:
-        click.echo(f"{len(res.skipped)} unreadable file(s) listed in {res.out.with_name(res.out.stem + '_skipped.csv')}")
+    if _primary():
+        click.echo(f"{res.count} embeddings of dimension {res.dim} written to {res.out}{reused}")
+        if res.skipped:
+            click.echo(f"{len(res.skipped)} unreadable file(s) listed in "
+                       f"{res.out.with_name(res.out.stem + '_skipped.csv')}")
 
 
 @main.command("probe")

@@ -85,6 +85,8 @@ class FinetuneConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     clip_grad: Optional[float] = None
+    grad_checkpointing: bool = False  # recompute block activations in backward: memory for compute
+    compile: bool = False  # torch.compile the training model (GPU; the first steps pay the compile time)
     input_size: Optional[int] = None  # None: the model's own input size
     global_pool: Optional[str] = None  # avg | token; None: the model's default
     crop_min_scale: float = 0.08

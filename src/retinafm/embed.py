@@ -31,7 +31,7 @@ from .data.volumes import expand_frames
 from .files import OutputExistsError, atomic_path, refuse_existing_file, write_csv, write_json
 from .train import distributed as dist_utils
 from .train.loop import infer
-from .train.runtime import amp_dtype, resolve_device
+from .train.runtime import amp_dtype, quantize_for_cpu, resolve_device
 
 POOLS = {"cls": "token", "avg": "avg"}  # --pool -> timm's global_pool
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -56,6 +56,7 @@ class EmbedSettings:
     fundus_crop: bool = False  # with --model: crop fundus photographs to their field of view first
     oct_crop: Optional[float] = None  # with --model: keep this central fraction of each B-scan
     modality: Optional[str] = None  # CFP | OCT: what the images are, instead of guessing
+    cpu_int8: bool = False  # dynamic int8 Linear layers (CPU only; embeddings change slightly)
 
     def check(self) -> None:
         if (self.model is None) == (self.checkpoint is None):
@@ -203,6 +204,7 @@ def embedding_model(settings: EmbedSettings) -> tuple[nn.Module, dict[str, Any]]
         source = dict(model=spec.name, arch=spec.arch, weights=settings.weights if path is not None else "none",
                       weights_file=path, modality=spec.modality)
     info = {**source, **recipe, "pool": "cls" if pool == "token" else pool, "tta_flip": settings.tta_flip,
+            "cpu_int8": settings.cpu_int8,
             "dtype": settings.dtype}
     return model.eval(), info
 
@@ -235,6 +237,8 @@ def embed(images: str | Path | pd.DataFrame, out: str | Path, settings: EmbedSet
     model, info = embedding_model(settings)
     dev = resolve_device(settings.device)
     dist_utils.init_distributed(dev)
+    if settings.cpu_int8:
+        model = quantize_for_cpu(model, dev)
     extractor = PooledFeatures(model, settings.tta_flip).to(dev)
     transform = eval_transform(info["input_size"], info["mean"], info["std"], info["crop_pct"],
                                Preprocessing.from_state(info["preprocess"]))

@@ -166,10 +166,14 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
     if cfg.adaptation == "lp":
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("head.")
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     model.to(device)
     train_model: nn.Module = model
     if dist_utils.is_distributed():
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)  # checkpoints still save `model`, the uncompiled module
 
     augment = AugmentSettings(cfg.crop_min_scale, cfg.randaug_magnitude, reprob=cfg.reprob)
     preprocessing = Preprocessing(cfg.fundus_crop, cfg.oct_crop)

@@ -17,7 +17,7 @@ from .files import refuse_existing_file, write_csv
 from .train import distributed as dist_utils
 from .train.checkpoint import eval_transform_of, load_checkpoint, model_from_checkpoint, task_of
 from .train.loop import infer
-from .train.runtime import amp_dtype, resolve_device
+from .train.runtime import amp_dtype, quantize_for_cpu, resolve_device
 
 
 @dataclass
@@ -84,6 +84,7 @@ def predict(
     progress: bool = True,
     oct_frames: str | int | None = None,
     modality: str | None = None,
+    cpu_int8: bool = False,
 ) -> PredictResult:
     """Write `out`: path first, then the task's columns (multiclass: prediction, prob_<class>...;
     multilabel: prediction, prob_<label>...; regression: one column per target in original
@@ -92,11 +93,12 @@ def predict(
     row per volume (mean and max)."""
     out = Path(out)
     refuse_existing_file(out, overwrite=overwrite)
-    state = load_checkpoint(checkpoint)
-    model, meta = model_from_checkpoint(state)
+    model, meta = model_from_checkpoint(load_checkpoint(checkpoint))  # the loaded tensors are not kept twice
     paths = collect_images(images, oct_frames or meta.settings.get("oct_frames") or "middle")
     dev = resolve_device(device)
     dist_utils.init_distributed(dev)
+    if cpu_int8:
+        model = quantize_for_cpu(model, dev)
     task = task_of(meta)
     if dist_utils.is_primary():
         check_modality(paths, meta.modality, meta.model_name, modality)

@@ -5,8 +5,11 @@ other format, and any JPEG that decoder rejects (CMYK, progressive oddities), go
 """
 from __future__ import annotations
 
+import io
+import math
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -41,12 +44,16 @@ def is_image_file(path: Path) -> bool:
     return not path.suffix and path.is_file() and looks_like_dicom(path)
 
 
-def read_image(path: str | Path) -> torch.Tensor:
+def read_image(path: str | Path, decode_size: Optional[int] = None) -> torch.Tensor:
     """Return the image at `path` as a (3, H, W) uint8 RGB tensor.
 
     Grayscale (8/16-bit), RGBA, palette and CMYK images all become RGB; DICOM, Heidelberg
     .vol/.e2e and multi-page TIFF frames are addressed as `file#frame=N` (see data.volumes).
     Raises ImageReadError with the reason for anything unreadable.
+
+    `decode_size`: the shortest side the caller needs. A JPEG at least twice that size is then
+    decoded at a reduced scale (1/2, 1/4 or 1/8, libjpeg's DCT scaling), never below it: a 2000 px
+    fundus photograph for a 224 px model decodes at 500 px, about twice as fast with the resize.
     """
     address = str(path)
     file, frame, slo = split_address(address)
@@ -73,12 +80,31 @@ def read_image(path: str | Path) -> torch.Tensor:
             data = path.read_bytes()
         except OSError as exc:
             raise ImageReadError(address, f"cannot read file ({exc.strerror or exc})") from None
-        image = _decode_jpeg_fast(data) if data.startswith(_JPEG_MAGIC) else None
+        if data.startswith(_JPEG_MAGIC):
+            image = _decode_jpeg_draft(data, decode_size) if decode_size else None
+            if image is None:
+                image = _decode_jpeg_fast(data)
     if image is None:
         image = _decode_with_pil(path)
     if image.shape[1] < 2 or image.shape[2] < 2:
         raise ImageReadError(address, f"image is only {image.shape[2]}x{image.shape[1]} pixels")
     return image
+
+
+def _decode_jpeg_draft(data: bytes, decode_size: int) -> torch.Tensor | None:
+    """A reduced-scale decode when the JPEG is at least twice `decode_size` (else None)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if min(width, height) < 2 * decode_size or img.mode not in ("RGB", "L", "YCbCr"):
+                return None
+            scale = decode_size / min(width, height)
+            img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+            img.load()
+            rgb = to_rgb_array(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None  # the full decoders try next and give the reason if they fail too
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 
 def _decode_jpeg_fast(data: bytes) -> torch.Tensor | None:

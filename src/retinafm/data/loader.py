@@ -33,7 +33,7 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, paths: Sequence[str], targets: Sequence[int | Sequence[float] | None],
-                 transform: Callable) -> None:
+                 transform: Callable, decode_size: Optional[int] = None) -> None:
         self.paths = list(paths)
         if any(isinstance(t, (tuple, list, np.ndarray)) for t in targets):
             width = next(len(t) for t in targets if t is not None)
@@ -42,13 +42,15 @@ class ImageDataset(Dataset):
         else:
             self.targets = [(-1 if t is None else int(t)) for t in targets]
         self.transform = transform
+        # See read_image: large JPEGs decode at a reduced scale. The recipes carry their own size.
+        self.decode_size = decode_size if decode_size is not None else getattr(transform, "decode_size", None)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         try:
-            image = read_image(self.paths[index])
+            image = read_image(self.paths[index], self.decode_size)
         except ImageReadError as exc:
             return None, (exc.path, exc.reason), index
         return self.transform(image), self.targets[index], index

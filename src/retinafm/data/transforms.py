@@ -5,6 +5,7 @@ twice as fast as the PIL path; conversion to float happens after the geometric o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
@@ -47,13 +48,21 @@ class Preprocessing:
 def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float],
                    crop_pct: float = EVAL_CROP_PCT, preprocessing: Preprocessing = Preprocessing()) -> v2.Compose:
     resize = int(round(input_size / crop_pct))
-    return v2.Compose([
+    compose = v2.Compose([
         *preprocessing.ops(),
         v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
         v2.CenterCrop(input_size),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(mean), std=list(std)),
     ])
+    compose.decode_size = _decode_size(resize, preprocessing)
+    return compose
+
+
+def _decode_size(shortest_side: float, preprocessing: Preprocessing) -> int:
+    """The shortest side a decoder must deliver (ImageDataset passes it to read_image): a fundus
+    crop keeps only the field of view, so it asks for more."""
+    return int(math.ceil(shortest_side * (1.5 if preprocessing.fundus_crop else 1.0)))
 
 
 def train_transform(
@@ -76,4 +85,7 @@ def train_transform(
     if augment.reprob > 0:
         # RETFound erases with per-pixel random values ('pixel' mode) after normalisation.
         ops.append(v2.RandomErasing(p=augment.reprob, value="random"))
-    return v2.Compose(ops)
+    compose = v2.Compose(ops)
+    # The smallest random crop (crop_min_scale of the area) must still have input_size pixels.
+    compose.decode_size = _decode_size(input_size / math.sqrt(augment.crop_min_scale), preprocessing)
+    return compose

@@ -24,7 +24,7 @@ from ..train import distributed as dist_utils
 from ..train.checkpoint import eval_transform_of, load_checkpoint, model_from_checkpoint, task_of
 from ..train.loop import infer
 from ..tasks import grade_order
-from ..train.runtime import amp_dtype, resolve_device
+from ..train.runtime import amp_dtype, quantize_for_cpu, resolve_device
 from .bootstrap import bootstrap_ci, bootstrap_samples
 from .metrics import metrics_to_frame
 from .report import write_report
@@ -163,12 +163,12 @@ def evaluate_checkpoint(
     report: bool = True,
     oct_frames: str | int | None = None,  # None: as the model was trained
     modality: str | None = None,  # what the images are (CFP / OCT), instead of guessing
+    cpu_int8: bool = False,  # dynamic int8 Linear layers (CPU only)
 ) -> SplitEvaluation:
     """`retinafm evaluate`: a fine-tuned checkpoint against a labelled folder or manifest split,
     its own or an external data set (`label_map` renames that set's classes or columns to the
     model's; model classes the set lacks are reported in the metrics, not an error)."""
-    state = load_checkpoint(checkpoint)
-    model, meta = model_from_checkpoint(state)
+    model, meta = model_from_checkpoint(load_checkpoint(checkpoint))  # the loaded tensors are not kept twice
     if manifest:
         data = load_manifest(manifest, class_names=meta.class_names, task=meta.task, label_map=label_map,
                              absent_unknown=True)
@@ -187,6 +187,8 @@ def evaluate_checkpoint(
                               f"got {bootstrap}")
     dev = resolve_device(device)
     dist_utils.init_distributed(dev)
+    if cpu_int8:
+        model = quantize_for_cpu(model, dev)
     out_dir = Path(out)
     if dist_utils.is_primary():
         prepare_output_dir(out_dir, overwrite=overwrite)

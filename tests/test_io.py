@@ -124,3 +124,15 @@ def test_recipes_ask_for_the_resolution_they_need():
     assert eval_transform(224, mean, std, preprocessing=Preprocessing(fundus_crop=True)).decode_size == 384
     assert train_transform(224, mean, std, AugmentSettings(crop_min_scale=0.25)).decode_size == 448
     assert ImageDataset(["a.jpg"], [None], eval_transform(224, mean, std)).decode_size == 256
+
+
+def test_reduced_scale_decode_applies_the_camera_orientation(tmp_path):
+    photo = np.zeros((800, 1200, 3), np.uint8)
+    photo[:, :600] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(photo).save(tmp_path / "rotated.jpg", exif=exif)
+    full = read_image(tmp_path / "rotated.jpg")
+    small = read_image(tmp_path / "rotated.jpg", decode_size=200)
+    assert tuple(full.shape) == (3, 1200, 800) and tuple(small.shape) == (3, 300, 200)
+    assert full[:, :600].float().mean() > 200 and small[:, :150].float().mean() > 200  # white on top after turning

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .dicom import looks_like_dicom
@@ -101,7 +101,7 @@ def _decode_jpeg_draft(data: bytes, decode_size: int) -> torch.Tensor | None:
             scale = decode_size / min(width, height)
             img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
             img.load()
-            rgb = to_rgb_array(img)
+            rgb = to_rgb_array(ImageOps.exif_transpose(img))  # as the full decoder: camera orientation applied
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None  # the full decoders try next and give the reason if they fail too
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()

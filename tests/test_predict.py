@@ -123,3 +123,16 @@ def test_cpu_int8_predictions_stay_close_to_fp32(trained_run, demo_data, tmp_pat
     assert int8["path"].tolist() == fp32["path"].tolist()
     diff = (int8.filter(like="prob_").to_numpy() - fp32.filter(like="prob_").to_numpy())
     assert 0 < abs(diff).max() < 0.05
+
+
+def test_predict_does_not_load_matplotlib(trained_run, demo_data, tmp_path):
+    """Start-up counts for every predict call: the plotting stack (~0.7 s to import) is not needed."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from retinafm.predict import predict; "
+              f"predict({str(trained_run / 'checkpoint-best.pth')!r}, {str(demo_data / 'val')!r}, "
+              f"{str(tmp_path / 'p.csv')!r}, num_workers=0, device='cpu', progress=False); "
+              "print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"

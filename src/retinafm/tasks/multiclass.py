@@ -12,7 +12,6 @@ import torch.nn as nn
 from timm.loss import SoftTargetCrossEntropy
 
 from ..evaluate.metrics import confusion, multiclass_metrics
-from ..evaluate.plots import plot_calibration, plot_confusion_matrix, plot_pr, plot_roc
 from .base import TaskBase, require_columns
 
 
@@ -83,6 +82,9 @@ class MulticlassTask(TaskBase):
         return targets, frame[[f"prob_{n}" for n in self.output_names]].to_numpy(dtype=np.float64)
 
     def plots(self, targets: np.ndarray, probs: np.ndarray, folder: Path) -> dict[str, Path]:
+        # matplotlib loads only when a plot is drawn: predict and embed never pay its ~0.7 s import.
+        from ..evaluate.plots import plot_calibration, plot_confusion_matrix, plot_pr, plot_roc
+
         cm = confusion(targets, probs.argmax(axis=1), self.num_outputs)
         # Top-label reliability: is the model right as often as its confidence says?
         correct = (probs.argmax(axis=1) == np.asarray(targets)).astype(float)

@@ -18,7 +18,6 @@ import torch.nn as nn
 
 from ..data.sources import rarest_positive
 from ..evaluate.metrics import _known, multilabel_confusion, multilabel_metrics, youden_thresholds
-from ..evaluate.plots import plot_calibration, plot_multilabel_confusion, plot_multilabel_pr, plot_multilabel_roc
 from .base import VectorTargetTask, masked_mean
 
 
@@ -118,6 +117,9 @@ class MultilabelTask(VectorTargetTask):
                 self.columns_of(frame, [f"prob_{n}" for n in self.output_names]))
 
     def plots(self, targets: np.ndarray, probs: np.ndarray, folder: Path) -> dict[str, Path]:
+        # matplotlib loads only when a plot is drawn: predict and embed never pay its ~0.7 s import.
+        from ..evaluate.plots import plot_calibration, plot_multilabel_confusion, plot_multilabel_pr, plot_multilabel_roc
+
         cms = multilabel_confusion(targets, probs, self.decision_thresholds)
         return {
             "confusion_matrix": plot_multilabel_confusion(cms, self.output_names, folder / "confusion_matrix.png"),

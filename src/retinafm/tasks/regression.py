@@ -18,7 +18,6 @@ import torch.nn as nn
 
 from ..data.sources import DataSourceError
 from ..evaluate.metrics import regression_metrics
-from ..evaluate.plots import plot_regression_scatter
 from .base import VectorTargetTask, masked_mean
 
 
@@ -107,4 +106,7 @@ class RegressionTask(VectorTargetTask):
                 self.columns_of(frame, list(self.output_names)))
 
     def plots(self, targets: np.ndarray, preds: np.ndarray, folder: Path) -> dict[str, Path]:
+        # matplotlib loads only when a plot is drawn: predict and embed never pay its ~0.7 s import.
+        from ..evaluate.plots import plot_regression_scatter
+
         return {"scatter": plot_regression_scatter(targets, preds, self.output_names, folder / "scatter.png")}

@@ -230,7 +230,7 @@ def finetune_cmd(resume: str | None, **options: Any) -> None:
         options["out"] = resume
     cfg = FinetuneConfig(**options, resume=bool(resume))
     result = _run(lambda: finetune(cfg))
-    if dist_utils.is_primary():
+    if _primary():
         click.echo(f"run directory: {result.run_dir}")
     dist_utils.cleanup()
 

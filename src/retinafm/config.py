@@ -39,6 +39,14 @@ def parse_oct_frames(value: OctFrames) -> OctFrames:
     return number
 
 
+def check_preprocessing(oct_crop: Optional[float], modality: Optional[str]) -> None:
+    """--oct-crop and --modality, wherever they are given (finetune, embed)."""
+    if oct_crop is not None and not 0 < oct_crop <= 1:
+        raise ConfigError(f"--oct-crop is the central fraction to keep, in (0, 1]; got {oct_crop}")
+    if modality is not None and modality not in MODALITIES:
+        raise ConfigError(f"--modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
+
+
 @dataclass
 class FinetuneConfig:
     """Fine-tuning settings; defaults follow RETFound's fine-tuning recipe."""
@@ -119,10 +127,7 @@ class FinetuneConfig:
         if (self.labels or self.targets or self.task != "multiclass") and not self.manifest:
             raise ConfigError(f"--task {self.task} reads its labels or targets from a CSV: give --manifest FILE.csv")
         parse_oct_frames(self.oct_frames)
-        if self.oct_crop is not None and not 0 < self.oct_crop <= 1:
-            raise ConfigError(f"--oct-crop is the central fraction to keep, in (0, 1]; got {self.oct_crop}")
-        if self.modality is not None and self.modality not in MODALITIES:
-            raise ConfigError(f"--modality must be one of {', '.join(MODALITIES)}, not {self.modality!r}")
+        check_preprocessing(self.oct_crop, self.modality)
         if self.head not in HEADS:
             raise ConfigError(f"--head must be one of {', '.join(HEADS)}, not {self.head!r}")
         if self.head_depth < 1 or self.head_num_heads < 1:

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .config import parse_oct_frames
+from .config import FinetuneConfig, check_preprocessing, parse_oct_frames
 from .data.loader import ImageDataset, SkipLog
 from .data.sources import SPLITS, DataSourceError, _class_dirs, list_images
 from .data.preprocess import check_modality
@@ -58,6 +58,16 @@ class EmbedSettings:
     modality: Optional[str] = None  # CFP | OCT: what the images are, instead of guessing
     cpu_int8: bool = False  # dynamic int8 Linear layers (CPU only; embeddings change slightly)
 
+    @classmethod
+    def for_run(cls, cfg: FinetuneConfig) -> "EmbedSettings":
+        """The settings a linear-probe run (finetune --adaptation lp, label-efficiency) embeds with:
+        the run's model, image recipe and volumes, float32 for the probe."""
+        return cls(model=cfg.model, weights=cfg.weights, input_size=cfg.input_size,
+                   pool={"token": "cls", "avg": "avg"}.get(cfg.global_pool or ""), dtype="float32",
+                   batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device,
+                   oct_frames=cfg.oct_frames, fundus_crop=cfg.fundus_crop, oct_crop=cfg.oct_crop,
+                   modality=cfg.modality)
+
     def check(self) -> None:
         if (self.model is None) == (self.checkpoint is None):
             raise DataSourceError("give exactly one of --model NAME (with --weights) or --checkpoint FILE")
@@ -66,8 +76,7 @@ class EmbedSettings:
         if self.checkpoint is not None and (self.fundus_crop or self.oct_crop):
             raise DataSourceError("--fundus-crop / --oct-crop go with --model; a --checkpoint applies the "
                                   "preprocessing it was trained with")
-        if self.oct_crop is not None and not 0 < self.oct_crop <= 1:
-            raise DataSourceError(f"--oct-crop is the central fraction to keep, in (0, 1]; got {self.oct_crop}")
+        check_preprocessing(self.oct_crop, self.modality)
         if self.pool is not None and self.pool not in POOLS:
             raise DataSourceError(f"--pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
         if self.dtype not in DTYPES:

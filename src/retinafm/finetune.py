@@ -95,11 +95,7 @@ def _feature_probe(cfg: FinetuneConfig, data: LabelledData, run_dir: Path, evalu
     from .probe import ProbeSettings, probe
 
     embeddings = run_dir / "embeddings.parquet"
-    settings = EmbedSettings(model=cfg.model, weights=cfg.weights, input_size=cfg.input_size,
-                             pool={"token": "cls", "avg": "avg"}.get(cfg.global_pool or ""), dtype="float32",
-                             batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device,
-                             oct_frames=cfg.oct_frames, fundus_crop=cfg.fundus_crop, oct_crop=cfg.oct_crop,
-                             modality=cfg.modality)
+    settings = EmbedSettings.for_run(cfg)
     _say(f"linear probe on {cfg.model} features: embedding {len(data.samples)} images once")
     embed(samples_table(data, include_test=evaluate_test), embeddings, settings, overwrite=cfg.overwrite)
     if not dist_utils.is_primary():  # the ranks shared the embedding; fitting the probe takes one process

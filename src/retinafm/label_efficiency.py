@@ -105,11 +105,7 @@ def _probe_points(cfg, data, out: Path, fractions, seeds, metric, quiet):
     from .probe import ProbeSettings, head_outputs, choose_strength, fit_linear, probe_data
 
     embeddings = out / "embeddings.parquet"
-    embed(samples_table(data), embeddings,
-          EmbedSettings(model=cfg.model, weights=cfg.weights, input_size=cfg.input_size, dtype="float32",
-                        pool={"token": "cls", "avg": "avg"}.get(cfg.global_pool or ""), batch_size=cfg.batch_size,
-                        num_workers=cfg.num_workers, device=cfg.device),
-          overwrite=cfg.overwrite, progress=not quiet)
+    embed(samples_table(data), embeddings, EmbedSettings.for_run(cfg), overwrite=cfg.overwrite, progress=not quiet)
     emb = read_embeddings(embeddings)
     settings = ProbeSettings(task=cfg.task, columns=None if cfg.task == "multiclass" else ",".join(data.class_names),
                              threshold=cfg.threshold_value(), bootstrap=0, seed=cfg.seed)

@@ -52,7 +52,8 @@ def volume_table(frame: pd.DataFrame, multiclass: bool) -> Optional[pd.DataFrame
     """One row per volume with several predicted B-scans: path (the file), frames, then the mean
     and the maximum of every probability column (regression: the mean of each target), and for
     a multi-class model the class with the highest mean probability. None when there are none."""
-    files = [split_address(p)[0] if split_address(p)[1] is not None else None for p in frame["path"]]
+    addresses = [split_address(p) for p in frame["path"]]
+    files = [file if frame_index is not None else None for file, frame_index, _ in addresses]
     frame = frame.assign(_file=files).dropna(subset=["_file"])
     counts = frame.groupby("_file", sort=False).size()
     frame = frame[frame["_file"].isin(counts.index[counts > 1])]

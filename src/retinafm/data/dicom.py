@@ -95,11 +95,11 @@ def to_rgb8(raw: np.ndarray, ds) -> np.ndarray:
         low, high = centre - width / 2, centre + width / 2
         gray = (values - low) * (255.0 / max(high - low, 1e-9))
     elif "VOILUTSequence" in ds:
-        gray = _min_max(apply_voi_lut(values, ds).astype(np.float64))
+        gray = stretch_to_uint8(apply_voi_lut(values, ds))
     elif bits <= 8 and "RescaleSlope" not in ds and values.min() >= 0 and values.max() <= 255:
         gray = values
     else:
-        gray = _min_max(values)
+        gray = stretch_to_uint8(values)
     gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
     if photometric == "MONOCHROME1":
         gray = 255 - gray
@@ -120,9 +120,13 @@ def _window(ds) -> tuple[float | None, float]:
     return (c, w) if w > 0 else (None, 0.0)
 
 
-def _min_max(values: np.ndarray) -> np.ndarray:
-    low, high = float(values.min()), float(values.max())
-    return np.zeros_like(values) if high <= low else (values - low) * (255.0 / (high - low))
+def stretch_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Deep (12/16-bit, float) gray values scaled from their own min–max onto 0–255 as uint8: the one
+    rule for DICOM without a window, 16-bit PNG/TIFF and volume data (NaN becomes 0)."""
+    values = np.asarray(values, dtype=np.float64)
+    low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    scaled = np.zeros_like(values) if not high > low else (values - low) * (255.0 / (high - low))
+    return np.clip(np.rint(np.nan_to_num(scaled)), 0, 255).astype(np.uint8)
 
 
 def _transfer_syntax(path: str | Path) -> str:

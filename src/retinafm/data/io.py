@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .dicom import looks_like_dicom
+from .dicom import looks_like_dicom, stretch_to_uint8
 from .volumes import EYEPY_SUFFIXES, VolumeError, read_volume_image, split_address
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp",
@@ -138,11 +138,7 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
     use the full 16-bit range, so a fixed divide-by-256 would give near-black images).
     """
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
-        gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
+        return np.repeat(stretch_to_uint8(np.asarray(img))[..., None], 3, axis=2)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         # Transparent areas become black, like the unlit border of a fundus photograph.
         rgba = img.convert("RGBA")

@@ -308,7 +308,9 @@ class CentralCrop:
     """`center_crop_fraction` as a transform step."""
 
     def __init__(self, fraction: float) -> None:
-        center_crop_fraction(torch.zeros(1, 4, 4, dtype=torch.uint8), fraction)  # refuse a bad fraction now
+        from ..config import check_preprocessing
+
+        check_preprocessing(fraction, None)  # refuse a bad fraction when the recipe is built, not per image
         self.fraction = fraction
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
@@ -333,7 +335,8 @@ def check_modality(paths: Sequence[str], model_modality: str, model_name: str, d
         stats = []
         for path in chosen:
             try:
-                stats.append(image_statistics(read_image(path)))
+                # The statistic looks at a ~128 px copy: a reduced-scale decode is plenty, and fast.
+                stats.append(image_statistics(read_image(path, decode_size=256)))
             except ImageReadError:
                 continue  # reported where the images are read for real
         guessed = guess_modality(stats)

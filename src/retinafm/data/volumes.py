@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from ..config import OctFrames, parse_oct_frames
-from .dicom import DicomError, dicom_frame_count, looks_like_dicom, read_dicom_frame
+from .dicom import DicomError, dicom_frame_count, looks_like_dicom, read_dicom_frame, stretch_to_uint8
 
 EYEPY_SUFFIXES = frozenset({".vol", ".e2e"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
@@ -170,10 +170,7 @@ def _eyepy_volume(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, Opti
 def _gray_to_rgb(array: np.ndarray) -> np.ndarray:
     values = np.asarray(array)
     if values.dtype != np.uint8:
-        values = values.astype(np.float64)
-        low, high = float(np.nanmin(values)), float(np.nanmax(values))
-        values = np.zeros_like(values) if high <= low else (values - low) * (255.0 / (high - low))
-        values = np.clip(np.rint(np.nan_to_num(values)), 0, 255).astype(np.uint8)
+        values = stretch_to_uint8(values)
     if values.ndim == 3:
         return np.ascontiguousarray(values[..., :3]) if values.shape[-1] >= 3 else np.repeat(values[..., :1], 3, axis=2)
     return np.repeat(values[..., None], 3, axis=2)

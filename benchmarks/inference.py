@@ -33,6 +33,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CASES = ("fundus_jpeg_2000", "oct_png_512x496")
+# Ours running a `retinafm export` file with ONNX Runtime (fp32, or int8 weights with its fusions).
+ONNX_TASKS = ("predict_onnx", "embed_onnx", "predict_onnx_int8")
 
 
 def make_images(folder: Path, case: str, count: int) -> Path:
@@ -150,7 +152,13 @@ def _reference(model_name: str, folder: Path, batch_size: int, workers: int, emb
 
 
 def _retinafm(model_name: str, folder: Path, batch_size: int, workers: int, embed: bool, out: Path,
-              cpu_int8: bool = False) -> int:
+              cpu_int8: bool = False, model_file: str = "model.pth") -> int:
+    if embed and model_file.endswith(".onnx"):
+        from retinafm.embed import EmbedSettings, embed as run_embed
+
+        return run_embed(folder, out / "emb.parquet", EmbedSettings(checkpoint=str(out / model_file),
+                                                                    batch_size=batch_size, num_workers=workers,
+                                                                    device="cpu"), progress=False).count
     if embed:
         from retinafm.embed import EmbedSettings, embed as run_embed
 
@@ -160,7 +168,7 @@ def _retinafm(model_name: str, folder: Path, batch_size: int, workers: int, embe
         return result.count
     from retinafm.predict import predict
 
-    return len(predict(out / "model.pth", folder, out / "p.csv", batch_size=batch_size, num_workers=workers,
+    return len(predict(out / model_file, folder, out / "p.csv", batch_size=batch_size, num_workers=workers,
                        device="cpu", progress=False, cpu_int8=cpu_int8).predictions)
 
 
@@ -192,10 +200,18 @@ def one(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     folder = work / args.case
-    embed = args.task == "embed"
+    embed = args.task in ("embed", "embed_onnx")
     out = Path(tempfile.mkdtemp(dir=work))
-    if args.pipeline == "retinafm" and args.task in ("predict", "predict_int8"):
+    model_file = "model.pth"
+    if args.pipeline == "retinafm" and args.task in ("predict", "predict_int8", *ONNX_TASKS):
         _checkpoint(args.model, out / "model.pth")
+    if args.pipeline == "retinafm" and args.task in ONNX_TASKS:
+        # `retinafm export` is a one-off step before deployment, so it is not timed (it prints its seconds).
+        from retinafm.export import export_onnx
+
+        model_file = "model.onnx"
+        result = export_onnx(out / "model.pth", out / model_file, int8=args.task.endswith("int8"))
+        print(f"export: {result.seconds:.1f}s", file=sys.stderr)
     baseline_mb = _rss_mb()
     sampler = _PeakRSS()
     start = time.perf_counter()
@@ -205,7 +221,8 @@ def one(args: argparse.Namespace) -> None:
     elif args.pipeline == "reference":
         n = _reference(args.model, folder, args.batch_size, args.workers, embed)
     else:
-        n = _retinafm(args.model, folder, args.batch_size, args.workers, embed, out, args.task == "predict_int8")
+        n = _retinafm(args.model, folder, args.batch_size, args.workers, embed, out, args.task == "predict_int8",
+                      model_file)
     seconds = time.perf_counter() - start
     # Memory the work added to the main process at its peak (libraries and imports excluded).
     peak_mb = sampler.stop() - baseline_mb
@@ -251,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="vit_tiny_patch16,vit_base_patch16")
     parser.add_argument("--images", type=int, default=128)
-    parser.add_argument("--tasks", default="predict,embed,train,predict_int8",
-                        help="predict_int8: ours with --cpu-int8 against the fp32 reference")
+    parser.add_argument("--tasks", default="predict,embed,predict_onnx,embed_onnx,train,predict_int8,predict_onnx_int8",
+                        help="predict_int8: ours with --cpu-int8, *_onnx: ours from a `retinafm export` file, "
+                             "all against the fp32 reference")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers, both pipelines")
@@ -283,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             for model in args.models.split(","):
                 for task in args.tasks.split(","):
-                    if task in ("train", "predict_int8") and case != CASES[0]:
+                    if task in ("train", "predict_int8", "predict_onnx_int8", "embed_onnx") and case != CASES[0]:
                         continue  # one case is enough for these: the model's work is the same
                     ref = measure(args, case, model, task, "reference")
                     ours = measure(args, case, model, task, "retinafm")

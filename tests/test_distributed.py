@@ -74,3 +74,25 @@ def test_torchrun_predict_and_embed_merge_shards_in_input_order(trained_run, dem
     assert ddp.frame["path"].tolist() == one.frame["path"].tolist() and len(ddp.frame) == 120
     np.testing.assert_allclose(ddp.vectors, one.vectors, atol=1e-4)
     assert not (tmp_path / "ddp.parquet.parts").exists()
+
+
+def test_torchrun_pretrain_mae_and_dino(demo_data, tmp_path):
+    import torch
+
+    common = ["--images", str(demo_data / "train"), "--model", "vit_micro_patch8", "--input-size", "32",
+              "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--num-workers", "0", "--device", "cpu"]
+    proc = _torchrun("pretrain", "--out", str(tmp_path / "mae"), "--decoder-dim", "32", "--decoder-depth", "1",
+                     "--decoder-heads", "4", "--reconstructions", "1", *common)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("epoch 2/2") == 1 and proc.stdout.count("run directory:") == 1  # rank 0 prints
+    state = torch.load(tmp_path / "mae" / "checkpoint-last.pth", weights_only=True)
+    assert state["epoch"] == 1 and "decoder_pred.weight" in state["model"]
+    log = pd.read_csv(tmp_path / "mae" / "log.csv")
+    assert list(log["epoch"]) == [0, 1] and np.isfinite(log["train_loss"]).all()
+
+    proc = _torchrun("pretrain", "--method", "dino", "--out", str(tmp_path / "dino"), "--out-dim", "32",
+                     "--local-crops", "2", *common)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    state = torch.load(tmp_path / "dino" / "checkpoint-last.pth", weights_only=True)
+    # The teacher's centre was averaged over both ranks' batches: one value, finite.
+    assert torch.isfinite(state["dino_loss"]["center"]).all()

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import click
 
-from .config import HEADS, TASK_NAMES, ConfigError, FinetuneConfig, read_yaml_settings
+from .config import HEADS, TASK_NAMES, ConfigError, FinetuneConfig, PretrainConfig, read_yaml_settings
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -76,34 +76,43 @@ def models_cmd() -> None:
                "repo id (org/name[:file]), a local .pth/.safetensors file, or 'none'.")
 
 
-def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    settings: dict[str, Any] = {}
-    resume_dir = ctx.params.get("resume")
-    if resume_dir:
-        config = Path(resume_dir) / "config.yaml"
-        if not config.is_file():
-            raise click.BadParameter(f"{config} does not exist; is {resume_dir} a retinafm run directory?",
-                                     param_hint="--resume")
-        saved = read_yaml_settings_lenient(config)
-        settings.update({k: v for k, v in saved.items() if k not in ("resume", "overwrite", "out")})
-    if value:
-        try:
-            settings.update(read_yaml_settings(value))
-        except ConfigError as exc:
-            raise click.BadParameter(str(exc), param_hint="--config") from None
-    if settings:
-        ctx.default_map = {**(ctx.default_map or {}), **settings}
-    return value
+def _config_loader(cls: type) -> Callable:
+    """The --config callback for a settings class: `--resume RUN_DIR` first loads that run's
+    config.yaml, then --config FILE, then flags on the command line win."""
+
+    def load(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+        settings: dict[str, Any] = {}
+        resume_dir = ctx.params.get("resume")
+        if resume_dir:
+            config = Path(resume_dir) / "config.yaml"
+            if not config.is_file():
+                raise click.BadParameter(f"{config} does not exist; is {resume_dir} a retinafm run directory?",
+                                         param_hint="--resume")
+            saved = read_yaml_settings_lenient(config, cls)
+            settings.update({k: v for k, v in saved.items() if k not in ("resume", "overwrite", "out")})
+        if value:
+            try:
+                settings.update(read_yaml_settings(value, cls))
+            except ConfigError as exc:
+                raise click.BadParameter(str(exc), param_hint="--config") from None
+        if settings:
+            ctx.default_map = {**(ctx.default_map or {}), **settings}
+        return value
+
+    return load
 
 
-def read_yaml_settings_lenient(path: Path) -> dict[str, Any]:
+_load_config = _config_loader(FinetuneConfig)
+
+
+def read_yaml_settings_lenient(path: Path, cls: type = FinetuneConfig) -> dict[str, Any]:
     """A run's saved config.yaml also records derived values (class names); keep only settings."""
     import yaml
 
     from .config import config_fields
 
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return {k: v for k, v in data.items() if k in config_fields(FinetuneConfig)}
+    return {k: v for k, v in data.items() if k in config_fields(cls)}
 
 
 D = FinetuneConfig()
@@ -388,7 +397,8 @@ def import_cmd(checkpoint: str, source: str, classes: str, out: str, overwrite: 
 
 
 @main.command("predict")
-@click.option("--checkpoint", required=True, type=click.Path(), help="A run's checkpoint-best.pth.")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="A run's checkpoint-best.pth, or its .onnx export (ONNX Runtime on the CPU).")
 @click.option("--images", required=True, type=click.Path(), help="An image file or a folder (recursive).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions CSV to write.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -413,6 +423,25 @@ def predict_cmd(checkpoint: str, images: str, out: str, batch_size: int, device:
             click.echo(f"{len(res.volumes)} volume-level rows (mean and max over B-scans) in {res.volumes_path}")
         if res.skipped_path:
             click.echo(f"{len(res.skipped)} unreadable file(s) listed in {res.skipped_path}")
+
+
+@main.command("export")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="A retinafm checkpoint (.pth).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--int8", is_flag=True,
+              help="ONNX Runtime's transformer fusions and int8 weights: smaller and faster on CPU, outputs change slightly.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 17).")
+@click.option("--overwrite", is_flag=True)
+def export_cmd(checkpoint: str, out: str, fmt: str, int8: bool, opset: int | None, overwrite: bool) -> None:
+    """A checkpoint as one ONNX file (metadata inside) that `predict` and `embed --checkpoint` run
+    with ONNX Runtime; checked against PyTorch before it is written."""
+    from .export import export_onnx
+
+    res = _run(lambda: export_onnx(checkpoint, out, int8=int8, opset=opset, overwrite=overwrite))
+    click.echo(f"{fmt}{' int8' if res.int8 else ''} (opset {res.opset}) written to {res.out} in {res.seconds:.1f}s; "
+               f"max |ONNX Runtime - PyTorch|: logits {res.max_abs_diff_logits:.2g}, "
+               f"features {res.max_abs_diff_features:.2g}")
 
 
 @main.command("embed")
@@ -450,6 +479,71 @@ def embed_cmd(images: str, out: str, overwrite: bool, **options: Any) -> None:
         if res.skipped:
             click.echo(f"{len(res.skipped)} unreadable file(s) listed in "
                        f"{res.out.with_name(res.out.stem + '_skipped.csv')}")
+
+
+P = PretrainConfig()
+
+
+@main.command("pretrain")
+@click.option("--resume", "resume", type=click.Path(file_okay=False), default=None, is_eager=True,
+              help="Continue the run in this directory from its checkpoint-last.pth.")
+@click.option("--config", type=click.Path(dir_okay=False), callback=_config_loader(PretrainConfig),
+              expose_value=False, help="YAML file of settings (any flag below, dashes or underscores).")
+@click.option("--images", default=P.images, type=click.Path(),
+              help="Unlabelled images: any folder (searched recursively; labels ignored) or a manifest CSV.")
+@click.option("--splits", default=None, help="Keep only these splits (e.g. train,val) when the images carry one.")
+@click.option("--out", default=P.out, type=click.Path(file_okay=False), help="Run directory to create.")
+@click.option("--method", type=click.Choice(["mae", "dino"]), default=P.method, show_default=True)
+@click.option("--model", default=P.model, show_default=True, help="Zoo name or timm ViT architecture.")
+@click.option("--init", default=None,
+              help="Continue from these weights (zoo name, org/repo[:file], local file; an MAE file's decoder too). "
+                   "Default: random.")
+@click.option("--input-size", type=int, default=None, help="Default: the model's own.")
+@oct_frames_option(P.oct_frames)
+@click.option("--fundus-crop", is_flag=True, help="Crop fundus photographs to their field of view first.")
+@click.option("--oct-crop", type=float, default=None, help="Keep this central fraction of each OCT B-scan.")
+@click.option("--epochs", type=int, default=P.epochs, show_default=True)
+@click.option("--warmup-epochs", type=int, default=None, help="Default: mae 40, dino 10 (at most --epochs).")
+@click.option("--batch-size", type=int, default=P.batch_size, show_default=True, help="Per process.")
+@click.option("--accum-iter", type=int, default=P.accum_iter, show_default=True)
+@click.option("--lr", type=float, default=None, help="Absolute learning rate (default: blr x batch / 256).")
+@click.option("--blr", type=float, default=None, help="Base learning rate. Default: mae 1.5e-4, dino 5e-4.")
+@click.option("--min-lr", type=float, default=P.min_lr, show_default=True)
+@click.option("--weight-decay", type=float, default=None, help="Default: mae 0.05, dino 0.04.")
+@click.option("--clip-grad", type=float, default=None)
+@click.option("--mask-ratio", type=float, default=P.mask_ratio, show_default=True, help="MAE.")
+@click.option("--norm-pix-loss/--no-norm-pix-loss", default=P.norm_pix_loss, show_default=True, help="MAE.")
+@click.option("--decoder-dim", type=int, default=P.decoder_dim, show_default=True, help="MAE.")
+@click.option("--decoder-depth", type=int, default=P.decoder_depth, show_default=True, help="MAE.")
+@click.option("--decoder-heads", type=int, default=P.decoder_heads, show_default=True, help="MAE.")
+@click.option("--crop-min-scale", type=float, default=P.crop_min_scale, show_default=True, help="MAE.")
+@click.option("--reconstructions", type=int, default=P.reconstructions, show_default=True,
+              help="MAE: images drawn after every epoch (plots/reconstructions_*.png); 0: none.")
+@click.option("--out-dim", type=int, default=P.out_dim, show_default=True, help="DINO: prototypes.")
+@click.option("--local-crops", type=int, default=P.local_crops, show_default=True, help="DINO.")
+@click.option("--local-size", type=int, default=None, help="DINO (default: 96/224 of the input size).")
+@click.option("--teacher-temp", type=float, default=P.teacher_temp, show_default=True, help="DINO.")
+@click.option("--warmup-teacher-temp", type=float, default=P.warmup_teacher_temp, show_default=True, help="DINO.")
+@click.option("--warmup-teacher-epochs", type=int, default=P.warmup_teacher_epochs, show_default=True, help="DINO.")
+@click.option("--momentum-teacher", type=float, default=P.momentum_teacher, show_default=True, help="DINO.")
+@click.option("--grad-checkpointing", is_flag=True)
+@click.option("--seed", type=int, default=P.seed, show_default=True)
+@click.option("--device", default=P.device, show_default=True)
+@click.option("--num-workers", type=int, default=P.num_workers, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def pretrain_cmd(resume: str | None, **options: Any) -> None:
+    """Self-supervised pretraining on unlabelled images: MAE (RETFound's first stage) or DINO.
+    The run's checkpoint-last.pth is then --weights for finetune and embed."""
+    from .pretrain import pretrain
+    from .train import distributed as dist_utils
+
+    if resume:
+        options["out"] = resume
+    cfg = PretrainConfig(**options, resume=bool(resume))
+    result = _run(lambda: pretrain(cfg), on_interrupt="Continue with `retinafm pretrain --resume RUN_DIR`.")
+    if _primary():
+        click.echo(f"run directory: {result.run_dir}")
+    dist_utils.cleanup()
 
 
 @main.command("probe")
@@ -493,12 +587,16 @@ def probe_cmd(embeddings: str, out: str, task: str, label_column: str, label_col
 @main.command("demo")
 @click.option("--out", default="demo_output", show_default=True, type=click.Path(), help="Folder for everything.")
 @click.option("--epochs", type=int, default=None, help="Override the demo's number of epochs.")
+@click.option("--pretrain-epochs", type=int, default=None,
+              help="MAE pretraining epochs before fine-tuning (default 60; 0 skips it).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier demo in --out.")
-def demo_cmd(out: str, epochs: int | None, overwrite: bool) -> None:
-    """Generate a synthetic fundus data set, fine-tune a small ViT on CPU, evaluate and predict."""
-    from .demo import run_demo
+def demo_cmd(out: str, epochs: int | None, pretrain_epochs: int | None, overwrite: bool) -> None:
+    """Generate a synthetic fundus data set, pretrain a small ViT with MAE and fine-tune it (and
+    from scratch, for comparison) on CPU, evaluate and predict."""
+    from .demo import PRETRAIN_EPOCHS, run_demo
 
-    summary = _run(lambda: run_demo(Path(out), epochs=epochs, overwrite=overwrite))
+    epochs_pre = PRETRAIN_EPOCHS if pretrain_epochs is None else pretrain_epochs
+    summary = _run(lambda: run_demo(Path(out), epochs=epochs, overwrite=overwrite, pretrain_epochs=epochs_pre))
     if not summary.passed:
         sys.exit(1)
 

@@ -47,6 +47,11 @@ def check_preprocessing(oct_crop: Optional[float], modality: Optional[str]) -> N
         raise ConfigError(f"--modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
 
 
+def check_device(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, not {device!r}")
+
+
 @dataclass
 class FinetuneConfig:
     """Fine-tuning settings; defaults follow RETFound's fine-tuning recipe."""
@@ -154,8 +159,7 @@ class FinetuneConfig:
             raise ConfigError("--mixup/--cutmix apply to --task multiclass only")
         if self.global_pool not in (None, "avg", "token"):
             raise ConfigError(f"--global-pool must be 'avg' or 'token', not {self.global_pool!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+        check_device(self.device)
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "accum_iter": self.accum_iter}
         for name, value in positive.items():
             if value < 1:
@@ -191,6 +195,94 @@ class FinetuneConfig:
         if len(set(names)) != len(names):
             raise ConfigError(f"--{'labels' if self.task == 'multilabel' else 'targets'} lists a column twice: {text}")
         return names
+
+
+# MAE (He et al. 2022; RETFound's pretraining) and DINO (Caron et al. 2021) recipes.
+PRETRAIN_DEFAULTS = {"mae": {"blr": 1.5e-4, "warmup_epochs": 40, "weight_decay": 0.05},
+                     "dino": {"blr": 5e-4, "warmup_epochs": 10, "weight_decay": 0.04}}
+
+
+@dataclass
+class PretrainConfig:
+    """Self-supervised pretraining settings; defaults follow MAE / RETFound (mae) and DINO (dino)."""
+
+    out: str = ""
+    images: str = ""  # a folder (any layout; labels ignored) or a CSV manifest with a path column
+    splits: Optional[str] = None  # keep only these splits (comma-separated) when the images carry a split
+    method: str = "mae"  # mae | dino
+    model: str = "vit_large_patch16"
+    init: Optional[str] = None  # weights to continue from (zoo name, hub repo, file); None: random
+    input_size: Optional[int] = None
+    oct_frames: str = "middle"
+    fundus_crop: bool = False
+    oct_crop: Optional[float] = None
+    epochs: int = 800
+    warmup_epochs: Optional[int] = None  # None: the method's (mae 40, dino 10), at most --epochs
+    batch_size: int = 64
+    accum_iter: int = 1
+    lr: Optional[float] = None  # absolute lr; default blr * effective batch / 256
+    blr: Optional[float] = None  # None: the method's (mae 1.5e-4, dino 5e-4)
+    min_lr: float = 0.0
+    weight_decay: Optional[float] = None  # None: the method's (mae 0.05, dino 0.04)
+    clip_grad: Optional[float] = None
+    # MAE
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    crop_min_scale: float = 0.2
+    # DINO
+    out_dim: int = 65536
+    local_crops: int = 6
+    local_size: Optional[int] = None  # None: 96/224 of the input size, a multiple of the patch size
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_epochs: int = 0
+    momentum_teacher: float = 0.996
+    # both
+    reconstructions: int = 4  # MAE: images drawn each epoch in plots/reconstructions_*.png; 0: none
+    grad_checkpointing: bool = False
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 2
+    resume: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not self.out:
+            raise ConfigError("--out is required: the run directory to write.")
+        if not self.images:
+            raise ConfigError("--images is required: a folder of images or a CSV manifest with a path column.")
+        if self.method not in ("mae", "dino"):
+            raise ConfigError(f"--method must be 'mae' or 'dino', not {self.method!r}")
+        parse_oct_frames(self.oct_frames)
+        check_preprocessing(self.oct_crop, None)
+        for name in ("epochs", "batch_size", "accum_iter", "decoder_dim", "decoder_depth", "decoder_heads", "out_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(f"--warmup-epochs must be between 0 and --epochs ({self.epochs})")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
+        if not 0.0 < self.crop_min_scale <= 1.0:
+            raise ConfigError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
+        if self.local_crops < 0 or self.reconstructions < 0:
+            raise ConfigError("--local-crops and --reconstructions must be 0 or more")
+        if not 0.0 <= self.momentum_teacher < 1.0:
+            raise ConfigError(f"--momentum-teacher must be in [0, 1), got {self.momentum_teacher}")
+        check_device(self.device)
+
+    def method_default(self, name: str) -> float:
+        """blr, warmup_epochs, weight_decay: the given value, else the method's published one."""
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        value = PRETRAIN_DEFAULTS[self.method][name]
+        return min(value, self.epochs) if name == "warmup_epochs" else value
+
+    def split_list(self) -> Optional[list[str]]:
+        return [s.strip() for s in self.splits.split(",") if s.strip()] if self.splits else None
 
 
 def config_fields(cls: type) -> set[str]:

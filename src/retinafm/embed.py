@@ -28,6 +28,7 @@ from .data.sources import SPLITS, DataSourceError, _class_dirs, list_images
 from .data.preprocess import check_modality
 from .data.transforms import EVAL_CROP_PCT, Preprocessing, eval_transform
 from .data.volumes import expand_frames
+from .export import OnnxModel, check_onnx_options, is_onnx, load_onnx
 from .files import OutputExistsError, atomic_path, refuse_existing_file, write_csv, write_json
 from .train import distributed as dist_utils
 from .train.loop import infer
@@ -43,7 +44,7 @@ EMBEDDING = "embedding"
 class EmbedSettings:
     model: Optional[str] = None  # a zoo name or timm architecture ...
     weights: Optional[str] = None  # ... with these weights (None: the zoo entry's own)
-    checkpoint: Optional[str] = None  # or a retinafm checkpoint (fine-tuned or imported)
+    checkpoint: Optional[str] = None  # or a retinafm checkpoint (fine-tuned or imported), or its .onnx export
     pool: Optional[str] = None  # cls | avg; None: the model's own (RETFound: avg)
     tta_flip: bool = False  # average the embeddings of the image and its horizontal flip
     dtype: str = "float16"
@@ -76,6 +77,8 @@ class EmbedSettings:
         if self.checkpoint is not None and (self.fundus_crop or self.oct_crop):
             raise DataSourceError("--fundus-crop / --oct-crop go with --model; a --checkpoint applies the "
                                   "preprocessing it was trained with")
+        if self.checkpoint is not None and is_onnx(self.checkpoint):
+            check_onnx_options(self.checkpoint, self.device, self.cpu_int8)
         check_preprocessing(self.oct_crop, self.modality)
         if self.pool is not None and self.pool not in POOLS:
             raise DataSourceError(f"--pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
@@ -166,6 +169,8 @@ class PooledFeatures(nn.Module):
         self.model, self.tta_flip = model, tta_flip
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.model, OnnxModel):  # the exported graph's own features output
+            return self.model.features(x)
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +187,10 @@ def embedding_model(settings: EmbedSettings) -> tuple[nn.Module, dict[str, Any]]
     from .train.checkpoint import load_checkpoint, model_from_checkpoint
 
     if settings.checkpoint is not None:
-        model, meta = model_from_checkpoint(load_checkpoint(settings.checkpoint))
+        if is_onnx(settings.checkpoint):
+            model, meta = load_onnx(settings.checkpoint)
+        else:
+            model, meta = model_from_checkpoint(load_checkpoint(settings.checkpoint))
         pool = str(model.global_pool)
         if settings.pool is not None and POOLS[settings.pool] != pool:
             raise DataSourceError(f"--pool {settings.pool}: {settings.checkpoint} was trained with the "
@@ -244,7 +252,7 @@ def embed(images: str | Path | pd.DataFrame, out: str | Path, settings: EmbedSet
         refuse_existing_file(out, overwrite=overwrite)
     table = image_table(images, settings.oct_frames)
     model, info = embedding_model(settings)
-    dev = resolve_device(settings.device)
+    dev = resolve_device("cpu" if isinstance(model, OnnxModel) else settings.device)
     dist_utils.init_distributed(dev)
     if settings.cpu_int8:
         model = quantize_for_cpu(model, dev)

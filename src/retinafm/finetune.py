@@ -26,13 +26,13 @@ from .data.transforms import AugmentSettings, Preprocessing, eval_transform, tra
 from .evaluate.evaluation import evaluate_samples, write_evaluation
 from .evaluate.plots import plot_training_curves
 from .evaluate.report import write_report
-from .files import prepare_output_dir, write_csv, write_yaml
+from .files import write_csv, write_yaml
 from .models.heads import HeadSettings, init_head
 from .models.registry import ModelSpec, create_model, get_spec
 from .models.weights import load_backbone_weights, resolve_weights
 from .tasks import task_from_config
 from .train import distributed as dist_utils
-from .train.checkpoint import CheckpointMeta, load_checkpoint, meta_of, save_checkpoint, task_of
+from .train.checkpoint import CheckpointMeta, load_checkpoint, meta_of, open_run_dir, save_checkpoint, task_of
 from .train.loop import StepSettings, train_one_epoch
 from .train.optim import build_optimizer, build_scheduler, current_lr, effective_lr
 from .train.runtime import amp_dtype, resolve_device, restore_rng_state, rng_state, seed_everything
@@ -112,13 +112,8 @@ def _feature_probe(cfg: FinetuneConfig, data: LabelledData, run_dir: Path, evalu
 
 def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[EpochCallback],
               evaluate_test: bool) -> FinetuneResult:
-    run_dir = Path(cfg.out)
-    last_path, best_path = run_dir / "checkpoint-last.pth", run_dir / "checkpoint-best.pth"
-    if cfg.resume and not last_path.is_file():
-        raise ConfigError(f"--resume: {last_path} does not exist; start a new run without --resume")
-    if dist_utils.is_primary():
-        prepare_output_dir(run_dir, overwrite=cfg.overwrite, resume=cfg.resume)
-    dist_utils.barrier()
+    run_dir, last_path = open_run_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    best_path = run_dir / "checkpoint-best.pth"
     seed_everything(cfg.seed + dist_utils.rank())
 
     data = load_labelled(cfg.data_path, cfg.manifest, cfg.split, seed=cfg.seed, task=cfg.task,

@@ -13,6 +13,7 @@ from .data.loader import ImageDataset, SkipLog
 from .data.preprocess import check_modality
 from .data.sources import DataSourceError, list_images
 from .data.volumes import expand_frames, is_volume_candidate, split_address
+from .export import check_onnx_options, is_onnx, load_onnx
 from .files import refuse_existing_file, write_csv
 from .train import distributed as dist_utils
 from .train.checkpoint import eval_transform_of, load_checkpoint, model_from_checkpoint, task_of
@@ -91,12 +92,18 @@ def predict(
     multilabel: prediction, prob_<label>...; regression: one column per target in original
     units). Unreadable files go to skipped.csv beside it. When several B-scans of a volume are
     predicted (`oct_frames` all or N; None: as the model was trained), `<out>_volumes.csv` has one
-    row per volume (mean and max)."""
+    row per volume (mean and max). A `checkpoint` ending in .onnx (`retinafm export`) runs with
+    ONNX Runtime on the CPU."""
     out = Path(out)
     refuse_existing_file(out, overwrite=overwrite)
-    model, meta = model_from_checkpoint(load_checkpoint(checkpoint))  # the loaded tensors are not kept twice
+    onnx = is_onnx(checkpoint)
+    if onnx:  # an exported model: ONNX Runtime on the CPU
+        check_onnx_options(checkpoint, device, cpu_int8)
+        model, meta = load_onnx(checkpoint)
+    else:
+        model, meta = model_from_checkpoint(load_checkpoint(checkpoint))  # the loaded tensors are not kept twice
     paths = collect_images(images, oct_frames or meta.settings.get("oct_frames") or "middle")
-    dev = resolve_device(device)
+    dev = resolve_device("cpu" if onnx else device)
     dist_utils.init_distributed(dev)
     if cpu_int8:
         model = quantize_for_cpu(model, dev)

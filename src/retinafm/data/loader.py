@@ -17,12 +17,35 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .io import ImageReadError, read_image
 
 
+class CropBatch(list):
+    """Several views of each image (self-supervised multi-crop), one stacked tensor per view.
+    Behaves like the image tensor where the training loop needs it (`to`, `numel`, `shape`)."""
+
+    def to(self, device, non_blocking: bool = False) -> "CropBatch":
+        return CropBatch(t.to(device, non_blocking=non_blocking) for t in self)
+
+    def pin_memory(self) -> "CropBatch":
+        return CropBatch(t.pin_memory() for t in self)
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self[0].shape
+
+
 @dataclass
 class Batch:
-    images: torch.Tensor
+    images: torch.Tensor | CropBatch
     targets: torch.Tensor
     indices: torch.Tensor
     skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def pin_memory(self) -> "Batch":
+        """DataLoader(pin_memory=True) pins through this method: without it a dataclass batch
+        stays in pageable memory and `non_blocking` host-to-GPU copies are synchronous."""
+        return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.indices, self.skipped)
 
 
 class ImageDataset(Dataset):
@@ -61,7 +84,10 @@ def collate_skipping(items: list) -> Batch:
     skipped = [it[1] for it in items if it[0] is None]
     if not good:
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped)
-    images = torch.stack([it[0] for it in good])
+    if isinstance(good[0][0], (list, tuple)):  # multi-crop views
+        images = CropBatch(torch.stack([it[0][k] for it in good]) for k in range(len(good[0][0])))
+    else:
+        images = torch.stack([it[0] for it in good])
     if isinstance(good[0][1], np.ndarray):
         targets = torch.from_numpy(np.stack([it[1] for it in good]))
     else:

@@ -89,3 +89,54 @@ def train_transform(
     # The smallest random crop (crop_min_scale of the area) must still have input_size pixels.
     compose.decode_size = _decode_size(input_size / math.sqrt(augment.crop_min_scale), preprocessing)
     return compose
+
+
+def pretrain_transform(input_size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.2,
+                       preprocessing: Preprocessing = Preprocessing()) -> v2.Compose:
+    """MAE's (and RETFound's) pretraining augmentation: random resized crop (min_scale-1 of the
+    area) and a horizontal flip, nothing else."""
+    compose = v2.Compose([
+        *preprocessing.ops(),
+        v2.RandomResizedCrop(input_size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC,
+                             antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(mean), std=list(std)),
+    ])
+    compose.decode_size = _decode_size(input_size / math.sqrt(min_scale), preprocessing)
+    return compose
+
+
+class MultiCrop:
+    """DINO's views of one image: two global crops (the second with solarisation, less blur)
+    and `local_crops` small ones, each with DINO's flip, colour jitter, grayscale and blur.
+    Returns a list of tensors, globals first."""
+
+    def __init__(self, input_size: int, local_size: int, mean: Sequence[float], std: Sequence[float], *,
+                 local_crops: int = 6, global_scale: tuple[float, float] = (0.4, 1.0),
+                 local_scale: tuple[float, float] = (0.05, 0.4),
+                 preprocessing: Preprocessing = Preprocessing()) -> None:
+        self.pre = v2.Compose(preprocessing.ops() or [v2.Identity()])
+        finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+
+        def view(size: int, scale: tuple[float, float], blur: float, solarize: float) -> v2.Compose:
+            kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # ~10% of the crop, odd
+            return v2.Compose([
+                v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                v2.RandomGrayscale(p=0.2),
+                v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur),
+                v2.RandomSolarize(threshold=128, p=solarize),
+                *finish,
+            ])
+
+        self.globals = [view(input_size, global_scale, 1.0, 0.0), view(input_size, global_scale, 0.1, 0.2)]
+        self.local = view(local_size, local_scale, 0.5, 0.0)
+        self.local_crops = local_crops
+        self.decode_size = _decode_size(max(input_size / math.sqrt(global_scale[0]),
+                                            local_size / math.sqrt(local_scale[0])), preprocessing)
+
+    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        image = self.pre(image)
+        return [t(image) for t in self.globals] + [self.local(image) for _ in range(self.local_crops)]

@@ -459,3 +459,20 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def plot_reconstructions(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path, *,
+                         title: str = "") -> Path:
+    """MAE reconstructions: one row per image of (original, masked input, reconstruction with
+    the visible patches pasted back), each an (H, W, 3) array in [0, 1]."""
+    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows) + 0.4), squeeze=False)
+    for r, images in enumerate(rows):
+        for c, (image, name) in enumerate(zip(images, ("original", "masked", "reconstruction + visible"))):
+            axes[r, c].imshow(np.clip(image, 0, 1), interpolation="nearest")
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+            if r == 0:
+                axes[r, c].set_title(name, fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)

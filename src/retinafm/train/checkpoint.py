@@ -13,8 +13,9 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from ..config import ConfigError
 from ..data.transforms import EVAL_CROP_PCT
-from ..files import save_torch
+from ..files import prepare_output_dir, save_torch
 from ..models.heads import HeadSettings
 from ..models.registry import ModelSpec, create_model
 
@@ -61,6 +62,21 @@ class CheckpointMeta:
             modality=self.modality, global_pool=self.global_pool, mean=tuple(self.mean), std=tuple(self.std),
             arch_kwargs=dict(self.arch_kwargs),
         )
+
+
+def open_run_dir(out: str | Path, *, resume: bool, overwrite: bool) -> tuple[Path, Path]:
+    """A training run's directory (created by rank 0; an existing run is refused unless resuming or
+    overwriting) and its checkpoint-last.pth, which --resume needs."""
+    from . import distributed as dist_utils
+
+    run_dir = Path(out)
+    last_path = run_dir / "checkpoint-last.pth"
+    if resume and not last_path.is_file():
+        raise ConfigError(f"--resume: {last_path} does not exist; start a new run without --resume")
+    if dist_utils.is_primary():
+        prepare_output_dir(run_dir, overwrite=overwrite, resume=resume)
+    dist_utils.barrier()
+    return run_dir, last_path
 
 
 def versions() -> dict[str, str]:
@@ -115,6 +131,10 @@ def backbone_fields(info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     from ..models.registry import get_spec
 
     if info.get("checkpoint"):
+        if str(info["checkpoint"]).endswith(".onnx"):
+            raise CheckpointError(
+                f"these embeddings come from the ONNX export {info['checkpoint']}, which a probe checkpoint cannot "
+                "rebuild in PyTorch; embed with the .pth checkpoint it was exported from to fit a probe")
         source = meta_of(load_checkpoint(info["checkpoint"]))
         keep = ("arch", "arch_kwargs", "input_size", "mean", "std", "global_pool", "modality", "patch_size",
                 "fc_norm_repeats", "eval_crop_pct", "preprocess")

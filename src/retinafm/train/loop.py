@@ -46,8 +46,10 @@ def train_one_epoch(
     mixup_fn: Optional[Callable] = None,
     skip_log: Optional[SkipLog] = None,
     progress: bool = True,
+    after_step: Optional[Callable[[int], None]] = None,
 ) -> float:
-    """One pass over `loader`; returns the mean training loss (averaged across ranks)."""
+    """One pass over `loader`; returns the mean training loss (averaged across ranks).
+    `after_step(global_update)` runs after every optimiser step (e.g. a momentum teacher's update)."""
     model.train()
     steps = len(loader)
     updates_per_epoch = max(1, math.ceil(steps / settings.accum_iter))
@@ -89,7 +91,10 @@ def train_one_epoch(
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step_update(epoch * updates_per_epoch + (step // settings.accum_iter) + 1)
+            update = epoch * updates_per_epoch + (step // settings.accum_iter) + 1
+            scheduler.step_update(update)
+            if after_step is not None:
+                after_step(update)
         total += loss_value * images.shape[0]
         count += images.shape[0]
         bar.set_postfix(loss=f"{loss_value:.4f}")

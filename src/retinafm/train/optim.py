@@ -16,10 +16,12 @@ def effective_lr(lr: float | None, blr: float, batch_size: int, accum_iter: int,
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, layer_decay: float | None
+    model: nn.Module, lr: float, weight_decay: float, layer_decay: float | None,
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
     """AdamW; with layer_decay, each block's group gets lr_scale = decay^(depth - block) (timm).
-    On a GPU the fused kernel (one launch per step instead of one per tensor)."""
+    Biases and norms get no weight decay. On a GPU the fused kernel (one launch per step instead
+    of one per tensor). MAE pretraining uses betas (0.9, 0.95)."""
     on_gpu = next(model.parameters()).is_cuda
     return create_optimizer_v2(
         model,
@@ -27,7 +29,7 @@ def build_optimizer(
         lr=lr,
         weight_decay=weight_decay,
         layer_decay=layer_decay,
-        betas=(0.9, 0.999),
+        betas=betas,
         **({"fused": True} if on_gpu else {}),
     )
 

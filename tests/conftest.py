@@ -97,3 +97,23 @@ def oct_run(oct_volume_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("oct_run") / "run"
     finetune(tiny_finetune_config(oct_volume_data, run, epochs=3, oct_frames="all", batch_size=8))
     return run
+
+
+REPORT_WORDS = ("normal fundus no disease visible optic disc cup large pale glaucoma suspected haemorrhages "
+                "exudates microaneurysms diabetic retinopathy present moderate severe mild with and the of a "
+                "right left eye macula vessels").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with a word-level vocabulary, saved like a hub folder (random weights)."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(REPORT_WORDS)), ".", ","]
+    BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    return folder

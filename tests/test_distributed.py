@@ -96,3 +96,22 @@ def test_torchrun_pretrain_mae_and_dino(demo_data, tmp_path):
     state = torch.load(tmp_path / "dino" / "checkpoint-last.pth", weights_only=True)
     # The teacher's centre was averaged over both ranks' batches: one value, finite.
     assert torch.isfinite(state["dino_loss"]["center"]).all()
+
+
+def test_torchrun_refine_gathers_negatives_across_ranks(tiny_text_model, tmp_path):
+    import torch
+
+    from retinafm.data.synthetic import write_report_pairs
+
+    pairs = write_report_pairs(tmp_path / "pairs", n_train=16, n_val=4, size=48, seed=0)
+    proc = _torchrun("refine", "--pairs", str(pairs), "--model", "vit_micro_patch8", "--weights", "none",
+                     "--input-size", "32", "--text-model", str(tiny_text_model), "--epochs", "2", "--batch-size", "4",
+                     "--embed-dim", "16", "--lr", "1e-3", "--num-workers", "0", "--device", "cpu",
+                     "--out", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("epoch 2/2") == 1 and proc.stdout.count("refined backbone:") == 1  # rank 0 prints
+    log = pd.read_csv(tmp_path / "run" / "log.csv")
+    # With 2 ranks of 4 pairs, each image's contrastive softmax runs over 8 texts: chance is ln 8, not ln 4.
+    assert log["loss_itc"].iloc[0] > np.log(4) + 0.3
+    state = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)
+    assert state["epoch"] == 1 and (tmp_path / "run" / "backbone.safetensors").is_file()

@@ -10,6 +10,7 @@ from retinafm.models.registry import ZOO, UnknownModelError, create_model, get_s
 EXPECTED_PARAMS_M = {  # backbone parameters, millions (published sizes)
     "RETFound_mae_natureCFP": 303, "RETFound_dinov2_meh": 304, "dinov2_vits14": 22, "dinov2_vitg14": 1136,
     "dinov3_vits16": 21, "dinov3_vitl16": 303, "dinov3_vit7b16": 6716,
+    "VisionFM_OCT": 86, "UrFound": 86, "RetFiner_RETFound": 303, "RetFiner_VisionFM": 86, "RetFiner_UrFound": 86,
 }
 
 
@@ -22,6 +23,29 @@ def test_zoo_has_the_issue_entries():
     spec = ZOO["RETFound_mae_natureCFP"]
     assert (spec.hf_repo, spec.hf_filename) == ("YukunZhou/RETFound_mae_natureCFP", "RETFound_mae_natureCFP.pth")
     assert spec.global_pool == "avg" and spec.modality == "CFP" and ZOO["RETFound_mae_natureOCT"].modality == "OCT"
+
+
+def test_retfiner_visionfm_and_urfound_entries():
+    for name in ["RetFiner_RETFound", "RetFiner_VisionFM", "RetFiner_UrFound"]:
+        spec = ZOO[name]
+        assert spec.family == "retfiner" and spec.modality == "OCT" and spec.licence == "CC-BY-NC-4.0"
+        assert spec.hf_repo is None  # published as GitHub release assets, used with --weights PATH
+        assert spec.weights_url == f"https://github.com/ronnief1/RetFiner/releases/download/weights/{name}.pth"
+        assert "--weights PATH" in spec.description and spec.weights_url in spec.description
+        assert spec.weight_source == "download, then --weights PATH"
+    assert (ZOO["RetFiner_RETFound"].arch, ZOO["RetFiner_RETFound"].global_pool) == ("vit_large_patch16_224", "avg")
+    assert (ZOO["RetFiner_UrFound"].arch, ZOO["RetFiner_UrFound"].global_pool) == ("vit_base_patch16_224", "avg")
+    assert (ZOO["RetFiner_VisionFM"].arch, ZOO["RetFiner_VisionFM"].global_pool) == ("vit_base_patch16_224", "token")
+    assert ZOO["RetFiner_VisionFM"].mean == ZOO["VisionFM_OCT"].mean  # refined with VisionFM's OCT statistics
+    for modality, short in [("Fundus", "CFP"), ("OCT", "OCT")]:
+        spec = ZOO[f"VisionFM_{modality}"]
+        assert (spec.family, spec.modality, spec.global_pool, spec.hf_repo) == ("visionfm", short, "token", None)
+        assert spec.weights_url.startswith("https://drive.google.com/") and spec.licence == "CC-BY-NC-4.0"
+    assert ZOO["VisionFM_OCT"].mean == (0.21091926, 0.21091926, 0.21091919)
+    spec = ZOO["UrFound"]
+    assert (spec.hf_repo, spec.hf_filename, spec.family, spec.global_pool) == ("yyyyk/UrFound", "urfound_mm.pth",
+                                                                           "urfound", "avg")
+    assert spec.weight_source == "hf:yyyyk/UrFound" and spec.mean == (0.485, 0.456, 0.406)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS_M))

@@ -3,6 +3,7 @@ the timm model built from the same tensors; bad files fail loudly and safely."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pickle
 from pathlib import Path
@@ -180,6 +181,205 @@ def test_meta_dinov3_layout(tmp_path: Path):
     torch.testing.assert_close(_features(model, x), _features(src, x))
 
 
+def _ibot_head(prefix: str) -> dict:
+    """iBOT's projection head: an MLP and weight-normed last layers; 'last_layer2' (patch tokens) is always
+    there, a second name for 'last_layer' when the head is shared."""
+    return {f"{prefix}mlp.0.weight": torch.randn(16, 32), f"{prefix}mlp.0.bias": torch.zeros(16),
+            f"{prefix}last_layer.weight_g": torch.ones(64, 1), f"{prefix}last_layer.weight_v": torch.randn(64, 8),
+            f"{prefix}last_layer2.weight_g": torch.ones(64, 1), f"{prefix}last_layer2.weight_v": torch.randn(64, 8)}
+
+
+def _visionfm_checkpoint(src: torch.nn.Module) -> dict:
+    """VisionFM's main_pretrain.py file: the EMA teacher (MultiCropWrapper: 'backbone.' + iBOT 'head.'), the
+    DDP student (with iBOT's mask token 'masked_embed'), optimizer, args and the iBOT loss centres."""
+    backbone = src.state_dict()
+    teacher = {f"backbone.{k}": v for k, v in backbone.items()} | _ibot_head("head.")
+    student = {f"module.backbone.{k}": v + 1.0 for k, v in backbone.items()}  # differs: the teacher must win
+    student["module.backbone.masked_embed"] = torch.zeros(1, 32)
+    student |= _ibot_head("module.head.")
+    return {"student": student, "teacher": teacher, "optimizer": {"state": {}, "param_groups": []}, "epoch": 400,
+            "args": argparse.Namespace(arch="vit_base", patch_size=16, modality="OCT", shared_head=True),
+            "ibot_loss": {"center": torch.zeros(1, 64), "center2": torch.zeros(1, 1, 64)},
+            "fp16_scaler": {"scale": 65536.0}}
+
+
+def _urfound_checkpoint(src: torch.nn.Module) -> dict:
+    """UrFound's main_pretrain_urfound.py file: the MAE layout under 'model' plus its report branch, a BERT
+    masked-LM ('bert_encoder.model.') fed through 'bert_mlp'."""
+    ckpt = _mae_checkpoint(src)
+    ckpt["model"].update({
+        "bert_encoder.model.bert.embeddings.word_embeddings.weight": torch.randn(30, 8),
+        "bert_encoder.model.bert.encoder.layer.0.crossattention.self.query.weight": torch.randn(8, 8),
+        "bert_encoder.model.cls.predictions.bias": torch.zeros(30),
+        "bert_mlp.weight": torch.randn(12, 32), "bert_mlp.bias": torch.zeros(12),
+    })
+    return ckpt
+
+
+def _retfiner_encoder(src: torch.nn.Module, *, proj: bool, head: bool) -> dict:
+    """What RetFiner's get_vision_backbone_for_linprobing.py saves (and its releases hold): the refinement
+    model's vision encoder, 'model.vision_encoder.' cut off, flat. RETFound's encoder (RetFiner's vit.py)
+    keeps its final norm, a 2-class head and 'proj' to the text width; VisionFM's has neither head nor proj."""
+    sd = dict(src.state_dict())
+    if head:
+        sd |= {"head.weight": torch.randn(2, 32), "head.bias": torch.zeros(2)}
+    if proj:
+        sd |= {"proj.weight": torch.randn(24, 32), "proj.bias": torch.zeros(24)}
+    return sd
+
+
+def _retfiner_lightning(src: torch.nn.Module) -> dict:
+    """RetFiner's train.py checkpoint (Lightning): the whole refinement model under 'state_dict'."""
+    sd = {f"model.vision_encoder.{k}": v for k, v in _retfiner_encoder(src, proj=True, head=True).items()}
+    sd |= {"model.multimodal_encoder.bert.embeddings.word_embeddings.weight": torch.randn(30, 8),
+           "model.multimodal_encoder.cls.predictions.bias": torch.zeros(30),
+           "model.contra_head_t.linear.weight": torch.randn(8, 8),
+           "model.contra_head_v.linear.weight": torch.randn(8, 24),
+           "model.itm_head.linear1.weight": torch.randn(8, 8), "model.contra_temp": torch.tensor(0.07)}
+    return {"state_dict": sd, "epoch": 4, "global_step": 1000, "pytorch-lightning_version": "2.4.0",
+            "optimizer_states": [{"state": {}, "param_groups": []}], "lr_schedulers": []}
+
+
+def _micro(name: str, **kw) -> ModelSpec:
+    """A zoo entry (family, pooling) at the micro size of the test checkpoints."""
+    return dataclasses.replace(get_spec(name), input_size=32, patch_size=8, arch_kwargs=MICRO, **kw)
+
+
+def test_visionfm_ibot_layout_is_recognised_and_loads_the_teacher(tmp_path: Path):
+    src = _source_vit("token")
+    path = tmp_path / "VFM_OCT_weights.pth"
+    torch.save(_visionfm_checkpoint(src), path)
+    assert detect_family(read_checkpoint(path)) == "visionfm"  # from the file alone
+    model = create_model(_micro("VisionFM_OCT"), num_classes=3)
+    report = load_backbone_weights(model, str(path), "timm")
+    assert report.family == "visionfm"
+    assert set(report.missing) == {"head.weight", "head.bias"}  # CLS token after VisionFM's own final norm
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(_features(model, x), _features(src, x))
+
+
+def test_teacher_checkpoints_tell_ibot_from_dinov2_and_retinafm_dino():
+    teacher = {f"backbone.{k}": v for k, v in _source_vit("token").state_dict().items()}
+    assert detect_family({"teacher": teacher | _ibot_head("head.")}) == "visionfm"  # iBOT's last_layer2
+    assert detect_family({"teacher": teacher}, "visionfm") == "visionfm"  # no marker: the zoo label decides
+    assert detect_family({"teacher": teacher}) == "retfound_dinov2"  # which reads a bare backbone the same way
+    dinov2 = teacher | {"dino_head.mlp.0.weight": torch.randn(8, 32), "ibot_head.mlp.0.weight": torch.randn(8, 32)}
+    assert detect_family({"teacher": dinov2, "student": {}}, "visionfm") == "retfound_dinov2"
+    # `retinafm pretrain --method dino` (here on a VisionFM entry) stays with the retfound_dinov2 adapter.
+    head = {"head.mlp.0.weight": torch.randn(8, 32),
+            "head.last_layer.parametrizations.weight.original0": torch.ones(4, 1)}
+    ours = {"student": teacher | head, "teacher": teacher | head, "dino_loss": {"center": torch.zeros(1, 4)},
+            "optimizer": {}, "epoch": 1, "retinafm_pretrain": {"method": "dino"}}
+    assert detect_family(ours, "visionfm") == "retfound_dinov2"
+
+
+def test_urfound_layout_drops_decoder_and_report_branch(tmp_path: Path):
+    src = _source_vit("token")
+    path = tmp_path / "urfound_mm.pth"
+    torch.save(_urfound_checkpoint(src), path)
+    assert detect_family(read_checkpoint(path), "retfound_mae") == "urfound"
+    model = create_model(_micro("UrFound"), num_classes=3)
+    report = load_backbone_weights(model, str(path), "timm")
+    assert report.family == "urfound"
+    assert set(report.missing) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    assert "norm.weight" in report.dropped  # UrFound's fine-tuning pools like RETFound: a fresh fc_norm
+    token = create_model(_micro("UrFound", global_pool="token"), num_classes=2)
+    load_backbone_weights(token, str(path), "urfound")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(_features(token, x), _features(src, x))
+
+
+def test_retfiner_r_release_is_recognised_and_drops_proj(tmp_path: Path):
+    src = _source_vit("token")
+    path = tmp_path / "RetFiner_RETFound.pth"
+    torch.save(_retfiner_encoder(src, proj=True, head=True), path)
+    assert detect_family(read_checkpoint(path)) == "retfiner"  # the top-level 'proj' gives it away
+    model = create_model(_micro("RetFiner_RETFound"), num_classes=3)
+    report = load_backbone_weights(model, str(path), "timm")
+    assert report.family == "retfiner"
+    assert set(report.missing) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    assert {"norm.weight", "head.weight"} <= set(report.dropped)
+    for k, v in src.state_dict().items():
+        if not k.startswith("norm."):
+            torch.testing.assert_close(model.state_dict()[k], v)
+    token = create_model(_micro("RetFiner_RETFound", global_pool="token"), num_classes=2)
+    load_backbone_weights(token, str(path), "retfiner")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(_features(token, x), _features(src, x))
+
+
+def test_retfiner_lightning_checkpoint_gives_only_the_vision_encoder(tmp_path: Path):
+    src = _source_vit("token")
+    path = tmp_path / "best-model.ckpt"
+    torch.save(_retfiner_lightning(src), path)
+    assert detect_family(read_checkpoint(path)) == "retfiner"
+    model = create_model(_micro("RetFiner_RETFound", global_pool="token"), num_classes=2)
+    report = load_backbone_weights(model, str(path), "timm")
+    assert set(report.missing) == {"head.weight", "head.bias"}
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(_features(model, x), _features(src, x))
+
+
+def test_retfiner_v_and_u_files_are_plain_vits_read_by_the_zoo_label(tmp_path: Path):
+    src = _source_vit("token")
+    v_file = _retfiner_encoder(src, proj=False, head=False)
+    assert detect_family(v_file) == "timm" and detect_family(v_file, "retfiner") == "retfiner"
+    path = tmp_path / "RetFiner_VisionFM.pth"
+    torch.save(v_file, path)
+    model = create_model(_micro("RetFiner_VisionFM"), num_classes=3)
+    report = load_backbone_weights(model, str(path), "retfiner")
+    assert report.family == "retfiner" and set(report.missing) == {"head.weight", "head.bias"}
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(_features(model, x), _features(src, x))
+    path = tmp_path / "RetFiner_UrFound.pth"
+    torch.save(_retfiner_encoder(src, proj=False, head=True), path)
+    model = create_model(_micro("RetFiner_UrFound"), num_classes=3)
+    report = load_backbone_weights(model, str(path), "retfiner")
+    assert set(report.missing) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+
+
+ZOO_LAYOUTS = {  # new zoo entry -> the file its family's code writes, built from a micro source ViT
+    "VisionFM_Fundus": _visionfm_checkpoint,
+    "VisionFM_OCT": _visionfm_checkpoint,
+    "UrFound": _urfound_checkpoint,
+    "RetFiner_RETFound": lambda src: _retfiner_encoder(src, proj=True, head=True),
+    "RetFiner_VisionFM": lambda src: _retfiner_encoder(src, proj=False, head=False),
+    "RetFiner_UrFound": lambda src: _retfiner_encoder(src, proj=False, head=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_LAYOUTS))
+def test_new_zoo_entries_load_their_family_layout(name: str, tmp_path: Path):
+    zoo = get_spec(name)
+    src = _source_vit("token")
+    path = tmp_path / f"{name}.pth"
+    torch.save(ZOO_LAYOUTS[name](src), path)
+    model = create_model(_micro(name), num_classes=3)
+    report = load_backbone_weights(model, str(path), zoo.family)
+    assert report.family == zoo.family
+    fresh = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if zoo.global_pool == "avg" else set())
+    assert set(report.missing) == fresh
+    state = model.state_dict()
+    for k, v in src.state_dict().items():
+        if zoo.global_pool == "avg" and k.startswith("norm."):
+            assert k not in state
+        else:
+            torch.testing.assert_close(state[k], v)
+
+
+def test_weights_published_outside_the_hub_need_a_file(tmp_path: Path):
+    spec = get_spec("RetFiner_RETFound")
+    with pytest.raises(WeightsError, match="not on the Hugging Face Hub") as err:
+        resolve_weights(spec, None)  # never a silent random initialisation
+    assert spec.weights_url in str(err.value) and "--weights PATH" in str(err.value)
+    with pytest.raises(WeightsError, match="VFM_OCT_weights|drive.google.com"):
+        resolve_weights(get_spec("vit_base_patch16"), "VisionFM_OCT")
+    f = tmp_path / "RetFiner_RETFound.pth"
+    torch.save({}, f)
+    assert resolve_weights(spec, str(f)) == str(f)
+    assert resolve_weights(spec, "none") is None
+
+
 def test_safetensors_and_ddp_prefixes(tmp_path: Path):
     src = _source_vit("token")
     path = tmp_path / "model.safetensors"
@@ -263,3 +463,5 @@ def test_zoo_weights_come_from_the_offline_hub_cache(tmp_path: Path, monkeypatch
         resolve_weights(spec, "vit_tiny_patch16")
     with pytest.raises(WeightsError, match="not in the Hugging Face cache"):
         resolve_weights(spec, "YukunZhou/RETFound_mae_meh:RETFound_mae_meh.pth")
+    urfound = _fake_hub_cache(tmp_path, "yyyyk/UrFound", "urfound_mm.pth", {"model": {}})
+    assert Path(resolve_weights(get_spec("UrFound"), None)).resolve() == urfound.resolve()

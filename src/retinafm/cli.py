@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import click
 
-from .config import HEADS, TASK_NAMES, ConfigError, FinetuneConfig, PretrainConfig, read_yaml_settings
+from .config import HEADS, TASK_NAMES, ConfigError, FinetuneConfig, PretrainConfig, RefineConfig, read_yaml_settings
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -541,6 +541,69 @@ def pretrain_cmd(resume: str | None, **options: Any) -> None:
         options["out"] = resume
     cfg = PretrainConfig(**options, resume=bool(resume))
     result = _run(lambda: pretrain(cfg), on_interrupt="Continue with `retinafm pretrain --resume RUN_DIR`.")
+    if _primary():
+        click.echo(f"run directory: {result.run_dir}")
+    dist_utils.cleanup()
+
+
+R = RefineConfig()
+
+
+@main.command("refine")
+@click.option("--resume", "resume", type=click.Path(file_okay=False), default=None, is_eager=True,
+              help="Continue the run in this directory from its checkpoint-last.pth.")
+@click.option("--config", type=click.Path(dir_okay=False), callback=_config_loader(RefineConfig),
+              expose_value=False, help="YAML file of settings (any flag below, dashes or underscores).")
+@click.option("--pairs", default=R.pairs, type=click.Path(), help="CSV of image-report pairs: path, report [, split].")
+@click.option("--out", default=R.out, type=click.Path(file_okay=False), help="Run directory to create.")
+@click.option("--model", default=R.model, show_default=True, help="Zoo name or timm ViT architecture.")
+@click.option("--weights", default=None, help="File, hf repo id, zoo name, or 'none' (default: the zoo entry's).")
+@click.option("--text-model", default=R.text_model,
+              help="BERT-family text encoder: Hugging Face repo id or local folder (e.g. emilyalsentzer/Bio_ClinicalBERT).")
+@click.option("--input-size", type=int, default=None)
+@oct_frames_option(R.oct_frames)
+@click.option("--fundus-crop", is_flag=True)
+@click.option("--oct-crop", type=float, default=None)
+@click.option("--losses", default=R.losses, show_default=True, help="Objectives: any of itc, itm, mlm, gm.")
+@click.option("--loss-weights", default=None, help="One weight per --losses entry, e.g. 1,1,0.5,0.5 (default all 1).")
+@click.option("--fusion-layers", type=int, default=None,
+              help="Upper text layers that cross-attend to the image (default: half of them).")
+@click.option("--embed-dim", type=int, default=R.embed_dim, show_default=True, help="Contrastive space width.")
+@click.option("--max-length", type=int, default=R.max_length, show_default=True, help="Report tokens kept.")
+@click.option("--mlm-probability", type=float, default=R.mlm_probability, show_default=True)
+@click.option("--epochs", type=int, default=R.epochs, show_default=True)
+@click.option("--warmup-epochs", type=int, default=R.warmup_epochs, show_default=True)
+@click.option("--batch-size", type=int, default=R.batch_size, show_default=True, help="Per process.")
+@click.option("--lr", type=float, default=R.lr, show_default=True)
+@click.option("--min-lr", type=float, default=R.min_lr, show_default=True)
+@click.option("--weight-decay", type=float, default=R.weight_decay, show_default=True)
+@click.option("--crop-min-scale", type=float, default=R.crop_min_scale, show_default=True)
+@click.option("--clip-grad", type=float, default=None)
+@click.option("--probe-on", default=None, type=click.Path(),
+              help="A labelled folder or manifest: linear probes before and after refinement, side by side.")
+@click.option("--probe-bootstrap", type=int, default=R.probe_bootstrap, show_default=True)
+@click.option("--seed", type=int, default=R.seed, show_default=True)
+@click.option("--device", default=R.device, show_default=True)
+@click.option("--num-workers", type=int, default=R.num_workers, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def refine_cmd(resume: str | None, **options: Any) -> None:
+    """Vision-language refinement (RetFiner-style) of a backbone from image-report pairs; writes
+    backbone.safetensors for finetune / embed --weights."""
+    from .refine import refine
+    from .refine.model import TextModelError
+    from .train import distributed as dist_utils
+
+    if resume:
+        options["out"] = resume
+    cfg = RefineConfig(**options, resume=bool(resume))
+
+    def work():
+        try:
+            return refine(cfg)
+        except TextModelError as exc:
+            raise ConfigError(str(exc)) from None
+
+    result = _run(work, on_interrupt="Continue with `retinafm refine --resume RUN_DIR`.")
     if _primary():
         click.echo(f"run directory: {result.run_dir}")
     dist_utils.cleanup()

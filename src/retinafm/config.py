@@ -285,6 +285,83 @@ class PretrainConfig:
         return [s.strip() for s in self.splits.split(",") if s.strip()] if self.splits else None
 
 
+@dataclass
+class RefineConfig:
+    """Vision-language refinement from image-report pairs (RetFiner-style)."""
+
+    out: str = ""
+    pairs: str = ""  # CSV: path, report [, split]
+    model: str = "RETFound_mae_natureOCT"
+    weights: Optional[str] = None  # None: the zoo entry's own; "none": random
+    text_model: str = ""  # a BERT-family hub id or local folder
+    input_size: Optional[int] = None
+    oct_frames: str = "middle"
+    fundus_crop: bool = False
+    oct_crop: Optional[float] = None
+    losses: str = "itc,itm,mlm,gm"
+    loss_weights: Optional[str] = None  # one per loss, comma-separated; default all 1
+    fusion_layers: Optional[int] = None  # upper text layers with cross-attention; None: half of them
+    embed_dim: int = 256
+    max_length: int = 128  # report tokens kept
+    mlm_probability: float = 0.15
+    epochs: int = 10
+    warmup_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 2e-5
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    crop_min_scale: float = 0.5
+    clip_grad: Optional[float] = None
+    probe_on: Optional[str] = None  # a labelled folder / manifest: linear probes before and after, side by side
+    probe_bootstrap: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 2
+    resume: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not self.out:
+            raise ConfigError("--out is required: the run directory to write.")
+        if not self.pairs:
+            raise ConfigError("--pairs is required: a CSV with path and report columns (optional split).")
+        if not self.text_model:
+            raise ConfigError("--text-model is required: a BERT-family hub id or local folder.")
+        self.loss_weight_map()
+        parse_oct_frames(self.oct_frames)
+        check_preprocessing(self.oct_crop, None)
+        check_device(self.device)
+        for name in ("epochs", "batch_size", "embed_dim", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(f"--warmup-epochs must be between 0 and --epochs ({self.epochs})")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"--mlm-probability must be in (0, 1), got {self.mlm_probability}")
+        if self.fusion_layers is not None and self.fusion_layers < 1:
+            raise ConfigError(f"--fusion-layers must be at least 1, got {self.fusion_layers}")
+        if not 0.0 < self.crop_min_scale <= 1.0:
+            raise ConfigError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
+        if self.probe_bootstrap < 0 or 0 < self.probe_bootstrap < 100:
+            raise ConfigError(f"--probe-bootstrap must be 0 or at least 100, got {self.probe_bootstrap}")
+
+    def loss_weight_map(self) -> dict[str, float]:
+        names = [n.strip().lower() for n in self.losses.split(",") if n.strip()]
+        unknown = sorted(set(names) - {"itc", "itm", "mlm", "gm"})
+        if not names or unknown or len(set(names)) != len(names):
+            raise ConfigError(f"--losses takes a comma-separated subset of itc, itm, mlm, gm; got {self.losses!r}")
+        if self.loss_weights is None:
+            return {n: 1.0 for n in names}
+        try:
+            weights = [float(w) for w in str(self.loss_weights).split(",")]
+        except ValueError:
+            raise ConfigError(f"--loss-weights must be numbers, got {self.loss_weights!r}") from None
+        if len(weights) != len(names) or any(w < 0 for w in weights) or not any(weights):
+            raise ConfigError(f"--loss-weights needs one non-negative weight per loss ({', '.join(names)}), "
+                              f"not all zero; got {self.loss_weights!r}")
+        return dict(zip(names, weights))
+
+
 def config_fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 

@@ -32,10 +32,11 @@ from .models.registry import ModelSpec, create_model, get_spec
 from .models.weights import load_backbone_weights, resolve_weights
 from .tasks import task_from_config
 from .train import distributed as dist_utils
-from .train.checkpoint import CheckpointMeta, load_checkpoint, meta_of, open_run_dir, save_checkpoint, task_of
+from .train.checkpoint import (CheckpointMeta, load_checkpoint, meta_of, open_run_dir, restore_training,
+                               save_checkpoint, task_of)
 from .train.loop import StepSettings, train_one_epoch
 from .train.optim import build_optimizer, build_scheduler, current_lr, effective_lr
-from .train.runtime import amp_dtype, resolve_device, restore_rng_state, rng_state, seed_everything
+from .train.runtime import amp_dtype, resolve_device, rng_state, seed_everything
 
 @dataclass
 class FinetuneResult:
@@ -205,16 +206,11 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
     )
     start_epoch, best, best_loss, best_epoch, rows = 0, None, float("inf"), -1, []
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if "scaler" in resume_state:
-            scaler.load_state_dict(resume_state["scaler"])
         start_epoch = int(resume_state["retinafm"]["epoch"]) + 1
         best = resume_state.get("best_metrics") or None
         best_loss = float(resume_state.get("best_loss", float("inf")))
         best_epoch = int(resume_state.get("best_epoch", -1))
-        if (run_dir / "log.csv").is_file():
-            rows = pd.read_csv(run_dir / "log.csv").query("epoch < @start_epoch").to_dict("records")
-        restore_rng_state(resume_state)
+        rows = restore_training(resume_state, optimizer, scaler, run_dir, start_epoch)
         _say(f"resuming {run_dir} at epoch {start_epoch}")
 
     skip_log = SkipLog()

@@ -193,3 +193,52 @@ def write_regression_dataset(root: Path, n_train: int = 120, n_val: int = 40, n_
 
     counts = {"train": n_train, "val": n_val, "test": n_test}
     return _write_manifest_dataset(root, counts, seed, row)
+
+
+def findings_report(rng: np.random.Generator, large_cup: bool, haemorrhages: bool, exudates: bool,
+                    cup_to_disc: float) -> str:
+    """A short clinical-style report naming exactly the findings drawn, in varied wording."""
+    sentences = []
+    if large_cup:
+        sentences.append(rng.choice([f"Large pale optic cup, cup-to-disc ratio about {cup_to_disc:.1f}; glaucoma suspected.",
+                                     "Enlarged cup with thin neuroretinal rim, suspicious for glaucoma.",
+                                     f"Glaucomatous cupping of the optic disc (CDR {cup_to_disc:.1f})."]))
+    if haemorrhages:
+        sentences.append(rng.choice(["Scattered blot haemorrhages in the posterior pole.",
+                                     "Multiple dot and blot haemorrhages.",
+                                     "Intraretinal haemorrhages in several quadrants."]))
+    if exudates:
+        sentences.append(rng.choice(["Hard exudates clustered near the macula.",
+                                     "A group of yellow hard exudates.",
+                                     "Hard exudates present."]))
+    if haemorrhages or exudates:
+        sentences.append(rng.choice(["Features of diabetic retinopathy.", "Consistent with diabetic retinopathy.",
+                                     "Diabetic retinopathy, refer."]))
+    if not sentences:
+        sentences.append(rng.choice(["Normal fundus, no abnormality seen.", "Healthy optic disc and macula.",
+                                     "No signs of retinopathy or glaucoma."]))
+    return " ".join(sentences)
+
+
+def write_report_pairs(root: Path, n_train: int = 200, n_val: int = 40, size: int = 128, seed: int = 0) -> Path:
+    """Image-report pairs for vision-language refinement: fundus images whose findings (large cup,
+    haemorrhages, exudates, each present with probability 0.4) the report describes. Writes
+    images/<split>_<i>.png and pairs.csv (path, report, split); returns the CSV's path."""
+    import pandas as pd
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, count in (("train", n_train), ("val", n_val)):
+        rng = np.random.default_rng([seed, SPLIT_SEED_OFFSETS[split], 7])
+        for i in range(count):
+            large_cup, haemorrhages, exudates = (bool(v) for v in rng.random(3) < 0.4)
+            cdr = float(rng.uniform(0.7, 0.85) if large_cup else rng.uniform(0.25, 0.4))
+            image = render_findings(rng, size, large_cup=large_cup, haemorrhages=haemorrhages, exudates=exudates,
+                                    cup_to_disc=cdr)
+            name = f"images/{split}_{i:04d}.png"
+            _save_png(image, root / name)
+            rows.append((name, findings_report(rng, large_cup, haemorrhages, exudates, cdr), split))
+    path = root / "pairs.csv"
+    pd.DataFrame(rows, columns=["path", "report", "split"]).to_csv(path, index=False)
+    return path

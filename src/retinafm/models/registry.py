@@ -19,6 +19,21 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RETFOUND_LICENCE = "CC-BY-NC-4.0, gated"
 DINOV3_LICENCE = "DINOv3 License, gated"
+CC_BY_NC = "CC-BY-NC-4.0"
+
+# VisionFM normalises each modality with its own statistics (utils.get_stats in ABILab-CUHK/VisionFM).
+VISIONFM_STATS = {
+    "Fundus": ((0.423737496137619, 0.2609460651874542, 0.128403902053833),
+               (0.29482534527778625, 0.20167365670204163, 0.13668020069599152)),
+    "OCT": ((0.21091926, 0.21091926, 0.21091919), (0.17598894, 0.17598891, 0.17598893)),
+}
+# VisionFM's encoders are published on Google Drive only (README of ABILab-CUHK/VisionFM).
+VISIONFM_URLS = {
+    "Fundus": "https://drive.google.com/file/d/13uWm0a02dCWyARUcrCdHZIcEgRfBmVA4/view",
+    "OCT": "https://drive.google.com/file/d/1o6E-ine2QLx2pxap-c77u-SU0FjxwypA/view",
+}
+# RetFiner's refined vision encoders are GitHub release assets (README of ronnief1/RetFiner).
+RETFINER_RELEASE = "https://github.com/ronnief1/RetFiner/releases/download/weights/"
 
 
 @dataclass(frozen=True)
@@ -28,7 +43,7 @@ class ModelSpec:
     input_size: int = 224
     patch_size: int = 16
     modality: str = "any"  # CFP | OCT | any
-    family: str = "timm"  # checkpoint family: retfound_mae | retfound_dinov2 | dinov2 | dinov3 | timm
+    family: str = "timm"  # checkpoint family: a key of weights.ADAPTERS (retfound_mae, visionfm, retfiner, timm...)
     hf_repo: Optional[str] = None
     hf_filename: Optional[str] = None
     global_pool: Optional[str] = None  # None: the architecture's own default in timm
@@ -37,11 +52,16 @@ class ModelSpec:
     licence: str = "-"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    # Weights published outside the Hugging Face Hub: where to download the file, which is then
+    # passed with --weights PATH (the model is never silently left at random initialisation).
+    weights_url: Optional[str] = None
 
     @property
     def weight_source(self) -> str:
         if self.hf_repo:
             return f"hf:{self.hf_repo}"
+        if self.weights_url:
+            return "download, then --weights PATH"
         return "none (random init)"
 
 
@@ -77,6 +97,28 @@ def _dinov3(size: str, arch: str) -> ModelSpec:
     )
 
 
+def _visionfm(modality: str, short: str) -> ModelSpec:
+    mean, std = VISIONFM_STATS[modality]
+    url = VISIONFM_URLS[modality]
+    return ModelSpec(
+        name=f"VisionFM_{modality}", arch="vit_base_patch16_224", patch_size=16, modality=short, family="visionfm",
+        global_pool="token", mean=mean, std=std, licence=CC_BY_NC, weights_url=url,
+        description=(f"VisionFM {modality} encoder, iBOT ViT-B/16 (NEJM AI 2024); not on the Hub: download "
+                     f"VFM_{modality}_weights.pth from {url} and pass it with --weights PATH"),
+    )
+
+
+def _retfiner(base: str, letter: str, arch: str, pool: str, about: str, **recipe: Any) -> ModelSpec:
+    url = f"{RETFINER_RELEASE}RetFiner_{base}.pth"
+    return ModelSpec(
+        name=f"RetFiner_{base}", arch=arch, patch_size=16, modality="OCT", family="retfiner", global_pool=pool,
+        licence=CC_BY_NC, weights_url=url,
+        description=(f"RetFiner-{letter}: {about} refined on OCT B-scans and reports (MICCAI 2025); not on the "
+                     f"Hub: download {url} and pass it with --weights PATH"),
+        **recipe,
+    )
+
+
 def _plain(name: str, arch: str, about: str, input_size: int = 224, patch: int = 16, **arch_kwargs: Any) -> ModelSpec:
     return ModelSpec(
         name=name, arch=arch, input_size=input_size, patch_size=patch, global_pool="avg",
@@ -93,6 +135,17 @@ ZOO: dict[str, ModelSpec] = {
         _retfound_mae("RETFound_mae_shanghai", "CFP", "RETFound-MAE, Shanghai colour fundus photographs"),
         _retfound_dinov2("RETFound_dinov2_meh", "RETFound-DINOv2, Moorfields colour fundus photographs"),
         _retfound_dinov2("RETFound_dinov2_shanghai", "RETFound-DINOv2, Shanghai colour fundus photographs"),
+        _visionfm("Fundus", "CFP"),
+        _visionfm("OCT", "OCT"),
+        ModelSpec(
+            name="UrFound", arch="vit_base_patch16_224", patch_size=16, modality="any", family="urfound",
+            hf_repo="yyyyk/UrFound", hf_filename="urfound_mm.pth", global_pool="avg", licence="MIT",
+            description="UrFound ViT-B/16, CFP and OCT with knowledge-guided masked modelling (MICCAI 2024)",
+        ),
+        _retfiner("RETFound", "R", "vit_large_patch16_224", "avg", "RETFound-MAE ViT-L/16"),
+        _retfiner("VisionFM", "V", "vit_base_patch16_224", "token", "VisionFM OCT ViT-B/16",
+                  mean=VISIONFM_STATS["OCT"][0], std=VISIONFM_STATS["OCT"][1]),
+        _retfiner("UrFound", "U", "vit_base_patch16_224", "avg", "UrFound ViT-B/16"),
         _dinov2("s", "vit_small_patch14_dinov2"),
         _dinov2("b", "vit_base_patch14_dinov2"),
         _dinov2("l", "vit_large_patch14_dinov2"),

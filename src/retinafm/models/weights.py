@@ -57,6 +57,8 @@ def resolve_weights(spec: ModelSpec, weights: Optional[str]) -> Optional[str]:
         return None
     if weights is None:
         if not spec.hf_repo:
+            if spec.weights_url:
+                raise WeightsError(_download_hint(spec, f"--model {spec.name}"))
             return None
         return hub_download(spec.hf_repo, spec.hf_filename)
     path = Path(weights).expanduser()
@@ -65,6 +67,8 @@ def resolve_weights(spec: ModelSpec, weights: Optional[str]) -> Optional[str]:
     if weights in ZOO:  # another zoo entry's weights, e.g. --model vit_large_patch16 --weights RETFound_mae_meh
         other = ZOO[weights]
         if not other.hf_repo:
+            if other.weights_url:
+                raise WeightsError(_download_hint(other, f"--weights {weights}"))
             raise WeightsError(f"--weights {weights}: that zoo entry has no pretrained weights")
         return hub_download(other.hf_repo, other.hf_filename)
     repo, _, filename = weights.removeprefix("hf-hub:").partition(":")
@@ -79,6 +83,11 @@ def resolve_weights(spec: ModelSpec, weights: Optional[str]) -> Optional[str]:
     if not filename and spec.hf_repo == repo:
         filename = spec.hf_filename or ""
     return hub_download(repo, filename or None)
+
+
+def _download_hint(spec: ModelSpec, what: str) -> str:
+    return (f"{what}: the weights of {spec.name} are not on the Hugging Face Hub. Download {spec.weights_url} "
+            "and pass the file with --weights PATH (or --weights none for random initialisation).")
 
 
 def hub_download(repo_id: str, filename: Optional[str]) -> str:
@@ -206,6 +215,50 @@ def adapt_dinov3(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     return _strip(sd, ("module.", "backbone."))
 
 
+def adapt_visionfm(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """VisionFM (iBOT training code): the EMA teacher's 'backbone.' under 'teacher', beside its iBOT
+    'head.'; else the DDP student ('module.backbone.') or a bare backbone. 'masked_embed' is the
+    student's masked-image-modelling token, pretraining-only."""
+    sd: Any = ckpt
+    for key in ("teacher", "student", "state_dict", "model"):
+        if isinstance(ckpt.get(key), dict):
+            sd = ckpt[key]
+            break
+    sd = _strip(_tensors(sd), ("module.",))
+    if any(k.startswith("backbone.") for k in sd):
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    return _drop(sd, r"^masked_embed$")
+
+
+def adapt_urfound(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """UrFound (MAE code plus a BERT report branch): weights under 'model'; the image decoder, mask token
+    and the report branch ('bert_encoder.', 'bert_mlp.') are pretraining-only."""
+    sd = _strip(_tensors(ckpt.get("model", ckpt)), ("module.",))
+    return _drop(sd, r"^(decoder_|mask_token$|bert_encoder\.|bert_mlp\.)")
+
+
+RETFINER_PREFIX = "model.vision_encoder."  # the Lightning module's `model` (RetFiner's RFM) and its vision encoder
+
+
+def adapt_retfiner(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """RetFiner: the vision encoder taken out of the refinement model (flat timm-style keys; released
+    files and get_vision_backbone_for_linprobing.py's output), or the Lightning checkpoint itself
+    ('state_dict' with 'model.vision_encoder.' beside the text model and the contrastive/matching heads).
+    'proj' (RetFiner-R: ViT-L width to the text model's 768) and the classification head do not carry over."""
+    sd: Any = ckpt
+    for key in ("state_dict", "model"):
+        if isinstance(ckpt.get(key), dict):
+            sd = ckpt[key]
+            break
+    sd = _tensors(sd)
+    if any(k.startswith(RETFINER_PREFIX) for k in sd):
+        # get_vision_backbone_for_linprobing.py also knows an encoder wrapped once more ('...vision_encoder.model.').
+        sd = {re.sub(r"^model\.", "", k[len(RETFINER_PREFIX):]): v
+              for k, v in sd.items() if k.startswith(RETFINER_PREFIX)}
+    sd = _strip(sd, ("module.", "_orig_mod."))
+    return _drop(sd, r"^(proj\.|masked_embed$)")
+
+
 def adapt_timm(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Plain timm state dicts, 'state_dict'/'model' wrappers, DDP 'module.' and torch.compile prefixes."""
     for key in ("model", "state_dict", "model_ema"):
@@ -220,6 +273,9 @@ ADAPTERS: dict[str, Callable[[dict[str, Any]], dict[str, torch.Tensor]]] = {
     "retfound_dinov2": adapt_retfound_dinov2,
     "dinov2": adapt_dinov2,
     "dinov3": adapt_dinov3,
+    "visionfm": adapt_visionfm,
+    "urfound": adapt_urfound,
+    "retfiner": adapt_retfiner,
     "timm": adapt_timm,
     "retinafm": adapt_timm,
 }
@@ -230,16 +286,44 @@ def detect_family(ckpt: dict[str, Any], default: str = "timm") -> str:
     if "retinafm" in ckpt:
         return "retinafm"
     if isinstance(ckpt.get("teacher"), dict):
-        return "retfound_dinov2"
+        return "visionfm" if _is_ibot(ckpt, default) else "retfound_dinov2"
     inner = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else ckpt
     keys = [k for k in inner if isinstance(k, str)]
+    if any(k.startswith(("bert_encoder.", "bert_mlp.", "module.bert_encoder.", "module.bert_mlp.")) for k in keys):
+        return "urfound"
     if any(k.startswith(("decoder_", "module.decoder_")) for k in keys):
         return "retfound_mae"
+    if _is_retfiner(ckpt):
+        return "retfiner"
     if any("storage_tokens" in k for k in keys):
         return "dinov3"
     if any(k.endswith("mask_token") for k in keys) or any(re.match(r"(backbone\.)?blocks\.\d+\.\d+\.", k) for k in keys):
         return "dinov2"
     return default
+
+
+def _is_ibot(ckpt: dict[str, Any], default: str) -> bool:
+    """A 'teacher' from iBOT's training code (VisionFM), not DINOv2's nor `retinafm pretrain --method dino`'s:
+    iBOT saves its loss state as 'ibot_loss' and its head always holds 'last_layer2' (the patch-token
+    projection, a second name for 'last_layer' when shared). Without either, a VisionFM label decides."""
+    if "retinafm_pretrain" in ckpt:
+        return False
+    teacher = [k for k in ckpt["teacher"] if isinstance(k, str)]
+    if "ibot_loss" in ckpt or any(k.startswith(("head.last_layer2.", "module.head.last_layer2.")) for k in teacher):
+        return True
+    return default == "visionfm" and not any("dino_head." in k or "ibot_head." in k for k in teacher)
+
+
+def _is_retfiner(ckpt: dict[str, Any]) -> bool:
+    """RetFiner's Lightning checkpoint ('state_dict' with 'model.vision_encoder.'), or RetFiner-R's extracted
+    encoder: a ViT with a top-level 'proj' to the text width, which no other family has. RetFiner-V and -U
+    files are plain ViT keys, recognised only by the zoo label."""
+    inner = ckpt.get("state_dict") if isinstance(ckpt.get("state_dict"), dict) else ckpt
+    keys = [k for k in inner if isinstance(k, str)]
+    if any(k.startswith(RETFINER_PREFIX + "blocks.") or k.startswith(RETFINER_PREFIX + "model.blocks.") for k in keys):
+        return True
+    return any(re.fullmatch(r"(module\.)?proj\.weight", k) for k in keys) and any(
+        re.match(r"(module\.)?blocks\.\d+\.", k) for k in keys)
 
 
 # --------------------------------------------------------------------------- loading

@@ -29,10 +29,10 @@ from ..files import save_torch, write_csv, write_yaml
 from ..models.registry import ModelSpec, get_spec
 from ..models.weights import WeightsError, load_backbone_weights, read_checkpoint, resolve_weights
 from ..train import distributed as dist_utils
-from ..train.checkpoint import open_run_dir, versions
+from ..train.checkpoint import begin_run, restore_training, versions
 from ..train.loop import StepSettings, train_one_epoch
 from ..train.optim import build_optimizer, build_scheduler, current_lr, effective_lr
-from ..train.runtime import amp_dtype, resolve_device, restore_rng_state, rng_state, seed_everything
+from ..train.runtime import amp_dtype, rng_state
 from .dino import Dino
 from .mae import DECODER_PREFIXES, MaskedAutoencoder
 
@@ -62,10 +62,8 @@ class _LossOutput(nn.Module):
 
 def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> PretrainResult:
     cfg.validate()
-    device = resolve_device(cfg.device)
-    dist_utils.init_distributed(device)
-    run_dir, last_path = open_run_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
-    seed_everything(cfg.seed + dist_utils.rank())
+    device, run_dir, last_path = begin_run(cfg.out, device=cfg.device, resume=cfg.resume, overwrite=cfg.overwrite,
+                                           seed=cfg.seed)
 
     paths = pretraining_images(cfg)
     spec = get_spec(cfg.model)
@@ -142,13 +140,8 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> PretrainResult:
 
     start_epoch, rows = 0, []
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if "scaler" in resume_state:
-            scaler.load_state_dict(resume_state["scaler"])
         start_epoch = int(resume_state["epoch"]) + 1
-        if (run_dir / "log.csv").is_file():
-            rows = pd.read_csv(run_dir / "log.csv").query("epoch < @start_epoch").to_dict("records")
-        restore_rng_state(resume_state)
+        rows = restore_training(resume_state, optimizer, scaler, run_dir, start_epoch)
         _say(f"resuming {run_dir} at epoch {start_epoch}")
     if dist_utils.is_primary():
         write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "input_size": input_size})

@@ -35,7 +35,7 @@ class StepSettings:
 def train_one_epoch(
     model: nn.Module,
     loader,
-    criterion: nn.Module,
+    criterion: Optional[nn.Module],
     optimizer: torch.optim.Optimizer,
     scheduler,
     device: torch.device,
@@ -69,7 +69,8 @@ def train_one_epoch(
             # Mixup needs pairs; an odd last batch is trained on hard one-hot (smoothed) targets.
             targets = _one_hot_smoothed(targets, mixup_fn)
         with autocast(device, settings.amp_dtype):
-            loss = criterion(model(images), targets)
+            # criterion None: the model computes its own loss from the batch (vision-language refinement)
+            loss = model(images, targets) if criterion is None else criterion(model(images), targets)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(

@@ -102,7 +102,23 @@ def _config_loader(cls: type) -> Callable:
     return load
 
 
-_load_config = _config_loader(FinetuneConfig)
+def run_options(cls: type) -> list[Callable]:
+    """--resume RUN_DIR and --config FILE for a command whose settings are `cls` (loaded in that order)."""
+    return [
+        click.option("--resume", "resume", type=click.Path(file_okay=False), default=None, is_eager=True,
+                     help="Continue the run in this directory from its checkpoint-last.pth."),
+        click.option("--config", type=click.Path(dir_okay=False), callback=_config_loader(cls), expose_value=False,
+                     help="YAML file of settings (any flag below, dashes or underscores)."),
+    ]
+
+
+def _apply(options: list[Callable]) -> Callable:
+    def decorate(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
 
 
 def read_yaml_settings_lenient(path: Path, cls: type = FinetuneConfig) -> dict[str, Any]:
@@ -137,10 +153,7 @@ def oct_frames_option(default: str | None = "middle") -> Callable:
 def finetune_options(command: Callable) -> Callable:
     """The finetune flags, shared by `finetune` and `tune` (which searches some of them)."""
     options = [
-        click.option("--resume", "resume", type=click.Path(file_okay=False), default=None, is_eager=True,
-                     help="Continue the run in this directory from its checkpoint-last.pth."),
-        click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, expose_value=False,
-                     help="YAML file of settings (any flag below, dashes or underscores)."),
+        *run_options(FinetuneConfig),
         click.option("--data-path", type=click.Path(), help="Folder DATA/{train,val,test}/<class>/<image>."),
         click.option("--manifest", type=click.Path(),
                      help="CSV: path, split [, patient_id] and label | 0/1 label columns | numeric targets."),
@@ -217,9 +230,7 @@ def finetune_options(command: Callable) -> Callable:
         click.option("--num-workers", type=int, default=D.num_workers, show_default=True),
         click.option("--overwrite", is_flag=True, help="Allow writing into an existing non-empty --out."),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _apply(options)(command)
 
 
 def _primary() -> bool:
@@ -485,10 +496,7 @@ P = PretrainConfig()
 
 
 @main.command("pretrain")
-@click.option("--resume", "resume", type=click.Path(file_okay=False), default=None, is_eager=True,
-              help="Continue the run in this directory from its checkpoint-last.pth.")
-@click.option("--config", type=click.Path(dir_okay=False), callback=_config_loader(PretrainConfig),
-              expose_value=False, help="YAML file of settings (any flag below, dashes or underscores).")
+@_apply(run_options(PretrainConfig))
 @click.option("--images", default=P.images, type=click.Path(),
               help="Unlabelled images: any folder (searched recursively; labels ignored) or a manifest CSV.")
 @click.option("--splits", default=None, help="Keep only these splits (e.g. train,val) when the images carry one.")
@@ -550,10 +558,7 @@ R = RefineConfig()
 
 
 @main.command("refine")
-@click.option("--resume", "resume", type=click.Path(file_okay=False), default=None, is_eager=True,
-              help="Continue the run in this directory from its checkpoint-last.pth.")
-@click.option("--config", type=click.Path(dir_okay=False), callback=_config_loader(RefineConfig),
-              expose_value=False, help="YAML file of settings (any flag below, dashes or underscores).")
+@_apply(run_options(RefineConfig))
 @click.option("--pairs", default=R.pairs, type=click.Path(), help="CSV of image-report pairs: path, report [, split].")
 @click.option("--out", default=R.out, type=click.Path(file_okay=False), help="Run directory to create.")
 @click.option("--model", default=R.model, show_default=True, help="Zoo name or timm ViT architecture.")

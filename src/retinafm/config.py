@@ -47,6 +47,22 @@ def check_preprocessing(oct_crop: Optional[float], modality: Optional[str]) -> N
         raise ConfigError(f"--modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
 
 
+def _at_least_one(cfg: Any, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+
+
+def _check_warmup(warmup_epochs: Optional[int], epochs: int) -> None:
+    if warmup_epochs is not None and not 0 <= warmup_epochs <= epochs:
+        raise ConfigError(f"--warmup-epochs must be between 0 and --epochs ({epochs})")
+
+
+def _check_crop_scale(value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"--crop-min-scale must be in (0, 1], got {value}")
+
+
 def check_device(device: str) -> None:
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"--device must be auto, cpu or cuda, not {device!r}")
@@ -160,18 +176,13 @@ class FinetuneConfig:
         if self.global_pool not in (None, "avg", "token"):
             raise ConfigError(f"--global-pool must be 'avg' or 'token', not {self.global_pool!r}")
         check_device(self.device)
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "accum_iter": self.accum_iter}
-        for name, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            raise ConfigError(f"--warmup-epochs must be between 0 and --epochs ({self.epochs})")
+        _at_least_one(self, "epochs", "batch_size", "accum_iter")
+        _check_warmup(self.warmup_epochs, self.epochs)
         for name in ("smoothing", "drop_path", "reprob"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
-        if not 0.0 < self.crop_min_scale <= 1.0:
-            raise ConfigError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
+        _check_crop_scale(self.crop_min_scale)
 
 
     def threshold_value(self) -> Optional[float]:
@@ -258,15 +269,11 @@ class PretrainConfig:
             raise ConfigError(f"--method must be 'mae' or 'dino', not {self.method!r}")
         parse_oct_frames(self.oct_frames)
         check_preprocessing(self.oct_crop, None)
-        for name in ("epochs", "batch_size", "accum_iter", "decoder_dim", "decoder_depth", "decoder_heads", "out_dim"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
-            raise ConfigError(f"--warmup-epochs must be between 0 and --epochs ({self.epochs})")
+        _at_least_one(self, "epochs", "batch_size", "accum_iter", "decoder_dim", "decoder_depth", "decoder_heads", "out_dim")
+        _check_warmup(self.warmup_epochs, self.epochs)
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
-        if not 0.0 < self.crop_min_scale <= 1.0:
-            raise ConfigError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
+        _check_crop_scale(self.crop_min_scale)
         if self.local_crops < 0 or self.reconstructions < 0:
             raise ConfigError("--local-crops and --reconstructions must be 0 or more")
         if not 0.0 <= self.momentum_teacher < 1.0:
@@ -331,17 +338,13 @@ class RefineConfig:
         parse_oct_frames(self.oct_frames)
         check_preprocessing(self.oct_crop, None)
         check_device(self.device)
-        for name in ("epochs", "batch_size", "embed_dim", "max_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            raise ConfigError(f"--warmup-epochs must be between 0 and --epochs ({self.epochs})")
+        _at_least_one(self, "epochs", "batch_size", "embed_dim", "max_length")
+        _check_warmup(self.warmup_epochs, self.epochs)
         if not 0.0 < self.mlm_probability < 1.0:
             raise ConfigError(f"--mlm-probability must be in (0, 1), got {self.mlm_probability}")
         if self.fusion_layers is not None and self.fusion_layers < 1:
             raise ConfigError(f"--fusion-layers must be at least 1, got {self.fusion_layers}")
-        if not 0.0 < self.crop_min_scale <= 1.0:
-            raise ConfigError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
+        _check_crop_scale(self.crop_min_scale)
         if self.probe_bootstrap < 0 or 0 < self.probe_bootstrap < 100:
             raise ConfigError(f"--probe-bootstrap must be 0 or at least 100, got {self.probe_bootstrap}")
 

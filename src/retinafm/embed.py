@@ -116,10 +116,11 @@ def image_table(images: str | Path | pd.DataFrame, oct_frames: str | int = "midd
     table with a `path` column (from Python, e.g. `finetune --adaptation lp`). Volumes become
     the B-scans `oct_frames` picks (`file#frame=N`), each with its file's columns.
     """
-    return _expand_rows(_listed(images), oct_frames)
+    return expand_rows(_listed(images), oct_frames)
 
 
-def _expand_rows(frame: pd.DataFrame, oct_frames: str | int) -> pd.DataFrame:
+def expand_rows(frame: pd.DataFrame, oct_frames: str | int) -> pd.DataFrame:
+    """Each row whose `path` is a volume becomes one row per B-scan `oct_frames` picks, with the file's other columns."""
     pairs = [(row, address) for row, path in enumerate(frame["path"])
              for address, _ in expand_frames([path], oct_frames)]
     if len(pairs) == len(frame):

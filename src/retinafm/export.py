@@ -34,6 +34,7 @@ from .train.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     load_checkpoint,
+    meta_of,
     model_from_checkpoint,
     versions,
 )
@@ -130,8 +131,7 @@ def load_onnx(path: str | Path) -> tuple[OnnxModel, CheckpointMeta]:
                               "metadata, or other inputs and outputs); export the .pth checkpoint with "
                               "`retinafm export`")
     try:
-        info = json.loads(raw)
-        meta = CheckpointMeta(**{k: v for k, v in info.items() if k in CheckpointMeta.__dataclass_fields__})
+        meta = meta_of({"retinafm": json.loads(raw)})
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: its '{META_KEY}' metadata cannot be read ({exc}); export it again") from None
     return OnnxModel(session, meta, path), meta

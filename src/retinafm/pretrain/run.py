@@ -83,7 +83,6 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> PretrainResult:
         _say(load_backbone_weights(encoder, init_path, spec.family).summary())
     preprocessing = Preprocessing(cfg.fundus_crop, cfg.oct_crop)
 
-    loader_len_hint = -(-len(paths) // (cfg.batch_size * dist_utils.world_size()))
     if cfg.method == "mae":
         objective: nn.Module = MaskedAutoencoder(encoder, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
                                                  decoder_heads=cfg.decoder_heads, mask_ratio=cfg.mask_ratio,
@@ -99,7 +98,7 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> PretrainResult:
             raise ConfigError(f"--local-size {local_size} must be a multiple of the patch size {spec.patch_size}")
         objective = Dino(encoder, out_dim=cfg.out_dim, teacher_temp=cfg.teacher_temp,
                          warmup_teacher_temp=cfg.warmup_teacher_temp, warmup_teacher_epochs=cfg.warmup_teacher_epochs,
-                         momentum=cfg.momentum_teacher, total_steps=max(1, cfg.epochs * loader_len_hint))
+                         momentum=cfg.momentum_teacher)  # total_steps: set below, once the loader's length is known
         transform = MultiCrop(input_size, local_size, spec.mean, spec.std, local_crops=cfg.local_crops,
                               preprocessing=preprocessing)
     if resume_state is not None:

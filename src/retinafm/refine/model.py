@@ -148,11 +148,12 @@ class RefineObjective(nn.Module):
         self.reset_components()
 
     def reset_components(self) -> None:
-        self.components: dict[str, float] = {k: 0.0 for k in self.weights}
+        # Summed as tensors: reading them (a host sync on GPU) waits for the epoch's end.
+        self.components: dict[str, torch.Tensor | float] = {k: 0.0 for k in self.weights}
         self.steps = 0
 
     def component_means(self) -> dict[str, float]:
-        return {f"loss_{k}": v / max(self.steps, 1) for k, v in self.components.items()}
+        return {f"loss_{k}": float(v) / max(self.steps, 1) for k, v in self.components.items()}
 
     def forward(self, images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         ids, mask = self.input_ids[rows], self.attention_mask[rows]
@@ -182,7 +183,7 @@ class RefineObjective(nn.Module):
         if "gm" in self.weights:
             parts["gm"] = L.next_token_loss(model.lm_logits(model.text_hidden(ids, mask, tokens, causal=True)), ids, mask)
         for k, v in parts.items():
-            self.components[k] += float(v.detach())
+            self.components[k] = self.components[k] + v.detach()
         self.steps += 1
         return sum(self.weights[k] * v for k, v in parts.items())
 

@@ -23,9 +23,9 @@ from torch.utils.data import DistributedSampler
 
 from ..config import ConfigError, RefineConfig, to_dict
 from ..data.loader import ImageDataset, SkipLog, make_loader
-from ..data.sources import DataSourceError
+from ..data.sources import SPLITS, DataSourceError
 from ..data.transforms import Preprocessing, eval_transform, pretrain_transform
-from ..data.volumes import expand_frames
+from ..embed import expand_rows
 from ..files import atomic_path, save_torch, write_csv, write_yaml
 from ..models.registry import create_model, get_spec
 from ..models.weights import load_backbone_weights, read_checkpoint, resolve_weights
@@ -73,15 +73,12 @@ def read_pairs(path: str | Path, oct_frames: str | int = "middle") -> pd.DataFra
     if len(empty):
         raise DataSourceError(f"--pairs {path}: empty path or report on line(s) "
                               f"{', '.join(str(i + 2) for i in empty[:10])}")
-    if "split" not in frame.columns:
-        frame["split"] = "train"
-    unknown = sorted(set(frame["split"]) - {"train", "val", "test"})
+    frame["split"] = frame["split"].fillna("(empty)").str.strip().str.lower() if "split" in frame.columns else "train"
+    unknown = sorted(set(frame["split"]) - set(SPLITS))
     if unknown:
         raise DataSourceError(f"--pairs {path}: unknown split value(s) {unknown}; use train, val or test")
     frame["path"] = [str(p if Path(p).is_absolute() else path.parent / p) for p in frame["path"]]
-    rows = [(address, report, split) for p, report, split in frame[["path", "report", "split"]].itertuples(index=False)
-            for address, _ in expand_frames([p], oct_frames)]
-    out = pd.DataFrame(rows, columns=["path", "report", "split"])
+    out = expand_rows(frame[["path", "report", "split"]], oct_frames).reset_index(drop=True)
     if not (out["split"] == "train").any():
         raise DataSourceError(f"--pairs {path}: no train rows to refine on")
     return out

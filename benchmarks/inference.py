@@ -120,20 +120,14 @@ def _retinafm_epoch(model_name: str, folder: Path, batch_size: int, workers: int
     return len(paths)
 
 
-def _reference(model_name: str, folder: Path, batch_size: int, workers: int, embed: bool) -> int:
-    import timm
-    import torch
+def plain_eval_images(folder: Path, mean, std):
+    """The evaluation dataset a RETFound user writes: PIL decode and classic torchvision transforms."""
     import torchvision.transforms as T
     from PIL import Image
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import Dataset
 
-    from retinafm.models.registry import get_spec
-
-    spec = get_spec(model_name)
-    torch.manual_seed(0)
-    model = timm.create_model(spec.arch, pretrained=False, num_classes=0 if embed else 3, **spec.arch_kwargs).eval()
     transform = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
-                           T.Normalize(spec.mean, spec.std)])
+                           T.Normalize(mean, std)])
     paths = sorted(p for p in folder.iterdir() if p.suffix in (".jpg", ".png"))
 
     class Images(Dataset):
@@ -143,9 +137,23 @@ def _reference(model_name: str, folder: Path, batch_size: int, workers: int, emb
         def __getitem__(self, i):
             return transform(Image.open(paths[i]).convert("RGB"))
 
+    return Images()
+
+
+def _reference(model_name: str, folder: Path, batch_size: int, workers: int, embed: bool) -> int:
+    import timm
+    import torch
+    from torch.utils.data import DataLoader
+
+    from retinafm.models.registry import get_spec
+
+    spec = get_spec(model_name)
+    torch.manual_seed(0)
+    model = timm.create_model(spec.arch, pretrained=False, num_classes=0 if embed else 3, **spec.arch_kwargs).eval()
     rows = []
     with torch.no_grad():
-        for batch in DataLoader(Images(), batch_size=batch_size, num_workers=workers):
+        for batch in DataLoader(plain_eval_images(folder, spec.mean, spec.std), batch_size=batch_size,
+                                num_workers=workers):
             out = model(batch)
             rows.append(out if embed else out.softmax(dim=1))
     return sum(len(r) for r in rows)

@@ -103,3 +103,77 @@ def test_infer_keeps_input_order_and_reports_skips(images, tmp_path):
     with torch.no_grad():
         direct = model(torch.stack([ds[i][0] for i in res.indices])).numpy()
     np.testing.assert_allclose(res.logits, direct, rtol=1e-5, atol=1e-6)
+
+
+class _ThreadSpy(_Tiny):
+    """Records the thread and torch's thread count each forward runs with."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.calls: list[tuple[int, int]] = []
+        self.fail = fail
+
+    def forward(self, x):
+        import threading
+
+        self.calls.append((threading.get_ident(), torch.get_num_threads()))
+        if self.fail:
+            raise RuntimeError("boom")
+        return super().forward(x)
+
+
+def test_cpu_infer_runs_batches_side_by_side_with_the_same_outputs(images, monkeypatch):
+    import threading
+
+    from retinafm.train import loop
+
+    paths, _ = images
+    ds = ImageDataset(paths, [None] * len(paths), eval_transform(8, (0.5,) * 3, (0.5,) * 3))
+    torch.manual_seed(0)
+    model = _ThreadSpy().eval()
+    torch.set_num_threads(2)
+    try:
+        both = infer(model, ds, torch.device("cpu"), batch_size=3, num_workers=2, progress=False)
+        assert torch.get_num_threads() == 2  # the streams' one thread each is not left behind
+        streamed = list(model.calls)
+        monkeypatch.setattr(loop, "_cpu_streams", lambda model, device: [])  # one batch at a time, all threads
+        model.calls.clear()
+        one = infer(model, ds, torch.device("cpu"), batch_size=3, num_workers=2, progress=False)
+    finally:
+        torch.set_num_threads(1)
+    assert {threads for _, threads in streamed} == {1}
+    assert threading.get_ident() not in {ident for ident, _ in streamed}
+    assert {threads for _, threads in model.calls} == {2}
+    assert both.indices.tolist() == one.indices.tolist() == list(range(len(paths)))
+    np.testing.assert_array_equal(both.logits, one.logits)
+
+
+def test_cpu_infer_stream_errors_reach_the_caller(images):
+    paths, _ = images
+    ds = ImageDataset(paths, [None] * len(paths), eval_transform(8, (0.5,) * 3, (0.5,) * 3))
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            infer(_ThreadSpy(fail=True).eval(), ds, torch.device("cpu"), batch_size=3, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_cpu_streams_split_the_threads():
+    from types import SimpleNamespace
+
+    from retinafm.export import OnnxModel
+    from retinafm.train.loop import _cpu_streams
+
+    cpu = torch.device("cpu")
+    onnx = OnnxModel(session=None, meta=SimpleNamespace(global_pool="avg", tta_flip=False), path=None)
+    try:
+        torch.set_num_threads(3)
+        assert _cpu_streams(_Tiny(), cpu) == [2, 1]
+        assert _cpu_streams(_Tiny(), torch.device("cuda")) == []  # a GPU: one batch at a time
+        assert _cpu_streams(onnx, cpu) == []  # ONNX Runtime has its own thread pool
+        torch.set_num_threads(1)
+        assert _cpu_streams(_Tiny(), cpu) == []
+    finally:
+        torch.set_num_threads(1)

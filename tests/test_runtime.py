@@ -43,3 +43,11 @@ def test_cpu_int8_quantises_linear_layers_and_keeps_outputs_close():
     assert (got - reference).abs().max() < 0.05 and not torch.equal(got, reference)
     with pytest.raises(ValueError, match="--cpu-int8 is for CPU"):
         quantize_for_cpu(model, torch.device("cuda", 0))
+
+
+def test_keep_freed_memory_is_harmless_and_once():
+    from retinafm.train.runtime import keep_freed_memory
+
+    keep_freed_memory()
+    keep_freed_memory()
+    assert torch.ones(8 << 20).sum().item() == 8 << 20  # large allocations still work

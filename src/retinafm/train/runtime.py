@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import random
 
 import numpy as np
@@ -32,6 +34,37 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_FREED_BYTES = 256 << 20  # free memory at the top of the heap kept for reuse
+_MMAP_FROM_BYTES = 32 << 20  # allocations below this come from the heap (glibc's maximum on 64-bit)
+_freed_memory_kept = False
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed activation memory for the next batch instead of handing it back to the OS.
+
+    A CPU forward allocates and frees tens of MB of activations. With glibc's defaults, large
+    blocks are mmapped afresh and the top of the heap is trimmed after each free, so every batch
+    page-faults its activations in again: ViT-Ti/16 at batch 16 took ~26,000 page faults and
+    ~70 ms of kernel time per forward (about a fifth of it), and none after this. The cost: up to
+    256 MB of freed heap stays resident between batches instead of going back to the OS.
+    Process-wide and once (DataLoader workers forked afterwards inherit it). Linux glibc only."""
+    global _freed_memory_kept
+    if _freed_memory_kept:
+        return
+    _freed_memory_kept = True
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, ValueError, TypeError):
+        return  # not glibc (macOS, Windows, musl): their allocators are left as they are
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM_BYTES)
+    mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES)
 
 
 def seed_everything(seed: int) -> None:

@@ -109,6 +109,12 @@ def _ours(model, inputs: list, device: torch.device, dtype):
     return step
 
 
+def _random_batches(count: int, batch: int, size: int, device: torch.device) -> list[torch.Tensor]:
+    """Several input buffers used in rotation, so that no timing measures a cached input."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    return [torch.randn(batch, 3, size, size, device=device, generator=gen) for _ in range(count)]
+
+
 def _plain_inference(spec, inputs: list, device: torch.device, args) -> float:
     model = _build(spec, 0, device, plain=True).eval()
     with torch.no_grad():
@@ -119,9 +125,7 @@ def bench_inference(args, spec, device: torch.device) -> None:
     from retinafm.train.runtime import amp_dtype
 
     size, batch = spec.input_size, args.batch_size
-    gen = torch.Generator(device=device).manual_seed(0)
-    # Several input buffers in rotation, so no run measures a cached input.
-    inputs = [torch.randn(batch, 3, size, size, device=device, generator=gen) for _ in range(4)]
+    inputs = _random_batches(4, batch, size, device)
     dtype = amp_dtype(device)
 
     _free()
@@ -139,7 +143,7 @@ def bench_inference(args, spec, device: torch.device) -> None:
                rel_error_vs_fp32=rel,
                fused_attention=bool(getattr(model.blocks[0].attn, "fused_attn", False)))
         for big in args.large_batches:
-            xs = [torch.randn(big, 3, size, size, device=device, generator=gen) for _ in range(2)]
+            xs = _random_batches(2, big, size, device)
             seconds = _median_seconds(_ours(model, xs, device, dtype), device, args.warmup, args.iters)
             record("inference", f"retinafm {dtype}", batch=big, img_per_s=big / seconds, peak_gib=_peak_gib())
             del xs
@@ -157,8 +161,7 @@ def bench_compile(args, spec, device: torch.device) -> None:
     from retinafm.train.runtime import amp_dtype
 
     size, batch, dtype = spec.input_size, args.batch_size, amp_dtype(device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    inputs = [torch.randn(batch, 3, size, size, device=device, generator=gen) for _ in range(4)]
+    inputs = _random_batches(4, batch, size, device)
     compiled = torch.compile(_build(spec, 0, device, plain=False).eval())
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -343,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                 "training": lambda: bench_training(args, spec, device),
                 "compile": lambda: bench_compile(args, spec, device)}
     failures = []
+    unknown = set(args.sections.split(",")) - {*sections, "predict"}
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(sorted(unknown))}; choose from inference,training,predict,compile")
     with tempfile.TemporaryDirectory() as work:
         sections["predict"] = lambda: bench_predict(args, spec, device, Path(work))
         for name in args.sections.split(","):

@@ -177,3 +177,32 @@ def test_cpu_streams_split_the_threads():
         assert _cpu_streams(_Tiny(), cpu) == []
     finally:
         torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+@pytest.mark.parametrize("loop", ["infer", "train"])
+def test_one_loader_iterator_per_pass(images, monkeypatch, progress, loop):
+    """tqdm.auto's bar calls iter() on an iterable at construction: handed the DataLoader, it
+    started a second set of workers (reset persistent ones) that decoded batches nobody read."""
+    from torch.utils.data import DataLoader
+
+    calls = []
+    real_iter = DataLoader.__iter__
+
+    def counted(self):
+        calls.append(self)
+        return real_iter(self)
+
+    monkeypatch.setattr(DataLoader, "__iter__", counted)
+    paths, labels = images
+    ds = ImageDataset(paths, labels, eval_transform(8, (0.5,) * 3, (0.5,) * 3))
+    if loop == "infer":
+        res = infer(_Tiny().eval(), ds, torch.device("cpu"), batch_size=4, num_workers=2, progress=progress)
+        assert len(res.indices) == len(paths)
+    else:  # as finetune trains: persistent workers
+        model = _Tiny()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = build_scheduler(opt, steps_per_epoch=4, epochs=1, warmup_epochs=0, min_lr=0.0)
+        train_one_epoch(model, make_loader(ds, 4, num_workers=2, persistent=True), torch.nn.CrossEntropyLoss(),
+                        opt, sched, torch.device("cpu"), epoch=0, settings=StepSettings(), progress=progress)
+    assert len(calls) == 1

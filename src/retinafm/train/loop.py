@@ -28,6 +28,15 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def _progress_bar(loader, desc: str, progress: bool) -> tqdm:
+    """A bar over one iterator of `loader`. tqdm.auto's tqdm calls iter() on an iterable at
+    construction, and the loop calls it again: a DataLoader then started a second set of workers
+    (persistent ones: reset them) whose prefetched batches nobody read, twice the decoding of a
+    64-image predict run. Handing tqdm the iterator makes the loop's iter() that same one."""
+    return tqdm(iter(loader), total=len(loader), desc=desc, leave=False,
+                disable=not (progress and dist_utils.is_primary()))
+
+
 @dataclass
 class StepSettings:
     accum_iter: int = 1
@@ -58,7 +67,7 @@ def train_one_epoch(
     updates_per_epoch = max(1, math.ceil(steps / settings.accum_iter))
     total, count = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not (progress and dist_utils.is_primary()))
+    bar = _progress_bar(loader, f"epoch {epoch}", progress)
     for step, batch in enumerate(bar):
         if skip_log is not None:
             skip_log.add(batch.skipped)
@@ -156,10 +165,10 @@ def infer(
     all of them. A ViT's many small ops each end in an OpenMP barrier, and whenever one thread is
     preempted (by the DataLoader workers decoding on the same cores, or any other thread) the
     others spin until it is back; independent batches never wait for each other. ViT-Ti/16,
-    batch 16, 2 cores: ~360 ms a batch side by side against 410-570 ms on 2 threads (alone), and
-    the 2-thread forwards that overlap the workers took twice that. The outputs are the same
-    (bitwise here: no image's arithmetic depends on the thread count); it costs a second
-    batch's activations in memory."""
+    batch 16, 2 cores, 2 workers: 3-8% more img/s end to end on a quiet host, more on a busy one
+    (there a 2-thread forward took 410-570 ms, two side by side 340-400 ms a batch). The outputs
+    are the same (bitwise here: no image's arithmetic depends on the thread count); it costs a
+    second batch's activations in memory."""
     model.eval()
     shard = list(range(dist_utils.rank(), len(dataset), dist_utils.world_size()))
     if device.type == "cpu":
@@ -181,7 +190,7 @@ def infer(
         if streams else None
     running: deque[tuple[Future, np.ndarray]] = deque()
     indices, outputs, skipped = [], [], []
-    bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and dist_utils.is_primary()))
+    bar = _progress_bar(loader, desc, progress)
     try:
         for batch in bar:
             skipped += batch.skipped

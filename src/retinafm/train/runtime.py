@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import random
 
@@ -40,9 +41,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _KEEP_FREED_BYTES = 256 << 20  # free memory at the top of the heap kept for reuse
 _MMAP_FROM_BYTES = 32 << 20  # allocations below this come from the heap (glibc's maximum on 64-bit)
-_freed_memory_kept = False
 
 
+@functools.cache  # process-wide settings: once is enough
 def keep_freed_memory() -> None:
     """Let glibc keep freed activation memory for the next batch instead of handing it back to the OS.
 
@@ -52,10 +53,6 @@ def keep_freed_memory() -> None:
     ~70 ms of kernel time per forward (about a fifth of it), and none after this. The cost: up to
     256 MB of freed heap stays resident between batches instead of going back to the OS.
     Process-wide and once (DataLoader workers forked afterwards inherit it). Linux glibc only."""
-    global _freed_memory_kept
-    if _freed_memory_kept:
-        return
-    _freed_memory_kept = True
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
             return

@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"{args.images} images per case; {os.cpu_count()} CPU cores, {args.threads} torch threads, "
               f"{args.workers} loader workers, batch {args.batch_size}; torch {torch.__version__}")
-        header = f"{'case':18} {'model':18} {'task':12} {'reference img/s':>16} {'retinafm img/s':>15} {'ratio':>6} " \
+        header = f"{'case':18} {'model':18} {'task':17} {'reference img/s':>16} {'retinafm img/s':>15} {'ratio':>6} " \
                  f"{'ref +MB':>8} {'ours +MB':>9}"
         print(header)
         print("-" * len(header))
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                     ours = measure(args, case, model, task, "retinafm")
                     assert ref["images"] == ours["images"] == args.images, (ref, ours)  # nothing skipped
                     r, o = ref["images"] / ref["seconds"], ours["images"] / ours["seconds"]
-                    print(f"{case:18} {model:18} {task:12} {r:16.1f} {o:15.1f} {o / r:5.2f}x "
+                    print(f"{case:18} {model:18} {task:17} {r:16.1f} {o:15.1f} {o / r:5.2f}x "
                           f"{ref['peak_mb']:8.0f} {ours['peak_mb']:9.0f}", flush=True)
     return 0
 

@@ -14,6 +14,15 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fp32_on_every_cpu():
+    """The suite compares CPU outputs with fp32 references; on a CPU with AMX or AVX-512-BF16,
+    --precision auto would choose bf16. That choice is tested on its own in test_runtime.py."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("retinafm.train.runtime.cpu_has_native_bf16", lambda: False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """A small synthetic fundus data set in the folder layout (3 classes, 64 px)."""

@@ -204,6 +204,8 @@ def test_finetune_refuses_bad_data_and_settings_with_one_line(case, message, dat
     ("images_empty_folder", "contains no image files"),
     ("out_exists", "already exists; pass --overwrite"),
     ("out_in_missing_folder", "cannot use"),
+    ("fp16_on_cpu", "--precision fp16 is for GPUs without bf16; on a CPU use fp32 or bf16"),
+    ("int8_with_bf16", "--cpu-int8 runs in fp32 around its int8 Linear layers; drop --precision bf16"),
 ])
 def test_predict_refuses_bad_checkpoints_and_paths_with_one_line(case, message, trained_run, demo_data, tmp_path):
     checkpoint, images, out = trained_run / "checkpoint-best.pth", demo_data / "test", tmp_path / "p.csv"
@@ -226,8 +228,9 @@ def test_predict_refuses_bad_checkpoints_and_paths_with_one_line(case, message, 
     elif case == "out_in_missing_folder":
         (tmp_path / "plain").write_text("x")
         out = tmp_path / "plain" / "p.csv"
+    options = {"fp16_on_cpu": ["--precision", "fp16"], "int8_with_bf16": ["--cpu-int8", "--precision", "bf16"]}
     code, output = cli("predict", "--checkpoint", checkpoint, "--images", images, "--out", out,
-                       "--num-workers", "0", "--device", "cpu")
+                       "--num-workers", "0", "--device", "cpu", *options.get(case, []))
     assert code == 2, output
     assert message in output and "Traceback" not in output
     assert not (tmp_path / "PWNED").exists()

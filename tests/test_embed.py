@@ -32,7 +32,7 @@ def test_folder_gives_path_split_label_and_identical_vectors_across_runs(demo_da
     assert set(a.frame["label"]) == {"diabetic_retinopathy", "glaucoma", "normal"}
     np.testing.assert_array_equal(a.vectors, b.vectors)
     assert a.info["model"] == "vit_micro_patch8" and a.info["pool"] == "avg" and a.info["dim"] == 64
-    assert a.info["input_size"] == 32 and a.info["weights"] == "none"
+    assert a.info["input_size"] == 32 and a.info["weights"] == "none" and a.info["precision"] == "fp32"
 
 
 def test_vectors_are_the_models_pooled_features(demo_data, tmp_path):

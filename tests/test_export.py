@@ -174,6 +174,11 @@ def test_clear_errors(exported, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="retinafm export --int8"):
         embed(exported["images"], tmp_path / "e.parquet",
               EmbedSettings(checkpoint=str(exported["onnx"]), cpu_int8=True, num_workers=0), progress=False)
+    with pytest.raises(ValueError, match="--precision bf16: .* is an ONNX model"):
+        predict(exported["onnx"], exported["images"], tmp_path / "p.csv", num_workers=0, precision="bf16")
+    with pytest.raises(ValueError, match="--precision bf16: .* is an ONNX model"):
+        embed(exported["images"], tmp_path / "e.parquet",
+              EmbedSettings(checkpoint=str(exported["onnx"]), precision="bf16", num_workers=0), progress=False)
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "e.parquet").exists()
 
 

@@ -245,3 +245,27 @@ def test_gradient_checkpointing_trains_the_same_model(tmp_path, demo_data):
     a, b = pd.read_csv(tmp_path / "plain" / "log.csv"), pd.read_csv(tmp_path / "ckpt" / "log.csv")
     np.testing.assert_allclose(b["train_loss"], a["train_loss"], rtol=1e-5)
     assert saved.test["auroc_macro"] == pytest.approx(plain.test["auroc_macro"], abs=1e-6)
+
+
+def test_bf16_autocast_on_a_cpu_trains_and_is_recorded(tmp_path, demo_data, capsys):
+    """--precision bf16 is what auto picks on CPUs with AMX or AVX-512-BF16: the training step,
+    validation and test run under CPU autocast, the weights stay fp32 and the run records it."""
+    import yaml
+
+    with pytest.warns(UserWarning, match="without AMX or AVX-512-BF16"):
+        bf16 = finetune(tiny_finetune_config(demo_data, tmp_path / "bf16", epochs=1, warmup_epochs=0, precision="bf16"))
+    fp32 = finetune(tiny_finetune_config(demo_data, tmp_path / "fp32", epochs=1, warmup_epochs=0))
+    printed = capsys.readouterr().out
+    assert "on cpu in bf16 for 1 epochs" in printed and "on cpu in fp32 for 1 epochs" in printed
+    assert yaml.safe_load((tmp_path / "bf16" / "config.yaml").read_text())["precision"] == "bf16"
+    state = load_checkpoint(tmp_path / "bf16" / "checkpoint-best.pth")["model"]
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
+    a, b = pd.read_csv(tmp_path / "fp32" / "log.csv"), pd.read_csv(tmp_path / "bf16" / "log.csv")
+    assert b["train_loss"][0] != a["train_loss"][0]  # it did run in bf16 ...
+    np.testing.assert_allclose(b["train_loss"], a["train_loss"], rtol=0.02)  # ... and learns the same
+    assert np.isfinite(bf16.test["auroc_macro"]) and np.isfinite(fp32.test["auroc_macro"])
+
+
+def test_unknown_precision_is_a_config_error(tmp_path, demo_data):
+    with pytest.raises(ConfigError, match="--precision must be one of auto, fp32, bf16, fp16, not 'half'"):
+        finetune(tiny_finetune_config(demo_data, tmp_path / "run", precision="half"))

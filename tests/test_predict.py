@@ -125,6 +125,23 @@ def test_cpu_int8_predictions_stay_close_to_fp32(trained_run, demo_data, tmp_pat
     assert 0 < abs(diff).max() < 0.05
 
 
+def test_bf16_on_a_cpu_stays_close_to_fp32_and_int8_refuses_it(trained_run, demo_data, tmp_path):
+    """--precision bf16 forces autocast on a CPU (auto picks it only with AMX / AVX-512-BF16)."""
+    ckpt = trained_run / "checkpoint-best.pth"
+    fp32 = predict(ckpt, demo_data / "test", tmp_path / "a.csv", num_workers=0, device="cpu", progress=False,
+                   precision="fp32").predictions
+    with pytest.warns(UserWarning, match="without AMX or AVX-512-BF16"):
+        bf16 = predict(ckpt, demo_data / "test", tmp_path / "b.csv", num_workers=0, device="cpu", progress=False,
+                       precision="bf16").predictions
+    diff = bf16.filter(like="prob_").to_numpy() - fp32.filter(like="prob_").to_numpy()
+    assert 0 < abs(diff).max() < 0.05
+    with pytest.raises(ValueError, match="--cpu-int8 runs in fp32 around its int8 Linear layers"):
+        predict(ckpt, demo_data / "test", tmp_path / "c.csv", device="cpu", cpu_int8=True, precision="bf16")
+    with pytest.raises(ValueError, match="--precision fp16 is for GPUs"):
+        predict(ckpt, demo_data / "test", tmp_path / "d.csv", device="cpu", precision="fp16")
+    assert not (tmp_path / "c.csv").exists() and not (tmp_path / "d.csv").exists()
+
+
 def test_predict_does_not_load_matplotlib(trained_run, demo_data, tmp_path):
     """Start-up counts for every predict call: the plotting stack (~0.7 s to import) is not needed."""
     import subprocess

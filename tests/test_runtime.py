@@ -5,13 +5,69 @@ import contextlib
 import pytest
 import torch
 
-from retinafm.train.runtime import amp_dtype, autocast, resolve_device, seed_everything
+from retinafm.train import runtime
+from retinafm.train.runtime import amp_dtype, autocast, int8_precision, precision_name, resolve_device, seed_everything
 
 
-def test_cpu_runs_in_fp32():
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert amp_dtype(torch.device("cpu")) is None  # bf16 autocast is slower than fp32 on AVX2-only CPUs
-    assert isinstance(autocast(torch.device("cpu"), None), contextlib.nullcontext)
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
+CPU_HAS_NATIVE_BF16 = runtime.cpu_has_native_bf16  # taken before conftest pins the suite to fp32
+
+
+def _cpu_caps(monkeypatch, **flags):
+    caps = {"avx2": True, "amx_bf16": False, "avx512_bf16": False, **flags}
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", CPU_HAS_NATIVE_BF16)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+
+
+def test_cpu_without_native_bf16_runs_in_fp32(monkeypatch):
+    _cpu_caps(monkeypatch)  # an AVX2 CPU like this one: bf16 autocast is emulated, several times slower
+    assert resolve_device("cpu") == CPU
+    assert amp_dtype(CPU) is None
+    assert amp_dtype(CPU, "fp32") is None
+    assert isinstance(autocast(CPU, None), contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("flag", ["amx_bf16", "avx512_bf16"])
+def test_cpu_with_native_bf16_autocasts_to_bf16(monkeypatch, flag):
+    _cpu_caps(monkeypatch, **{flag: True})
+    assert amp_dtype(CPU) is torch.bfloat16
+    assert amp_dtype(CPU, "fp32") is None  # an explicit fp32 is honoured, e.g. to match results across machines
+
+
+def test_this_machine_choice_follows_its_capabilities(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", CPU_HAS_NATIVE_BF16)
+    caps = torch.cpu.get_capabilities()
+    native = bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+    assert amp_dtype(CPU) is (torch.bfloat16 if native else None)
+
+
+def test_forced_bf16_on_a_cpu_without_it_warns_and_fp16_is_refused(monkeypatch):
+    _cpu_caps(monkeypatch)
+    with pytest.warns(UserWarning, match="several times slower than fp32"):
+        assert amp_dtype(CPU, "bf16") is torch.bfloat16
+    with pytest.raises(ValueError, match="--precision fp16 is for GPUs"):
+        amp_dtype(CPU, "fp16")
+    with pytest.raises(ValueError, match="--precision must be one of auto, fp32, bf16, fp16, not 'half'"):
+        amp_dtype(CPU, "half")
+
+
+def test_gpu_choice(monkeypatch):
+    # No GPU is needed to check the decision: only whether the GPU has bf16 matters.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert amp_dtype(CUDA) is torch.bfloat16
+    assert amp_dtype(CUDA, "fp16") is torch.float16
+    assert amp_dtype(CUDA, "fp32") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100 or T4
+    assert amp_dtype(CUDA) is torch.float16
+    with pytest.raises(ValueError, match="this GPU has no bf16; use --precision fp16"):
+        amp_dtype(CUDA, "bf16")
+
+
+def test_precision_names_and_int8():
+    assert [precision_name(d) for d in (None, torch.bfloat16, torch.float16)] == ["fp32", "bf16", "fp16"]
+    assert int8_precision("auto") is None and int8_precision("fp32") is None
+    with pytest.raises(ValueError, match="--cpu-int8 runs in fp32 around its int8 Linear layers; drop --precision bf16"):
+        int8_precision("bf16")
 
 
 def test_auto_and_missing_cuda():

@@ -68,6 +68,14 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device must be auto, cpu or cuda, not {device!r}")
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # train.runtime.amp_dtype turns these into an autocast dtype
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+
+
 @dataclass
 class FinetuneConfig:
     """Fine-tuning settings; defaults follow RETFound's fine-tuning recipe."""
@@ -123,6 +131,7 @@ class FinetuneConfig:
     reprob: float = 0.25
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # autocast: auto (per machine), fp32, bf16 or fp16
     num_workers: int = 2
     resume: bool = False
     overwrite: bool = False
@@ -176,6 +185,7 @@ class FinetuneConfig:
         if self.global_pool not in (None, "avg", "token"):
             raise ConfigError(f"--global-pool must be 'avg' or 'token', not {self.global_pool!r}")
         check_device(self.device)
+        check_precision(self.precision)
         _at_least_one(self, "epochs", "batch_size", "accum_iter")
         _check_warmup(self.warmup_epochs, self.epochs)
         for name in ("smoothing", "drop_path", "reprob"):
@@ -256,6 +266,7 @@ class PretrainConfig:
     grad_checkpointing: bool = False
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # autocast: auto (per machine), fp32, bf16 or fp16
     num_workers: int = 2
     resume: bool = False
     overwrite: bool = False
@@ -279,6 +290,7 @@ class PretrainConfig:
         if not 0.0 <= self.momentum_teacher < 1.0:
             raise ConfigError(f"--momentum-teacher must be in [0, 1), got {self.momentum_teacher}")
         check_device(self.device)
+        check_precision(self.precision)
 
     def method_default(self, name: str) -> float:
         """blr, warmup_epochs, weight_decay: the given value, else the method's published one."""
@@ -323,6 +335,7 @@ class RefineConfig:
     probe_bootstrap: int = 1000
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # autocast: auto (per machine), fp32, bf16 or fp16
     num_workers: int = 2
     resume: bool = False
     overwrite: bool = False
@@ -338,6 +351,7 @@ class RefineConfig:
         parse_oct_frames(self.oct_frames)
         check_preprocessing(self.oct_crop, None)
         check_device(self.device)
+        check_precision(self.precision)
         _at_least_one(self, "epochs", "batch_size", "embed_dim", "max_length")
         _check_warmup(self.warmup_epochs, self.epochs)
         if not 0.0 < self.mlm_probability < 1.0:

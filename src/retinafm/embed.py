@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .config import FinetuneConfig, check_preprocessing, parse_oct_frames
+from .config import FinetuneConfig, check_precision, check_preprocessing, parse_oct_frames
 from .data.loader import ImageDataset, SkipLog
 from .data.sources import SPLITS, DataSourceError, _class_dirs, list_images
 from .data.preprocess import check_modality
@@ -32,7 +32,7 @@ from .export import OnnxModel, check_onnx_options, is_onnx, load_onnx
 from .files import OutputExistsError, atomic_path, refuse_existing_file, write_csv, write_json
 from .train import distributed as dist_utils
 from .train.loop import infer
-from .train.runtime import amp_dtype, quantize_for_cpu, resolve_device
+from .train.runtime import amp_dtype, int8_precision, precision_name, quantize_for_cpu, resolve_device
 
 POOLS = {"cls": "token", "avg": "avg"}  # --pool -> timm's global_pool
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -58,6 +58,7 @@ class EmbedSettings:
     oct_crop: Optional[float] = None  # with --model: keep this central fraction of each B-scan
     modality: Optional[str] = None  # CFP | OCT: what the images are, instead of guessing
     cpu_int8: bool = False  # dynamic int8 Linear layers (CPU only; embeddings change slightly)
+    precision: str = "auto"  # autocast: auto (per machine), fp32, bf16 or fp16
 
     @classmethod
     def for_run(cls, cfg: FinetuneConfig) -> "EmbedSettings":
@@ -65,7 +66,7 @@ class EmbedSettings:
         the run's model, image recipe and volumes, float32 for the probe."""
         return cls(model=cfg.model, weights=cfg.weights, input_size=cfg.input_size,
                    pool={"token": "cls", "avg": "avg"}.get(cfg.global_pool or ""), dtype="float32",
-                   batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device,
+                   batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision,
                    oct_frames=cfg.oct_frames, fundus_crop=cfg.fundus_crop, oct_crop=cfg.oct_crop,
                    modality=cfg.modality)
 
@@ -78,7 +79,10 @@ class EmbedSettings:
             raise DataSourceError("--fundus-crop / --oct-crop go with --model; a --checkpoint applies the "
                                   "preprocessing it was trained with")
         if self.checkpoint is not None and is_onnx(self.checkpoint):
-            check_onnx_options(self.checkpoint, self.device, self.cpu_int8)
+            check_onnx_options(self.checkpoint, self.device, self.cpu_int8, self.precision)
+        if self.cpu_int8:
+            int8_precision(self.precision)
+        check_precision(self.precision)
         check_preprocessing(self.oct_crop, self.modality)
         if self.pool is not None and self.pool not in POOLS:
             raise DataSourceError(f"--pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
@@ -253,7 +257,12 @@ def embed(images: str | Path | pd.DataFrame, out: str | Path, settings: EmbedSet
         refuse_existing_file(out, overwrite=overwrite)
     table = image_table(images, settings.oct_frames)
     model, info = embedding_model(settings)
-    dev = resolve_device("cpu" if isinstance(model, OnnxModel) else settings.device)
+    onnx = isinstance(model, OnnxModel)
+    dev = resolve_device("cpu" if onnx else settings.device)
+    # ONNX Runtime and int8 layers run in their own precision; the rest autocasts per machine.
+    autocast_dtype = None if onnx or settings.cpu_int8 else amp_dtype(dev, settings.precision)
+    # Recorded with the embeddings, and resumed shards must match it.
+    info["precision"] = "onnx" if onnx else "int8" if settings.cpu_int8 else precision_name(autocast_dtype)
     dist_utils.init_distributed(dev)
     if settings.cpu_int8:
         model = quantize_for_cpu(model, dev)
@@ -279,7 +288,7 @@ def embed(images: str | Path | pd.DataFrame, out: str | Path, settings: EmbedSet
         rows = range(shard * settings.shard_size, min(len(paths), (shard + 1) * settings.shard_size))
         dataset = ImageDataset([paths[i] for i in rows], [None] * len(rows), transform)
         result = infer(extractor, dataset, dev, batch_size=settings.batch_size, num_workers=settings.num_workers,
-                       amp_dtype=amp_dtype(dev), desc=f"embed {shard + 1}/{n_shards}", progress=progress)
+                       amp_dtype=autocast_dtype, desc=f"embed {shard + 1}/{n_shards}", progress=progress)
         if dist_utils.is_primary():
             with atomic_path(shard_file) as tmp:
                 with open(tmp, "wb") as fh:

@@ -63,8 +63,11 @@ def is_onnx(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".onnx"
 
 
-def check_onnx_options(path: str | Path, device: str, cpu_int8: bool) -> None:
+def check_onnx_options(path: str | Path, device: str, cpu_int8: bool, precision: str = "auto") -> None:
     """Refuse the options that do not apply to an exported model, before any work."""
+    if precision not in ("auto", "fp32"):
+        raise ValueError(f"--precision {precision}: {path} is an ONNX model, which runs in the precision it was "
+                         "exported in (fp32, or int8 with `retinafm export --int8`); drop --precision")
     if cpu_int8:
         raise ValueError(f"--cpu-int8 quantises a PyTorch checkpoint, and {path} is an ONNX model; export the "
                          "checkpoint with `retinafm export --int8` for an int8 ONNX model instead")

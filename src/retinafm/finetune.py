@@ -36,7 +36,7 @@ from .train.checkpoint import (CheckpointMeta, load_checkpoint, meta_of, open_ru
                                save_checkpoint, task_of)
 from .train.loop import StepSettings, train_one_epoch
 from .train.optim import build_optimizer, build_scheduler, current_lr, effective_lr
-from .train.runtime import amp_dtype, resolve_device, rng_state, seed_everything
+from .train.runtime import amp_dtype, precision_name, resolve_device, rng_state, seed_everything
 
 @dataclass
 class FinetuneResult:
@@ -187,7 +187,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
     steps_per_epoch = max(1, -(-len(train_loader) // cfg.accum_iter))
     scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
                                 warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr)
-    dtype = amp_dtype(device)
+    dtype = amp_dtype(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     mixup_fn = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
@@ -214,15 +214,15 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
         _say(f"resuming {run_dir} at epoch {start_epoch}")
 
     skip_log = SkipLog()
-    _say(f"training {spec.name} ({cfg.adaptation}) on {device} for {cfg.epochs} epochs, lr {lr:.3g}, "
-         f"{len(train_ds)} train / {len(val_samples)} val images")
+    _say(f"training {spec.name} ({cfg.adaptation}) on {device} in {precision_name(dtype)} for {cfg.epochs} epochs, "
+         f"lr {lr:.3g}, {len(train_ds)} train / {len(val_samples)} val images")
     for epoch in range(start_epoch, cfg.epochs):
         start = time.time()
         sampler.set_epoch(epoch)
         train_loss = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler, device, epoch=epoch,
                                      settings=settings, scaler=scaler, mixup_fn=mixup_fn, skip_log=skip_log)
         val = evaluate_samples(model, task, val_samples, eval_tf, device, split="val", batch_size=cfg.batch_size,
-                               num_workers=cfg.num_workers, progress=False, calibrate=True)
+                               num_workers=cfg.num_workers, progress=False, calibrate=True, autocast_dtype=dtype)
         skip_log.add(val.skipped)
         row = {"epoch": epoch, "lr": current_lr(optimizer), "train_loss": train_loss, "val_loss": val.loss,
                **{f"val_{k}": v for k, v in val.metrics.items() if k != "n"}, "seconds": round(time.time() - start, 2)}
@@ -288,7 +288,8 @@ def _evaluate_best(model, samples, transform, device, cfg: FinetuneConfig, run_d
     if cfg.bootstrap and dist_utils.is_primary():
         _say(f"test metrics: {cfg.bootstrap} bootstrap replicates for the 95% confidence intervals")
     test = evaluate_samples(model, task, samples, transform, device, split="test", batch_size=cfg.batch_size,
-                            num_workers=cfg.num_workers, bootstrap=cfg.bootstrap, seed=cfg.seed)
+                            num_workers=cfg.num_workers, bootstrap=cfg.bootstrap, seed=cfg.seed,
+                            autocast_dtype=amp_dtype(device, cfg.precision))
     skip_log.add(test.skipped)
     if dist_utils.is_primary():
         result.files.update(write_evaluation(run_dir, task, test))

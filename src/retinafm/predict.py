@@ -18,7 +18,7 @@ from .files import refuse_existing_file, write_csv
 from .train import distributed as dist_utils
 from .train.checkpoint import eval_transform_of, load_checkpoint, model_from_checkpoint, task_of
 from .train.loop import infer
-from .train.runtime import amp_dtype, quantize_for_cpu, resolve_device
+from .train.runtime import amp_dtype, int8_precision, quantize_for_cpu, resolve_device
 
 
 @dataclass
@@ -87,6 +87,7 @@ def predict(
     oct_frames: str | int | None = None,
     modality: str | None = None,
     cpu_int8: bool = False,
+    precision: str = "auto",
 ) -> PredictResult:
     """Write `out`: path first, then the task's columns (multiclass: prediction, prob_<class>...;
     multilabel: prediction, prob_<label>...; regression: one column per target in original
@@ -98,12 +99,14 @@ def predict(
     refuse_existing_file(out, overwrite=overwrite)
     onnx = is_onnx(checkpoint)
     if onnx:  # an exported model: ONNX Runtime on the CPU
-        check_onnx_options(checkpoint, device, cpu_int8)
+        check_onnx_options(checkpoint, device, cpu_int8, precision)
         model, meta = load_onnx(checkpoint)
     else:
         model, meta = model_from_checkpoint(load_checkpoint(checkpoint))  # the loaded tensors are not kept twice
     paths = collect_images(images, oct_frames or meta.settings.get("oct_frames") or "middle")
     dev = resolve_device("cpu" if onnx else device)
+    # ONNX Runtime and int8 layers run in their own precision; the rest autocasts per machine.
+    dtype = None if onnx else int8_precision(precision) if cpu_int8 else amp_dtype(dev, precision)
     dist_utils.init_distributed(dev)
     if cpu_int8:
         model = quantize_for_cpu(model, dev)
@@ -112,7 +115,7 @@ def predict(
         check_modality(paths, meta.modality, meta.model_name, modality)
     dataset = ImageDataset(paths, [None] * len(paths), eval_transform_of(meta))
     result = infer(model.to(dev), dataset, dev, batch_size=batch_size, num_workers=num_workers,
-                   amp_dtype=amp_dtype(dev), desc="predict", progress=progress)
+                   amp_dtype=dtype, desc="predict", progress=progress)
     if len(result.indices) == 0:
         raise DataSourceError(f"none of the {len(paths)} images under {images} could be read: {result.skipped[:3]}")
     outputs = task.activate(torch.from_numpy(result.logits))

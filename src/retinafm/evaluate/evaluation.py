@@ -24,7 +24,7 @@ from ..train import distributed as dist_utils
 from ..train.checkpoint import eval_transform_of, load_checkpoint, model_from_checkpoint, task_of
 from ..train.loop import infer
 from ..tasks import grade_order
-from ..train.runtime import amp_dtype, quantize_for_cpu, resolve_device
+from ..train.runtime import amp_dtype, int8_precision, quantize_for_cpu, resolve_device
 from .bootstrap import bootstrap_ci, bootstrap_samples
 from .metrics import metrics_to_frame
 from .report import write_report
@@ -88,6 +88,7 @@ def evaluate_samples(
     calibrate: bool = False,
     bootstrap: int = 0,
     seed: int = 0,
+    autocast_dtype: Optional[torch.dtype] = None,  # the run's (train.runtime.amp_dtype); None: fp32
 ) -> SplitEvaluation:
     """Inference over labelled samples, then loss and the task's metrics on the readable ones.
 
@@ -97,7 +98,7 @@ def evaluate_samples(
     """
     dataset = ImageDataset([s.path for s in samples], task.dataset_targets(samples), transform)
     result = infer(model, dataset, device, batch_size=batch_size, num_workers=num_workers,
-                   amp_dtype=amp_dtype(device), desc=split, progress=progress)
+                   amp_dtype=autocast_dtype, desc=split, progress=progress)
     if len(result.indices) == 0:
         raise DataSourceError(f"none of the {len(samples)} {split} images could be read (see skipped.csv)")
     read = [samples[i] for i in result.indices]
@@ -164,6 +165,7 @@ def evaluate_checkpoint(
     oct_frames: str | int | None = None,  # None: as the model was trained
     modality: str | None = None,  # what the images are (CFP / OCT), instead of guessing
     cpu_int8: bool = False,  # dynamic int8 Linear layers (CPU only)
+    precision: str = "auto",  # autocast: auto (per machine), fp32, bf16 or fp16
 ) -> SplitEvaluation:
     """`retinafm evaluate`: a fine-tuned checkpoint against a labelled folder or manifest split,
     its own or an external data set (`label_map` renames that set's classes or columns to the
@@ -186,6 +188,7 @@ def evaluate_checkpoint(
         raise DataSourceError(f"--bootstrap must be 0 (no confidence intervals) or at least 100 replicates, "
                               f"got {bootstrap}")
     dev = resolve_device(device)
+    dtype = int8_precision(precision) if cpu_int8 else amp_dtype(dev, precision)
     dist_utils.init_distributed(dev)
     if cpu_int8:
         model = quantize_for_cpu(model, dev)
@@ -200,7 +203,8 @@ def evaluate_checkpoint(
     if dist_utils.is_primary():
         check_modality([s.path for s in samples], meta.modality, meta.model_name, modality)
     ev = evaluate_samples(model.to(dev), task, samples, eval_transform_of(meta), dev,
-                          split=split, batch_size=batch_size, num_workers=num_workers, bootstrap=bootstrap, seed=seed)
+                          split=split, batch_size=batch_size, num_workers=num_workers, bootstrap=bootstrap, seed=seed,
+                          autocast_dtype=dtype)
     ev.notes = _external_notes(task, ev.targets, label_map)
     if dist_utils.is_primary():
         write_evaluation(out_dir, task, ev)

@@ -32,7 +32,7 @@ from ..train import distributed as dist_utils
 from ..train.checkpoint import begin_run, restore_training, versions
 from ..train.loop import StepSettings, train_one_epoch
 from ..train.optim import build_optimizer, build_scheduler, current_lr, effective_lr
-from ..train.runtime import amp_dtype, rng_state
+from ..train.runtime import amp_dtype, precision_name, rng_state
 from .dino import Dino
 from .mae import DECODER_PREFIXES, MaskedAutoencoder
 
@@ -131,7 +131,7 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> PretrainResult:
     steps_per_epoch = max(1, -(-len(loader) // cfg.accum_iter))
     scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
                                 warmup_epochs=int(cfg.method_default("warmup_epochs")), min_lr=cfg.min_lr)
-    dtype = amp_dtype(device)
+    dtype = amp_dtype(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     meta = {"method": cfg.method, "model_name": spec.name, "arch": spec.arch, "arch_kwargs": dict(spec.arch_kwargs),
             "input_size": input_size, "patch_size": spec.patch_size, "mean": list(spec.mean), "std": list(spec.std),
@@ -149,8 +149,8 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> PretrainResult:
         if cfg.method == "mae" and cfg.reconstructions and dist_utils.is_primary() else None
     skip_log, files = SkipLog(), {}
     after_step = objective.update_teacher if isinstance(objective, Dino) else None
-    _say(f"pretraining {spec.name} with {cfg.method.upper()} on {device}: {len(paths)} images, {cfg.epochs} epochs, "
-         f"lr {lr:.3g}")
+    _say(f"pretraining {spec.name} with {cfg.method.upper()} on {device} in {precision_name(dtype)}: "
+         f"{len(paths)} images, {cfg.epochs} epochs, lr {lr:.3g}")
     for epoch in range(start_epoch, cfg.epochs):
         start = time.time()
         sampler.set_epoch(epoch)

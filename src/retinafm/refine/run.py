@@ -33,7 +33,7 @@ from ..train import distributed as dist_utils
 from ..train.checkpoint import begin_run, restore_training, versions
 from ..train.loop import StepSettings, train_one_epoch
 from ..train.optim import build_optimizer, build_scheduler, current_lr
-from ..train.runtime import amp_dtype, autocast, rng_state
+from ..train.runtime import amp_dtype, autocast, precision_name, rng_state
 from .model import RefineObjective, VisionLanguage, load_text_model
 
 META_KEY = "retinafm_refine"
@@ -150,7 +150,7 @@ def refine(cfg: RefineConfig, *, progress: bool = True) -> RefineResult:
     steps_per_epoch = max(1, len(loader))
     scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
                                 warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr)
-    dtype = amp_dtype(device)
+    dtype = amp_dtype(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     meta = {"model_name": spec.name, "arch": spec.arch, "arch_kwargs": dict(spec.arch_kwargs), "input_size": input_size,
             "global_pool": str(vision.global_pool), "text_model": cfg.text_model, "losses": weights,
@@ -166,7 +166,8 @@ def refine(cfg: RefineConfig, *, progress: bool = True) -> RefineResult:
         write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "input_size": input_size})
 
     skip_log = SkipLog()
-    _say(f"refining {spec.name} with {cfg.text_model} on {device}: {len(train_rows)} train / {len(val_rows)} val pairs, "
+    _say(f"refining {spec.name} with {cfg.text_model} on {device} in {precision_name(dtype)}: "
+         f"{len(train_rows)} train / {len(val_rows)} val pairs, "
          f"objectives {', '.join(f'{k}×{w:g}' for k, w in weights.items())}, {cfg.epochs} epochs, lr {cfg.lr:.3g}")
     for epoch in range(start_epoch, cfg.epochs):
         start = time.time()
@@ -265,7 +266,8 @@ def probe_before_after(cfg: RefineConfig, model_name: str, original: Optional[st
     for name, weights in (("before", original or "none"), ("after", str(refined))):
         emb = embed(cfg.probe_on, run_dir / f"probe_{name}" / "embeddings.parquet",
                     EmbedSettings(model=model_name, weights=weights, input_size=input_size, device=cfg.device,
-                                  num_workers=cfg.num_workers, oct_frames=cfg.oct_frames, dtype="float32"),
+                                  precision=cfg.precision, num_workers=cfg.num_workers, oct_frames=cfg.oct_frames,
+                                  dtype="float32"),
                     overwrite=True, progress=False)
         if not dist_utils.is_primary():
             continue

@@ -6,10 +6,12 @@ import ctypes
 import functools
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
 
+from ..config import PRECISIONS
 from .distributed import local_rank
 
 
@@ -24,11 +26,42 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 (or fp16) autocast on GPU; fp32 on CPU, where bf16 is several times slower without AMX."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX-BF16 or AVX-512-BF16). Without
+    either, bf16 autocast is emulated and several times slower than fp32 (measured on AVX2)."""
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
+def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of a run (None: fp32), chosen per machine for --precision auto: bf16 on a
+    GPU that has it, else fp16 (with a gradient scaler); on a CPU bf16 only where the hardware does
+    bf16 matrix products, else fp32. An explicit fp32 / bf16 / fp16 is honoured where it can run."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if device.type == "cuda":
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ValueError("--precision bf16: this GPU has no bf16; use --precision fp16 (or auto)")
+        if precision == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return _AUTOCAST[precision]
+    if precision == "fp16":
+        raise ValueError("--precision fp16 is for GPUs without bf16; on a CPU use fp32 or bf16 (or auto)")
+    native = cpu_has_native_bf16()
+    if precision == "bf16" and not native:
+        warnings.warn("--precision bf16 on a CPU without AMX or AVX-512-BF16 is several times slower than fp32; "
+                      "leave --precision at auto", UserWarning, stacklevel=2)
+    if precision == "auto":
+        return torch.bfloat16 if native else None
+    return _AUTOCAST[precision]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """What a run records and prints for its autocast dtype."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -96,12 +129,18 @@ def restore_rng_state(state: dict) -> None:
         random.setstate((values[0], tuple(values[1:]), None if gauss != gauss else gauss))
 
 
+def int8_precision(precision: str) -> None:
+    """The autocast dtype with --cpu-int8: none, since its int8 Linear layers take fp32 activations."""
+    if precision not in ("auto", "fp32"):
+        raise ValueError(f"--cpu-int8 runs in fp32 around its int8 Linear layers; drop --precision {precision}")
+    return None
+
+
 def quantize_for_cpu(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """--cpu-int8: dynamic int8 quantisation of the Linear layers (weights int8, activations
-    quantised per batch), which carry nearly all of a ViT's work: measured 1.30x on ViT-B/16 at
-    224 px on 2 AVX2 cores, max probability change 0.02 on random weights. fp32 stays the default."""
-    import warnings
-
+    quantised per batch), which carry nearly all of a ViT's work: ViT-B/16 predict at 224 px on 2
+    AVX2 cores 1.53x the plain fp32 pipeline (benchmarks/RESULTS.md), max probability change 0.02
+    on random weights. fp32 stays the default."""
     if device.type != "cpu":
         raise ValueError("--cpu-int8 is for CPU inference; on a GPU, bf16 autocast is already used")
     with warnings.catch_warnings():

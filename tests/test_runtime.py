@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from retinafm.train import runtime
-from retinafm.train.runtime import amp_dtype, autocast, int8_precision, precision_name, resolve_device, seed_everything
+from retinafm.train.runtime import amp_dtype, autocast, inference_dtype, precision_name, resolve_device, seed_everything
 
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
@@ -65,9 +65,9 @@ def test_gpu_choice(monkeypatch):
 
 def test_precision_names_and_int8():
     assert [precision_name(d) for d in (None, torch.bfloat16, torch.float16)] == ["fp32", "bf16", "fp16"]
-    assert int8_precision("auto") is None and int8_precision("fp32") is None
+    assert inference_dtype(CPU, "auto", cpu_int8=True) is None and inference_dtype(CPU, "fp32", cpu_int8=True) is None
     with pytest.raises(ValueError, match="--cpu-int8 runs in fp32 around its int8 Linear layers; drop --precision bf16"):
-        int8_precision("bf16")
+        inference_dtype(CPU, "bf16", cpu_int8=True)
 
 
 def test_auto_and_missing_cuda():

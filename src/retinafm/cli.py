@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import click
 
-from .config import HEADS, TASK_NAMES, ConfigError, FinetuneConfig, PretrainConfig, RefineConfig, read_yaml_settings
+from .config import (HEADS, PRECISIONS, TASK_NAMES, ConfigError, FinetuneConfig, PretrainConfig, RefineConfig,
+                     read_yaml_settings)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -140,7 +141,7 @@ def cpu_int8_option() -> Callable:
 
 
 def precision_option() -> Callable:
-    return click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+    return click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
                         show_default=True,
                         help="Autocast. auto: bf16 on a GPU (fp16 where it lacks bf16) and on CPUs with AMX or "
                              "AVX-512-BF16; fp32 on other CPUs, where bf16 is several times slower.")

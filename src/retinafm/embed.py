@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .config import FinetuneConfig, check_precision, check_preprocessing, parse_oct_frames
+from .config import FinetuneConfig, check_preprocessing, parse_oct_frames
 from .data.loader import ImageDataset, SkipLog
 from .data.sources import SPLITS, DataSourceError, _class_dirs, list_images
 from .data.preprocess import check_modality
@@ -32,7 +32,7 @@ from .export import OnnxModel, check_onnx_options, is_onnx, load_onnx
 from .files import OutputExistsError, atomic_path, refuse_existing_file, write_csv, write_json
 from .train import distributed as dist_utils
 from .train.loop import infer
-from .train.runtime import amp_dtype, int8_precision, precision_name, quantize_for_cpu, resolve_device
+from .train.runtime import inference_dtype, precision_name, quantize_for_cpu, resolve_device
 
 POOLS = {"cls": "token", "avg": "avg"}  # --pool -> timm's global_pool
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -80,9 +80,6 @@ class EmbedSettings:
                                   "preprocessing it was trained with")
         if self.checkpoint is not None and is_onnx(self.checkpoint):
             check_onnx_options(self.checkpoint, self.device, self.cpu_int8, self.precision)
-        if self.cpu_int8:
-            int8_precision(self.precision)
-        check_precision(self.precision)
         check_preprocessing(self.oct_crop, self.modality)
         if self.pool is not None and self.pool not in POOLS:
             raise DataSourceError(f"--pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
@@ -260,7 +257,7 @@ def embed(images: str | Path | pd.DataFrame, out: str | Path, settings: EmbedSet
     onnx = isinstance(model, OnnxModel)
     dev = resolve_device("cpu" if onnx else settings.device)
     # ONNX Runtime and int8 layers run in their own precision; the rest autocasts per machine.
-    autocast_dtype = None if onnx or settings.cpu_int8 else amp_dtype(dev, settings.precision)
+    autocast_dtype = None if onnx else inference_dtype(dev, settings.precision, cpu_int8=settings.cpu_int8)
     # Recorded with the embeddings, and resumed shards must match it.
     info["precision"] = "onnx" if onnx else "int8" if settings.cpu_int8 else precision_name(autocast_dtype)
     dist_utils.init_distributed(dev)

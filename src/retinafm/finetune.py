@@ -251,7 +251,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[Epoc
     if dist_utils.is_primary():
         result.files["curves"] = plot_training_curves(pd.DataFrame(rows), run_dir / "plots" / "curves.png")
     if test_samples and evaluate_test:
-        result.test = _evaluate_best(model, test_samples, eval_tf, device, cfg, run_dir, skip_log, result)
+        result.test = _evaluate_best(model, test_samples, eval_tf, device, dtype, cfg, run_dir, skip_log, result)
     elif evaluate_test:
         _say("no test split: skipping the test evaluation")
     _write_skipped(run_dir, skip_log, result)
@@ -278,8 +278,8 @@ def _load_pretrained(model: nn.Module, spec: ModelSpec, weights: Optional[str]) 
     _say(report.summary())
 
 
-def _evaluate_best(model, samples, transform, device, cfg: FinetuneConfig, run_dir: Path, skip_log: SkipLog,
-                   result: FinetuneResult) -> dict[str, float]:
+def _evaluate_best(model, samples, transform, device, dtype: Optional[torch.dtype], cfg: FinetuneConfig,
+                   run_dir: Path, skip_log: SkipLog, result: FinetuneResult) -> dict[str, float]:
     """Test metrics, predictions and plots of the best checkpoint (not the last epoch), with the
     task state (thresholds) chosen on validation for those weights."""
     best_state = load_checkpoint(run_dir / "checkpoint-best.pth")
@@ -289,7 +289,7 @@ def _evaluate_best(model, samples, transform, device, cfg: FinetuneConfig, run_d
         _say(f"test metrics: {cfg.bootstrap} bootstrap replicates for the 95% confidence intervals")
     test = evaluate_samples(model, task, samples, transform, device, split="test", batch_size=cfg.batch_size,
                             num_workers=cfg.num_workers, bootstrap=cfg.bootstrap, seed=cfg.seed,
-                            autocast_dtype=amp_dtype(device, cfg.precision))
+                            autocast_dtype=dtype)
     skip_log.add(test.skipped)
     if dist_utils.is_primary():
         result.files.update(write_evaluation(run_dir, task, test))

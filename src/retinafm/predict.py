@@ -18,7 +18,7 @@ from .files import refuse_existing_file, write_csv
 from .train import distributed as dist_utils
 from .train.checkpoint import eval_transform_of, load_checkpoint, model_from_checkpoint, task_of
 from .train.loop import infer
-from .train.runtime import amp_dtype, int8_precision, quantize_for_cpu, resolve_device
+from .train.runtime import inference_dtype, quantize_for_cpu, resolve_device
 
 
 @dataclass
@@ -106,7 +106,7 @@ def predict(
     paths = collect_images(images, oct_frames or meta.settings.get("oct_frames") or "middle")
     dev = resolve_device("cpu" if onnx else device)
     # ONNX Runtime and int8 layers run in their own precision; the rest autocasts per machine.
-    dtype = None if onnx else int8_precision(precision) if cpu_int8 else amp_dtype(dev, precision)
+    dtype = None if onnx else inference_dtype(dev, precision, cpu_int8=cpu_int8)
     dist_utils.init_distributed(dev)
     if cpu_int8:
         model = quantize_for_cpu(model, dev)

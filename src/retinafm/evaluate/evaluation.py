@@ -24,7 +24,7 @@ from ..train import distributed as dist_utils
 from ..train.checkpoint import eval_transform_of, load_checkpoint, model_from_checkpoint, task_of
 from ..train.loop import infer
 from ..tasks import grade_order
-from ..train.runtime import amp_dtype, int8_precision, quantize_for_cpu, resolve_device
+from ..train.runtime import inference_dtype, quantize_for_cpu, resolve_device
 from .bootstrap import bootstrap_ci, bootstrap_samples
 from .metrics import metrics_to_frame
 from .report import write_report
@@ -188,7 +188,7 @@ def evaluate_checkpoint(
         raise DataSourceError(f"--bootstrap must be 0 (no confidence intervals) or at least 100 replicates, "
                               f"got {bootstrap}")
     dev = resolve_device(device)
-    dtype = int8_precision(precision) if cpu_int8 else amp_dtype(dev, precision)
+    dtype = inference_dtype(dev, precision, cpu_int8=cpu_int8)
     dist_utils.init_distributed(dev)
     if cpu_int8:
         model = quantize_for_cpu(model, dev)

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..config import PRECISIONS
+from ..config import check_precision
 from .distributed import local_rank
 
 
@@ -40,8 +40,7 @@ def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | No
     """The autocast dtype of a run (None: fp32), chosen per machine for --precision auto: bf16 on a
     GPU that has it, else fp16 (with a gradient scaler); on a CPU bf16 only where the hardware does
     bf16 matrix products, else fp32. An explicit fp32 / bf16 / fp16 is honoured where it can run."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    check_precision(precision)
     if device.type == "cuda":
         if precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise ValueError("--precision bf16: this GPU has no bf16; use --precision fp16 (or auto)")
@@ -61,7 +60,7 @@ def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | No
 
 def precision_name(dtype: torch.dtype | None) -> str:
     """What a run records and prints for its autocast dtype."""
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    return {dtype: name for name, dtype in _AUTOCAST.items()}[dtype]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -129,8 +128,12 @@ def restore_rng_state(state: dict) -> None:
         random.setstate((values[0], tuple(values[1:]), None if gauss != gauss else gauss))
 
 
-def int8_precision(precision: str) -> None:
-    """The autocast dtype with --cpu-int8: none, since its int8 Linear layers take fp32 activations."""
+def inference_dtype(device: torch.device, precision: str, *, cpu_int8: bool = False) -> torch.dtype | None:
+    """The autocast dtype of predict / evaluate / embed: amp_dtype's, except under --cpu-int8, whose
+    int8 Linear layers take fp32 activations (a forced bf16 / fp16 is refused there)."""
+    check_precision(precision)
+    if not cpu_int8:
+        return amp_dtype(device, precision)
     if precision not in ("auto", "fp32"):
         raise ValueError(f"--cpu-int8 runs in fp32 around its int8 Linear layers; drop --precision {precision}")
     return None

@@ -12,7 +12,7 @@ Sections (each prints images/s and peak GPU memory; a failing section is reporte
   autocast, fused layer-decay AdamW and warmup + cosine from `build_optimizer` / `build_scheduler`,
   pinned memory and non-blocking copies, with and without `--grad-checkpointing`.
 - predict end to end on fundus-sized JPEGs (2000x2000): the plain pipeline (PIL decode, classic
-  torchvision transforms, DataLoader defaults, fp32 model on the GPU) against `retinafm.predict`
+  torchvision transforms, DataLoader defaults, fp32 model on the GPU) against `retinafm.workflows.predict`
   (a checkpoint of the same model, CSV written) with the same workers and batch. Each runs on 64
   images and on --images images; the steady rate is the difference of the two (start-up and
   model loading cancel out).
@@ -101,7 +101,7 @@ def _build(spec, num_classes: int, device: torch.device, plain: bool, drop_path:
 
 def _ours(model, inputs: list, device: torch.device, dtype):
     """`infer`'s step: autocast (bf16, or fp16 where bf16 is absent) around the forward pass."""
-    from retinafm.train.runtime import autocast
+    from retinafm.runtime.device import autocast
 
     def step(i: int):
         with autocast(device, dtype):
@@ -122,7 +122,7 @@ def _plain_inference(spec, inputs: list, device: torch.device, args) -> float:
 
 
 def bench_inference(args, spec, device: torch.device) -> None:
-    from retinafm.train.runtime import amp_dtype
+    from retinafm.runtime.device import amp_dtype
 
     size, batch = spec.input_size, args.batch_size
     inputs = _random_batches(4, batch, size, device)
@@ -158,7 +158,7 @@ def bench_inference(args, spec, device: torch.device) -> None:
 
 
 def bench_compile(args, spec, device: torch.device) -> None:
-    from retinafm.train.runtime import amp_dtype
+    from retinafm.runtime.device import amp_dtype
 
     size, batch, dtype = spec.input_size, args.batch_size, amp_dtype(device)
     inputs = _random_batches(4, batch, size, device)
@@ -215,9 +215,9 @@ def _plain_training(spec, batch: int, device: torch.device, args) -> float:
 
 def _ours_training(spec, batch: int, device: torch.device, args, checkpointing: bool) -> tuple[float, bool]:
     """Seconds for an epoch of `train_one_epoch` (after a warm-up epoch), as a finetune run trains."""
-    from retinafm.train.loop import StepSettings, train_one_epoch
-    from retinafm.train.optim import build_optimizer, build_scheduler
-    from retinafm.train.runtime import amp_dtype
+    from retinafm.engine.loop import StepSettings, train_one_epoch
+    from retinafm.engine.optim import build_optimizer, build_scheduler
+    from retinafm.runtime.device import amp_dtype
 
     model = _build(spec, 5, device, plain=False, drop_path=0.2)
     model.set_grad_checkpointing(checkpointing)
@@ -237,7 +237,7 @@ def _ours_training(spec, batch: int, device: torch.device, args, checkpointing: 
 
 
 def bench_training(args, spec, device: torch.device) -> None:
-    from retinafm.train.runtime import amp_dtype
+    from retinafm.runtime.device import amp_dtype
 
     for batch in args.train_batches:
         _free()
@@ -279,7 +279,7 @@ def _plain_predict(spec, folder: Path, device: torch.device, batch: int, workers
 def bench_predict(args, spec, device: torch.device, work: Path) -> None:
     from inference import _checkpoint, make_images
 
-    from retinafm.predict import predict
+    from retinafm.workflows.predict import predict
 
     t0 = time.perf_counter()
     source = make_images(work / "rendered", "fundus_jpeg_2000", args.unique_images)

@@ -5,8 +5,8 @@
 Reference ("the plain way"): a timm ViT in fp32 eager mode under `torch.no_grad()`, PIL decoding
 (`Image.open(...).convert("RGB")`), torchvision's classic transforms (Resize(256, bicubic),
 CenterCrop(224), ToTensor, Normalize) and a DataLoader with its defaults except the batch size
-and worker count, which both pipelines share. retinafm: `retinafm.predict` (a checkpoint of the
-same model and weights, CSV written) and `retinafm.embed` (parquet written), with its own
+and worker count, which both pipelines share. retinafm: `retinafm.workflows.predict` (a checkpoint of the
+same model and weights, CSV written) and `retinafm.workflows.embed` (parquet written), with its own
 decoding (reduced-scale JPEG decode, torchvision decode / v2 transforms on uint8 tensors) and
 `torch.inference_mode()`. Same images, model, weights, threads and workers.
 
@@ -102,9 +102,9 @@ def _retinafm_epoch(model_name: str, folder: Path, batch_size: int, workers: int
 
     from retinafm.data.loader import ImageDataset, make_loader
     from retinafm.data.transforms import AugmentSettings, train_transform
+    from retinafm.engine.loop import StepSettings, train_one_epoch
+    from retinafm.engine.optim import build_optimizer, build_scheduler
     from retinafm.models.registry import create_model, get_spec
-    from retinafm.train.loop import StepSettings, train_one_epoch
-    from retinafm.train.optim import build_optimizer, build_scheduler
 
     spec = get_spec(model_name)
     torch.manual_seed(0)
@@ -162,19 +162,21 @@ def _reference(model_name: str, folder: Path, batch_size: int, workers: int, emb
 def _retinafm(model_name: str, folder: Path, batch_size: int, workers: int, embed: bool, out: Path,
               cpu_int8: bool = False, model_file: str = "model.pth") -> int:
     if embed and model_file.endswith(".onnx"):
-        from retinafm.embed import EmbedSettings, embed as run_embed
+        from retinafm.engine.features import EmbedSettings
+        from retinafm.workflows.embed import embed as run_embed
 
         return run_embed(folder, out / "emb.parquet", EmbedSettings(checkpoint=str(out / model_file),
                                                                     batch_size=batch_size, num_workers=workers,
                                                                     device="cpu"), progress=False).count
     if embed:
-        from retinafm.embed import EmbedSettings, embed as run_embed
+        from retinafm.engine.features import EmbedSettings
+        from retinafm.workflows.embed import embed as run_embed
 
         result = run_embed(folder, out / "emb.parquet", EmbedSettings(model=model_name, weights="none",
                                                                      batch_size=batch_size, num_workers=workers,
                                                                      device="cpu"), progress=False)
         return result.count
-    from retinafm.predict import predict
+    from retinafm.workflows.predict import predict
 
     return len(predict(out / model_file, folder, out / "p.csv", batch_size=batch_size, num_workers=workers,
                        device="cpu", progress=False, cpu_int8=cpu_int8).predictions)
@@ -184,8 +186,8 @@ def _checkpoint(model_name: str, path: Path) -> None:
     """A 3-class checkpoint of the model with the weights the reference builds (seed 0)."""
     import torch
 
+    from retinafm.engine.checkpoint import CheckpointMeta, save_checkpoint
     from retinafm.models.registry import create_model, get_spec
-    from retinafm.train.checkpoint import CheckpointMeta, save_checkpoint
 
     spec = get_spec(model_name)
     torch.manual_seed(0)
@@ -202,8 +204,8 @@ def one(args: argparse.Namespace) -> None:
     import torch
     import torchvision.transforms  # noqa: F401
 
-    import retinafm.embed  # noqa: F401
-    import retinafm.predict  # noqa: F401
+    import retinafm.workflows.embed  # noqa: F401
+    import retinafm.workflows.predict  # noqa: F401
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -215,7 +217,7 @@ def one(args: argparse.Namespace) -> None:
         _checkpoint(args.model, out / "model.pth")
     if args.pipeline == "retinafm" and args.task in ONNX_TASKS:
         # `retinafm export` is a one-off step before deployment, so it is not timed (it prints its seconds).
-        from retinafm.export import export_onnx
+        from retinafm.workflows.export import export_onnx
 
         model_file = "model.onnx"
         result = export_onnx(out / "model.pth", out / model_file, int8=args.task.endswith("int8"))

@@ -23,9 +23,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from retinafm.config import FinetuneConfig  # noqa: E402
-from retinafm.data.synthetic import write_demo_dataset  # noqa: E402
-from retinafm.finetune import finetune  # noqa: E402
+from retinafm.data.synthetic import write_demo_dataset
+from retinafm.settings import FinetuneConfig
+from retinafm.workflows.finetune import finetune
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ def _fp32_on_every_cpu():
     """The suite compares CPU outputs with fp32 references; on a CPU with AMX or AVX-512-BF16,
     --precision auto would choose bf16. That choice is tested on its own in test_runtime.py."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("retinafm.train.runtime.cpu_has_native_bf16", lambda: False)
+        patch.setattr("retinafm.runtime.device.cpu_has_native_bf16", lambda: False)
         yield
 
 
@@ -33,7 +33,7 @@ def demo_data(tmp_path_factory) -> Path:
 
 
 def tiny_finetune_config(data: Path, out: Path, **overrides):
-    from retinafm.config import FinetuneConfig
+    from retinafm.settings import FinetuneConfig
 
     settings = dict(
         out=str(out), data_path=str(data) if data else None, model="vit_micro_patch8", weights="none", input_size=32,
@@ -48,7 +48,7 @@ def tiny_finetune_config(data: Path, out: Path, **overrides):
 @pytest.fixture(scope="session")
 def trained_run(demo_data, tmp_path_factory) -> Path:
     """A finished 2-epoch run directory (read-only for the tests that use it)."""
-    from retinafm.finetune import finetune
+    from retinafm.workflows.finetune import finetune
 
     run = tmp_path_factory.mktemp("trained") / "run"
     finetune(tiny_finetune_config(demo_data, run, epochs=2, bootstrap=200))
@@ -85,7 +85,12 @@ def tiny_manifest_config(manifest: Path, out: Path, **overrides):
 def oct_volume_data(tmp_path_factory) -> Path:
     """A labelled folder of OCT volumes: 5-frame DICOMs (amd: a bright band; normal: faint), and in
     test/ also a Heidelberg .vol and a multi-page TIFF."""
-    from medical_files import oct_bscans, write_dicom, write_heidelberg_vol, write_multipage_tiff
+    from medical_files import (
+        oct_bscans,
+        write_dicom,
+        write_heidelberg_vol,
+        write_multipage_tiff,
+    )
 
     root = tmp_path_factory.mktemp("oct") / "data"
     for split, count in (("train", 6), ("val", 2), ("test", 2)):
@@ -101,7 +106,7 @@ def oct_volume_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def oct_run(oct_volume_data, tmp_path_factory) -> Path:
     """A short run on every B-scan of the OCT volumes (read-only for the tests that use it)."""
-    from retinafm.finetune import finetune
+    from retinafm.workflows.finetune import finetune
 
     run = tmp_path_factory.mktemp("oct_run") / "run"
     finetune(tiny_finetune_config(oct_volume_data, run, epochs=3, oct_frames="all", batch_size=8))

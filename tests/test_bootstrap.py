@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from retinafm.evaluate.bootstrap import bootstrap_ci, bootstrap_samples, paired_bootstrap
+from retinafm.stats.bootstrap import bootstrap_ci, bootstrap_samples, paired_bootstrap
 
 
 def test_replicates_are_seeded_and_independent_of_how_they_are_drawn():

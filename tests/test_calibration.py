@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.calibration import calibration_curve
 
-from retinafm.evaluate.calibration import calibration_bins, expected_calibration_error
+from retinafm.stats.calibration import calibration_bins, expected_calibration_error
 
 
 def test_bins_and_ece_by_hand():

@@ -3,16 +3,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from retinafm.models.registry import create_model, get_spec
-from retinafm.train.checkpoint import (
+from retinafm.engine.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     load_checkpoint,
     meta_of,
-    model_from_checkpoint,
     save_checkpoint,
     unwrap,
 )
+from retinafm.engine.inference import model_from_checkpoint
+from retinafm.models.registry import create_model, get_spec
 
 
 def _meta(**kw) -> CheckpointMeta:

@@ -10,10 +10,10 @@ import pytest
 from scipy.stats import wilcoxon
 from sklearn.metrics import r2_score, roc_auc_score
 
-from retinafm.compare import CompareError, compare_runs, load_run
-from retinafm.evaluate.delong import delong_test
 from retinafm.files import write_csv, write_json
+from retinafm.stats.delong import delong_test
 from retinafm.tasks import make_task
+from retinafm.workflows.compare import CompareError, compare_runs, load_run
 
 CLASSES = ["healthy", "referable"]
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from retinafm.config import ConfigError, FinetuneConfig, read_yaml_settings, to_dict
+from retinafm.settings import ConfigError, FinetuneConfig, read_yaml_settings, to_dict
 
 
 def test_defaults_follow_retfound():

@@ -14,9 +14,15 @@ from click.testing import CliRunner
 from timm.models.vision_transformer import VisionTransformer
 
 from retinafm.cli import main
-from retinafm.convert import RetfoundImportError, _dinov2_layout, _mae_layout, import_retfound
-from retinafm.predict import predict
-from retinafm.train.checkpoint import load_checkpoint, model_from_checkpoint
+from retinafm.engine.checkpoint import load_checkpoint
+from retinafm.engine.inference import model_from_checkpoint
+from retinafm.workflows.import_ import (
+    RetfoundImportError,
+    _dinov2_layout,
+    _mae_layout,
+    import_retfound,
+)
+from retinafm.workflows.predict import predict
 
 CLASSES = ["AMD", "DR", "normal"]
 TINY = dict(patch_size=16, embed_dim=128, depth=2, num_heads=2, mlp_ratio=4, qkv_bias=True)

@@ -7,7 +7,11 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from retinafm.evaluate.delong import delong_auc_variance, delong_test, structural_components
+from retinafm.stats.delong import (
+    delong_auc_variance,
+    delong_test,
+    structural_components,
+)
 
 
 def test_hand_worked_example():

@@ -4,8 +4,14 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from retinafm.demo import AUROC_TARGET, demo_config, demo_pretrain_config, run_demo, write_real_images
 from retinafm.files import OutputExistsError
+from retinafm.workflows.demo import (
+    AUROC_TARGET,
+    demo_config,
+    demo_pretrain_config,
+    run_demo,
+    write_real_images,
+)
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):

@@ -3,12 +3,17 @@ and the real files pydicom ships (compressed transfer syntaxes included)."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 import pytest
+import torch
 from medical_files import oct_bscans, write_dicom, write_dicom_without_pixels
 from pydicom.data import get_testdata_file
 
-from retinafm.data.dicom import DicomError, dicom_frame_count, looks_like_dicom, read_dicom_frame
+from retinafm.data.dicom import (
+    DicomError,
+    dicom_frame_count,
+    looks_like_dicom,
+    read_dicom_frame,
+)
 from retinafm.data.io import ImageReadError, read_image
 
 

@@ -8,8 +8,8 @@ import torch
 
 from retinafm.data.transforms import MultiCrop
 from retinafm.models.registry import get_spec
-from retinafm.pretrain.dino import Dino, DinoHead, DinoLoss, teacher_momentum
-from retinafm.pretrain.run import build_encoder
+from retinafm.objectives.dino import Dino, DinoHead, DinoLoss, teacher_momentum
+from retinafm.workflows.pretrain import build_encoder
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

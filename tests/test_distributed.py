@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from retinafm.train import distributed as dist_utils
+from retinafm.runtime import distributed as dist_utils
 
 
 def test_single_process_helpers_are_no_ops():
@@ -48,8 +48,10 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_torchrun_predict_and_embed_merge_shards_in_input_order(trained_run, demo_data, tmp_path):
-    from retinafm.embed import EmbedSettings, embed, read_embeddings
-    from retinafm.predict import predict
+    from retinafm.data.embeddings import read_embeddings
+    from retinafm.engine.features import EmbedSettings
+    from retinafm.workflows.embed import embed
+    from retinafm.workflows.predict import predict
 
     checkpoint = trained_run / "checkpoint-best.pth"
     proc = _torchrun("predict", "--checkpoint", str(checkpoint), "--images", str(demo_data / "test"),

@@ -8,11 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
-import retinafm.embed as embed_module
+import retinafm.workflows.embed as embed_module
+from retinafm.data.embeddings import read_embeddings
+from retinafm.data.images import image_table
 from retinafm.data.sources import DataSourceError
 from retinafm.data.transforms import eval_transform
-from retinafm.embed import EmbedSettings, embed, embedding_model, image_table, read_embeddings
+from retinafm.engine.features import EmbedSettings, embedding_model
 from retinafm.files import OutputExistsError
+from retinafm.workflows.embed import embed
 
 
 def tiny(**overrides) -> EmbedSettings:
@@ -51,7 +54,8 @@ def test_vectors_are_the_models_pooled_features(demo_data, tmp_path):
 
 
 def test_a_finetuned_checkpoint_embeds_with_its_own_recipe(trained_run, demo_data, tmp_path):
-    from retinafm.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from retinafm.engine.checkpoint import load_checkpoint
+    from retinafm.engine.inference import model_from_checkpoint
 
     result = embed(demo_data / "test", tmp_path / "c.npy", EmbedSettings(checkpoint=str(trained_run / "checkpoint-best.pth"),
                                                                        num_workers=0, device="cpu", dtype="float32"),

@@ -9,8 +9,8 @@ import pytest
 from sklearn.metrics import accuracy_score, cohen_kappa_score, roc_auc_score
 
 from retinafm.data.sources import DataSourceError
-from retinafm.evaluate.bootstrap import bootstrap_samples
-from retinafm.evaluate.evaluation import evaluate_checkpoint
+from retinafm.stats.bootstrap import bootstrap_samples
+from retinafm.workflows.evaluate import evaluate_checkpoint
 
 
 def test_evaluate_checkpoint_writes_metrics_that_match_sklearn(trained_run, demo_data, tmp_path):

@@ -6,25 +6,27 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx  # noqa: E402  (a test dependency: `pip install -e .[test]` brings it and onnxruntime)
 import pandas as pd
 import pytest
 import torch
 
-import onnx  # noqa: E402  (a test dependency: `pip install -e .[test]` brings it and onnxruntime)
-
-from retinafm.embed import EmbedSettings, embed, read_embeddings  # noqa: E402
-from retinafm.export import META_KEY, OnnxModel, export_onnx, load_onnx  # noqa: E402
-from retinafm.files import OutputExistsError  # noqa: E402
-from retinafm.models.heads import HeadSettings  # noqa: E402
-from retinafm.models.registry import create_model, get_spec  # noqa: E402
-from retinafm.predict import predict  # noqa: E402
-from retinafm.train.checkpoint import (  # noqa: E402
+from retinafm.data.embeddings import read_embeddings
+from retinafm.engine.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     load_checkpoint,
-    model_from_checkpoint,
     save_checkpoint,
 )
+from retinafm.engine.features import EmbedSettings
+from retinafm.engine.inference import load_onnx, model_from_checkpoint
+from retinafm.files import OutputExistsError
+from retinafm.models.heads import HeadSettings
+from retinafm.models.onnx import META_KEY, OnnxModel
+from retinafm.models.registry import create_model, get_spec
+from retinafm.workflows.embed import embed
+from retinafm.workflows.export import export_onnx
+from retinafm.workflows.predict import predict
 
 CLASSES = ["normal", "diabetic_retinopathy", "glaucoma"]
 SIZE = 32
@@ -200,7 +202,7 @@ def test_cli_export_then_predict(exported, tmp_path):
 
 
 def test_a_probe_on_onnx_embeddings_is_refused_with_a_reason(exported, tmp_path):
-    from retinafm.train.checkpoint import backbone_fields
+    from retinafm.engine.features import backbone_fields
 
     with pytest.raises(CheckpointError, match="ONNX export.*embed with the .pth"):
         backbone_fields({"checkpoint": str(exported["onnx"])})

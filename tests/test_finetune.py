@@ -8,14 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_finetune_config
 from PIL import Image
 
-from conftest import tiny_finetune_config
-from retinafm.config import ConfigError
 from retinafm.data.sources import DataSourceError
+from retinafm.engine.checkpoint import load_checkpoint
 from retinafm.files import OutputExistsError
-from retinafm.finetune import finetune
-from retinafm.train.checkpoint import load_checkpoint
+from retinafm.settings import ConfigError
+from retinafm.workflows.finetune import finetune
 
 RUN_FILES = {"config.yaml", "log.csv", "checkpoint-best.pth", "checkpoint-last.pth", "metrics_test.json",
              "metrics_test.csv", "predictions_test.csv"}
@@ -122,8 +122,8 @@ def test_sgd_linear_probe_only_trains_the_head(tmp_path, demo_data):
 
 def test_linear_probe_defaults_to_cached_features(tmp_path, demo_data):
     """--adaptation lp embeds each image once and fits the scikit-learn probe into the run dir."""
-    from retinafm.embed import read_embeddings
-    from retinafm.predict import predict
+    from retinafm.data.embeddings import read_embeddings
+    from retinafm.workflows.predict import predict
 
     run = tmp_path / "lp"
     result = finetune(tiny_finetune_config(demo_data, run, adaptation="lp"))

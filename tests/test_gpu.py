@@ -10,18 +10,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from retinafm.data.synthetic import write_report_pairs
-from retinafm.embed import EmbedSettings, embed, read_embeddings
-from retinafm.finetune import finetune
-from retinafm.predict import predict
-from retinafm.pretrain import pretrain
-from retinafm.train.optim import build_optimizer
-from retinafm.train.runtime import amp_dtype
-
 from conftest import tiny_finetune_config
 from test_pretrain import tiny_pretrain_config
 from test_refine import tiny_refine_config
+
+from retinafm.data.embeddings import read_embeddings
+from retinafm.data.synthetic import write_report_pairs
+from retinafm.engine.features import EmbedSettings
+from retinafm.engine.optim import build_optimizer
+from retinafm.runtime.device import amp_dtype
+from retinafm.workflows.embed import embed
+from retinafm.workflows.finetune import finetune
+from retinafm.workflows.predict import predict
+from retinafm.workflows.pretrain import pretrain
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -60,7 +61,7 @@ def test_gpu_run_checkpoint_is_plain_and_predicts_on_cpu_like_on_gpu(gpu_run, de
 
 def test_fp16_with_gradient_scaler_trains_and_resumes(demo_data, tmp_path, monkeypatch):
     """GPUs without bf16 (before Ampere) train in fp16 with a GradScaler, saved for --resume."""
-    import retinafm.finetune as finetune_module
+    import retinafm.workflows.finetune as finetune_module
 
     monkeypatch.setattr(finetune_module, "amp_dtype", lambda device: torch.float16)
     run = tmp_path / "run"
@@ -95,7 +96,7 @@ def test_pretraining_on_gpu_gives_weights_finetune_takes(method, demo_data, tmp_
 
 
 def test_refinement_on_gpu(tiny_text_model, demo_data, tmp_path):
-    from retinafm.refine import refine
+    from retinafm.workflows.refine import refine
 
     pairs = write_report_pairs(tmp_path / "pairs", n_train=24, n_val=8, size=48, seed=0)
     result = refine(tiny_refine_config(pairs, tiny_text_model, tmp_path / "run", device="cuda", num_workers=2,

@@ -25,8 +25,13 @@ def test_head_is_initialised_like_retfound():
 import pytest  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-from retinafm.models.heads import (  # noqa: E402
-    HEAD_KINDS, HeadSettings, TransformerHead, attach_head, build_head, output_layer,
+from retinafm.models.heads import (
+    HEAD_KINDS,
+    HeadSettings,
+    TransformerHead,
+    attach_head,
+    build_head,
+    output_layer,
 )
 
 NUM_OUTPUTS = 3

@@ -9,15 +9,21 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-
 from conftest import tiny_finetune_config
+
 from retinafm.cli import main
-from retinafm.config import FinetuneConfig
 from retinafm.files import OutputExistsError
-from retinafm.finetune import FinetuneResult
-from retinafm.hpo import (TuneError, TuneSettings, finetune_command, search_space, selection_metric,
-                          trial_config,
-                          tune)
+from retinafm.settings import FinetuneConfig
+from retinafm.workflows.finetune import FinetuneResult
+from retinafm.workflows.tune import (
+    TuneError,
+    TuneSettings,
+    finetune_command,
+    search_space,
+    selection_metric,
+    trial_config,
+    tune,
+)
 
 
 def _tiny(data, out, **overrides):
@@ -136,7 +142,7 @@ def _fake_finetune(scores):
 
 def test_poor_trials_are_pruned_and_lose_their_weights(monkeypatch, tmp_path, capsys):
     # Three good trials set the median; the later, poor ones stop after the pruner's warm-up.
-    monkeypatch.setattr("retinafm.finetune.finetune", _fake_finetune(lambda n, e: 0.9 if n < 3 else 0.1))
+    monkeypatch.setattr("retinafm.workflows.finetune.finetune", _fake_finetune(lambda n, e: 0.9 if n < 3 else 0.1))
     study = tmp_path / "study"
     result = tune(_tiny(None, study, data_path="unused"), TuneSettings(trials=5, tune_epochs=3))
     best = json.loads((study / "optuna_best.json").read_text())
@@ -150,7 +156,7 @@ def test_poor_trials_are_pruned_and_lose_their_weights(monkeypatch, tmp_path, ca
 
 def test_nan_trials_fail_and_the_search_goes_on(monkeypatch, tmp_path):
     nan = float("nan")
-    monkeypatch.setattr("retinafm.finetune.finetune", _fake_finetune(lambda n, e: nan if n == 0 else 0.5 + n / 10))
+    monkeypatch.setattr("retinafm.workflows.finetune.finetune", _fake_finetune(lambda n, e: nan if n == 0 else 0.5 + n / 10))
     result = tune(_tiny(None, tmp_path / "s", data_path="unused"), TuneSettings(trials=3, tune_epochs=1))
     assert result.best_trial == 2 and result.best_value == pytest.approx(0.7)
     best = json.loads((tmp_path / "s" / "optuna_best.json").read_text())
@@ -158,7 +164,7 @@ def test_nan_trials_fail_and_the_search_goes_on(monkeypatch, tmp_path):
 
 
 def test_no_completed_trial_is_one_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr("retinafm.finetune.finetune", _fake_finetune(lambda n, e: float("nan")))
+    monkeypatch.setattr("retinafm.workflows.finetune.finetune", _fake_finetune(lambda n, e: float("nan")))
     study = tmp_path / "s"
     with pytest.raises(TuneError, match="pruned or failed.*trials.csv") as err:
         tune(_tiny(None, study, data_path="unused"), TuneSettings(trials=2, tune_epochs=1))

@@ -117,7 +117,12 @@ def test_large_jpeg_decodes_at_a_reduced_scale_never_below_the_size_asked(tmp_pa
 
 def test_recipes_ask_for_the_resolution_they_need():
     from retinafm.data.loader import ImageDataset
-    from retinafm.data.transforms import AugmentSettings, Preprocessing, eval_transform, train_transform
+    from retinafm.data.transforms import (
+        AugmentSettings,
+        Preprocessing,
+        eval_transform,
+        train_transform,
+    )
 
     mean, std = (0.5,) * 3, (0.25,) * 3
     assert eval_transform(224, mean, std).decode_size == 256

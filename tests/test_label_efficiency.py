@@ -8,9 +8,13 @@ import pandas as pd
 import pytest
 from conftest import tiny_finetune_config
 
-from retinafm.config import ConfigError
 from retinafm.data.sources import DataSourceError
-from retinafm.label_efficiency import label_efficiency, parse_fractions, stratified_subset
+from retinafm.settings import ConfigError
+from retinafm.workflows.label_efficiency import (
+    label_efficiency,
+    parse_fractions,
+    stratified_subset,
+)
 
 
 def test_subsets_keep_each_class_fraction_and_are_seeded():

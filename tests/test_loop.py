@@ -9,8 +9,9 @@ from PIL import Image
 
 from retinafm.data.loader import ImageDataset, make_loader
 from retinafm.data.transforms import eval_transform
-from retinafm.train.loop import NonFiniteLossError, StepSettings, infer, train_one_epoch
-from retinafm.train.optim import build_scheduler
+from retinafm.engine.infer import infer
+from retinafm.engine.loop import NonFiniteLossError, StepSettings, train_one_epoch
+from retinafm.engine.optim import build_scheduler
 
 
 class _Tiny(torch.nn.Module):
@@ -125,7 +126,7 @@ class _ThreadSpy(_Tiny):
 def test_cpu_infer_runs_batches_side_by_side_with_the_same_outputs(images, monkeypatch):
     import threading
 
-    from retinafm.train import loop
+    from retinafm.engine import infer as loop
 
     paths, _ = images
     ds = ImageDataset(paths, [None] * len(paths), eval_transform(8, (0.5,) * 3, (0.5,) * 3))
@@ -163,8 +164,8 @@ def test_cpu_infer_stream_errors_reach_the_caller(images):
 def test_cpu_streams_split_the_threads():
     from types import SimpleNamespace
 
-    from retinafm.export import OnnxModel
-    from retinafm.train.loop import _cpu_streams
+    from retinafm.engine.infer import _cpu_streams
+    from retinafm.models.onnx import OnnxModel
 
     cpu = torch.device("cpu")
     onnx = OnnxModel(session=None, meta=SimpleNamespace(global_pool="avg", tta_flip=False), path=None)

@@ -6,8 +6,8 @@ import torch
 
 from retinafm.models.registry import create_model, get_spec
 from retinafm.models.weights import load_backbone_weights
-from retinafm.pretrain.mae import MaskedAutoencoder
-from retinafm.pretrain.run import build_encoder
+from retinafm.objectives.mae import MaskedAutoencoder
+from retinafm.workflows.pretrain import build_encoder
 
 SPEC = get_spec("vit_micro_patch8")
 

@@ -24,8 +24,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from retinafm.evaluate.calibration import expected_calibration_error
-from retinafm.evaluate.metrics import (
+from retinafm.stats.calibration import expected_calibration_error
+from retinafm.stats.metrics import (
     confusion,
     grade_order_of,
     metrics_to_frame,

@@ -7,14 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_manifest_config
 from sklearn.metrics import roc_auc_score
 
-from conftest import tiny_manifest_config
-from retinafm.finetune import finetune
-from retinafm.predict import predict
+from retinafm.engine.checkpoint import load_checkpoint
 from retinafm.tasks import make_task
 from retinafm.tasks.multilabel import MultilabelTask
-from retinafm.train.checkpoint import load_checkpoint
+from retinafm.workflows.finetune import finetune
+from retinafm.workflows.predict import predict
 
 NAMES = ("large_cup", "haemorrhages", "exudates")
 

@@ -6,8 +6,13 @@ import math
 import pytest
 import torch
 
+from retinafm.engine.optim import (
+    build_optimizer,
+    build_scheduler,
+    current_lr,
+    effective_lr,
+)
 from retinafm.models.registry import create_model, get_spec
-from retinafm.train.optim import build_optimizer, build_scheduler, current_lr, effective_lr
 
 
 def test_effective_lr_scales_with_batch():

@@ -7,9 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from retinafm.evaluate import plots
-from retinafm.evaluate.metrics import confusion, multilabel_confusion
-from retinafm.evaluate.plots import (
+from retinafm import plots
+from retinafm.plots import (
     plot_confusion_matrix,
     plot_multilabel_confusion,
     plot_multilabel_pr,
@@ -19,6 +18,7 @@ from retinafm.evaluate.plots import (
     plot_roc,
     plot_training_curves,
 )
+from retinafm.stats.metrics import confusion, multilabel_confusion
 
 
 def _assert_png(path, min_side=200):
@@ -265,7 +265,7 @@ def test_multilabel_macro_skips_undefined_labels(tmp_path, monkeypatch):
 
 
 def test_plot_calibration(tmp_path, monkeypatch):
-    from retinafm.evaluate.calibration import expected_calibration_error
+    from retinafm.stats.calibration import expected_calibration_error
 
     seen = _spy(monkeypatch)
     y, p = _predictions(3)

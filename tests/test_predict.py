@@ -10,7 +10,7 @@ from PIL import Image
 
 from retinafm.data.sources import DataSourceError
 from retinafm.files import OutputExistsError
-from retinafm.predict import collect_images, predict
+from retinafm.workflows.predict import collect_images, predict
 
 CLASSES = ["diabetic_retinopathy", "glaucoma", "normal"]
 
@@ -93,13 +93,14 @@ def test_volumes_get_one_row_each_with_mean_and_max(oct_run, oct_volume_data, tm
 def test_fundus_crop_is_saved_in_the_checkpoint_and_reapplied(demo_data, tmp_path):
     """A run trained with --fundus-crop predicts through the same crop, from the checkpoint alone."""
     import torch
-
     from conftest import tiny_finetune_config
+
     from retinafm.data.io import read_image
     from retinafm.data.preprocess import fundus_crop
     from retinafm.data.transforms import eval_transform
-    from retinafm.finetune import finetune
-    from retinafm.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from retinafm.engine.checkpoint import load_checkpoint
+    from retinafm.engine.inference import model_from_checkpoint
+    from retinafm.workflows.finetune import finetune
 
     run = tmp_path / "run"
     finetune(tiny_finetune_config(demo_data, run, epochs=1, warmup_epochs=0, fundus_crop=True))
@@ -147,7 +148,7 @@ def test_predict_does_not_load_matplotlib(trained_run, demo_data, tmp_path):
     import subprocess
     import sys
 
-    script = ("import sys; from retinafm.predict import predict; "
+    script = ("import sys; from retinafm.workflows.predict import predict; "
               f"predict({str(trained_run / 'checkpoint-best.pth')!r}, {str(demo_data / 'val')!r}, "
               f"{str(tmp_path / 'p.csv')!r}, num_workers=0, device='cpu', progress=False); "
               "print('matplotlib' in sys.modules)")

@@ -7,12 +7,12 @@ import torch
 from click.testing import CliRunner
 
 from retinafm.cli import main
-from retinafm.config import ConfigError, PretrainConfig
 from retinafm.data.sources import DataSourceError
 from retinafm.models.registry import create_model, get_spec
 from retinafm.models.weights import WeightsError, load_backbone_weights
-from retinafm.pretrain import pretrain
-from retinafm.pretrain import run as run_module
+from retinafm.settings import ConfigError, PretrainConfig
+from retinafm.workflows import pretrain as run_module
+from retinafm.workflows.pretrain import pretrain
 
 
 def tiny_pretrain_config(images, out, **overrides) -> PretrainConfig:
@@ -46,8 +46,9 @@ def test_mae_run_writes_a_retfound_mae_checkpoint_and_figures(mae_run):
 def test_checkpoint_is_weights_for_finetune_and_embed(mae_run, demo_data, tmp_path):
     from conftest import tiny_finetune_config
 
-    from retinafm.embed import EmbedSettings, embed
-    from retinafm.finetune import finetune
+    from retinafm.engine.features import EmbedSettings
+    from retinafm.workflows.embed import embed
+    from retinafm.workflows.finetune import finetune
 
     ckpt = str(mae_run.checkpoint)
     model = create_model(get_spec("vit_micro_patch8"), 3, input_size=32, global_pool="avg")

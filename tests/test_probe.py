@@ -11,12 +11,14 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from retinafm.data.embeddings import Embeddings, read_embeddings
 from retinafm.data.sources import DataSourceError
-from retinafm.embed import EmbedSettings, Embeddings, embed, read_embeddings
+from retinafm.engine.features import EmbedSettings
 from retinafm.files import OutputExistsError
-from retinafm.predict import predict
-from retinafm.probe import ProbeSettings, choose_strength, fit_linear, probe
 from retinafm.tasks import make_task
+from retinafm.workflows.embed import embed
+from retinafm.workflows.predict import predict
+from retinafm.workflows.probe import ProbeSettings, choose_strength, fit_linear, probe
 
 CLASSES = ["diabetic_retinopathy", "glaucoma", "normal"]
 

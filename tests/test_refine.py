@@ -7,13 +7,13 @@ import torch
 from click.testing import CliRunner
 
 from retinafm.cli import main
-from retinafm.config import ConfigError, RefineConfig
 from retinafm.data.sources import DataSourceError
 from retinafm.data.synthetic import write_report_pairs
 from retinafm.models.registry import create_model, get_spec
 from retinafm.models.weights import load_backbone_weights
-from retinafm.refine import refine
-from retinafm.refine import run as run_module
+from retinafm.settings import ConfigError, RefineConfig
+from retinafm.workflows import refine as run_module
+from retinafm.workflows.refine import refine
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_backbone_loads_through_finetune_with_only_head_keys_missing(refined, de
     from conftest import tiny_finetune_config
     from safetensors import safe_open
 
-    from retinafm.finetune import finetune
+    from retinafm.workflows.finetune import finetune
 
     with safe_open(str(refined.backbone), "pt") as fh:
         assert fh.metadata()["model"] == "vit_micro_patch8"

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import torch
 
-from retinafm.refine import losses as L
+from retinafm.objectives import vision_language_losses as L
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

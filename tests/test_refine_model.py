@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from retinafm.models.registry import create_model, get_spec
-from retinafm.refine.model import RefineObjective, TextModelError, VisionLanguage, load_text_model
+from retinafm.objectives.vision_language import (
+    RefineObjective,
+    TextModelError,
+    VisionLanguage,
+    load_text_model,
+)
 
 REPORTS = ["normal fundus no disease visible", "large pale cup glaucoma suspected",
            "haemorrhages and exudates diabetic retinopathy present", "normal fundus no disease visible"]

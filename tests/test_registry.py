@@ -5,7 +5,13 @@ import pytest
 import timm
 import torch
 
-from retinafm.models.registry import ZOO, UnknownModelError, create_model, get_spec, zoo_table
+from retinafm.models.registry import (
+    ZOO,
+    UnknownModelError,
+    create_model,
+    get_spec,
+    zoo_table,
+)
 
 EXPECTED_PARAMS_M = {  # backbone parameters, millions (published sizes)
     "RETFound_mae_natureCFP": 303, "RETFound_dinov2_meh": 304, "dinov2_vits14": 22, "dinov2_vitg14": 1136,

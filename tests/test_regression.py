@@ -7,15 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_manifest_config
 from sklearn.metrics import r2_score
 
-from conftest import tiny_manifest_config
 from retinafm.data.sources import DataSourceError
-from retinafm.finetune import finetune
-from retinafm.predict import predict
+from retinafm.engine.checkpoint import load_checkpoint
 from retinafm.tasks import make_task
 from retinafm.tasks.regression import RegressionTask
-from retinafm.train.checkpoint import load_checkpoint
+from retinafm.workflows.finetune import finetune
+from retinafm.workflows.predict import predict
 
 TARGETS = ("cup_to_disc", "exudate_count")
 

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from retinafm.evaluate import plots
-from retinafm.evaluate.report import write_report
+from retinafm import plots
+from retinafm.workflows.report import write_report
 
 NAN = float("nan")
 CLASSES = ["normal", "<b>x</b>", "glaucoma"]  # a user's class name with markup must stay text

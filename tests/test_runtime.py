@@ -5,9 +5,15 @@ import contextlib
 import pytest
 import torch
 
-from retinafm.train import runtime
-from retinafm.train.runtime import amp_dtype, autocast, inference_dtype, precision_name, resolve_device, seed_everything
-
+from retinafm.runtime import device as runtime
+from retinafm.runtime.device import (
+    amp_dtype,
+    autocast,
+    inference_dtype,
+    precision_name,
+    resolve_device,
+)
+from retinafm.runtime.rng import seed_everything
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 CPU_HAS_NATIVE_BF16 = runtime.cpu_has_native_bf16  # taken before conftest pins the suite to fp32
@@ -86,7 +92,7 @@ def test_seed_everything_is_repeatable():
 
 def test_cpu_int8_quantises_linear_layers_and_keeps_outputs_close():
     from retinafm.models.registry import create_model, get_spec
-    from retinafm.train.runtime import quantize_for_cpu
+    from retinafm.runtime.cpu import quantize_for_cpu
 
     torch.manual_seed(0)
     model = create_model(get_spec("vit_micro_patch8"), 3, input_size=32).eval()
@@ -102,7 +108,7 @@ def test_cpu_int8_quantises_linear_layers_and_keeps_outputs_close():
 
 
 def test_keep_freed_memory_is_harmless_and_once():
-    from retinafm.train.runtime import keep_freed_memory
+    from retinafm.runtime.cpu import keep_freed_memory
 
     keep_freed_memory()
     keep_freed_memory()

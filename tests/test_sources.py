@@ -8,7 +8,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from retinafm.data.sources import DataSourceError, load_folder, load_labelled, load_manifest, parse_label_map
+from retinafm.data.sources import (
+    DataSourceError,
+    load_folder,
+    load_labelled,
+    load_manifest,
+    parse_label_map,
+)
 
 
 def _img(path: Path) -> Path:

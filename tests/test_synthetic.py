@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.metrics import roc_auc_score
 
 from retinafm.data.synthetic import CLASSES, render_fundus, write_demo_dataset
 

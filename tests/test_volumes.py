@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from medical_files import oct_bscans, write_dicom, write_heidelberg_vol, write_multipage_tiff
+from medical_files import (
+    oct_bscans,
+    write_dicom,
+    write_heidelberg_vol,
+    write_multipage_tiff,
+)
 
-from retinafm.config import ConfigError, parse_oct_frames
 from retinafm.data.io import ImageReadError, read_image
 from retinafm.data.sources import load_labelled
-from retinafm.data.volumes import expand_frames, frame_count, select_frames, split_address
+from retinafm.data.volumes import (
+    expand_frames,
+    frame_count,
+    select_frames,
+    split_address,
+)
+from retinafm.settings import ConfigError, parse_oct_frames
 
 
 def test_addresses_and_frame_selection(tmp_path):

@@ -1,4 +1,4 @@
 """`python -m retinafm` (and so `torchrun -m retinafm ...`)."""
-from .cli import main
+from retinafm.cli import main
 
 main()

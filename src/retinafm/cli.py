@@ -14,16 +14,24 @@ from typing import Any, Callable
 
 import click
 
-from .config import (HEADS, PRECISIONS, TASK_NAMES, ConfigError, FinetuneConfig, PretrainConfig, RefineConfig,
-                     read_yaml_settings)
+from retinafm.settings import (
+    HEADS,
+    PRECISIONS,
+    TASK_NAMES,
+    ConfigError,
+    FinetuneConfig,
+    PretrainConfig,
+    RefineConfig,
+    read_yaml_settings,
+)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .data.sources import DataSourceError
-    from .files import OutputExistsError
-    from .models.registry import UnknownModelError
-    from .models.weights import WeightsError
-    from .train.checkpoint import CheckpointError
+    from retinafm.data.sources import DataSourceError
+    from retinafm.engine.checkpoint import CheckpointError
+    from retinafm.files import OutputExistsError
+    from retinafm.models.registry import UnknownModelError
+    from retinafm.models.weights import WeightsError
 
     # OSError: unwritable or missing paths, read-only folders, a full disk; the message names the path.
     return (ConfigError, DataSourceError, OutputExistsError, UnknownModelError, WeightsError, CheckpointError,
@@ -65,7 +73,7 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
 @main.command("models")
 def models_cmd() -> None:
     """List the model zoo: name, architecture, input size, modality, weights, licence."""
-    from .models.registry import zoo_table
+    from retinafm.models.registry import zoo_table
 
     rows = zoo_table()
     cols = list(rows[0])
@@ -126,7 +134,7 @@ def read_yaml_settings_lenient(path: Path, cls: type = FinetuneConfig) -> dict[s
     """A run's saved config.yaml also records derived values (class names); keep only settings."""
     import yaml
 
-    from .config import config_fields
+    from retinafm.settings import config_fields
 
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     return {k: v for k, v in data.items() if k in config_fields(cls)}
@@ -243,7 +251,7 @@ def finetune_options(command: Callable) -> Callable:
 
 
 def _primary() -> bool:
-    from .train import distributed as dist_utils
+    from retinafm.runtime import distributed as dist_utils
 
     return dist_utils.is_primary()
 
@@ -252,8 +260,8 @@ def _primary() -> bool:
 @finetune_options
 def finetune_cmd(resume: str | None, **options: Any) -> None:
     """Fine-tune (or linear-probe) a model on a labelled folder or manifest."""
-    from .finetune import finetune
-    from .train import distributed as dist_utils
+    from retinafm.runtime import distributed as dist_utils
+    from retinafm.workflows.finetune import finetune
 
     if resume:
         options["out"] = resume
@@ -277,7 +285,7 @@ def tune_cmd(resume: str | None, trials: int, tune_epochs: int, direction: str, 
              study_name: str | None, timeout: float | None, **options: Any) -> None:
     """Optuna search (TPE, median pruning) over lr, weight decay, layer decay, drop path and head
     settings; --out is the study folder. Prints the finetune command of the best trial."""
-    from .hpo import TuneSettings, tune
+    from retinafm.workflows.tune import TuneSettings, tune
 
     if resume:
         raise click.UsageError("tune has no --resume; give --storage to continue a study")
@@ -300,7 +308,7 @@ def label_efficiency_cmd(resume: str | None, fractions: str, seeds: int, metric:
     """Test performance against the number of training images: class-stratified subsets of the
     train split, several seeds each; a table and a plot (mean ± sd). With --adaptation lp
     (recommended) every image is embedded once and each point takes seconds."""
-    from .label_efficiency import label_efficiency, parse_fractions
+    from retinafm.workflows.label_efficiency import label_efficiency, parse_fractions
 
     if resume:
         raise click.UsageError("label-efficiency has no --resume")
@@ -336,8 +344,8 @@ def evaluate_cmd(checkpoint: str, data_path: str | None, manifest: str | None, s
                  cpu_int8: bool) -> None:
     """Metrics with 95% CIs (AUROC, AUPRC, accuracy, sensitivity, specificity, F1, kappa, MCC, ECE),
     predictions, plots and report.html — on the run's test split or an external data set."""
-    from .data.sources import parse_label_map
-    from .evaluate.evaluation import evaluate_checkpoint
+    from retinafm.data.sources import parse_label_map
+    from retinafm.workflows.evaluate import evaluate_checkpoint
 
     if bool(data_path) == bool(manifest):
         raise click.UsageError("give exactly one of --data-path or --manifest")
@@ -368,7 +376,7 @@ def compare_cmd(runs: tuple[str, ...], split_name: str, out: str, metric: str | 
     """Paired comparison of RUNS (the first is the reference) on the same images: metric difference
     with a paired bootstrap CI and p-value, DeLong's test per ROC curve; give folders of runs (one
     sub-folder per task) for a Wilcoxon signed-rank test across tasks."""
-    from .compare import compare_runs
+    from retinafm.workflows.compare import compare_runs
 
     result = _run(lambda: compare_runs(runs, out, split=split_name, metric=metric, bootstrap=bootstrap, seed=seed,
                                        overwrite=overwrite))
@@ -392,7 +400,7 @@ def compare_cmd(runs: tuple[str, ...], split_name: str, out: str, metric: str | 
 def report_cmd(run_dir: str, split_name: str) -> None:
     """(Re)write RUN_DIR/report.html: one self-contained page with data, settings, curves, metrics
     with CIs, figures and the most confident errors."""
-    from .evaluate.report import write_report
+    from retinafm.workflows.report import write_report
 
     path = _run(lambda: write_report(run_dir, split_name))
     click.echo(f"report: {path}")
@@ -409,7 +417,7 @@ def report_cmd(run_dir: str, split_name: str) -> None:
 def import_cmd(checkpoint: str, source: str, classes: str, out: str, overwrite: bool) -> None:
     """Turn a model fine-tuned elsewhere (RETFound's main_finetune.py) into a retinafm checkpoint
     with the identical forward, for `evaluate`, `predict` and `compare`."""
-    from .convert import import_retfound
+    from retinafm.workflows.import_ import import_retfound
 
     names = [c.strip() for c in classes.split(",") if c.strip()]
     result = _run(lambda: import_retfound(checkpoint, names, out, overwrite=overwrite))
@@ -435,7 +443,7 @@ def predict_cmd(checkpoint: str, images: str, out: str, batch_size: int, device:
                 cpu_int8: bool) -> None:
     """Predictions for new images: path, then per-class probabilities (or one column per target).
     With --oct-frames all (or N), also one row per volume in <out>_volumes.csv."""
-    from .predict import predict
+    from retinafm.workflows.predict import predict
 
     res = _run(lambda: predict(checkpoint, images, out, batch_size=batch_size, device=device,
                                num_workers=num_workers, overwrite=overwrite, oct_frames=oct_frames,
@@ -459,7 +467,7 @@ def predict_cmd(checkpoint: str, images: str, out: str, batch_size: int, device:
 def export_cmd(checkpoint: str, out: str, fmt: str, int8: bool, opset: int | None, overwrite: bool) -> None:
     """A checkpoint as one ONNX file (metadata inside) that `predict` and `embed --checkpoint` run
     with ONNX Runtime; checked against PyTorch before it is written."""
-    from .export import export_onnx
+    from retinafm.workflows.export import export_onnx
 
     res = _run(lambda: export_onnx(checkpoint, out, int8=int8, opset=opset, overwrite=overwrite))
     click.echo(f"{fmt}{' int8' if res.int8 else ''} (opset {res.opset}) written to {res.out} in {res.seconds:.1f}s; "
@@ -493,7 +501,8 @@ def export_cmd(checkpoint: str, out: str, fmt: str, int8: bool, opset: int | Non
 def embed_cmd(images: str, out: str, overwrite: bool, **options: Any) -> None:
     """One pooled feature vector per image, for probes and analysis. Interrupted? Run the same
     command again: finished shards are kept."""
-    from .embed import EmbedSettings, embed
+    from retinafm.engine.features import EmbedSettings
+    from retinafm.workflows.embed import embed
 
     res = _run(lambda: embed(images, out, EmbedSettings(**options), overwrite=overwrite),
                on_interrupt="Run the same command again to continue from the finished shards.")
@@ -556,8 +565,8 @@ P = PretrainConfig()
 def pretrain_cmd(resume: str | None, **options: Any) -> None:
     """Self-supervised pretraining on unlabelled images: MAE (RETFound's first stage) or DINO.
     The run's checkpoint-last.pth is then --weights for finetune and embed."""
-    from .pretrain import pretrain
-    from .train import distributed as dist_utils
+    from retinafm.runtime import distributed as dist_utils
+    from retinafm.workflows.pretrain import pretrain
 
     if resume:
         options["out"] = resume
@@ -609,9 +618,9 @@ R = RefineConfig()
 def refine_cmd(resume: str | None, **options: Any) -> None:
     """Vision-language refinement (RetFiner-style) of a backbone from image-report pairs; writes
     backbone.safetensors for finetune / embed --weights."""
-    from .refine import refine
-    from .refine.model import TextModelError
-    from .train import distributed as dist_utils
+    from retinafm.objectives.vision_language import TextModelError
+    from retinafm.runtime import distributed as dist_utils
+    from retinafm.workflows.refine import refine
 
     if resume:
         options["out"] = resume
@@ -649,7 +658,7 @@ def probe_cmd(embeddings: str, out: str, task: str, label_column: str, label_col
               overwrite: bool) -> None:
     """Linear probe (logistic / ridge regression, regularisation chosen on validation) and kNN on
     embeddings: metrics with CIs, predictions, report, and a checkpoint `predict` can use."""
-    from .probe import ProbeSettings, probe
+    from retinafm.workflows.probe import ProbeSettings, probe
 
     def run_probe():
         if threshold.lower() != "youden":
@@ -676,7 +685,7 @@ def probe_cmd(embeddings: str, out: str, task: str, label_column: str, label_col
 def demo_cmd(out: str, epochs: int | None, pretrain_epochs: int | None, overwrite: bool) -> None:
     """Generate a synthetic fundus data set, pretrain a small ViT with MAE and fine-tune it (and
     from scratch, for comparison) on CPU, evaluate and predict."""
-    from .demo import PRETRAIN_EPOCHS, run_demo
+    from retinafm.workflows.demo import PRETRAIN_EPOCHS, run_demo
 
     epochs_pre = PRETRAIN_EPOCHS if pretrain_epochs is None else pretrain_epochs
     summary = _run(lambda: run_demo(Path(out), epochs=epochs, overwrite=overwrite, pretrain_epochs=epochs_pre))
@@ -705,8 +714,8 @@ def split_cmd(manifest: str, out: str | None, by: str, ratios: str, seed: int, s
               resplit: bool, overwrite: bool) -> None:
     """Patient-grouped, stratified, seeded train/val/test split of a manifest (paths unchanged), or
     with --check a patient-leakage report on the split it already has."""
-    from .data import splits as sp
-    from .files import refuse_existing_file, write_csv
+    from retinafm.data import splits as sp
+    from retinafm.files import refuse_existing_file, write_csv
 
     group_by = None if by.strip().lower() == "none" else by.strip()
     if check:

@@ -16,8 +16,14 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .dicom import looks_like_dicom, stretch_to_uint8
-from .volumes import EYEPY_SUFFIXES, VolumeError, read_volume_image, split_address
+from retinafm.data.dicom import looks_like_dicom
+from retinafm.data.pixels import to_rgb_array
+from retinafm.data.volumes import (
+    EYEPY_SUFFIXES,
+    VolumeError,
+    read_volume_image,
+    split_address,
+)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp",
                             ".dcm", ".dicom", ".vol", ".e2e"})
@@ -134,19 +140,3 @@ def _decode_with_pil(path: Path) -> torch.Tensor:
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(path, f"corrupt or truncated image ({exc})") from None
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
-
-
-def to_rgb_array(img: Image.Image) -> np.ndarray:
-    """Convert a PIL image of any mode to an (H, W, 3) uint8 array.
-
-    16-bit and float images are scaled by their own min/max into 0..255 (medical exports rarely
-    use the full 16-bit range, so a fixed divide-by-256 would give near-black images).
-    """
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return np.repeat(stretch_to_uint8(np.asarray(img))[..., None], 3, axis=2)
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        # Transparent areas become black, like the unlit border of a fundus photograph.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, rgba)
-    return np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy torch can wrap

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .io import ImageReadError, read_image
+from retinafm.data.io import ImageReadError, read_image
 
 
 class CropBatch(list):

@@ -308,7 +308,7 @@ class CentralCrop:
     """`center_crop_fraction` as a transform step."""
 
     def __init__(self, fraction: float) -> None:
-        from ..config import check_preprocessing
+        from retinafm.settings import check_preprocessing
 
         check_preprocessing(fraction, None)  # refuse a bad fraction when the recipe is built, not per image
         self.fraction = fraction
@@ -323,7 +323,7 @@ def check_modality(paths: Sequence[str], model_modality: str, model_name: str, d
     `declared` (--modality) replaces the guess; up to `sample` images, evenly spread, are looked at."""
     import warnings
 
-    from .io import ImageReadError, read_image
+    from retinafm.data.io import ImageReadError, read_image
 
     if str(model_modality).upper() not in _DESCRIPTION:
         return None  # a model for any modality

@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from .io import is_image_file
-from .splits import parse_ratios, stratified_split
+from retinafm.data.io import is_image_file
+from retinafm.data.splits import parse_ratios, rarest_positive, stratified_split
 
 SPLITS = ("train", "val", "test")
 # Manifest columns that are never labels or targets.
@@ -350,15 +350,6 @@ def _target_values(frame: pd.DataFrame, csv_path: Path, names: list[str], task: 
     return out
 
 
-def rarest_positive(values: np.ndarray) -> np.ndarray:
-    """For 0/1/NaN label rows (N, L): the index of each row's rarest positive label (rarity counted
-    over these rows), -1 for rows with none. Stratifying on it brings rare findings into every part."""
-    positives = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0) > 0.5
-    rarity = np.argsort(np.argsort(positives.sum(axis=0)))  # 0 = rarest label
-    rows = [int(np.argmin(np.where(row, rarity, len(rarity)))) if row.any() else -1 for row in positives]
-    return np.asarray(rows, dtype=np.int64)
-
-
 def _strata(values: np.ndarray, task: str) -> list[int]:
     """What an automatic split stratifies on when there is no single class label."""
     if task == "multilabel":
@@ -418,7 +409,7 @@ def expand_volumes(data: LabelledData, oct_frames: str | int = "middle") -> Labe
     """Each multi-frame file (DICOM, .vol/.e2e, multi-page TIFF) becomes the B-scans `oct_frames`
     picks, addressed `file#frame=N`, with the file's label, split and patient. Splits were made
     per file, so one volume's B-scans never straddle two splits."""
-    from .volumes import expand_frames
+    from retinafm.data.volumes import expand_frames
 
     samples = [replace(s, path=address) for s in data.samples for address, _ in expand_frames([s.path], oct_frames)]
     return replace(data, samples=samples)
@@ -444,4 +435,3 @@ def load_labelled(
     else:
         raise DataSourceError("give --data-path DIR or --manifest FILE.csv")
     return expand_volumes(data, oct_frames)
-

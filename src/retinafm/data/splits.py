@@ -1,4 +1,3 @@
-"""Seeded, stratified train/val/test splits that keep each patient inside one split."""
 from __future__ import annotations
 
 from collections import Counter
@@ -8,6 +7,20 @@ from typing import NamedTuple, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
+
+
+def rarest_positive(values: np.ndarray) -> np.ndarray:
+    """For 0/1/NaN label rows (N, L): the index of each row's rarest positive label (rarity counted
+    over these rows), -1 for rows with none. Stratifying on it brings rare findings into every part."""
+    positives = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0) > 0.5
+    rarity = np.argsort(np.argsort(positives.sum(axis=0)))  # 0 = rarest label
+    rows = [int(np.argmin(np.where(row, rarity, len(rarity)))) if row.any() else -1 for row in positives]
+    return np.asarray(rows, dtype=np.int64)
+
+
+"""Seeded, stratified train/val/test splits that keep each patient inside one split."""
+
+
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -258,7 +271,7 @@ def _strata(frame: pd.DataFrame, stratify: Optional[str], by: Optional[str]) -> 
             binary = _binary_columns(frame, by)
             if not binary:
                 return _Strata([0] * len(frame), "nothing (no label or 0/1 label columns)", "none", [])
-            from .sources import rarest_positive  # sources imports this module
+            from retinafm.data.splits import rarest_positive
 
             values = np.column_stack([_numeric(frame[c]).to_numpy(dtype=np.float64) for c in binary])
             return _Strata(rarest_positive(values).tolist(),

@@ -10,8 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 # RETFound's eval crop: resize the short side to input/0.875, then centre-crop input.
 EVAL_CROP_PCT = 0.875
@@ -33,7 +32,7 @@ class Preprocessing:
     oct_crop: Optional[float] = None  # keep this central fraction of each B-scan
 
     def ops(self) -> list:
-        from .preprocess import CentralCrop, FundusCrop
+        from retinafm.data.preprocess import CentralCrop, FundusCrop
 
         return ([FundusCrop()] if self.fundus_crop else []) + ([CentralCrop(self.oct_crop)] if self.oct_crop else [])
 

@@ -14,8 +14,14 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from ..config import OctFrames, parse_oct_frames
-from .dicom import DicomError, dicom_frame_count, looks_like_dicom, read_dicom_frame, stretch_to_uint8
+from retinafm.data.dicom import (
+    DicomError,
+    dicom_frame_count,
+    looks_like_dicom,
+    read_dicom_frame,
+    stretch_to_uint8,
+)
+from retinafm.settings import OctFrames, parse_oct_frames
 
 EYEPY_SUFFIXES = frozenset({".vol", ".e2e"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
@@ -134,7 +140,7 @@ def read_volume_image(path: str, frame: Optional[int], slo: bool) -> Optional[np
 def _tiff_page(path: str, frame: int) -> np.ndarray:
     from PIL import Image
 
-    from .io import to_rgb_array
+    from retinafm.data.pixels import to_rgb_array
 
     with Image.open(path) as img:
         pages = int(getattr(img, "n_frames", 1))

@@ -13,7 +13,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from .heads import HeadSettings, attach_head
+from retinafm.models.heads import HeadSettings, attach_head
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from .heads import HEAD_PREFIXES
-from .registry import ZOO, ModelSpec
+from retinafm.models.heads import HEAD_PREFIXES
+from retinafm.models.registry import ZOO, ModelSpec
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 

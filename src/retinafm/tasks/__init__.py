@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
-from ..evaluate.metrics import grade_order_of
-from .multiclass import MulticlassTask
-from .multilabel import MultilabelTask
-from .regression import RegressionTask
+from retinafm.stats.metrics import grade_order_of
+from retinafm.tasks.multiclass import MulticlassTask
+from retinafm.tasks.multilabel import MultilabelTask
+from retinafm.tasks.regression import RegressionTask
 
 Task = Union[MulticlassTask, MultilabelTask, RegressionTask]
 TASKS = {"multiclass": MulticlassTask, "multilabel": MultilabelTask, "regression": RegressionTask}

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 from timm.loss import SoftTargetCrossEntropy
 
-from ..evaluate.metrics import confusion, multiclass_metrics
-from .base import TaskBase, require_columns
+from retinafm.stats.metrics import confusion, multiclass_metrics
+from retinafm.tasks.base import TaskBase, require_columns
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,12 @@ class MulticlassTask(TaskBase):
 
     def plots(self, targets: np.ndarray, probs: np.ndarray, folder: Path) -> dict[str, Path]:
         # matplotlib loads only when a plot is drawn: predict and embed never pay its ~0.7 s import.
-        from ..evaluate.plots import plot_calibration, plot_confusion_matrix, plot_pr, plot_roc
+        from retinafm.plots import (
+            plot_calibration,
+            plot_confusion_matrix,
+            plot_pr,
+            plot_roc,
+        )
 
         cm = confusion(targets, probs.argmax(axis=1), self.num_outputs)
         # Top-label reliability: is the model right as often as its confidence says?

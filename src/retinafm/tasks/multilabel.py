@@ -16,9 +16,14 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ..data.sources import rarest_positive
-from ..evaluate.metrics import _known, multilabel_confusion, multilabel_metrics, youden_thresholds
-from .base import VectorTargetTask, masked_mean
+from retinafm.data.splits import rarest_positive
+from retinafm.stats.metrics import (
+    _known,
+    multilabel_confusion,
+    multilabel_metrics,
+    youden_thresholds,
+)
+from retinafm.tasks.base import VectorTargetTask, masked_mean
 
 
 class MaskedBCEWithLogits(nn.Module):
@@ -118,7 +123,12 @@ class MultilabelTask(VectorTargetTask):
 
     def plots(self, targets: np.ndarray, probs: np.ndarray, folder: Path) -> dict[str, Path]:
         # matplotlib loads only when a plot is drawn: predict and embed never pay its ~0.7 s import.
-        from ..evaluate.plots import plot_calibration, plot_multilabel_confusion, plot_multilabel_pr, plot_multilabel_roc
+        from retinafm.plots import (
+            plot_calibration,
+            plot_multilabel_confusion,
+            plot_multilabel_pr,
+            plot_multilabel_roc,
+        )
 
         cms = multilabel_confusion(targets, probs, self.decision_thresholds)
         return {

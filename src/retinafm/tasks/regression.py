@@ -16,9 +16,9 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ..data.sources import DataSourceError
-from ..evaluate.metrics import regression_metrics
-from .base import VectorTargetTask, masked_mean
+from retinafm.data.sources import DataSourceError
+from retinafm.stats.metrics import regression_metrics
+from retinafm.tasks.base import VectorTargetTask, masked_mean
 
 
 class MaskedRegressionLoss(nn.Module):
@@ -107,6 +107,6 @@ class RegressionTask(VectorTargetTask):
 
     def plots(self, targets: np.ndarray, preds: np.ndarray, folder: Path) -> dict[str, Path]:
         # matplotlib loads only when a plot is drawn: predict and embed never pay its ~0.7 s import.
-        from ..evaluate.plots import plot_regression_scatter
+        from retinafm.plots import plot_regression_scatter
 
         return {"scatter": plot_regression_scatter(targets, preds, self.output_names, folder / "scatter.png")}

@@ -1,0 +1,176 @@
+"""Pooled backbone features: the model `embed` runs and the backbone a probe checkpoint refers to."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from retinafm.data.sources import DataSourceError
+from retinafm.data.transforms import EVAL_CROP_PCT, Preprocessing
+from retinafm.engine.checkpoint import CheckpointError, load_checkpoint, meta_of
+from retinafm.engine.inference import check_onnx_options, is_onnx, load_onnx
+from retinafm.models.onnx import OnnxModel
+from retinafm.settings import FinetuneConfig, check_preprocessing, parse_oct_frames
+
+POOLS = {"cls": "token", "avg": "avg"}  # --pool -> timm's global_pool
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass
+class EmbedSettings:
+    model: Optional[str] = None  # a zoo name or timm architecture ...
+    weights: Optional[str] = None  # ... with these weights (None: the zoo entry's own)
+    checkpoint: Optional[str] = None  # or a retinafm checkpoint (fine-tuned or imported), or its .onnx export
+    pool: Optional[str] = None  # cls | avg; None: the model's own (RETFound: avg)
+    tta_flip: bool = False  # average the embeddings of the image and its horizontal flip
+    dtype: str = "float16"
+    input_size: Optional[int] = None
+    batch_size: int = 64
+    num_workers: int = 2
+    device: str = "auto"
+    shard_size: int = 2048
+    oct_frames: str = "middle"  # B-scans of each volume: middle | all | N
+    fundus_crop: bool = False  # with --model: crop fundus photographs to their field of view first
+    oct_crop: Optional[float] = None  # with --model: keep this central fraction of each B-scan
+    modality: Optional[str] = None  # CFP | OCT: what the images are, instead of guessing
+    cpu_int8: bool = False  # dynamic int8 Linear layers (CPU only; embeddings change slightly)
+    precision: str = "auto"  # autocast: auto (per machine), fp32, bf16 or fp16
+
+    @classmethod
+    def for_run(cls, cfg: FinetuneConfig) -> "EmbedSettings":
+        """The settings a linear-probe run (finetune --adaptation lp, label-efficiency) embeds with:
+        the run's model, image recipe and volumes, float32 for the probe."""
+        return cls(model=cfg.model, weights=cfg.weights, input_size=cfg.input_size,
+                   pool={"token": "cls", "avg": "avg"}.get(cfg.global_pool or ""), dtype="float32",
+                   batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision,
+                   oct_frames=cfg.oct_frames, fundus_crop=cfg.fundus_crop, oct_crop=cfg.oct_crop,
+                   modality=cfg.modality)
+
+    def check(self) -> None:
+        if (self.model is None) == (self.checkpoint is None):
+            raise DataSourceError("give exactly one of --model NAME (with --weights) or --checkpoint FILE")
+        if self.checkpoint is not None and self.weights is not None:
+            raise DataSourceError("--weights goes with --model; a --checkpoint already holds its weights")
+        if self.checkpoint is not None and (self.fundus_crop or self.oct_crop):
+            raise DataSourceError("--fundus-crop / --oct-crop go with --model; a --checkpoint applies the "
+                                  "preprocessing it was trained with")
+        if self.checkpoint is not None and is_onnx(self.checkpoint):
+            check_onnx_options(self.checkpoint, self.device, self.cpu_int8, self.precision)
+        check_preprocessing(self.oct_crop, self.modality)
+        if self.pool is not None and self.pool not in POOLS:
+            raise DataSourceError(f"--pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        if self.dtype not in DTYPES:
+            raise DataSourceError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        parse_oct_frames(self.oct_frames)
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise DataSourceError("--shard-size and --batch-size must be at least 1")
+
+
+# --------------------------------------------------------------------------- which features
+class PooledFeatures(nn.Module):
+    """A timm ViT's pooled, normalised features: what its head sees (RETFound's linear-probe input)."""
+
+    def __init__(self, model: nn.Module, tta_flip: bool = False):
+        super().__init__()
+        self.model, self.tta_flip = model, tta_flip
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.model, OnnxModel):  # the exported graph's own features output
+            return self.model.features(x)
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.features(x)
+        if self.tta_flip:
+            out = (out + self.features(torch.flip(x, dims=[-1]))) / 2
+        return out
+
+
+def embedding_model(settings: EmbedSettings) -> tuple[nn.Module, dict[str, Any]]:
+    """The backbone (eval mode) and its image recipe and provenance for the file's metadata."""
+    from retinafm.engine.checkpoint import load_checkpoint
+    from retinafm.engine.inference import model_from_checkpoint
+    from retinafm.models.registry import create_model, get_spec
+    from retinafm.models.weights import load_backbone_weights, resolve_weights
+
+    if settings.checkpoint is not None:
+        if is_onnx(settings.checkpoint):
+            model, meta = load_onnx(settings.checkpoint)
+        else:
+            model, meta = model_from_checkpoint(load_checkpoint(settings.checkpoint))
+        pool = str(model.global_pool)
+        if settings.pool is not None and POOLS[settings.pool] != pool:
+            raise DataSourceError(f"--pool {settings.pool}: {settings.checkpoint} was trained with the "
+                                  f"{'class token' if pool == 'token' else 'average'} pool; its features are that one")
+        if settings.input_size is not None and settings.input_size != meta.input_size:
+            raise DataSourceError(f"--input-size {settings.input_size}: {settings.checkpoint} takes {meta.input_size} px")
+        recipe = dict(input_size=meta.input_size, mean=list(meta.mean), std=list(meta.std), crop_pct=meta.eval_crop_pct,
+                      preprocess=Preprocessing.from_state(meta.preprocess).state())
+        source = dict(checkpoint=str(Path(settings.checkpoint).resolve()), model=meta.model_name, arch=meta.arch,
+                      class_names=list(meta.class_names), task=meta.task, modality=meta.modality)
+    else:
+        spec = get_spec(settings.model)
+        input_size = settings.input_size or spec.input_size
+        if input_size % spec.patch_size:
+            raise DataSourceError(f"--input-size {input_size} must be a multiple of {spec.name}'s patch size "
+                                  f"{spec.patch_size}")
+        path = resolve_weights(spec, settings.weights)
+        # A random backbone (--weights none) is seeded, so a probe fitted on its features can rebuild it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = create_model(spec, 0, input_size=input_size,
+                                 global_pool=POOLS[settings.pool] if settings.pool else None)
+        if path is not None:
+            load_backbone_weights(model, path, spec.family)
+        pool = str(model.global_pool)
+        recipe = dict(input_size=input_size, mean=list(spec.mean), std=list(spec.std), crop_pct=EVAL_CROP_PCT,
+                      preprocess=Preprocessing(settings.fundus_crop, settings.oct_crop).state())
+        source = dict(model=spec.name, arch=spec.arch, weights=settings.weights if path is not None else "none",
+                      weights_file=path, modality=spec.modality)
+    info = {**source, **recipe, "pool": "cls" if pool == "token" else pool, "tta_flip": settings.tta_flip,
+            "cpu_int8": settings.cpu_int8,
+            "dtype": settings.dtype}
+    return model.eval(), info
+
+
+"""Pooled backbone features: the model `embed` runs and the backbone a probe checkpoint refers to."""
+
+
+
+
+
+def backbone_fields(info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Optional[dict[str, torch.Tensor]]]:
+    """From an embeddings file's metadata: the CheckpointMeta fields describing its backbone, the
+    reference to its weights, and (for a random-init backbone, which has no reference) its weights."""
+    from retinafm.models.registry import get_spec
+
+    if info.get("checkpoint"):
+        if str(info["checkpoint"]).endswith(".onnx"):
+            raise CheckpointError(
+                f"these embeddings come from the ONNX export {info['checkpoint']}, which a probe checkpoint cannot "
+                "rebuild in PyTorch; embed with the .pth checkpoint it was exported from to fit a probe")
+        source = meta_of(load_checkpoint(info["checkpoint"]))
+        keep = ("arch", "arch_kwargs", "input_size", "mean", "std", "global_pool", "modality", "patch_size",
+                "fc_norm_repeats", "eval_crop_pct", "preprocess")
+        fields = {k: getattr(source, k) for k in keep}
+        fields.update(model_name=source.model_name, tta_flip=bool(info.get("tta_flip")))
+        return fields, {"checkpoint": str(info["checkpoint"])}, None
+    if not info.get("model"):
+        raise CheckpointError("the embeddings file does not say which model made it (no 'model' in its metadata); "
+                              "re-create it with `retinafm embed`")
+    spec = get_spec(info["model"])
+    fields = dict(model_name=spec.name, arch=spec.arch, arch_kwargs=dict(spec.arch_kwargs), input_size=int(info["input_size"]),
+                  mean=list(info["mean"]), std=list(info["std"]), global_pool="token" if info["pool"] == "cls" else "avg",
+                  modality=spec.modality, patch_size=spec.patch_size, eval_crop_pct=float(info["crop_pct"]),
+                  tta_flip=bool(info.get("tta_flip")), preprocess=dict(info.get("preprocess") or {}))
+    if info.get("weights_file"):
+        return fields, {"model": spec.name, "weights": info.get("weights"), "weights_file": info["weights_file"]}, None
+    from retinafm.engine.features import EmbedSettings, embedding_model
+
+    model, _ = embedding_model(EmbedSettings(model=spec.name, weights="none", pool=info["pool"],
+                                             input_size=int(info["input_size"])))
+    return fields, {}, {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}

@@ -1,0 +1,153 @@
+"""Checkpoints (.pth or exported .onnx) loaded for inference: the model, its task and its image recipe."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from retinafm.engine.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    load_checkpoint,
+    meta_of,
+)
+from retinafm.models.heads import HeadSettings
+from retinafm.models.onnx import FEATURES, INPUT, LOGITS, META_KEY, OnnxModel
+from retinafm.models.registry import create_model
+
+INSTALL_HINT = "pip install 'retinafm[onnx]' (onnx==1.23.2, onnxruntime==1.32.0)"
+
+
+def is_onnx(path: str | Path) -> bool:
+    """predict and embed treat a --checkpoint ending in .onnx as an exported model."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def check_onnx_options(path: str | Path, device: str, cpu_int8: bool, precision: str = "auto") -> None:
+    """Refuse the options that do not apply to an exported model, before any work."""
+    if precision not in ("auto", "fp32"):
+        raise ValueError(f"--precision {precision}: {path} is an ONNX model, which runs in the precision it was "
+                         "exported in (fp32, or int8 with `retinafm export --int8`); drop --precision")
+    if cpu_int8:
+        raise ValueError(f"--cpu-int8 quantises a PyTorch checkpoint, and {path} is an ONNX model; export the "
+                         "checkpoint with `retinafm export --int8` for an int8 ONNX model instead")
+    if device != "auto" and not device.startswith("cpu"):
+        raise ValueError(f"--device {device}: {path} is an ONNX model, which runs on the CPU with ONNX Runtime; "
+                         "pass --device cpu, or give the .pth checkpoint to run on a GPU")
+
+
+def _onnxruntime(path: Path):
+    try:
+        import onnxruntime
+    except ImportError:
+        raise CheckpointError(f"{path} is an ONNX model, and running it needs ONNX Runtime, which is not "
+                              f"installed: {INSTALL_HINT}") from None
+    return onnxruntime
+
+
+def _session(path: Path):
+    ort = _onnxruntime(path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same CPU budget torch was given
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: ORT's notes on pruned initialisers are not the user's concern
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own error types
+        raise CheckpointError(f"{path} cannot be opened as an ONNX model ({str(exc).splitlines()[0][:200]}); "
+                              "a .onnx checkpoint is what `retinafm export` writes from a .pth checkpoint") from None
+
+
+def load_onnx(path: str | Path) -> tuple[OnnxModel, CheckpointMeta]:
+    """An exported model and the checkpoint metadata stored in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--checkpoint {path}: no such file")
+    session = _session(path)
+    raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+    names = {i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()}
+    if raw is None or names != ({INPUT}, {LOGITS, FEATURES}):
+        raise CheckpointError(f"{path} is an ONNX model but not one `retinafm export` wrote (no '{META_KEY}' "
+                              "metadata, or other inputs and outputs); export the .pth checkpoint with "
+                              "`retinafm export`")
+    try:
+        meta = meta_of({"retinafm": json.loads(raw)})
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: its '{META_KEY}' metadata cannot be read ({exc}); export it again") from None
+    return OnnxModel(session, meta, path), meta
+
+
+"""Checkpoints (.pth or exported .onnx) loaded for inference: the model, its task and its image recipe."""
+
+
+
+
+
+def _load_backbone_reference(model: nn.Module, reference: dict[str, Any]) -> None:
+    """Fill a probe's backbone from the checkpoint or pretrained weights it was fitted on."""
+    if reference.get("checkpoint"):
+        path = Path(reference["checkpoint"])
+        if not path.is_file():
+            raise CheckpointError(f"this probe was fitted on the features of {path}, which is missing; put it back "
+                                  "or re-run the probe")
+        source, _ = model_from_checkpoint(load_checkpoint(path))
+        weights = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+        result = model.load_state_dict(weights, strict=False)
+        if result.unexpected_keys or any(not k.startswith("head.") for k in result.missing_keys):
+            raise CheckpointError(f"the backbone of {path} does not fit this probe's architecture")
+        return
+    from retinafm.models.registry import get_spec
+    from retinafm.models.weights import load_backbone_weights, resolve_weights
+
+    spec = get_spec(reference["model"])
+    file = reference.get("weights_file")
+    path = file if file and Path(file).is_file() else resolve_weights(spec, reference.get("weights"))
+    if path is None:
+        raise CheckpointError(f"this probe's backbone {spec.name} has no weights to load")
+    load_backbone_weights(model, path, spec.family)
+
+
+def eval_transform_of(meta: CheckpointMeta):
+    """The evaluation recipe a checkpoint's model expects, its preprocessing included."""
+    from retinafm.data.transforms import Preprocessing, eval_transform
+
+    return eval_transform(meta.input_size, meta.mean, meta.std, meta.eval_crop_pct,
+                          Preprocessing.from_state(meta.preprocess))
+
+
+def task_of(meta: CheckpointMeta):
+    """The checkpoint's task with its saved thresholds / target statistics."""
+    from retinafm.tasks import make_task
+
+    return make_task(meta.task, meta.class_names, **meta.task_state)
+
+
+def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, CheckpointMeta]:
+    """Rebuild the architecture from the metadata and load the weights strictly."""
+    meta = meta_of(state)
+    model = create_model(meta.spec(), len(meta.class_names), input_size=meta.input_size, global_pool=meta.global_pool,
+                         head=HeadSettings(**meta.head) if meta.head else None, fc_norm_repeats=meta.fc_norm_repeats)
+    try:
+        if meta.backbone:  # a probe: backbone from its reference, then the head
+            _load_backbone_reference(model, meta.backbone)
+            result = model.load_state_dict(state["model"], strict=False)
+            if result.unexpected_keys or set(state["model"]) != {k for k in model.state_dict() if k.startswith("head.")}:
+                raise RuntimeError(f"head weights {sorted(state['model'])} do not fit")
+        else:
+            model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint weights do not fit {meta.arch}: {str(exc)[:500]}") from None
+    if meta.tta_flip:
+        model.forward = _flip_averaged(model.forward)
+    model.eval()
+    return model, meta
+
+
+def _flip_averaged(forward):
+    def averaged(x: torch.Tensor) -> torch.Tensor:
+        return (forward(x) + forward(torch.flip(x, dims=[-1]))) / 2
+
+    return averaged

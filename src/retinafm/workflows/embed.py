@@ -1,0 +1,161 @@
+"""`retinafm embed`: one pooled feature vector per image, computed once and written to a file.
+
+Linear probing and label-efficiency studies then train on these vectors in seconds instead of
+running the frozen backbone over every image in every epoch (RETFound's way). The output is a
+table: the image's path, the columns it came with (split, label, targets, patient id), and the
+embedding (float16 by default: half the size, and well within a probe's precision).
+
+Work is done in shards of `shard_size` images kept beside the output until the end, so an
+interrupted run continues where it stopped (same command again) without recomputing them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from retinafm.data.embeddings import write_embeddings
+from retinafm.data.images import image_table
+from retinafm.data.loader import ImageDataset, SkipLog
+from retinafm.data.preprocess import check_modality
+from retinafm.data.sources import DataSourceError
+from retinafm.data.transforms import Preprocessing, eval_transform
+from retinafm.engine.features import (
+    DTYPES,
+    EmbedSettings,
+    PooledFeatures,
+    embedding_model,
+)
+from retinafm.engine.infer import infer
+from retinafm.files import (
+    OutputExistsError,
+    atomic_path,
+    refuse_existing_file,
+    write_csv,
+    write_json,
+)
+from retinafm.models.onnx import OnnxModel
+from retinafm.runtime import distributed as dist_utils
+from retinafm.runtime.cpu import quantize_for_cpu
+from retinafm.runtime.device import inference_dtype, precision_name, resolve_device
+
+FORMATS = (".parquet", ".npy")
+
+
+@dataclass
+class EmbedResult:
+    out: Path
+    count: int
+    dim: int
+    skipped: list[tuple[str, str]]
+    shards_reused: int
+
+
+# --------------------------------------------------------------------------- the work
+def _job_key(table: pd.DataFrame, info: dict[str, Any], shard_size: int) -> dict[str, Any]:
+    """What must match for saved shards to be reused: the images, the model, the recipe."""
+    digest = hashlib.sha256("\n".join(table["path"]).encode()).hexdigest()
+    return {"paths_sha256": digest, "n": len(table), "shard_size": shard_size,
+            **{k: v for k, v in info.items() if k not in ("weights_file",)}}
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def embed(images: str | Path | pd.DataFrame, out: str | Path, settings: EmbedSettings, *, overwrite: bool = False,
+          progress: bool = True) -> EmbedResult:
+    """Embed every image `images` names into `out` (.parquet, or .npy with a .csv index beside it)."""
+    settings.check()
+    out = Path(out)
+    if out.suffix not in FORMATS:
+        raise DataSourceError(f"--out {out}: write .parquet (one table) or .npy (+ a .csv index beside it)")
+    parts = _parts_dir(out)
+    if overwrite and parts.exists() and dist_utils.is_primary():
+        shutil.rmtree(parts)
+    if not parts.exists():  # an unfinished run's output does not exist yet
+        refuse_existing_file(out, overwrite=overwrite)
+    table = image_table(images, settings.oct_frames)
+    model, info = embedding_model(settings)
+    onnx = isinstance(model, OnnxModel)
+    dev = resolve_device("cpu" if onnx else settings.device)
+    # ONNX Runtime and int8 layers run in their own precision; the rest autocasts per machine.
+    autocast_dtype = None if onnx else inference_dtype(dev, settings.precision, cpu_int8=settings.cpu_int8)
+    # Recorded with the embeddings, and resumed shards must match it.
+    info["precision"] = "onnx" if onnx else "int8" if settings.cpu_int8 else precision_name(autocast_dtype)
+    dist_utils.init_distributed(dev)
+    if settings.cpu_int8:
+        model = quantize_for_cpu(model, dev)
+    extractor = PooledFeatures(model, settings.tta_flip).to(dev)
+    transform = eval_transform(info["input_size"], info["mean"], info["std"], info["crop_pct"],
+                               Preprocessing.from_state(info["preprocess"]))
+    if dist_utils.is_primary():
+        check_modality(table["path"].tolist(), info["modality"], info["model"], settings.modality)
+    key = _job_key(table, info, settings.shard_size)
+    if dist_utils.is_primary():
+        _claim_parts(parts, key)
+    dist_utils.barrier()
+
+    dtype = DTYPES[settings.dtype]
+    paths = table["path"].tolist()
+    n_shards = -(-len(paths) // settings.shard_size)
+    reused, skipped = 0, []
+    for shard in range(n_shards):
+        shard_file = parts / f"shard-{shard:05d}.npz"
+        if shard_file.is_file():
+            reused += 1
+            continue
+        rows = range(shard * settings.shard_size, min(len(paths), (shard + 1) * settings.shard_size))
+        dataset = ImageDataset([paths[i] for i in rows], [None] * len(rows), transform)
+        result = infer(extractor, dataset, dev, batch_size=settings.batch_size, num_workers=settings.num_workers,
+                       amp_dtype=autocast_dtype, desc=f"embed {shard + 1}/{n_shards}", progress=progress)
+        if dist_utils.is_primary():
+            with atomic_path(shard_file) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, rows=np.asarray(rows)[result.indices], vectors=result.logits.astype(dtype),
+                             skipped=np.asarray(result.skipped, dtype=str).reshape(-1, 2))
+    dist_utils.barrier()
+    vectors, kept, skipped = _gather_shards(parts, n_shards)
+    if len(kept) == 0:
+        raise DataSourceError(f"none of the {len(paths)} images could be read; e.g. {skipped[:3]}")
+    if dist_utils.is_primary():
+        frame = table.iloc[kept].reset_index(drop=True)
+        info.update(dim=int(vectors.shape[1]), count=len(kept), skipped=len(skipped))
+        write_embeddings(out, frame, vectors, info)
+        if skipped:
+            log = SkipLog()
+            log.add(skipped)
+            write_csv(out.with_name(out.stem + "_skipped.csv"), log.frame())
+        shutil.rmtree(parts)
+    return EmbedResult(out, len(kept), int(vectors.shape[1]), skipped, reused)
+
+
+def _claim_parts(parts: Path, key: dict[str, Any]) -> None:
+    job = parts / "job.json"
+    if job.is_file():
+        saved = json.loads(job.read_text(encoding="utf-8"))
+        if saved != json.loads(json.dumps(key)):
+            changed = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
+            raise OutputExistsError(f"{parts} holds an unfinished embedding run with other settings ({', '.join(changed)} "
+                                    "differ); run the same command to finish it, or pass --overwrite to start again")
+        return
+    parts.mkdir(parents=True, exist_ok=True)
+    write_json(job, key)
+
+
+def _gather_shards(parts: Path, n_shards: int) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    vectors, rows, skipped = [], [], []
+    for shard in range(n_shards):
+        with np.load(parts / f"shard-{shard:05d}.npz") as data:
+            vectors.append(data["vectors"])
+            rows.append(data["rows"])
+            skipped += [tuple(s) for s in data["skipped"].tolist()]
+    all_rows = np.concatenate(rows)
+    order = np.argsort(all_rows, kind="stable")
+    return np.concatenate(vectors)[order], all_rows[order], skipped

@@ -1,0 +1,121 @@
+"""`retinafm evaluate`: a checkpoint on a labelled folder or manifest: metrics with CIs, predictions, plots, report."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from retinafm.data.loader import SkipLog
+from retinafm.data.preprocess import check_modality
+from retinafm.data.sources import (
+    DataSourceError,
+    expand_volumes,
+    load_folder,
+    load_manifest,
+)
+from retinafm.engine.checkpoint import load_checkpoint
+from retinafm.engine.evaluation import (
+    SplitEvaluation,
+    evaluate_samples,
+    write_evaluation,
+)
+from retinafm.engine.inference import eval_transform_of, model_from_checkpoint, task_of
+from retinafm.files import prepare_output_dir, write_csv
+from retinafm.runtime import distributed as dist_utils
+from retinafm.runtime.cpu import quantize_for_cpu
+from retinafm.runtime.device import inference_dtype, resolve_device
+from retinafm.tasks import grade_order
+from retinafm.workflows.report import write_report
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    data_path: Optional[str] = None,
+    manifest: Optional[str] = None,
+    split: str = "test",
+    label_map: Optional[dict[str, str]] = None,
+    ordinal: bool = False,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str = "auto",
+    num_workers: int = 2,
+    overwrite: bool = False,
+    report: bool = True,
+    oct_frames: str | int | None = None,  # None: as the model was trained
+    modality: str | None = None,  # what the images are (CFP / OCT), instead of guessing
+    cpu_int8: bool = False,  # dynamic int8 Linear layers (CPU only)
+    precision: str = "auto",  # autocast: auto (per machine), fp32, bf16 or fp16
+) -> SplitEvaluation:
+    """`retinafm evaluate`: a fine-tuned checkpoint against a labelled folder or manifest split,
+    its own or an external data set (`label_map` renames that set's classes or columns to the
+    model's; model classes the set lacks are reported in the metrics, not an error)."""
+    model, meta = model_from_checkpoint(load_checkpoint(checkpoint))  # the loaded tensors are not kept twice
+    if manifest:
+        data = load_manifest(manifest, class_names=meta.class_names, task=meta.task, label_map=label_map,
+                             absent_unknown=True)
+    elif meta.task != "multiclass":
+        raise DataSourceError(f"this {meta.task} checkpoint is evaluated on a --manifest CSV with columns "
+                              f"{', '.join(meta.class_names)}")
+    elif data_path:
+        data = load_folder(data_path, class_names=meta.class_names, flat_split=split, label_map=label_map)
+    else:
+        raise DataSourceError("give --data-path DIR or --manifest FILE.csv to evaluate on")
+    samples = expand_volumes(data, oct_frames or meta.settings.get("oct_frames") or "middle").split(split)
+    if not samples:
+        raise DataSourceError(f"{data.source} has no {split!r} images")
+    if bootstrap < 0 or 0 < bootstrap < 100:
+        raise DataSourceError(f"--bootstrap must be 0 (no confidence intervals) or at least 100 replicates, "
+                              f"got {bootstrap}")
+    dev = resolve_device(device)
+    dtype = inference_dtype(dev, precision, cpu_int8=cpu_int8)
+    dist_utils.init_distributed(dev)
+    if cpu_int8:
+        model = quantize_for_cpu(model, dev)
+    out_dir = Path(out)
+    if dist_utils.is_primary():
+        prepare_output_dir(out_dir, overwrite=overwrite)
+    task = task_of(meta)
+    if ordinal and meta.task != "multiclass":
+        raise DataSourceError("--ordinal applies to multi-class checkpoints (graded classes such as DR 0-4)")
+    if ordinal and not task.ordinal:
+        task = dataclasses.replace(task, grade_order=grade_order(task.output_names, ordinal=True))
+    if dist_utils.is_primary():
+        check_modality([s.path for s in samples], meta.modality, meta.model_name, modality)
+    ev = evaluate_samples(model.to(dev), task, samples, eval_transform_of(meta), dev,
+                          split=split, batch_size=batch_size, num_workers=num_workers, bootstrap=bootstrap, seed=seed,
+                          autocast_dtype=dtype)
+    ev.notes = _external_notes(task, ev.targets, label_map)
+    if dist_utils.is_primary():
+        write_evaluation(out_dir, task, ev)
+        if ev.skipped:
+            log = SkipLog()
+            log.add(ev.skipped)
+            write_csv(out_dir / "skipped.csv", log.frame())
+        if report:
+            write_report(out_dir, split, title=f"{Path(checkpoint).name} on {data.source}")
+    return ev
+
+
+def _external_notes(task, targets: np.ndarray, label_map: Optional[dict[str, str]]) -> dict[str, Any]:
+    """What a reader of external-set metrics must know: outputs the set has no examples of (their
+    per-class metrics are undefined) and how its labels were mapped."""
+    if task.name == "multiclass":
+        present = set(np.asarray(targets).tolist())
+        absent = [name for i, name in enumerate(task.output_names) if i not in present]
+    else:
+        known = ~np.isnan(targets)
+        absent = [name for i, name in enumerate(task.output_names) if not known[:, i].any()]
+    notes: dict[str, Any] = {}
+    if absent:
+        warnings.warn(f"the evaluated set has no examples of {absent}; their per-class metrics are undefined (NaN) "
+                      "and left out of macro averages", UserWarning, stacklevel=2)
+        notes["absent_classes"] = absent
+    if label_map:
+        notes["label_map"] = dict(label_map)
+    return notes

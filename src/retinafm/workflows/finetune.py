@@ -1,0 +1,341 @@
+"""`retinafm finetune`: a pretrained backbone + a task head, trained RETFound's way.
+
+Writes the run directory: config.yaml, data_summary.csv, log.csv, checkpoint-best.pth,
+checkpoint-last.pth, metrics_test.json/.csv (with bootstrap CIs), predictions_test.csv,
+plots/*.png, report.html (and split.csv, skipped.csv when they apply).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pandas as pd
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+
+from retinafm.data.loader import ImageDataset, SkipLog, make_loader
+from retinafm.data.preprocess import check_modality
+from retinafm.data.sources import DataSourceError, LabelledData, load_labelled
+from retinafm.data.transforms import (
+    AugmentSettings,
+    Preprocessing,
+    eval_transform,
+    train_transform,
+)
+from retinafm.engine.checkpoint import (
+    CheckpointMeta,
+    load_checkpoint,
+    meta_of,
+    save_checkpoint,
+)
+from retinafm.engine.evaluation import evaluate_samples, write_evaluation
+from retinafm.engine.inference import task_of
+from retinafm.engine.loop import StepSettings, train_one_epoch
+from retinafm.engine.optim import (
+    build_optimizer,
+    build_scheduler,
+    current_lr,
+    effective_lr,
+)
+from retinafm.engine.run import open_run_dir, restore_training
+from retinafm.files import write_csv, write_yaml
+from retinafm.models.heads import HeadSettings, init_head
+from retinafm.models.registry import ModelSpec, create_model, get_spec
+from retinafm.models.weights import load_backbone_weights, resolve_weights
+from retinafm.plots import plot_training_curves
+from retinafm.runtime import distributed as dist_utils
+from retinafm.runtime.device import amp_dtype, precision_name, resolve_device
+from retinafm.runtime.rng import rng_state, seed_everything
+from retinafm.settings import ConfigError, FinetuneConfig, to_dict
+from retinafm.tasks import task_from_config
+from retinafm.workflows.report import write_report
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    best_epoch: int
+    best_val: dict[str, float]
+    test: Optional[dict[str, float]] = None
+    selection_metric: str = "auroc_macro"  # the validation metric that chose best_epoch
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _say(msg: str) -> None:
+    if dist_utils.is_primary():
+        print(msg, flush=True)
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def finetune(cfg: FinetuneConfig, *, on_epoch: Optional[EpochCallback] = None,
+             evaluate_test: bool = True) -> FinetuneResult:
+    """Fine-tune (or linear-probe) a zoo model on a labelled folder or manifest.
+
+    `on_epoch(epoch, val_metrics)` runs after each epoch's validation (metrics include `loss`);
+    an exception it raises (Optuna's TrialPruned) stops the run. `evaluate_test=False` leaves the
+    test split untouched, as a hyperparameter search must.
+    """
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    dist_utils.init_distributed(device)
+    # No barrier on failure: a rank that raised must exit so torchrun stops the others.
+    result = _finetune(cfg, device, on_epoch, evaluate_test)
+    dist_utils.barrier()
+    return result
+
+
+def samples_table(data: LabelledData, include_test: bool = True) -> pd.DataFrame:
+    """path, split, the label (class name) or target columns, patient_id: what `embed` carries along."""
+    rows = []
+    for s in data.samples:
+        if s.split == "test" and not include_test:
+            continue
+        row: dict[str, Any] = {"path": s.path, "split": s.split}
+        if s.label is not None:
+            row["label"] = data.class_names[s.label]
+        elif s.targets is not None:
+            row.update(zip(data.class_names, s.targets))
+        row["patient_id"] = s.patient_id
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.drop(columns="patient_id") if frame["patient_id"].isna().all() else frame
+
+
+def _feature_probe(cfg: FinetuneConfig, data: LabelledData, run_dir: Path, evaluate_test: bool) -> FinetuneResult:
+    """--adaptation lp: every image through the frozen backbone once, then the scikit-learn probe."""
+    from retinafm.engine.features import EmbedSettings
+    from retinafm.workflows.embed import embed
+    from retinafm.workflows.probe import ProbeSettings, probe
+
+    embeddings = run_dir / "embeddings.parquet"
+    settings = EmbedSettings.for_run(cfg)
+    _say(f"linear probe on {cfg.model} features: embedding {len(data.samples)} images once")
+    embed(samples_table(data, include_test=evaluate_test), embeddings, settings, overwrite=cfg.overwrite)
+    if not dist_utils.is_primary():  # the ranks shared the embedding; fitting the probe takes one process
+        return FinetuneResult(run_dir, -1, {})
+    columns = None if cfg.task == "multiclass" else ",".join(data.class_names)
+    result = probe(embeddings, run_dir, ProbeSettings(task=cfg.task, columns=columns, threshold=cfg.threshold_value(),
+                                                      bootstrap=cfg.bootstrap, seed=cfg.seed),
+                   overwrite=True)
+    val, test = result.evaluations.get("val"), result.evaluations.get("test")
+    return FinetuneResult(run_dir, -1, {**val.metrics, "loss": val.loss} if val else {},
+                          test.metrics if test else None, result.task.selection_metric,
+                          {"checkpoint": result.checkpoint, "embeddings": embeddings})
+
+
+def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[EpochCallback],
+              evaluate_test: bool) -> FinetuneResult:
+    run_dir, last_path = open_run_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    best_path = run_dir / "checkpoint-best.pth"
+    seed_everything(cfg.seed + dist_utils.rank())
+
+    data = load_labelled(cfg.data_path, cfg.manifest, cfg.split, seed=cfg.seed, task=cfg.task,
+                         columns=cfg.names_list(), oct_frames=cfg.oct_frames)
+    train_samples, val_samples, test_samples = data.split("train"), data.split("val"), data.split("test")
+    if not val_samples:
+        raise DataSourceError(
+            f"{data.source} has no validation images; add a val split (the best epoch is chosen on it) "
+            "or use --split 0.7,0.15,0.15."
+        )
+    if cfg.task == "multiclass" and len(data.class_names) < 2:
+        raise DataSourceError(f"{data.source} has a single class {data.class_names}; classification needs two or more")
+    if cfg.adaptation == "lp" and cfg.lp_mode == "features":
+        return _feature_probe(cfg, data, run_dir, evaluate_test)
+    spec = get_spec(cfg.model)
+    input_size = cfg.input_size or spec.input_size
+    if input_size % spec.patch_size:
+        raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} of {spec.name}")
+    task = task_from_config(cfg, data.class_names)
+    task = task.fit(task.target_array(train_samples))  # e.g. target statistics from train only
+    head = HeadSettings(cfg.head, cfg.head_depth, cfg.head_num_heads, cfg.head_mlp_ratio, cfg.head_dropout)
+
+    if dist_utils.is_primary():
+        write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "input_size": input_size,
+                                             "class_names": list(data.class_names)})
+        if data.auto_split:
+            write_csv(run_dir / "split.csv", data.table())
+        counts = data.counts()
+        write_csv(run_dir / "data_summary.csv", counts.reset_index())
+        _say(f"data: {data.source}\n{counts.to_string()}")
+
+    model = create_model(spec, task.num_outputs, input_size=input_size, drop_path=cfg.drop_path,
+                         global_pool=cfg.global_pool, head=head)
+    global_pool = str(model.global_pool)
+    resume_state = load_checkpoint(last_path) if cfg.resume else None
+    if resume_state is not None:
+        _check_resume_fits(resume_state, data, cfg)
+        model.load_state_dict(resume_state["model"], strict=True)
+    else:
+        _load_pretrained(model, spec, cfg.weights)
+    if cfg.adaptation == "lp":
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("head.")
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.to(device)
+    train_model: nn.Module = model
+    if dist_utils.is_distributed():
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)  # checkpoints still save `model`, the uncompiled module
+
+    augment = AugmentSettings(cfg.crop_min_scale, cfg.randaug_magnitude, reprob=cfg.reprob)
+    preprocessing = Preprocessing(cfg.fundus_crop, cfg.oct_crop)
+    if dist_utils.is_primary():
+        check_modality([s.path for s in train_samples], spec.modality, spec.name, cfg.modality)
+    train_ds = ImageDataset([s.path for s in train_samples], task.dataset_targets(train_samples),
+                            train_transform(input_size, spec.mean, spec.std, augment, preprocessing))
+    # An epoch-seeded sampler even on one process, so a resumed run sees the same order.
+    sampler = DistributedSampler(train_ds, num_replicas=dist_utils.world_size(), rank=dist_utils.rank(),
+                                 shuffle=True, seed=cfg.seed)
+    per_rank = len(train_ds) // dist_utils.world_size()
+    train_loader = make_loader(train_ds, cfg.batch_size, num_workers=cfg.num_workers, shuffle=True, sampler=sampler,
+                               drop_last=per_rank > cfg.batch_size, seed=cfg.seed, pin_memory=device.type == "cuda",
+                               persistent=True)
+    eval_tf = eval_transform(input_size, spec.mean, spec.std, preprocessing=preprocessing)
+
+    lr = effective_lr(cfg.lr, cfg.blr, cfg.batch_size, cfg.accum_iter, dist_utils.world_size())
+    optimizer = build_optimizer(model, lr, cfg.weight_decay, cfg.layer_decay if cfg.adaptation == "finetune" else None)
+    steps_per_epoch = max(1, -(-len(train_loader) // cfg.accum_iter))
+    scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
+                                warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr)
+    dtype = amp_dtype(device, cfg.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    mixup_fn = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        from timm.data import Mixup
+
+        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                         num_classes=task.num_outputs)
+    criterion = task.train_loss(cfg.smoothing, soft_targets=mixup_fn is not None).to(device)
+    settings = StepSettings(cfg.accum_iter, cfg.clip_grad, dtype)
+
+    meta = CheckpointMeta(
+        model_name=spec.name, arch=spec.arch, arch_kwargs=dict(spec.arch_kwargs), task=task.name,
+        class_names=list(task.class_names), input_size=input_size, mean=list(spec.mean), std=list(spec.std),
+        global_pool=global_pool, modality=spec.modality, patch_size=spec.patch_size, settings=to_dict(cfg),
+        task_state=task.state(), head=dataclasses.asdict(head), preprocess=preprocessing.state(),
+    )
+    start_epoch, best, best_loss, best_epoch, rows = 0, None, float("inf"), -1, []
+    if resume_state is not None:
+        start_epoch = int(resume_state["retinafm"]["epoch"]) + 1
+        best = resume_state.get("best_metrics") or None
+        best_loss = float(resume_state.get("best_loss", float("inf")))
+        best_epoch = int(resume_state.get("best_epoch", -1))
+        rows = restore_training(resume_state, optimizer, scaler, run_dir, start_epoch)
+        _say(f"resuming {run_dir} at epoch {start_epoch}")
+
+    skip_log = SkipLog()
+    _say(f"training {spec.name} ({cfg.adaptation}) on {device} in {precision_name(dtype)} for {cfg.epochs} epochs, "
+         f"lr {lr:.3g}, {len(train_ds)} train / {len(val_samples)} val images")
+    for epoch in range(start_epoch, cfg.epochs):
+        start = time.time()
+        sampler.set_epoch(epoch)
+        train_loss = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler, device, epoch=epoch,
+                                     settings=settings, scaler=scaler, mixup_fn=mixup_fn, skip_log=skip_log)
+        val = evaluate_samples(model, task, val_samples, eval_tf, device, split="val", batch_size=cfg.batch_size,
+                               num_workers=cfg.num_workers, progress=False, calibrate=True, autocast_dtype=dtype)
+        skip_log.add(val.skipped)
+        row = {"epoch": epoch, "lr": current_lr(optimizer), "train_loss": train_loss, "val_loss": val.loss,
+               **{f"val_{k}": v for k, v in val.metrics.items() if k != "n"}, "seconds": round(time.time() - start, 2)}
+        rows.append(row)
+        improved = task.is_better(val.metrics, val.loss, best, best_loss)
+        if improved:
+            best, best_loss, best_epoch = dict(val.metrics), val.loss, epoch
+        # Each checkpoint keeps the task state (e.g. validation thresholds) of its own weights.
+        meta.epoch, meta.metrics, meta.task_state = epoch, dict(val.metrics), val.task.state()
+        if dist_utils.is_primary():
+            write_csv(run_dir / "log.csv", pd.DataFrame(rows))
+            if improved:
+                save_checkpoint(best_path, model, meta)
+            save_checkpoint(last_path, model, meta, optimizer=optimizer, scaler=scaler, extra={
+                "best_metrics": best, "best_loss": best_loss, "best_epoch": best_epoch, **rng_state(),
+            })
+        _say(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val.loss:.4f}  "
+             f"val_{task.selection_metric} {val.metrics.get(task.selection_metric, float('nan')):.4f}"
+             f"{'  *best*' if improved else ''}  ({row['seconds']:.1f}s)")
+        dist_utils.barrier()
+        if on_epoch is not None:
+            on_epoch(epoch, {"loss": val.loss, **val.metrics})
+
+    result = FinetuneResult(run_dir, best_epoch, best or {}, selection_metric=task.selection_metric)
+    dist_utils.barrier()
+    if dist_utils.is_primary():
+        result.files["curves"] = plot_training_curves(pd.DataFrame(rows), run_dir / "plots" / "curves.png")
+    if test_samples and evaluate_test:
+        result.test = _evaluate_best(model, test_samples, eval_tf, device, dtype, cfg, run_dir, skip_log, result)
+    elif evaluate_test:
+        _say("no test split: skipping the test evaluation")
+    _write_skipped(run_dir, skip_log, result)
+    if evaluate_test and dist_utils.is_primary():
+        result.files["report"] = write_report(run_dir, "test")
+        _say(f"report: {result.files['report']}")
+    return result
+
+
+def _load_pretrained(model: nn.Module, spec: ModelSpec, weights: Optional[str]) -> None:
+    # Rank 0 downloads first; the others then resolve from their own node's cache (on other
+    # nodes rank 0's path may not exist) instead of racing it for the same file.
+    path = resolve_weights(spec, weights) if dist_utils.is_primary() else None
+    dist_utils.barrier()
+    if not dist_utils.is_primary():
+        path = resolve_weights(spec, weights)
+    if not path:
+        _say(f"model {spec.name}: random initialisation (no pretrained weights)")
+        return
+    report = load_backbone_weights(model, path, spec.family)
+    # RETFound's near-zero head suits a pretrained backbone; on a random one it would starve
+    # the backbone's gradients, so random init keeps timm's initialisation.
+    init_head(model)
+    _say(report.summary())
+
+
+def _evaluate_best(model, samples, transform, device, dtype: Optional[torch.dtype], cfg: FinetuneConfig,
+                   run_dir: Path, skip_log: SkipLog, result: FinetuneResult) -> dict[str, float]:
+    """Test metrics, predictions and plots of the best checkpoint (not the last epoch), with the
+    task state (thresholds) chosen on validation for those weights."""
+    best_state = load_checkpoint(run_dir / "checkpoint-best.pth")
+    model.load_state_dict(best_state["model"], strict=True)
+    task = task_of(meta_of(best_state))
+    if cfg.bootstrap and dist_utils.is_primary():
+        _say(f"test metrics: {cfg.bootstrap} bootstrap replicates for the 95% confidence intervals")
+    test = evaluate_samples(model, task, samples, transform, device, split="test", batch_size=cfg.batch_size,
+                            num_workers=cfg.num_workers, bootstrap=cfg.bootstrap, seed=cfg.seed,
+                            autocast_dtype=dtype)
+    skip_log.add(test.skipped)
+    if dist_utils.is_primary():
+        result.files.update(write_evaluation(run_dir, task, test))
+        _say(f"test ({len(test.paths)} images, best epoch {result.best_epoch + 1}): {task.summary(test.metrics, test.ci)}")
+    return test.metrics
+
+
+def _write_skipped(run_dir: Path, skip_log: SkipLog, result: FinetuneResult) -> None:
+    """skipped.csv with the unreadable files every rank met, written once by rank 0."""
+    parts = dist_utils.all_gather_objects(skip_log.frame().values.tolist())
+    if not dist_utils.is_primary():
+        return
+    merged = SkipLog()
+    for part in parts:
+        merged.add([tuple(r) for r in part])
+    if len(merged):
+        result.files["skipped"] = write_csv(run_dir / "skipped.csv", merged.frame())
+        _say(f"{len(merged)} unreadable file(s) skipped; see {run_dir / 'skipped.csv'}")
+
+
+def _check_resume_fits(state: dict[str, Any], data: LabelledData, cfg: FinetuneConfig) -> None:
+    meta = meta_of(state)
+    if meta.task != cfg.task:
+        raise ConfigError(f"--resume: the run is a {meta.task} task, not --task {cfg.task}")
+    if list(meta.class_names) != list(data.class_names):
+        raise ConfigError(
+            f"--resume: the run was trained on classes {meta.class_names} but the data now has {data.class_names}"
+        )
+    if get_spec(cfg.model).arch != meta.arch:
+        raise ConfigError(f"--resume: the run used --model {meta.model_name}, not {cfg.model}")

@@ -1,0 +1,141 @@
+"""`retinafm predict`: a folder (or file) of new images → predictions CSV, from a checkpoint alone."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+import torch
+
+from retinafm.data.io import is_image_file
+from retinafm.data.loader import ImageDataset, SkipLog
+from retinafm.data.preprocess import check_modality
+from retinafm.data.sources import DataSourceError, list_images
+from retinafm.data.volumes import expand_frames, is_volume_candidate, split_address
+from retinafm.engine.checkpoint import load_checkpoint
+from retinafm.engine.infer import infer
+from retinafm.engine.inference import (
+    check_onnx_options,
+    eval_transform_of,
+    is_onnx,
+    load_onnx,
+    model_from_checkpoint,
+    task_of,
+)
+from retinafm.files import refuse_existing_file, write_csv
+from retinafm.runtime import distributed as dist_utils
+from retinafm.runtime.cpu import quantize_for_cpu
+from retinafm.runtime.device import inference_dtype, resolve_device
+
+
+@dataclass
+class PredictResult:
+    predictions: pd.DataFrame
+    out: Path
+    skipped: pd.DataFrame
+    skipped_path: Optional[Path]
+    volumes: Optional[pd.DataFrame] = None  # one row per OCT volume when several of its B-scans were predicted
+    volumes_path: Optional[Path] = None
+
+
+def collect_images(images: str | Path, oct_frames: str | int = "middle") -> list[str]:
+    """A single image file, or every image under a folder (recursively, sorted); volumes become
+    the B-scans `oct_frames` picks (`file#frame=N`)."""
+    images = Path(images)
+    if images.is_file():
+        if not is_image_file(images) and not is_volume_candidate(images):
+            raise DataSourceError(f"--images {images} is not an image file this tool reads")
+        found = [str(images)]
+    elif images.is_dir():
+        found = [str(p) for p in list_images(images)]
+        if not found:
+            raise DataSourceError(f"--images {images} contains no image files (png, jpg, tif, bmp, gif, webp, "
+                                  "dcm, vol, e2e)")
+    else:
+        raise DataSourceError(f"--images {images}: no such file or folder")
+    return [address for address, _ in expand_frames(found, oct_frames)]
+
+
+def volume_table(frame: pd.DataFrame, multiclass: bool) -> Optional[pd.DataFrame]:
+    """One row per volume with several predicted B-scans: path (the file), frames, then the mean
+    and the maximum of every probability column (regression: the mean of each target), and for
+    a multi-class model the class with the highest mean probability. None when there are none."""
+    addresses = [split_address(p) for p in frame["path"]]
+    files = [file if frame_index is not None else None for file, frame_index, _ in addresses]
+    frame = frame.assign(_file=files).dropna(subset=["_file"])
+    counts = frame.groupby("_file", sort=False).size()
+    frame = frame[frame["_file"].isin(counts.index[counts > 1])]
+    if frame.empty:
+        return None
+    probs = [c for c in frame.columns if c.startswith("prob_")]
+    values = probs or [c for c in frame.columns if c not in ("path", "prediction", "_file")
+                       and pd.api.types.is_numeric_dtype(frame[c])]
+    grouped = frame.groupby("_file", sort=False)
+    table = pd.DataFrame({"path": list(grouped.groups), "frames": grouped.size().to_numpy()})
+    means = grouped[values].mean().add_prefix("mean_" if probs else "")
+    table = table.join(means.reset_index(drop=True))
+    if probs:
+        table = table.join(grouped[probs].max().add_prefix("max_").reset_index(drop=True))
+    if multiclass:
+        table.insert(2, "prediction", [c[len("mean_prob_"):] for c in means.idxmax(axis=1)])
+    return table
+
+
+def predict(
+    checkpoint: str | Path,
+    images: str | Path,
+    out: str | Path,
+    *,
+    batch_size: int = 32,
+    device: str = "auto",
+    num_workers: int = 2,
+    overwrite: bool = False,
+    progress: bool = True,
+    oct_frames: str | int | None = None,
+    modality: str | None = None,
+    cpu_int8: bool = False,
+    precision: str = "auto",
+) -> PredictResult:
+    """Write `out`: path first, then the task's columns (multiclass: prediction, prob_<class>...;
+    multilabel: prediction, prob_<label>...; regression: one column per target in original
+    units). Unreadable files go to skipped.csv beside it. When several B-scans of a volume are
+    predicted (`oct_frames` all or N; None: as the model was trained), `<out>_volumes.csv` has one
+    row per volume (mean and max). A `checkpoint` ending in .onnx (`retinafm export`) runs with
+    ONNX Runtime on the CPU."""
+    out = Path(out)
+    refuse_existing_file(out, overwrite=overwrite)
+    onnx = is_onnx(checkpoint)
+    if onnx:  # an exported model: ONNX Runtime on the CPU
+        check_onnx_options(checkpoint, device, cpu_int8, precision)
+        model, meta = load_onnx(checkpoint)
+    else:
+        model, meta = model_from_checkpoint(load_checkpoint(checkpoint))  # the loaded tensors are not kept twice
+    paths = collect_images(images, oct_frames or meta.settings.get("oct_frames") or "middle")
+    dev = resolve_device("cpu" if onnx else device)
+    # ONNX Runtime and int8 layers run in their own precision; the rest autocasts per machine.
+    dtype = None if onnx else inference_dtype(dev, precision, cpu_int8=cpu_int8)
+    dist_utils.init_distributed(dev)
+    if cpu_int8:
+        model = quantize_for_cpu(model, dev)
+    task = task_of(meta)
+    if dist_utils.is_primary():
+        check_modality(paths, meta.modality, meta.model_name, modality)
+    dataset = ImageDataset(paths, [None] * len(paths), eval_transform_of(meta))
+    result = infer(model.to(dev), dataset, dev, batch_size=batch_size, num_workers=num_workers,
+                   amp_dtype=dtype, desc="predict", progress=progress)
+    if len(result.indices) == 0:
+        raise DataSourceError(f"none of the {len(paths)} images under {images} could be read: {result.skipped[:3]}")
+    outputs = task.activate(torch.from_numpy(result.logits))
+    frame = task.prediction_frame([paths[i] for i in result.indices], outputs)
+    skip_log = SkipLog()
+    skip_log.add(result.skipped)
+    skipped_path = volumes_path = None
+    volumes = volume_table(frame, multiclass=task.name == "multiclass")
+    if dist_utils.is_primary():
+        write_csv(out, frame)
+        if len(skip_log):
+            skipped_path = write_csv(out.with_name("skipped.csv"), skip_log.frame())
+        if volumes is not None:
+            volumes_path = write_csv(out.with_name(out.stem + "_volumes.csv"), volumes)
+    return PredictResult(frame, out, skip_log.frame(), skipped_path, volumes, volumes_path)

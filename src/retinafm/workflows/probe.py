@@ -1,0 +1,363 @@
+"""`retinafm probe`: linear probing (and kNN) on embeddings from `retinafm embed`, in seconds.
+
+A linear probe on frozen features is RETFound's second adaptation mode; RETFound trains it by
+running the backbone over every image in every epoch. Here the features are computed once and
+the head is fitted by scikit-learn: multinomial logistic regression (multi-class), one logistic
+regression per label (multi-label) or ridge regression per target (regression), with the
+regularisation strength chosen on the validation split (k-fold on train when there is none).
+A kNN classifier / regressor on cosine distance is reported beside it, as in the RETFound-Green
+and DINOv2 evaluations.
+
+The run directory has the fine-tuning layout (metrics with CIs, predictions, plots, report.html)
+and a checkpoint-best.pth that `predict` and `evaluate` use: the fitted head, as a timm Linear on
+standardised features folded back into raw-feature weights, plus a reference to the backbone it
+was fitted on (its checkpoint or pretrained weights), so the file stays small.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from retinafm.data.embeddings import Embeddings, read_embeddings
+from retinafm.data.sources import DataSourceError
+from retinafm.engine.evaluation import (
+    SplitEvaluation,
+    confidence_intervals,
+    write_evaluation,
+)
+from retinafm.files import prepare_output_dir, write_csv, write_yaml
+from retinafm.plots import plot_probe_grid
+from retinafm.tasks import make_task
+
+C_GRID = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0)  # logistic regression: inverse regularisation strength
+ALPHA_GRID = (1e-3, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # ridge: regularisation strength
+PROBE_TASKS = ("multiclass", "multilabel", "regression")
+
+
+@dataclass
+class ProbeSettings:
+    task: str = "multiclass"
+    label_column: str = "label"  # multi-class labels
+    columns: Optional[str] = None  # multi-label labels / regression targets, comma-separated
+    knn_k: int = 20
+    folds: int = 5  # for choosing the regularisation when there is no validation split
+    max_iter: int = 2000
+    threshold: Optional[float] = 0.5  # multi-label decision threshold; None: Youden's J on validation
+    bootstrap: int = 1000
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.task not in PROBE_TASKS:
+            raise DataSourceError(f"--task must be one of {', '.join(PROBE_TASKS)}, got {self.task!r}")
+        if self.task != "multiclass" and not self.columns:
+            what = "--labels (the 0/1 label columns)" if self.task == "multilabel" else "--targets (the value columns)"
+            raise DataSourceError(f"a {self.task} probe needs {what}")
+        if self.knn_k < 1 or self.folds < 2:
+            raise DataSourceError("--knn-k must be at least 1 and --folds at least 2")
+        if self.bootstrap < 0 or 0 < self.bootstrap < 100:
+            raise DataSourceError(f"--bootstrap must be 0 or at least 100 replicates, got {self.bootstrap}")
+
+
+@dataclass
+class LinearHead:
+    """Outputs = features @ weight.T + bias, on raw (unstandardised) features."""
+
+    weight: np.ndarray  # (outputs, dim)
+    bias: np.ndarray  # (outputs,)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.weight.T + self.bias
+
+
+@dataclass
+class ProbeResult:
+    run_dir: Path
+    task: Any
+    strength: float  # the chosen C (logistic) or alpha (ridge)
+    grid: pd.DataFrame
+    evaluations: dict[str, SplitEvaluation]  # linear probe per split
+    knn: dict[str, SplitEvaluation]
+    checkpoint: Path
+
+
+# --------------------------------------------------------------------------- data
+def probe_data(emb: Embeddings, settings: ProbeSettings):
+    """(task before fit, {split: row indices}, targets array) from an embeddings table."""
+    frame = emb.frame
+    if "split" not in frame.columns:
+        raise DataSourceError("the embeddings have no 'split' column; embed a train|val|test folder or a manifest "
+                              "with a split column")
+    splits = {s: np.flatnonzero(frame["split"].astype(str).to_numpy() == s) for s in ("train", "val", "test")}
+    unknown = sorted(set(frame["split"].astype(str)) - {"train", "val", "test"})
+    if unknown:
+        raise DataSourceError(f"the embeddings' split column has unknown value(s) {unknown}; use train, val, test")
+    if len(splits["train"]) == 0:
+        raise DataSourceError("the embeddings have no 'train' rows to fit a probe on")
+    if settings.task == "multiclass":
+        if settings.label_column not in frame.columns:
+            raise DataSourceError(f"the embeddings have no {settings.label_column!r} column (--label-column); "
+                                  f"columns: {', '.join(frame.columns)}")
+        labels = frame[settings.label_column].astype("string")
+        names = sorted(labels.iloc[splits["train"]].dropna().unique().tolist())
+        if len(names) < 2:
+            raise DataSourceError(f"the train rows have {len(names)} class(es) in {settings.label_column!r}; "
+                                  "a classifier needs at least two")
+        extra = sorted(set(labels.dropna()) - set(names))
+        if extra:
+            raise DataSourceError(f"label(s) {extra} appear outside the train split but not in it; the probe "
+                                  "cannot learn them")
+        index = {n: i for i, n in enumerate(names)}
+        targets = np.array([index.get(v, -1) if not pd.isna(v) else -1 for v in labels], dtype=np.int64)
+        splits = {s: rows[targets[rows] >= 0] for s, rows in splits.items()}
+        task = make_task("multiclass", names)
+    else:
+        columns = [c.strip() for c in settings.columns.split(",") if c.strip()]
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise DataSourceError(f"the embeddings have no column(s) {missing}; columns: {', '.join(frame.columns)}")
+        try:
+            targets = frame[columns].apply(pd.to_numeric, errors="raise").to_numpy(dtype=np.float64)
+        except (ValueError, TypeError):
+            raise DataSourceError(f"columns {columns} must hold numbers (empty for unknown)") from None
+        if settings.task == "multilabel":
+            bad = sorted(set(np.unique(targets[~np.isnan(targets)])) - {0.0, 1.0})
+            if bad:
+                raise DataSourceError(f"multi-label columns {columns} must hold 0 or 1 (or empty), found {bad[:5]}")
+            task = make_task("multilabel", columns, threshold=settings.threshold)
+        else:
+            task = make_task("regression", columns)
+    return task, splits, targets
+
+
+# --------------------------------------------------------------------------- fitting
+def _standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x.mean(axis=0)
+    std = x.std(axis=0)
+    return mean, np.where(std > 1e-12, std, 1.0)
+
+
+def _fold(weight: np.ndarray, bias: np.ndarray, mean: np.ndarray, std: np.ndarray) -> LinearHead:
+    """A head on standardised features as the same head on raw features."""
+    w = weight / std
+    return LinearHead(w.astype(np.float64), (bias - w @ mean).astype(np.float64))
+
+
+def fit_linear(task, x: np.ndarray, y: np.ndarray, strength: float, settings: ProbeSettings) -> LinearHead:
+    """The task's linear model at one regularisation strength, as a LinearHead on raw features."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    mean, std = _standardiser(x)
+    z = (x - mean) / std
+    if task.name == "multiclass":
+        model = LogisticRegression(C=strength, max_iter=settings.max_iter, random_state=settings.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=UserWarning)
+            model.fit(z, y)
+        weight, bias = model.coef_, model.intercept_
+        if weight.shape[0] == 1:  # binary: one logit; as two softmax outputs with the same odds
+            weight = np.vstack([-weight[0] / 2, weight[0] / 2])
+            bias = np.array([-bias[0] / 2, bias[0] / 2])
+        return _fold(weight, bias, mean, std)
+    weights, biases = [], []
+    for j in range(task.num_outputs):
+        known = ~np.isnan(y[:, j])
+        if task.name == "multilabel":
+            values = y[known, j]
+            if len(np.unique(values)) < 2:  # no positives (or negatives): predict the training prevalence
+                prevalence = float(np.clip(values.mean() if len(values) else 0.5, 1e-4, 1 - 1e-4))
+                weights.append(np.zeros(x.shape[1]))
+                biases.append(math.log(prevalence / (1 - prevalence)))
+                continue
+            model = LogisticRegression(C=strength, max_iter=settings.max_iter, random_state=settings.seed)
+            model.fit(z[known], values)
+            weights.append(model.coef_[0])
+            biases.append(float(model.intercept_[0]))
+        else:  # regression heads predict standardised targets (the task turns them back into units)
+            target_mean, target_std = task.mean[j], task.std[j]
+            model = Ridge(alpha=strength).fit(z[known], (y[known, j] - target_mean) / target_std)
+            weights.append(model.coef_)
+            biases.append(float(model.intercept_))
+    return _fold(np.vstack(weights), np.asarray(biases), mean, std)
+
+
+def head_outputs(task, head: LinearHead, x: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """The task's outputs (probabilities, or targets in their units) and the raw logits."""
+    logits = torch.from_numpy(head.logits(x).astype(np.float32))
+    return task.activate(logits), logits
+
+
+def _score(task, targets: np.ndarray, outputs: np.ndarray) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = task.metrics(targets, outputs).get(task.selection_metric, math.nan)
+    return float(value)
+
+
+def _folds(task, y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    n = len(y)
+    if task.name == "multiclass":
+        smallest = int(np.bincount(y).min())
+        k = min(folds, smallest)
+        if k < 2:
+            raise DataSourceError("without a validation split the probe chooses its regularisation by k-fold on train, "
+                                  "which needs at least 2 training images of every class; add a val split")
+        return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(n), y))
+    return list(KFold(min(folds, n), shuffle=True, random_state=seed).split(np.zeros(n)))
+
+
+def choose_strength(task, x: np.ndarray, y: np.ndarray, val: Optional[tuple[np.ndarray, np.ndarray]],
+                    settings: ProbeSettings) -> tuple[float, pd.DataFrame]:
+    """The grid value with the best validation selection metric (ties: the stronger regularisation)."""
+    grid = ALPHA_GRID[::-1] if task.name == "regression" else C_GRID  # strongest regularisation first
+    rows = []
+    for strength in grid:
+        if val is not None:
+            head = fit_linear(task, x, y, strength, settings)
+            score = _score(task, val[1], head_outputs(task, head, val[0])[0])
+            scheme = "validation"
+        else:
+            predictions = np.zeros((len(y), task.num_outputs))
+            for train_rows, held_rows in _folds(task, y, settings.folds, settings.seed):
+                head = fit_linear(task, x[train_rows], y[train_rows], strength, settings)
+                predictions[held_rows] = head_outputs(task, head, x[held_rows])[0]
+            score = _score(task, y, predictions)
+            scheme = f"{min(settings.folds, len(y))}-fold"
+        rows.append({"C" if task.name != "regression" else "alpha": strength, task.selection_metric: score,
+                     "scheme": scheme})
+    table = pd.DataFrame(rows)
+    scores = table[task.selection_metric].to_numpy(dtype=float)
+    best = int(np.nanargmax(scores)) if np.isfinite(scores).any() else len(grid) // 2
+    return float(grid[best]), table
+
+
+def knn_outputs(task, x_train: np.ndarray, y_train: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+    """kNN on cosine distance: class (label) probabilities, or the neighbours' mean target."""
+    from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
+
+    if task.name == "multiclass":
+        model = KNeighborsClassifier(n_neighbors=min(k, len(y_train)), metric="cosine").fit(x_train, y_train)
+        probs = np.zeros((len(x), task.num_outputs))
+        probs[:, model.classes_] = model.predict_proba(x)
+        return probs
+    out = np.zeros((len(x), task.num_outputs))
+    for j in range(task.num_outputs):
+        known = ~np.isnan(y_train[:, j])
+        neighbours = min(k, int(known.sum()))
+        if task.name == "multilabel":
+            values = y_train[known, j]
+            if len(np.unique(values)) < 2:
+                out[:, j] = values.mean() if len(values) else 0.5
+                continue
+            model = KNeighborsClassifier(n_neighbors=neighbours, metric="cosine").fit(x_train[known], values)
+            out[:, j] = model.predict_proba(x)[:, list(model.classes_).index(1.0)]
+        else:
+            model = KNeighborsRegressor(n_neighbors=neighbours, metric="cosine").fit(x_train[known], y_train[known, j])
+            out[:, j] = model.predict(x)
+    return out
+
+
+# --------------------------------------------------------------------------- the workflow
+def probe(embeddings: str | Path | Embeddings, out: str | Path, settings: ProbeSettings = ProbeSettings(), *,
+          overwrite: bool = False, quiet: bool = False) -> ProbeResult:
+    """Fit, select, evaluate and save a linear probe (and evaluate kNN) on an embeddings file."""
+    settings.check()
+    emb = embeddings if isinstance(embeddings, Embeddings) else read_embeddings(embeddings)
+    task, splits, targets = probe_data(emb, settings)
+    run_dir = prepare_output_dir(out, overwrite=overwrite)
+    x = emb.vectors.astype(np.float64)
+    train = splits["train"]
+    task = task.fit(targets[train])
+    val = (x[splits["val"]], targets[splits["val"]]) if len(splits["val"]) else None
+    strength, grid = choose_strength(task, x[train], targets[train], val, settings)
+    head = fit_linear(task, x[train], targets[train], strength, settings)
+    if val is not None:
+        task = task.calibrate(val[1], head_outputs(task, head, val[0])[0])  # multi-label Youden thresholds
+
+    paths = emb.frame["path"].astype(str).tolist()
+    patients = emb.frame["patient_id"] if "patient_id" in emb.frame.columns else None
+    evaluations, knn = {}, {}
+    for split in ("val", "test"):
+        rows = splits[split]
+        if len(rows) == 0:
+            continue
+        outputs, logits = head_outputs(task, head, x[rows])
+        evaluations[split] = _evaluation(task, split, rows, targets, outputs, logits, paths, patients,
+                                         settings if split == "test" else None)
+        knn_out = knn_outputs(task, x[train], targets[train], x[rows], settings.knn_k)
+        knn[split] = _evaluation(task, split, rows, targets, knn_out, None, paths, patients,
+                                 settings if split == "test" else None)
+    for split, ev in evaluations.items():
+        write_evaluation(run_dir, task, ev)
+        write_evaluation(run_dir / "knn", task, knn[split], plots=False)  # a reference point: numbers suffice
+    checkpoint = _save_probe_checkpoint(run_dir, emb, task, head, strength, settings, evaluations.get("val"))
+    write_csv(run_dir / "probe_grid.csv", grid)
+    write_csv(run_dir / "data_summary.csv", _summary(emb.frame, splits, task, targets))
+    write_yaml(run_dir / "config.yaml", {"adaptation": "linear probe (embeddings)", **asdict(settings),
+                                         "chosen_" + grid.columns[0]: strength, "embeddings": emb.info,
+                                         "class_names": list(task.output_names)})
+    plot_probe_grid(grid, task.selection_metric, run_dir / "plots" / "probe_grid.png")
+    if "test" in evaluations:
+        from retinafm.workflows.report import write_report
+
+        write_report(run_dir, "test", title=f"linear probe on {emb.info.get('model', 'embeddings')}")
+    if not quiet:
+        name = grid.columns[0]
+        print(f"{name} = {strength:g} chosen by {grid['scheme'].iloc[0]} {task.selection_metric}")
+        for split, ev in evaluations.items():
+            print(f"linear probe, {split}: {task.summary(ev.metrics, ev.ci or None)}")
+            print(f"kNN (k={settings.knn_k}), {split}: {task.summary(knn[split].metrics, knn[split].ci or None)}")
+    return ProbeResult(run_dir, task, strength, grid, evaluations, knn, checkpoint)
+
+
+def _evaluation(task, split: str, rows: np.ndarray, targets: np.ndarray, outputs: np.ndarray,
+                logits: Optional[torch.Tensor], paths: Sequence[str], patients: Optional[pd.Series],
+                ci_settings: Optional[ProbeSettings]) -> SplitEvaluation:
+    y = targets[rows]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # undefined per-class metrics on small splits are NaN, as documented
+        metrics = task.metrics(y, outputs)
+    loss = task.loss(logits, y) if logits is not None else math.nan
+    ids = [None if pd.isna(patients.iloc[i]) else str(patients.iloc[i]) for i in rows] if patients is not None \
+        else [None] * len(rows)
+    ev = SplitEvaluation(split, [paths[i] for i in rows], y, outputs, loss, metrics, [], task, ids)
+    if ci_settings is not None and ci_settings.bootstrap:
+        ev.ci, ev.bootstrap = confidence_intervals(task, y, outputs, ids, ci_settings.bootstrap, ci_settings.seed)
+    return ev
+
+
+def _summary(frame: pd.DataFrame, splits: dict[str, np.ndarray], task, targets: np.ndarray) -> pd.DataFrame:
+    rows = []
+    for split, index in splits.items():
+        if task.name == "multiclass":
+            counts = np.bincount(targets[index], minlength=task.num_outputs)
+            rows.append({"split": split, **dict(zip(task.output_names, counts.tolist()))})
+        else:
+            rows.append({"split": split, "images": len(index),
+                         **{f"known_{n}": int((~np.isnan(targets[index, j])).sum())
+                            for j, n in enumerate(task.output_names)}})
+    return pd.DataFrame(rows)
+
+
+def _save_probe_checkpoint(run_dir: Path, emb: Embeddings, task, head: LinearHead, strength: float,
+                           settings: ProbeSettings, val: Optional[SplitEvaluation]) -> Path:
+    from retinafm.engine.checkpoint import CheckpointMeta, save_probe_checkpoint
+    from retinafm.engine.features import backbone_fields
+
+    fields, reference, backbone_state = backbone_fields(emb.info)
+    meta = CheckpointMeta(
+        model_name=f"{fields.pop('model_name')} + linear probe", task=task.name,
+        class_names=list(task.output_names), task_state=task.state(),
+        settings={**asdict(settings), "strength": strength}, metrics=dict(val.metrics) if val else {},
+        backbone=reference, **fields)
+    weights = {"head.weight": torch.from_numpy(head.weight.astype(np.float32)),
+               "head.bias": torch.from_numpy(head.bias.astype(np.float32))}
+    return save_probe_checkpoint(run_dir / "checkpoint-best.pth", meta, weights, backbone_state)

@@ -1,0 +1,511 @@
+"""report.html: one self-contained page per run directory (or `evaluate` output folder).
+
+Everything is embedded — figures as base64 PNGs, error thumbnails as base64 JPEGs, inline CSS, no
+JavaScript — so the file can be mailed or opened from disk without a server. Each section is
+built only from the files it needs and says so in one line when they are absent (an `evaluate`
+folder has no config.yaml, log.csv or data_summary.csv). Class names, labels and paths come from
+users, so the Jinja2 template escapes everything.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import io
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from retinafm.files import write_text
+
+TEMPLATE = "report.html.j2"
+THUMBNAIL_PX = 160
+MAX_SKIPPED_ROWS = 20
+# Settings a reader looks for first, in this order; the rest follow as config.yaml has them.
+IMPORTANT_SETTINGS = ("model", "weights", "adaptation", "task", "epochs", "batch_size", "lr", "blr",
+                      "layer_decay", "drop_path", "input_size", "seed")
+# The checkpoint's selection metric per task (finetune keeps the epoch with the highest one).
+SELECTION_METRIC = {"multiclass": "val_auroc_macro", "multilabel": "val_auroc_macro", "regression": "val_r2_macro"}
+HEADLINE = {
+    "multiclass": ("auroc_macro", "auprc_macro", "accuracy", "balanced_accuracy", "f1_macro", "sensitivity_macro",
+                   "specificity_macro", "kappa", "quadratic_kappa", "mcc", "ece"),
+    "multilabel": ("auroc_macro", "auprc_macro", "accuracy_macro", "sensitivity_macro", "specificity_macro",
+                   "f1_macro", "kappa_macro", "ece_macro"),
+    "regression": ("r2_macro", "mae_macro", "rmse_macro", "pearson_macro"),
+}
+# Per-output metrics (<prefix>_<output name>), in column order; a column appears when it exists.
+PER_OUTPUT = ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "kappa", "ece", "r2", "mae", "rmse",
+              "pearson", "threshold", "prevalence", "n")
+METRIC_NAMES = {
+    "auroc": "AUROC", "auprc": "AUPRC", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
+    "f1": "F1", "sensitivity": "sensitivity", "specificity": "specificity", "kappa": "Cohen's kappa",
+    "quadratic_kappa": "quadratic weighted kappa", "mcc": "MCC", "ece": "expected calibration error", "r2": "R²",
+    "mae": "MAE", "rmse": "RMSE", "pearson": "Pearson r", "threshold": "threshold", "prevalence": "prevalence",
+    "n": "n",
+}
+UNBOUNDED = ("mae", "rmse")  # in the targets' units: significant digits, not 3 decimals
+CAPTIONS = {
+    "confusion_matrix.png": "Confusion matrix (counts)",
+    "confusion_matrix_normalized.png": "Confusion matrix (row-normalised)",
+    "roc.png": "ROC curves with their macro average",
+    "pr.png": "Precision–recall curves with their macro average",
+    "calibration.png": "Calibration (reliability diagram)",
+    "scatter.png": "Predicted against true values",
+    "forest.png": "Model comparison (forest plot)",
+    "optimization_history.png": "Hyperparameter search history",
+}
+NA = "n/a"
+
+
+def write_report(run_dir: str | Path, split: str = "test", *, title: Optional[str] = None,
+                 max_errors: int = 12) -> Path:
+    """Write `<run_dir>/report.html` for `split` from the files in the folder; return its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a folder; give a run directory or an evaluate output folder")
+    config = _read_yaml(run_dir / "config.yaml")
+    metrics = _read_json(run_dir / f"metrics_{split}.json")
+    task = _task_name(metrics, config)
+    outputs = _output_names(metrics, config, task)
+    context = {
+        "header": _header(run_dir, split, title, config, metrics, task, outputs),
+        "data": _data_section(run_dir),
+        "training": _training_section(run_dir, task),
+        "metrics": _metrics_section(metrics, split, task, outputs),
+        "figures": _figures(run_dir / "plots"),
+        "errors": _errors_section(run_dir, split, task, outputs, metrics, max_errors),
+    }
+    context["settings"], context["settings_note"] = _settings(config)
+    return write_text(run_dir / "report.html", _render(context))
+
+
+def _render(context: dict[str, Any]) -> str:
+    import jinja2
+
+    source = resources.files(__package__).joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(source).render(**context)
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))  # NaN is valid here: json.dumps writes it
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _read_csv(path: Path, *, as_text: bool = False) -> Optional[pd.DataFrame]:
+    """The CSV, or None when absent or unreadable. `as_text` keeps every cell a string: class
+    names such as "1" or "NA" must not become numbers or NaN."""
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False) if as_text else pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+        return None
+
+
+def _task_name(metrics: dict[str, Any], config: dict[str, Any]) -> str:
+    task = (metrics.get("task") or {}).get("name") or config.get("task")
+    if task in HEADLINE:
+        return task
+    # Older metrics files carry no task block: tell the tasks apart by their metric names.
+    if "r2_macro" in metrics:
+        return "regression"
+    return "multilabel" if "accuracy_macro" in metrics else "multiclass"
+
+
+def _output_names(metrics: dict[str, Any], config: dict[str, Any], task: str) -> list[str]:
+    names = (metrics.get("task") or {}).get("outputs") or config.get("class_names")
+    if names:
+        return [str(n) for n in names]
+    first = {"regression": "r2_", "multilabel": "auroc_", "multiclass": "auroc_"}[task]
+    return [k[len(first):] for k in metrics if k.startswith(first) and k != f"{first}macro"]
+
+
+def _thresholds(metrics: dict[str, Any], count: int) -> list[float]:
+    """The multi-label decision thresholds the predictions were made with."""
+    state = (metrics.get("task") or {}).get("state") or {}
+    if state.get("thresholds") is not None and len(state["thresholds"]) == count:
+        return [float(t) for t in state["thresholds"]]
+    threshold = state.get("threshold")
+    try:
+        return [float(threshold)] * count if threshold is not None else [0.5] * count
+    except (TypeError, ValueError):  # e.g. "youden" without calibrated thresholds
+        return [0.5] * count
+
+
+# --- sections -------------------------------------------------------------------------------------
+
+
+def _header(run_dir: Path, split: str, title: Optional[str], config: dict[str, Any], metrics: dict[str, Any],
+            task: str, outputs: list[str]) -> dict[str, Any]:
+    from retinafm import __version__
+
+    model, arch = _model_of(run_dir, config)
+    written = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
+    items = [("model", model or NA), ("architecture", arch or NA), ("task", task),
+             (_output_kind(task, plural=True), ", ".join(outputs) or NA), ("split", split)]
+    if "n" in metrics:
+        items.append(("images", _fmt("n", metrics["n"])))
+    items += [("written", written), ("retinafm", __version__)]
+    return {"title": title or run_dir.resolve().name, "fields": items, "version": __version__, "written": written}
+
+
+def _model_of(run_dir: Path, config: dict[str, Any]) -> tuple[Optional[str], Optional[str]]:
+    """(model name, architecture) from the best checkpoint's metadata, else from config.yaml."""
+    checkpoint = run_dir / "checkpoint-best.pth"
+    if checkpoint.is_file():
+        try:
+            import torch
+
+            # mmap: only the metadata is read, not a ViT-L's gigabyte of weights.
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+            meta = state.get("retinafm", {})
+            if meta.get("model_name"):
+                return str(meta["model_name"]), str(meta.get("arch") or "") or None
+        except Exception:  # a report is no place to fail over a checkpoint; config.yaml may do
+            pass
+    model = config.get("model")
+    if not model:
+        return None, None
+    try:
+        from retinafm.models.registry import get_spec
+
+        return str(model), get_spec(str(model)).arch
+    except Exception:
+        return str(model), None
+
+
+def _data_section(run_dir: Path) -> dict[str, Any]:
+    data: dict[str, Any] = {"summary": None, "skipped": None, "skipped_count": 0,
+                            "summary_note": "No data_summary.csv in this folder (evaluate output folders have none).",
+                            "skipped_note": "No unreadable files were skipped."}
+    summary = _read_csv(run_dir / "data_summary.csv")
+    if summary is not None and len(summary):
+        data["summary"] = _table(summary)
+    skipped = _read_csv(run_dir / "skipped.csv")
+    if skipped is not None and len(skipped):
+        data["skipped_count"] = len(skipped)
+        data["skipped"] = _table(skipped.head(MAX_SKIPPED_ROWS), path_columns=("path",))
+    return data
+
+
+def _settings(config: dict[str, Any]) -> tuple[list[list[tuple[str, str]]], str]:
+    """config.yaml as (key, value) rows, the important ones first, split in two columns."""
+    if not config:
+        return [], "No config.yaml in this folder (evaluate output folders have none)."
+    keys = [k for k in IMPORTANT_SETTINGS if k in config] + [k for k in config if k not in IMPORTANT_SETTINGS]
+    rows = [(str(k), _setting_text(config[k])) for k in keys]
+    half = math.ceil(len(rows) / 2)
+    return [rows[:half], rows[half:]], ""
+
+
+def _setting_text(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_setting_text(v) for v in value)
+    if isinstance(value, dict):
+        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
+    return str(value)
+
+
+def _training_section(run_dir: Path, task: str) -> dict[str, Any]:
+    training: dict[str, Any] = {"curves": None, "best": None, "notes": []}
+    curves = run_dir / "plots" / "curves.png"
+    if curves.is_file():
+        training["curves"] = _data_uri(curves, "image/png")
+    log = _read_csv(run_dir / "log.csv")
+    metric = SELECTION_METRIC[task]
+    if log is None or not len(log):
+        training["notes"].append("No log.csv in this folder (evaluate output folders have none): no training history.")
+    else:
+        training["best"] = _best_epoch(log, metric)
+    if not curves.is_file():
+        training["notes"].append("No plots/curves.png here.")
+    return training
+
+
+def _best_epoch(log: pd.DataFrame, metric: str) -> str:
+    """The epoch checkpoint-best.pth holds, by finetune's rule: the highest selection metric, ties
+    (or a metric undefined in every epoch) to the lower validation loss, then the earlier epoch."""
+    has_loss = "val_loss" in log
+    log = log.assign(_loss=log["val_loss"] if has_loss else 0.0,
+                     _metric=log[metric] if metric in log else float("nan"))
+    if log["_metric"].isna().all() and not has_loss:
+        return ""
+    best = log.sort_values(["_metric", "_loss"], ascending=[False, True], na_position="last").iloc[0]
+    epoch = int(best["epoch"]) + 1 if "epoch" in log else int(best.name) + 1
+    name = metric.removeprefix("val_")
+    parts = [f"validation {name} {_fmt(name, best['_metric'])}"]
+    if has_loss:
+        parts.append(f"validation loss {best['_loss']:.4f}")
+    return f"Best epoch {epoch} of {len(log)}: {', '.join(parts)} (the weights in checkpoint-best.pth)"
+
+
+def _metrics_section(metrics: dict[str, Any], split: str, task: str, outputs: list[str]) -> dict[str, Any]:
+    section: dict[str, Any] = {"split": split, "headline": [], "per_output": None, "notes": [],
+                               "output_kind": _output_kind(task),
+                               "missing_note": f"No metrics_{split}.json here."}
+    if not metrics:
+        return section
+    ci = metrics.get("ci") or {}
+    section["headline"] = [{"key": key, "name": _metric_name(key), "value": _with_ci(key, metrics[key], ci.get(key))}
+                           for key in HEADLINE[task] if key in metrics]
+    if not section["headline"]:
+        section["missing_note"] = f"metrics_{split}.json has none of the {task} headline metrics."
+    columns = [p for p in PER_OUTPUT if any(f"{p}_{name}" in metrics for name in outputs)]
+    if columns and outputs:
+        headers = [{"name": _output_kind(task)}] + [{"name": METRIC_NAMES.get(p, p), "num": True} for p in columns]
+        rows = [[{"text": name}] + [{"text": _with_ci(p, metrics.get(f"{p}_{name}"), ci.get(f"{p}_{name}")),
+                                     "cls": "num"} for p in columns] for name in outputs]
+        section["per_output"] = {"headers": headers, "rows": rows}
+    notes = section["notes"]
+    extras = [f"n = {_fmt('n', metrics['n'])} images"] if "n" in metrics else []
+    if isinstance(metrics.get("loss"), (int, float)):
+        extras.append(f"loss {_fmt('loss', metrics['loss'])}")
+    if extras:
+        notes.append(", ".join(extras) + ".")
+    boot = metrics.get("bootstrap") or {}
+    if boot:
+        level = boot.get("level", 0.95)
+        unit = {"patient": "patients (all images of a patient together)", "image": "images"}.get(
+            boot.get("unit"), str(boot.get("unit", "images")))
+        notes.append(f"{float(level):.0%} confidence intervals: {boot.get('method', 'percentile')} bootstrap, "
+                     f"{boot.get('replicates', '?')} replicates resampling {unit}"
+                     f"{', stratified' if boot.get('stratified') else ''}, seed {boot.get('seed', '?')}.")
+    else:
+        notes.append("No confidence intervals (no bootstrap was run).")
+    notes.append("Macro averages are over the classes where a metric is defined; n/a: undefined in this set.")
+    if metrics.get("absent_classes"):
+        notes.append(f"Absent from this set (their per-{_output_kind(task)} metrics are undefined and left out of "
+                     f"macro averages): {', '.join(map(str, metrics['absent_classes']))}.")
+    if metrics.get("label_map"):
+        mapping = ", ".join(f"{k} → {v}" for k, v in metrics["label_map"].items())
+        notes.append(f"Labels of this set were mapped to the model's: {mapping}.")
+    return section
+
+
+def _figures(folder: Path) -> list[dict[str, str]]:
+    """Every PNG in plots/ but the training curves: known ones in CAPTIONS order, then by name."""
+    if not folder.is_dir():
+        return []
+    found = {p.name: p for p in folder.glob("*.png") if p.is_file() and p.name != "curves.png"
+             and not p.name.startswith(".")}  # a temporary file of an atomic write is hidden
+    order = [n for n in CAPTIONS if n in found] + sorted(n for n in found if n not in CAPTIONS)
+    return [{"caption": CAPTIONS.get(n, found[n].stem), "uri": _data_uri(found[n], "image/png")} for n in order]
+
+
+def _errors_section(run_dir: Path, split: str, task: str, outputs: list[str], metrics: dict[str, Any],
+                    max_errors: int) -> dict[str, Any]:
+    section: dict[str, Any] = {"headers": [], "rows": [], "notes": []}
+    frame = _read_csv(run_dir / f"predictions_{split}.csv", as_text=True)
+    if frame is None:
+        section["notes"].append(f"No predictions_{split}.csv here.")
+        return section
+    build = {"multiclass": _multiclass_errors, "multilabel": _multilabel_errors, "regression": _regression_errors}
+    try:
+        headers, errors, note = build[task](frame, outputs, metrics, max_errors)
+    except KeyError as exc:  # a CSV without the columns this task writes
+        section["notes"].append(f"predictions_{split}.csv lacks column {exc}; errors not shown.")
+        return section
+    thumbs: dict[str, Optional[str]] = {}
+    for path, cells in errors:
+        if path not in thumbs:
+            thumbs[path] = _thumbnail(path, run_dir)
+        section["rows"].append({"image": thumbs[path], "file": path,
+                                "cells": [{"text": path, "cls": "path"}] + cells})
+    section["headers"] = [{"name": "file"}] + headers
+    section["notes"].append(note)
+    return section
+
+
+ErrorRows = tuple[list[dict[str, Any]], list[tuple[str, list[dict[str, str]]]], str]
+
+
+def _multiclass_errors(frame: pd.DataFrame, outputs: list[str], metrics: dict[str, Any], limit: int) -> ErrorRows:
+    wrong = frame[frame["prediction"].astype(str) != frame["label"].astype(str)].copy()
+    wrong["_p"] = [_prob(row, row["prediction"]) for _, row in wrong.iterrows()]
+    wrong["_p_true"] = [_prob(row, row["label"]) for _, row in wrong.iterrows()]
+    shown = wrong.sort_values("_p", ascending=False, kind="stable").head(limit)
+    headers = [{"name": "true"}, {"name": "predicted"}, {"name": "p(predicted)", "num": True},
+               {"name": "p(true)", "num": True}]
+    rows = [(str(r["path"]), [{"text": str(r["label"])}, {"text": str(r["prediction"])},
+                              _number_cell(_fmt("p", r["_p"])), _number_cell(_fmt("p", r["_p_true"]))])
+            for _, r in shown.iterrows()]
+    note = (f"{len(wrong)} of {len(frame)} images misclassified; the {len(shown)} with the highest probability "
+            "for the wrong class are shown." if len(wrong) else f"No misclassified images among {len(frame)}.")
+    return headers, rows, note
+
+
+def _multilabel_errors(frame: pd.DataFrame, outputs: list[str], metrics: dict[str, Any], limit: int) -> ErrorRows:
+    thresholds = _thresholds(metrics, len(outputs))
+    found = []
+    for name, cut in zip(outputs, thresholds):
+        truth = pd.to_numeric(frame[f"true_{name}"], errors="coerce").to_numpy(dtype=float)
+        prob = pd.to_numeric(frame[f"prob_{name}"], errors="coerce").to_numpy(dtype=float)
+        for i in np.flatnonzero(~np.isnan(truth) & ((prob >= cut) != (truth == 1))):
+            found.append((abs(prob[i] - truth[i]), i, name, truth[i], prob[i], cut))
+    found.sort(key=lambda e: -e[0])  # stable: ties keep row then label order
+    headers = [{"name": "label"}, {"name": "truth"}, {"name": "probability", "num": True},
+               {"name": "threshold", "num": True}]
+    rows = [(str(frame["path"].iloc[i]), [{"text": name}, {"text": "present" if truth == 1 else "absent"},
+                                          _number_cell(_fmt("p", prob)), _number_cell(_fmt("p", cut))])
+            for _, i, name, truth, prob, cut in found[:limit]]
+    note = (f"{len(found)} wrong (image, label) decisions among the known labels; the {len(rows)} furthest from "
+            "the truth are shown." if found else "No wrong decisions among the known labels.")
+    return headers, rows, note
+
+
+def _regression_errors(frame: pd.DataFrame, outputs: list[str], metrics: dict[str, Any], limit: int) -> ErrorRows:
+    several = len(outputs) > 1
+    found = []
+    for name in outputs:
+        truth = pd.to_numeric(frame[f"true_{name}"], errors="coerce").to_numpy(dtype=float)
+        pred = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=float)
+        known = ~np.isnan(truth) & ~np.isnan(pred)
+        # Targets in different units (years, mmHg) are ranked by error in standard deviations.
+        std = float(np.std(truth[known])) if several and known.sum() > 1 else 1.0
+        scale = std if std > 0 else 1.0
+        for i in np.flatnonzero(known):
+            error = pred[i] - truth[i]
+            found.append((abs(error) / scale, i, name, truth[i], pred[i], error))
+    found.sort(key=lambda e: -e[0])
+    headers = [{"name": "target"}, {"name": "true", "num": True}, {"name": "predicted", "num": True},
+               {"name": "error", "num": True}]
+    if several:
+        headers.append({"name": "error / SD", "num": True})
+    rows = []
+    for size, i, name, truth, pred, error in found[:limit]:
+        cells = [{"text": name}, _number_cell(_fmt("value", truth)), _number_cell(_fmt("value", pred)),
+                 _number_cell(f"{error:+.4g}")]
+        if several:
+            cells.append(_number_cell(f"{size:.2f}"))
+        rows.append((str(frame["path"].iloc[i]), cells))
+    ranked = "absolute error in standard deviations of the target" if several else "absolute error"
+    note = f"The {len(rows)} largest errors by {ranked}." if rows else "No predictions with a known target."
+    return headers, rows, note
+
+
+# --- formatting -----------------------------------------------------------------------------------
+
+
+def _table(frame: pd.DataFrame, path_columns: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A DataFrame as template rows; numeric columns right-aligned."""
+    numeric = {c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])}
+    headers = [{"name": str(c), "num": c in numeric} for c in frame.columns]
+    rows = []
+    for record in frame.itertuples(index=False):
+        row = []
+        for column, value in zip(frame.columns, record):
+            cls = "num" if column in numeric else ("path" if column in path_columns else "")
+            row.append({"text": _cell(value), "cls": cls})
+        rows.append(row)
+    return {"headers": headers, "rows": rows}
+
+
+def _number_cell(text: str) -> dict[str, str]:
+    return {"text": text, "cls": "num"}
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:g}" if not value.is_integer() else str(int(value))
+    return str(value)
+
+
+def _metric_name(key: str) -> str:
+    if key.endswith("_macro"):
+        base = key.removesuffix("_macro")
+        return f"{METRIC_NAMES.get(base, base)} (macro)"
+    return METRIC_NAMES.get(key, key)
+
+
+def _output_kind(task: str, plural: bool = False) -> str:
+    kind = {"multiclass": "class", "multilabel": "label", "regression": "target"}[task]
+    return (kind + ("es" if kind == "class" else "s")) if plural else kind
+
+
+def _fmt(metric: str, value: Any) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return NA
+    if math.isnan(value):
+        return NA
+    base = metric.removesuffix("_macro")
+    if base == "n":
+        return f"{value:.0f}"
+    if base in UNBOUNDED or base in ("value", "loss"):
+        return f"{value:.4g}"
+    return f"{value:.3f}"
+
+
+def _with_ci(metric: str, value: Any, interval: Any) -> str:
+    """'0.912 (0.871–0.948)'; the value alone without a (finite) interval; n/a when undefined."""
+    prefix = metric.split("_")[0] if not metric.startswith("balanced") else metric
+    text = _fmt(prefix, value)
+    if text == NA or not interval or len(interval) != 2:
+        return text
+    low, high = _fmt(prefix, interval[0]), _fmt(prefix, interval[1])
+    return text if NA in (low, high) else f"{text} ({low}–{high})"
+
+
+def _prob(row: pd.Series, name: Any) -> float:
+    try:
+        return float(row[f"prob_{name}"])
+    except (KeyError, TypeError, ValueError):
+        return float("nan")
+
+
+def _data_uri(path: Path, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _thumbnail(path: str, run_dir: Path) -> Optional[str]:
+    """A JPEG data URI of the image about THUMBNAIL_PX wide, or None when it cannot be read."""
+    from PIL import Image
+
+    from retinafm.data.io import read_image
+
+    candidates = [Path(path)]
+    if not Path(path).is_absolute():
+        candidates.append(run_dir / path)  # paths relative to where the run was started, or to the run
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        try:
+            image = Image.fromarray(read_image(candidate).permute(1, 2, 0).numpy())
+            image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=85)
+        except Exception:  # unreadable, corrupt, odd mode: a placeholder, never a failed report
+            return None
+        return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return None

@@ -24,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from retinafm.data.synthetic import write_demo_dataset
-from retinafm.settings import FinetuneConfig
+from retinafm.settings import FinetuneSettings
 from retinafm.workflows.finetune import finetune
 
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         # RandAugment, label smoothing) with the backbone frozen: retinafm's defaults are that recipe.
         for mode, extra in (("sgd", dict(epochs=args.epochs, warmup_epochs=min(10, args.epochs - 1))),
                             ("features", {})):
-            cfg = FinetuneConfig(out=str(Path(tmp) / mode), lp_mode=mode, **common, **extra)
+            cfg = FinetuneSettings(out=str(Path(tmp) / mode), lp_mode=mode, **common, **extra)
             start = time.perf_counter()
             result = finetune(cfg)
             timings[mode] = time.perf_counter() - start

@@ -33,7 +33,7 @@ def demo_data(tmp_path_factory) -> Path:
 
 
 def tiny_finetune_config(data: Path, out: Path, **overrides):
-    from retinafm.settings import FinetuneConfig
+    from retinafm.settings import FinetuneSettings
 
     settings = dict(
         out=str(out), data_path=str(data) if data else None, model="vit_micro_patch8", weights="none", input_size=32,
@@ -42,7 +42,7 @@ def tiny_finetune_config(data: Path, out: Path, **overrides):
         bootstrap=0,  # tests that check confidence intervals ask for them
     )
     settings.update(overrides)
-    return FinetuneConfig(**settings)
+    return FinetuneSettings(**settings)
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-from retinafm.settings import ConfigError, FinetuneConfig, read_yaml_settings, to_dict
+from retinafm.settings import ConfigError, FinetuneSettings, read_yaml_settings, to_dict
 
 
 def test_defaults_follow_retfound():
-    cfg = FinetuneConfig()
+    cfg = FinetuneSettings()
     assert (cfg.epochs, cfg.blr, cfg.layer_decay, cfg.weight_decay, cfg.drop_path, cfg.warmup_epochs,
             cfg.smoothing, cfg.mixup, cfg.cutmix) == (50, 5e-3, 0.65, 0.05, 0.2, 10, 0.1, 0.0, 0.0)
 
@@ -14,18 +14,18 @@ def test_defaults_follow_retfound():
 def test_yaml_round_trip_and_unknown_keys(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("epochs: 3\nbatch-size: 8\nmodel: vit_tiny_patch16\n")
-    settings = read_yaml_settings(path)
+    settings = read_yaml_settings(path, FinetuneSettings)
     assert settings == {"epochs": 3, "batch_size": 8, "model": "vit_tiny_patch16"}
-    cfg = FinetuneConfig(**{**to_dict(FinetuneConfig()), **settings})
+    cfg = FinetuneSettings(**{**to_dict(FinetuneSettings()), **settings})
     assert cfg.batch_size == 8
     path.write_text("epoch: 3\n")
     with pytest.raises(ConfigError, match="unknown setting.*epoch"):
-        read_yaml_settings(path)
+        read_yaml_settings(path, FinetuneSettings)
     path.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
-        read_yaml_settings(path)
+        read_yaml_settings(path, FinetuneSettings)
     with pytest.raises(ConfigError, match="does not exist"):
-        read_yaml_settings(tmp_path / "none.yaml")
+        read_yaml_settings(tmp_path / "none.yaml", FinetuneSettings)
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -54,15 +54,15 @@ def test_yaml_round_trip_and_unknown_keys(tmp_path):
     ({"data_path": None, "manifest": "m.csv", "task": "regression", "mixup": 0.8}, "--mixup/--cutmix apply to"),
 ])
 def test_validation_names_the_option(changes, message):
-    cfg = FinetuneConfig(**{"out": "run", "data_path": "data", **changes})
+    cfg = FinetuneSettings(**{"out": "run", "data_path": "data", **changes})
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
 
 
 def test_task_columns_and_thresholds():
-    cfg = FinetuneConfig(out="r", manifest="m.csv", task="multilabel", labels=" drusen, srf ,", threshold="youden")
+    cfg = FinetuneSettings(out="r", manifest="m.csv", task="multilabel", labels=" drusen, srf ,", threshold="youden")
     cfg.validate()
     assert cfg.names_list() == ["drusen", "srf"] and cfg.threshold_value() is None
-    assert FinetuneConfig(out="r", manifest="m.csv", task="multilabel").threshold_value() == 0.5
+    assert FinetuneSettings(out="r", manifest="m.csv", task="multilabel").threshold_value() == 0.5
     with pytest.raises(ConfigError, match="lists a column twice"):
-        FinetuneConfig(out="r", manifest="m.csv", task="regression", targets="age,age").names_list()
+        FinetuneSettings(out="r", manifest="m.csv", task="regression", targets="age,age").names_list()

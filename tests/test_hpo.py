@@ -13,7 +13,7 @@ from conftest import tiny_finetune_config
 
 from retinafm.cli import main
 from retinafm.files import OutputExistsError
-from retinafm.settings import FinetuneConfig
+from retinafm.settings import FinetuneSettings
 from retinafm.workflows.finetune import FinetuneResult
 from retinafm.workflows.tune import (
     TuneError,
@@ -60,7 +60,7 @@ def test_three_trials_write_the_study_files_and_never_touch_test(demo_data, tmp_
 def test_search_space_only_holds_what_applies():
     def keys(**cfg):
         trial = optuna.create_study().ask()
-        return set(search_space(trial, FinetuneConfig(**cfg)))
+        return set(search_space(trial, FinetuneSettings(**cfg)))
 
     assert keys(adaptation="lp") == {"lr", "weight_decay"}
     assert keys() == {"lr", "weight_decay", "layer_decay", "drop_path"}
@@ -72,7 +72,7 @@ def test_search_space_only_holds_what_applies():
 
 
 def test_trials_are_short_with_the_same_share_of_warmup(tmp_path):
-    base = FinetuneConfig(out=str(tmp_path), data_path="d", epochs=50, warmup_epochs=10)
+    base = FinetuneSettings(out=str(tmp_path), data_path="d", epochs=50, warmup_epochs=10)
     cfg = trial_config(base, {"lr": 1e-4}, 10, tmp_path / "t")
     assert (cfg.epochs, cfg.warmup_epochs, cfg.lr, cfg.out) == (10, 2, 1e-4, str(tmp_path / "t"))
     assert trial_config(base, {}, 1, tmp_path / "t").warmup_epochs == 0
@@ -98,18 +98,18 @@ def test_an_existing_folder_is_not_overwritten(demo_data, tmp_path):
 
 
 def test_the_printed_command_parses_back_to_the_same_settings(tmp_path):
-    cfg = FinetuneConfig(out=str(tmp_path / "best dir"), manifest="m.csv", task="regression", targets="age,sbp",
+    cfg = FinetuneSettings(out=str(tmp_path / "best dir"), manifest="m.csv", task="regression", targets="age,sbp",
                          head="transformer", head_num_heads=8, lr=0.00012345678901234, layer_decay=0.71,
                          huber_beta=1.5, pos_weight=False, epochs=30)
-    other = FinetuneConfig(out="o", data_path="it's here", task="multiclass", adaptation="lp", lp_mode="sgd", lr=0.1 + 0.2,
+    other = FinetuneSettings(out="o", data_path="it's here", task="multiclass", adaptation="lp", lp_mode="sgd", lr=0.1 + 0.2,
                            weight_decay=1e-6 * 3, head="mlp", head_dropout=0.30000000000000004, warmup_epochs=3)
-    labels = FinetuneConfig(out="o", manifest="m.csv", task="multilabel", labels="a,b", pos_weight=True,
+    labels = FinetuneSettings(out="o", manifest="m.csv", task="multilabel", labels="a,b", pos_weight=True,
                             threshold="youden", overwrite=True)
     for config in (cfg, other, labels):
         args = shlex.split(finetune_command(config))
         assert args[:2] == ["retinafm", "finetune"] and "--overwrite" not in args and "--resume" not in args
         ctx = main.commands["finetune"].make_context("finetune", args[2:])
-        parsed = FinetuneConfig(**{k: v for k, v in ctx.params.items() if k != "resume"})
+        parsed = FinetuneSettings(**{k: v for k, v in ctx.params.items() if k != "resume"})
         assert parsed == dataclasses.replace(config, overwrite=False)
     assert "--pos-weight" in shlex.split(finetune_command(labels))
 

@@ -10,17 +10,17 @@ from retinafm.cli import main
 from retinafm.data.sources import DataSourceError
 from retinafm.models.registry import create_model, get_spec
 from retinafm.models.weights import WeightsError, load_backbone_weights
-from retinafm.settings import ConfigError, PretrainConfig
+from retinafm.settings import ConfigError, PretrainSettings
 from retinafm.workflows import pretrain as run_module
 from retinafm.workflows.pretrain import pretrain
 
 
-def tiny_pretrain_config(images, out, **overrides) -> PretrainConfig:
+def tiny_pretrain_config(images, out, **overrides) -> PretrainSettings:
     settings = dict(out=str(out), images=str(images), model="vit_micro_patch8", input_size=32, epochs=2,
                     warmup_epochs=1, batch_size=16, lr=1e-3, decoder_dim=32, decoder_depth=1, decoder_heads=4,
                     reconstructions=2, num_workers=0, device="cpu", out_dim=32, local_crops=2)
     settings.update(overrides)
-    return PretrainConfig(**settings)
+    return PretrainSettings(**settings)
 
 
 @pytest.fixture(scope="module")

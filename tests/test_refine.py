@@ -11,7 +11,7 @@ from retinafm.data.sources import DataSourceError
 from retinafm.data.synthetic import write_report_pairs
 from retinafm.models.registry import create_model, get_spec
 from retinafm.models.weights import load_backbone_weights
-from retinafm.settings import ConfigError, RefineConfig
+from retinafm.settings import ConfigError, RefineSettings
 from retinafm.workflows import refine as run_module
 from retinafm.workflows.refine import refine
 
@@ -21,12 +21,12 @@ def pairs(tmp_path_factory):
     return write_report_pairs(tmp_path_factory.mktemp("pairs"), n_train=24, n_val=8, size=48, seed=0)
 
 
-def tiny_refine_config(pairs, text_model, out, **overrides) -> RefineConfig:
+def tiny_refine_config(pairs, text_model, out, **overrides) -> RefineSettings:
     settings = dict(out=str(out), pairs=str(pairs), model="vit_micro_patch8", weights="none", input_size=32,
                     text_model=str(text_model), epochs=2, warmup_epochs=1, batch_size=8, lr=1e-3, embed_dim=16,
                     max_length=32, num_workers=0, device="cpu", probe_bootstrap=0)
     settings.update(overrides)
-    return RefineConfig(**settings)
+    return RefineSettings(**settings)
 
 
 @pytest.fixture(scope="module")

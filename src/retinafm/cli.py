@@ -19,9 +19,9 @@ from retinafm.settings import (
     PRECISIONS,
     TASK_NAMES,
     ConfigError,
-    FinetuneConfig,
-    PretrainConfig,
-    RefineConfig,
+    FinetuneSettings,
+    PretrainSettings,
+    RefineSettings,
     read_yaml_settings,
 )
 
@@ -130,7 +130,7 @@ def _apply(options: list[Callable]) -> Callable:
     return decorate
 
 
-def read_yaml_settings_lenient(path: Path, cls: type = FinetuneConfig) -> dict[str, Any]:
+def read_yaml_settings_lenient(path: Path, cls: type = FinetuneSettings) -> dict[str, Any]:
     """A run's saved config.yaml also records derived values (class names); keep only settings."""
     import yaml
 
@@ -140,7 +140,7 @@ def read_yaml_settings_lenient(path: Path, cls: type = FinetuneConfig) -> dict[s
     return {k: v for k, v in data.items() if k in config_fields(cls)}
 
 
-D = FinetuneConfig()
+D = FinetuneSettings()
 
 
 def cpu_int8_option() -> Callable:
@@ -169,7 +169,7 @@ def oct_frames_option(default: str | None = "middle") -> Callable:
 def finetune_options(command: Callable) -> Callable:
     """The finetune flags, shared by `finetune` and `tune` (which searches some of them)."""
     options = [
-        *run_options(FinetuneConfig),
+        *run_options(FinetuneSettings),
         click.option("--data-path", type=click.Path(), help="Folder DATA/{train,val,test}/<class>/<image>."),
         click.option("--manifest", type=click.Path(),
                      help="CSV: path, split [, patient_id] and label | 0/1 label columns | numeric targets."),
@@ -265,7 +265,7 @@ def finetune_cmd(resume: str | None, **options: Any) -> None:
 
     if resume:
         options["out"] = resume
-    cfg = FinetuneConfig(**options, resume=bool(resume))
+    cfg = FinetuneSettings(**options, resume=bool(resume))
     result = _run(lambda: finetune(cfg))
     if _primary():
         click.echo(f"run directory: {result.run_dir}")
@@ -289,7 +289,7 @@ def tune_cmd(resume: str | None, trials: int, tune_epochs: int, direction: str, 
 
     if resume:
         raise click.UsageError("tune has no --resume; give --storage to continue a study")
-    cfg = FinetuneConfig(**options)
+    cfg = FinetuneSettings(**options)
     settings = TuneSettings(trials=trials, tune_epochs=tune_epochs, direction=direction, storage=storage,
                             study_name=study_name, timeout=timeout)
     result = _run(lambda: tune(cfg, settings),
@@ -312,7 +312,7 @@ def label_efficiency_cmd(resume: str | None, fractions: str, seeds: int, metric:
 
     if resume:
         raise click.UsageError("label-efficiency has no --resume")
-    result = _run(lambda: label_efficiency(FinetuneConfig(**options), parse_fractions(fractions), seeds,
+    result = _run(lambda: label_efficiency(FinetuneSettings(**options), parse_fractions(fractions), seeds,
                                            metric=metric))
     click.echo(f"study folder: {result.out}")
 
@@ -514,11 +514,11 @@ def embed_cmd(images: str, out: str, overwrite: bool, **options: Any) -> None:
                        f"{res.out.with_name(res.out.stem + '_skipped.csv')}")
 
 
-P = PretrainConfig()
+P = PretrainSettings()
 
 
 @main.command("pretrain")
-@_apply(run_options(PretrainConfig))
+@_apply(run_options(PretrainSettings))
 @click.option("--images", default=P.images, type=click.Path(),
               help="Unlabelled images: any folder (searched recursively; labels ignored) or a manifest CSV.")
 @click.option("--splits", default=None, help="Keep only these splits (e.g. train,val) when the images carry one.")
@@ -570,18 +570,18 @@ def pretrain_cmd(resume: str | None, **options: Any) -> None:
 
     if resume:
         options["out"] = resume
-    cfg = PretrainConfig(**options, resume=bool(resume))
+    cfg = PretrainSettings(**options, resume=bool(resume))
     result = _run(lambda: pretrain(cfg), on_interrupt="Continue with `retinafm pretrain --resume RUN_DIR`.")
     if _primary():
         click.echo(f"run directory: {result.run_dir}")
     dist_utils.cleanup()
 
 
-R = RefineConfig()
+R = RefineSettings()
 
 
 @main.command("refine")
-@_apply(run_options(RefineConfig))
+@_apply(run_options(RefineSettings))
 @click.option("--pairs", default=R.pairs, type=click.Path(), help="CSV of image-report pairs: path, report [, split].")
 @click.option("--out", default=R.out, type=click.Path(file_okay=False), help="Run directory to create.")
 @click.option("--model", default=R.model, show_default=True, help="Zoo name or timm ViT architecture.")
@@ -624,7 +624,7 @@ def refine_cmd(resume: str | None, **options: Any) -> None:
 
     if resume:
         options["out"] = resume
-    cfg = RefineConfig(**options, resume=bool(resume))
+    cfg = RefineSettings(**options, resume=bool(resume))
 
     def work():
         try:

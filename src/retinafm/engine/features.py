@@ -14,7 +14,7 @@ from retinafm.data.transforms import EVAL_CROP_PCT, Preprocessing
 from retinafm.engine.checkpoint import CheckpointError, load_checkpoint, meta_of
 from retinafm.engine.inference import check_onnx_options, is_onnx, load_onnx
 from retinafm.models.onnx import OnnxModel
-from retinafm.settings import FinetuneConfig, check_preprocessing, parse_oct_frames
+from retinafm.settings import FinetuneSettings, check_preprocessing, parse_oct_frames
 
 POOLS = {"cls": "token", "avg": "avg"}  # --pool -> timm's global_pool
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -41,7 +41,7 @@ class EmbedSettings:
     precision: str = "auto"  # autocast: auto (per machine), fp32, bf16 or fp16
 
     @classmethod
-    def for_run(cls, cfg: FinetuneConfig) -> "EmbedSettings":
+    def for_run(cls, cfg: FinetuneSettings) -> "EmbedSettings":
         """The settings a linear-probe run (finetune --adaptation lp, label-efficiency) embeds with:
         the run's model, image recipe and volumes, float32 for the probe."""
         return cls(model=cfg.model, weights=cfg.weights, input_size=cfg.input_size,

@@ -21,7 +21,7 @@ def make_task(name: str, output_names: Sequence[str], **state: Any) -> Task:
 
 
 def task_from_config(cfg: Any, output_names: Sequence[str]) -> Task:
-    """A new run's task from FinetuneConfig settings (before fit/calibrate)."""
+    """A new run's task from FinetuneSettings settings (before fit/calibrate)."""
     if cfg.task == "multilabel":
         return MultilabelTask(tuple(output_names), threshold=cfg.threshold_value(), use_pos_weight=cfg.pos_weight)
     if cfg.task == "regression":

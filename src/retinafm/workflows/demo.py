@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from retinafm.files import OutputExistsError, write_text
-from retinafm.settings import FinetuneConfig, PretrainConfig
+from retinafm.settings import FinetuneSettings, PretrainSettings
 
 MARKER = ".retinafm-demo"
 AUROC_TARGET = 0.9
@@ -37,11 +37,11 @@ class DemoSummary:
     scratch_auroc: Optional[float] = None  # the same fine-tune without MAE pretraining
 
 
-def demo_config(out: Path, epochs: Optional[int] = None) -> FinetuneConfig:
+def demo_config(out: Path, epochs: Optional[int] = None) -> FinetuneSettings:
     """Settings for a from-scratch tiny ViT: no pretrained weights exist offline, so no layer decay,
     a milder crop (lesions must stay in view) and a short warmup."""
     epochs = epochs or 30
-    return FinetuneConfig(
+    return FinetuneSettings(
         out=str(out / "run"),
         data_path=str(out / "data"),
         model="vit_micro_patch8",
@@ -64,10 +64,10 @@ def demo_config(out: Path, epochs: Optional[int] = None) -> FinetuneConfig:
     )
 
 
-def demo_pretrain_config(out: Path, epochs: int = PRETRAIN_EPOCHS) -> PretrainConfig:
+def demo_pretrain_config(out: Path, epochs: int = PRETRAIN_EPOCHS) -> PretrainSettings:
     """MAE on the demo's train + val images (labels unused): a decoder in proportion to the tiny
     encoder, a learning rate for a short schedule (MAE's blr suits batches of thousands)."""
-    return PretrainConfig(
+    return PretrainSettings(
         out=str(out / "pretrain"), images=str(out / "data"), splits="train,val", method="mae",
         model="vit_micro_patch8", input_size=64, epochs=epochs, warmup_epochs=max(1, epochs // 20), batch_size=64,
         lr=1.5e-3, decoder_dim=128, decoder_depth=2, decoder_heads=4, reconstructions=4, num_workers=2,

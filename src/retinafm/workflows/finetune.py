@@ -51,7 +51,7 @@ from retinafm.plots import plot_training_curves
 from retinafm.runtime import distributed as dist_utils
 from retinafm.runtime.device import amp_dtype, precision_name, resolve_device
 from retinafm.runtime.rng import rng_state, seed_everything
-from retinafm.settings import ConfigError, FinetuneConfig, to_dict
+from retinafm.settings import ConfigError, FinetuneSettings, to_dict
 from retinafm.tasks import task_from_config
 from retinafm.workflows.report import write_report
 
@@ -74,7 +74,7 @@ def _say(msg: str) -> None:
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
-def finetune(cfg: FinetuneConfig, *, on_epoch: Optional[EpochCallback] = None,
+def finetune(cfg: FinetuneSettings, *, on_epoch: Optional[EpochCallback] = None,
              evaluate_test: bool = True) -> FinetuneResult:
     """Fine-tune (or linear-probe) a zoo model on a labelled folder or manifest.
 
@@ -108,7 +108,7 @@ def samples_table(data: LabelledData, include_test: bool = True) -> pd.DataFrame
     return frame.drop(columns="patient_id") if frame["patient_id"].isna().all() else frame
 
 
-def _feature_probe(cfg: FinetuneConfig, data: LabelledData, run_dir: Path, evaluate_test: bool) -> FinetuneResult:
+def _feature_probe(cfg: FinetuneSettings, data: LabelledData, run_dir: Path, evaluate_test: bool) -> FinetuneResult:
     """--adaptation lp: every image through the frozen backbone once, then the scikit-learn probe."""
     from retinafm.engine.features import EmbedSettings
     from retinafm.workflows.embed import embed
@@ -130,7 +130,7 @@ def _feature_probe(cfg: FinetuneConfig, data: LabelledData, run_dir: Path, evalu
                           {"checkpoint": result.checkpoint, "embeddings": embeddings})
 
 
-def _finetune(cfg: FinetuneConfig, device: torch.device, on_epoch: Optional[EpochCallback],
+def _finetune(cfg: FinetuneSettings, device: torch.device, on_epoch: Optional[EpochCallback],
               evaluate_test: bool) -> FinetuneResult:
     run_dir, last_path = open_run_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     best_path = run_dir / "checkpoint-best.pth"
@@ -297,7 +297,7 @@ def _load_pretrained(model: nn.Module, spec: ModelSpec, weights: Optional[str]) 
     _say(report.summary())
 
 
-def _evaluate_best(model, samples, transform, device, dtype: Optional[torch.dtype], cfg: FinetuneConfig,
+def _evaluate_best(model, samples, transform, device, dtype: Optional[torch.dtype], cfg: FinetuneSettings,
                    run_dir: Path, skip_log: SkipLog, result: FinetuneResult) -> dict[str, float]:
     """Test metrics, predictions and plots of the best checkpoint (not the last epoch), with the
     task state (thresholds) chosen on validation for those weights."""
@@ -329,7 +329,7 @@ def _write_skipped(run_dir: Path, skip_log: SkipLog, result: FinetuneResult) -> 
         _say(f"{len(merged)} unreadable file(s) skipped; see {run_dir / 'skipped.csv'}")
 
 
-def _check_resume_fits(state: dict[str, Any], data: LabelledData, cfg: FinetuneConfig) -> None:
+def _check_resume_fits(state: dict[str, Any], data: LabelledData, cfg: FinetuneSettings) -> None:
     meta = meta_of(state)
     if meta.task != cfg.task:
         raise ConfigError(f"--resume: the run is a {meta.task} task, not --task {cfg.task}")

@@ -21,7 +21,7 @@ from retinafm.data.sources import DataSourceError, load_labelled
 from retinafm.data.splits import rarest_positive
 from retinafm.files import prepare_output_dir, write_csv, write_yaml
 from retinafm.plots import plot_label_efficiency
-from retinafm.settings import ConfigError, FinetuneConfig
+from retinafm.settings import ConfigError, FinetuneSettings
 
 
 @dataclass
@@ -65,7 +65,7 @@ def _strata(task_name: str, targets: np.ndarray) -> np.ndarray:
     return np.zeros(len(targets), dtype=int)  # regression: a plain random subset
 
 
-def label_efficiency(cfg: FinetuneConfig, fractions: Sequence[float], seeds: int = 3, *,
+def label_efficiency(cfg: FinetuneSettings, fractions: Sequence[float], seeds: int = 3, *,
                      metric: Optional[str] = None, quiet: bool = False) -> LabelEfficiencyResult:
     """Run the study into cfg.out (cfg.adaptation: 'lp' uses cached features, 'finetune' full runs)."""
     cfg.validate()

@@ -51,7 +51,7 @@ from retinafm.objectives.mae import DECODER_PREFIXES, MaskedAutoencoder
 from retinafm.runtime import distributed as dist_utils
 from retinafm.runtime.device import amp_dtype, precision_name
 from retinafm.runtime.rng import rng_state
-from retinafm.settings import ConfigError, PretrainConfig, to_dict
+from retinafm.settings import ConfigError, PretrainSettings, to_dict
 
 META_KEY = "retinafm_pretrain"  # not "retinafm": that names a fine-tuned checkpoint `predict` can run
 
@@ -77,7 +77,7 @@ class _LossOutput(nn.Module):
         return output[0] if isinstance(output, tuple) else output
 
 
-def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> PretrainResult:
+def pretrain(cfg: PretrainSettings, *, progress: bool = True) -> PretrainResult:
     cfg.validate()
     device, run_dir, last_path = begin_run(cfg.out, device=cfg.device, resume=cfg.resume, overwrite=cfg.overwrite,
                                            seed=cfg.seed)
@@ -203,7 +203,7 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> PretrainResult:
     return PretrainResult(run_dir, last_path, len(rows), float(rows[-1]["train_loss"]) if rows else float("nan"), files)
 
 
-def pretraining_images(cfg: PretrainConfig) -> list[str]:
+def pretraining_images(cfg: PretrainSettings) -> list[str]:
     """Every image `--images` names (labels ignored), restricted to `--splits` when given."""
     from retinafm.data.images import image_table
 
@@ -257,7 +257,7 @@ def _load_decoder(mae: MaskedAutoencoder, path: str) -> None:
     _say(f"decoder: {len(decoder)} tensors from {path}")
 
 
-def _check_resume_fits(state: dict[str, Any], cfg: PretrainConfig, spec: ModelSpec) -> None:
+def _check_resume_fits(state: dict[str, Any], cfg: PretrainSettings, spec: ModelSpec) -> None:
     meta = state.get(META_KEY)
     if not isinstance(meta, dict):
         raise ConfigError(f"--resume: {cfg.out}/checkpoint-last.pth is not a retinafm pretraining checkpoint")
@@ -266,7 +266,7 @@ def _check_resume_fits(state: dict[str, Any], cfg: PretrainConfig, spec: ModelSp
                           f"--model {spec.name}")
 
 
-def _reconstruction_batch(paths: list[str], cfg: PretrainConfig, input_size: int, spec: ModelSpec,
+def _reconstruction_batch(paths: list[str], cfg: PretrainSettings, input_size: int, spec: ModelSpec,
                           preprocessing: Preprocessing) -> Optional[torch.Tensor]:
     """The first readable images, centre-cropped, drawn after every epoch with the same mask."""
     dataset = ImageDataset(paths[: cfg.reconstructions * 3], [None] * min(len(paths), cfg.reconstructions * 3),

@@ -44,7 +44,7 @@ from retinafm.objectives.vision_language import (
 from retinafm.runtime import distributed as dist_utils
 from retinafm.runtime.device import amp_dtype, autocast, precision_name
 from retinafm.runtime.rng import rng_state
-from retinafm.settings import ConfigError, RefineConfig, to_dict
+from retinafm.settings import ConfigError, RefineSettings, to_dict
 
 META_KEY = "retinafm_refine"
 BACKBONE = "backbone.safetensors"
@@ -94,7 +94,7 @@ def read_pairs(path: str | Path, oct_frames: str | int = "middle") -> pd.DataFra
     return out
 
 
-def refine(cfg: RefineConfig, *, progress: bool = True) -> RefineResult:
+def refine(cfg: RefineSettings, *, progress: bool = True) -> RefineResult:
     cfg.validate()
     device, run_dir, last_path = begin_run(cfg.out, device=cfg.device, resume=cfg.resume, overwrite=cfg.overwrite,
                                            seed=cfg.seed)
@@ -256,7 +256,7 @@ def export_backbone(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-def _check_resume_fits(state: dict[str, Any], cfg: RefineConfig, spec) -> None:
+def _check_resume_fits(state: dict[str, Any], cfg: RefineSettings, spec) -> None:
     meta = state.get(META_KEY)
     if not isinstance(meta, dict):
         raise ConfigError(f"--resume: {cfg.out}/checkpoint-last.pth is not a retinafm refinement checkpoint")
@@ -265,7 +265,7 @@ def _check_resume_fits(state: dict[str, Any], cfg: RefineConfig, spec) -> None:
                           f"--model {spec.name} --text-model {cfg.text_model}")
 
 
-def probe_before_after(cfg: RefineConfig, model_name: str, original: Optional[str], refined: Path, input_size: int,
+def probe_before_after(cfg: RefineSettings, model_name: str, original: Optional[str], refined: Path, input_size: int,
                        run_dir: Path) -> pd.DataFrame:
     """Linear probes on `cfg.probe_on` with the backbone before and after refinement, as RetFiner's
     table compares them: test metrics (validation when there is no test split) side by side."""

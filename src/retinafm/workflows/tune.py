@@ -21,7 +21,7 @@ import pandas as pd
 
 from retinafm.engine.loop import NonFiniteLossError
 from retinafm.files import atomic_path, prepare_output_dir, write_csv, write_json
-from retinafm.settings import ConfigError, FinetuneConfig
+from retinafm.settings import ConfigError, FinetuneSettings
 from retinafm.tasks import TASKS
 
 
@@ -56,7 +56,7 @@ class TuneResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def search_space(trial: optuna.Trial, cfg: FinetuneConfig) -> dict[str, Any]:
+def search_space(trial: optuna.Trial, cfg: FinetuneSettings) -> dict[str, Any]:
     """The settings of one trial: only those that act on this configuration."""
     params: dict[str, Any] = {
         "lr": trial.suggest_float("lr", 5e-5, 5e-3, log=True),
@@ -76,7 +76,7 @@ def search_space(trial: optuna.Trial, cfg: FinetuneConfig) -> dict[str, Any]:
     return params
 
 
-def trial_config(base: FinetuneConfig, params: dict[str, Any], epochs: int, out: Path) -> FinetuneConfig:
+def trial_config(base: FinetuneSettings, params: dict[str, Any], epochs: int, out: Path) -> FinetuneSettings:
     """`base` with a trial's settings, shortened to `epochs` with the same share of warmup."""
     warmup = min(round(base.warmup_epochs * epochs / base.epochs), epochs - 1) if base.epochs else 0
     # Trials train by epochs (pruned on validation): a probe searched this way is RETFound's SGD probe.
@@ -84,7 +84,7 @@ def trial_config(base: FinetuneConfig, params: dict[str, Any], epochs: int, out:
                                resume=False, overwrite=True)
 
 
-def tune(base: FinetuneConfig, settings: TuneSettings) -> TuneResult:
+def tune(base: FinetuneSettings, settings: TuneSettings) -> TuneResult:
     """Run (or continue, with storage) a study; write its summary files into `base.out`."""
     from retinafm.workflows.finetune import finetune
 
@@ -129,7 +129,7 @@ def tune(base: FinetuneConfig, settings: TuneSettings) -> TuneResult:
     return _write_summary(study, base, settings, metric)
 
 
-def _open_study(out: Path, base: FinetuneConfig, settings: TuneSettings) -> optuna.Study:
+def _open_study(out: Path, base: FinetuneSettings, settings: TuneSettings) -> optuna.Study:
     name = settings.study_name or out.resolve().name
     # A study already in --storage is continued in its folder; anything else needs an empty --out.
     in_use = out.is_dir() and any(out.iterdir())
@@ -184,7 +184,7 @@ def _drop_checkpoints(run: Path, keep_best: bool) -> None:
         (run / "checkpoint-best.pth").unlink(missing_ok=True)
 
 
-def _write_summary(study: optuna.Study, base: FinetuneConfig, settings: TuneSettings, metric: str) -> TuneResult:
+def _write_summary(study: optuna.Study, base: FinetuneSettings, settings: TuneSettings, metric: str) -> TuneResult:
     out = Path(base.out)
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
     files = {"trials": write_csv(out / "trials.csv", study.trials_dataframe())}
@@ -234,12 +234,12 @@ def _plot_history(study: optuna.Study, path: Path, metric: str) -> Path:
     return path
 
 
-def finetune_command(cfg: FinetuneConfig) -> str:
+def finetune_command(cfg: FinetuneSettings) -> str:
     """The `retinafm finetune` command line for `cfg`: the data source, --out and every setting
     that differs from the default, shell-quoted."""
-    defaults = FinetuneConfig()
+    defaults = FinetuneSettings()
     parts = ["retinafm", "finetune"]
-    for f in dataclasses.fields(FinetuneConfig):
+    for f in dataclasses.fields(FinetuneSettings):
         value = getattr(cfg, f.name)
         if f.name in ("resume", "overwrite") or value is None:
             continue

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test install clean browser bench bench-gpu
+.PHONY: demo test install clean browser bench bench-gpu docs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -n 2 -q
+
+# The manual (docs/, MkDocs Material) as a website in site/; --strict fails on a broken link.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
 
 # Side-by-side timings on this machine (2-core CPU: 8-9 minutes); results go in benchmarks/RESULTS.md by hand.
 # ViT-B runs the fundus case only, on fewer images, to stay within 10 minutes (all rows: RESULTS.md). Its
@@ -44,4 +48,4 @@ browser:
 	else echo "chromium not found (apt-get as root needed to install it): the report's browser test will be skipped"; fi
 
 clean:
-	rm -rf demo_output .pytest_cache
+	rm -rf demo_output .pytest_cache site build dist

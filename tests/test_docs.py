@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+# The checkout: the nearest folder above this file with a pyproject.toml (tests may sit in subfolders).
+REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 
 
 def test_mkdocs_build_strict_has_no_warnings(tmp_path):

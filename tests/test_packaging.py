@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+# The checkout: the nearest folder above this file with a pyproject.toml (tests may sit in subfolders).
+REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 SUBPACKAGES = ("settings", "data", "models", "tasks", "stats", "runtime", "engine", "objectives", "workflows")
 TEMPLATE = "retinafm/workflows/templates/report.html.j2"
 

@@ -58,6 +58,7 @@ def test_wheel_holds_every_subpackage_the_template_and_the_command(wheel):
     assert entry_points["console_scripts"]["retinafm"].strip() == "retinafm.cli:main"
 
 
+@pytest.mark.slow  # a venv, a pip install and two fresh interpreters: 3-12 s
 def test_wheel_installs_in_a_clean_venv_with_a_working_command_and_template(wheel, tmp_path):
     venv = tmp_path / "venv"
     # --system-site-packages as asked of a clean install; the dependencies (torch, …) come from the test

@@ -29,6 +29,7 @@ from retinafm.settings.base import (
     field_types,
     fit_warmup,
     flag_name,
+    flag_text,
     list_item_type,
     parse_oct_frames,
     read_yaml_settings,
@@ -48,7 +49,7 @@ __all__ = [
     "TASK_NAMES", "HEADS", "MODALITIES", "PRECISIONS", "TaskName", "Head", "Modality", "Precision", "OctFrames",
     "OCT_FRAMES_HELP", "PRECISION_HELP", "ConfigError", "Settings", "parse_oct_frames", "check_preprocessing",
     "_at_least_one", "_check_warmup", "_check_crop_scale", "check_device", "check_precision", "setting", "flag_name",
-    "config_fields", "field_types", "unwrap_optional", "list_item_type", "comma_list", "fit_warmup",
+    "flag_text", "config_fields", "field_types", "unwrap_optional", "list_item_type", "comma_list", "fit_warmup",
     "read_yaml_settings", "to_dict", "FinetuneSettings", "PRETRAIN_DEFAULTS", "VISION_LANGUAGE_LOSSES",
     "PretrainSettings", "RefineSettings",
 ]

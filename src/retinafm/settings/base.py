@@ -168,6 +168,13 @@ def fit_warmup(cfg: Any, given: Collection[str]) -> list[str]:
             f"warming up for {epochs} epoch{'s' if epochs != 1 else ''}"]
 
 
+def flag_text(value: Any) -> str:
+    """A setting's value as typed after its flag: a list comma-separated, a float exactly (repr)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(flag_text(v) for v in value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 def config_fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 

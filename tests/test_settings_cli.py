@@ -160,3 +160,39 @@ def test_a_short_finetune_runs_without_warmup_epochs(demo_data, tmp_path):
                                "--out", str(tmp_path / "r3"), *TINY])
     assert res.exit_code == 2 and "--warmup-epochs must be between 0 and --epochs (1)" in res.output
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
+
+
+@pytest.mark.parametrize("verb,cls", [("split", "SplitSettings"), ("compare", "CompareSettings"),
+                                      ("import", "ImportSettings")])
+def test_smaller_verbs_take_their_options_from_settings(verb, cls):
+    import retinafm.settings as settings
+
+    cls = getattr(settings, cls)
+    params = {p.name: p for p in main.commands[verb].params if p.param_type_name == "option"}
+    assert set(params) == {f.name for f in dataclasses.fields(cls)}
+    for field in dataclasses.fields(cls):
+        param = params[field.name]
+        assert param.help == field.metadata["help"] and param.required == bool(field.metadata.get("required"))
+        if not param.required:
+            assert param.default == field.default
+
+
+def test_split_workflow_takes_its_settings(tmp_path):
+    import pandas as pd
+
+    from retinafm.settings import SplitSettings
+    from retinafm.workflows.split import check_leakage, split
+
+    frame = pd.DataFrame({"path": [f"img_{i}.png" for i in range(80)],
+                          "patient_id": [f"p{i // 2:02d}" for i in range(80)],
+                          "label": ["dr" if (i // 2) % 3 == 0 else "normal" for i in range(80)]})
+    frame.to_csv(tmp_path / "m.csv", index=False)
+    cfg = SplitSettings(manifest=str(tmp_path / "m.csv"), out=str(tmp_path / "s.csv"), seed=3)
+    result = split(cfg)
+    written = pd.read_csv(tmp_path / "s.csv")
+    assert list(written["path"]) == list(frame["path"]) and set(written["split"]) == {"train", "val", "test"}
+    assert (written.groupby("patient_id")["split"].nunique() == 1).all()
+    assert result.info["groups"] == 40 and len(result.manifest) == 80
+    assert check_leakage(SplitSettings(manifest=str(tmp_path / "s.csv"))).report.empty
+    with pytest.raises(ConfigError, match="give --out FILE.csv"):
+        split(SplitSettings(manifest=str(tmp_path / "m.csv")))

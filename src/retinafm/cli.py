@@ -25,10 +25,13 @@ from retinafm.settings import (
     PRECISION_HELP,
     PRECISIONS,
     TASK_NAMES,
+    CompareSettings,
     ConfigError,
     FinetuneSettings,
+    ImportSettings,
     PretrainSettings,
     RefineSettings,
+    SplitSettings,
     comma_list,
     field_types,
     flag_name,
@@ -119,12 +122,13 @@ def field_option(cls: type, field: dataclasses.Field, **overrides: Any) -> Calla
     """The click option of one settings field: its flag, type, default and help come from the field.
 
     bool -> a flag (--x, or --x/--no-x when the default is on); Literal -> click.Choice; list ->
-    comma-separated text parsed into a list; Optional[...] -> the same with no default; a `path`
-    entry in the field's metadata -> click.Path(**path)."""
+    comma-separated text parsed into a list; Optional[...] -> the same with no default. Metadata of
+    the field: `path` -> click.Path(**path); `flag` -> another spelling (--on for split);
+    `required` -> the option must be given."""
     annotation = field_types(cls)[field.name]
     inner, _ = unwrap_optional(annotation)
     default = field.default_factory() if field.default is dataclasses.MISSING else field.default  # type: ignore[misc]
-    flag = flag_name(field.name)
+    flag = field.metadata.get("flag", flag_name(field.name))
     decls = [flag]
     kwargs: dict[str, Any] = {"help": field.metadata.get("help") or None}
     if inner is bool:
@@ -145,6 +149,8 @@ def field_option(cls: type, field: dataclasses.Field, **overrides: Any) -> Calla
         else:
             kind = inner if inner in (int, float) else str
         kwargs.update(type=kind, default=default, show_default=default not in (None, ""))
+        if field.metadata.get("required"):  # no default to show: the command line must give it
+            kwargs.update(required=True, default=None, show_default=False)
     kwargs.update(overrides)
     return click.option(*decls, field.name, **kwargs)
 
@@ -385,22 +391,16 @@ def evaluate_cmd(checkpoint: str, data_path: str | None, manifest: str | None, s
 
 @main.command("compare")
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
-@click.option("--on", "split_name", default="test", show_default=True, help="Which split's predictions to compare.")
-@click.option("--out", default="comparison", show_default=True, type=click.Path(),
-              help="Folder for comparison.csv/.json and forest.png.")
-@click.option("--metric", default=None, help="Headline metric (default: the task's, e.g. auroc_macro or r2_macro).")
-@click.option("--bootstrap", type=int, default=1000, show_default=True, help="Paired bootstrap replicates.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--overwrite", is_flag=True)
-def compare_cmd(runs: tuple[str, ...], split_name: str, out: str, metric: str | None, bootstrap: int, seed: int,
-                overwrite: bool) -> None:
+@_apply(settings_options(CompareSettings))
+def compare_cmd(runs: tuple[str, ...], **options: Any) -> None:
     """Paired comparison of RUNS (the first is the reference) on the same images: metric difference
     with a paired bootstrap CI and p-value, DeLong's test per ROC curve; give folders of runs (one
     sub-folder per task) for a Wilcoxon signed-rank test across tasks."""
     from retinafm.workflows.compare import compare_runs
 
-    result = _run(lambda: compare_runs(runs, out, split=split_name, metric=metric, bootstrap=bootstrap, seed=seed,
-                                       overwrite=overwrite))
+    cfg = CompareSettings(**options)
+    result = _run(lambda: compare_runs(runs, cfg.out, split=cfg.split, metric=cfg.metric, bootstrap=cfg.bootstrap,
+                                       seed=cfg.seed, overwrite=cfg.overwrite))
     table = result.table()
     shown = table[["task", "model", "metric", "reference_value", "model_value", "difference", "ci_low", "ci_high",
                    "p_value", "test"]]
@@ -412,7 +412,7 @@ def compare_cmd(runs: tuple[str, ...], split_name: str, out: str, metric: str | 
         click.echo(f"Wilcoxon signed-rank over {entry['tasks']} tasks, {entry['model']} vs {entry['reference']} "
                    f"({entry['metric']}): better on {entry['model_better']}, p = {entry['p_value']:.4g}"
                    + (f"  ({entry['note']})" if entry.get("note") else ""))
-    click.echo(f"written to {out}")
+    click.echo(f"written to {cfg.out}")
 
 
 @main.command("report")
@@ -429,19 +429,14 @@ def report_cmd(run_dir: str, split_name: str) -> None:
 
 @main.command("import")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@click.option("--from", "source", type=click.Choice(["retfound"]), required=True,
-              help="Which codebase fine-tuned the checkpoint.")
-@click.option("--classes", required=True,
-              help="Class names in the order of the head's outputs (RETFound: sorted folder names), comma-separated.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="retinafm checkpoint to write.")
-@click.option("--overwrite", is_flag=True)
-def import_cmd(checkpoint: str, source: str, classes: str, out: str, overwrite: bool) -> None:
+@_apply(settings_options(ImportSettings))
+def import_cmd(checkpoint: str, **options: Any) -> None:
     """Turn a model fine-tuned elsewhere (RETFound's main_finetune.py) into a retinafm checkpoint
     with the identical forward, for `evaluate`, `predict` and `compare`."""
     from retinafm.workflows.import_ import import_retfound
 
-    names = [c.strip() for c in classes.split(",") if c.strip()]
-    result = _run(lambda: import_retfound(checkpoint, names, out, overwrite=overwrite))
+    cfg = ImportSettings(**options)
+    result = _run(lambda: import_retfound(checkpoint, cfg.classes, cfg.out, overwrite=cfg.overwrite))
     click.echo(f"wrote {result.out}: {result.variant} as timm {result.arch}, {len(result.class_names)} classes: "
                f"{', '.join(result.class_names)}; input {result.input_size}px")
 
@@ -632,35 +627,20 @@ def demo_cmd(out: str, epochs: int | None, pretrain_epochs: int | None, overwrit
 
 
 @main.command("split")
-@click.option("--manifest", required=True, type=click.Path(dir_okay=False),
-              help="CSV: path, a patient id column [, label | 0/1 label columns | targets] [, split].")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Manifest CSV to write with its split column; with --check, an optional CSV of the leaking ids.")
-@click.option("--by", default="patient_id", show_default=True,
-              help="Column whose rows stay in one split (the patient id); 'none' splits image by image.")
-@click.option("--ratios", default="0.7,0.15,0.15", show_default=True, help="train,val,test fractions of the patients.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--stratify", default=None,
-              help="Column to stratify on (default: label; else each row's rarest positive 0/1 label column; "
-                   "'none': no stratification). Numeric columns with many values go by quintile.")
-@click.option("--check", is_flag=True,
-              help="Don't split: list the ids whose images lie in more than one split of the manifest's split "
-                   "column; exit 1 if there are any, 0 when clean.")
-@click.option("--resplit", is_flag=True, help="Replace the split column the manifest already has.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-def split_cmd(manifest: str, out: str | None, by: str, ratios: str, seed: int, stratify: str | None, check: bool,
-              resplit: bool, overwrite: bool) -> None:
+@_apply(settings_options(SplitSettings))
+def split_cmd(**options: Any) -> None:
     """Patient-grouped, stratified, seeded train/val/test split of a manifest (paths unchanged), or
     with --check a patient-leakage report on the split it already has."""
-    from retinafm.workflows.split import check_leakage, group_column, split
+    from retinafm.workflows.split import check_leakage, split
 
-    group_by = group_column(by)
-    if check:
-        if group_by is None:
-            raise click.UsageError("--check needs --by COLUMN, the patient id column to check")
-        if resplit or stratify:
-            raise click.UsageError("--check only reads the existing split; --resplit and --stratify are for splitting")
-        leaks = _run(lambda: check_leakage(manifest, by=group_by, out=out, overwrite=overwrite))
+    cfg = SplitSettings(**options)
+    try:
+        cfg.validate()
+    except ConfigError as exc:  # which flags go together: a usage error, shown with the usage line
+        raise click.UsageError(str(exc)) from None
+    group_by, out = cfg.group_by, cfg.out
+    if cfg.check:
+        leaks = _run(lambda: check_leakage(cfg))
         report = leaks.report
         click.echo(leaks.summary.to_string())
         if report.empty:
@@ -675,14 +655,11 @@ def split_cmd(manifest: str, out: str | None, by: str, ratios: str, seed: int, s
             click.echo(f"written to {out}")
         sys.exit(1)
 
-    if not out:
-        raise click.UsageError("give --out FILE.csv for the split manifest (or --check to look for leakage)")
-    result = _run(lambda: split(manifest, out, by=group_by, ratios=ratios, seed=seed, stratify=stratify,
-                                resplit=resplit, overwrite=overwrite))
+    result = _run(lambda: split(cfg))
     info = result.info
     grouping = f"{info['groups']} {group_by} groups" if group_by else "image by image"
     click.echo(f"wrote {out}: {len(result.manifest)} images, {grouping}, stratified by {info['stratified_by']} "
-               f"(ratios {ratios}, seed {seed})")
+               f"(ratios {cfg.ratios}, seed {cfg.seed})")
     click.echo(result.summary.to_string())
 
 

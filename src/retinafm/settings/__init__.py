@@ -37,6 +37,7 @@ from retinafm.settings.base import (
     to_dict,
     unwrap_optional,
 )
+from retinafm.settings.commands import CompareSettings, ImportSettings, SplitSettings
 from retinafm.settings.training import (
     PRETRAIN_DEFAULTS,
     VISION_LANGUAGE_LOSSES,
@@ -51,5 +52,5 @@ __all__ = [
     "_at_least_one", "_check_warmup", "_check_crop_scale", "check_device", "check_precision", "setting", "flag_name",
     "flag_text", "config_fields", "field_types", "unwrap_optional", "list_item_type", "comma_list", "fit_warmup",
     "read_yaml_settings", "to_dict", "FinetuneSettings", "PRETRAIN_DEFAULTS", "VISION_LANGUAGE_LOSSES",
-    "PretrainSettings", "RefineSettings",
+    "PretrainSettings", "RefineSettings", "SplitSettings", "CompareSettings", "ImportSettings",
 ]

@@ -2,6 +2,7 @@
 unchanged), or a patient-leakage check of the split column it already has."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -10,6 +11,7 @@ import pandas as pd
 
 from retinafm.data import splits as sp
 from retinafm.files import refuse_existing_file, write_csv
+from retinafm.settings import ConfigError, SplitSettings
 
 
 @dataclass
@@ -27,35 +29,35 @@ class LeakageResult:
     out: Optional[Path]  # where the report was written, if asked
 
 
-def group_column(by: str) -> Optional[str]:
-    """--by COLUMN, or None for 'none' (image by image)."""
-    return None if by.strip().lower() == "none" else by.strip()
-
-
-def split(manifest: str | Path, out: str | Path, *, by: Optional[str] = "patient_id",
-          ratios: str = "0.7,0.15,0.15", seed: int = 0, stratify: Optional[str] = None, resplit: bool = False,
-          overwrite: bool = False) -> SplitResult:
-    """Write `manifest` with a new split column to `out`; a manifest that already has one is refused
-    unless `resplit`."""
-    refuse_existing_file(out, overwrite=overwrite)
+def split(settings: SplitSettings) -> SplitResult:
+    """Write the manifest with a new split column to `settings.out`; a manifest that already has one
+    is refused unless `settings.resplit`."""
+    settings.validate()
+    if settings.check:
+        raise ConfigError("--check looks for leakage (check_leakage); it does not split")
+    manifest, out, by = settings.manifest, str(settings.out), settings.group_by
+    refuse_existing_file(out, overwrite=settings.overwrite)
     frame = sp.read_manifest_table(manifest)
-    if sp.has_split(frame) and not resplit:
+    if sp.has_split(frame) and not settings.resplit:
         counts = sp.split_summary(frame, by=None, stratify="none")["images"].drop("total")
         raise sp.SplitError(f"--manifest {manifest} already has a split column "
                             f"({', '.join(f'{k} {v}' for k, v in counts.items())}); pass --resplit to replace "
                             "it, or check it for patient leakage with --check")
-    result = sp.split_manifest(frame, by=by, ratios=ratios, seed=seed, stratify=stratify)
-    summary = sp.split_summary(result, by=by, stratify=stratify)
+    result = sp.split_manifest(frame, by=by, ratios=settings.ratios, seed=settings.seed, stratify=settings.stratify)
+    summary = sp.split_summary(result, by=by, stratify=settings.stratify)
     write_csv(out, result)
     return SplitResult(Path(out), result, summary, result.attrs["split_info"])
 
 
-def check_leakage(manifest: str | Path, *, by: str = "patient_id", out: str | Path | None = None,
-                  overwrite: bool = False) -> LeakageResult:
-    """The ids of `by` whose images lie in more than one split of the manifest's split column."""
+def check_leakage(settings: SplitSettings) -> LeakageResult:
+    """The ids of `settings.by` whose images lie in more than one split of the manifest's split column
+    (written to `settings.out` when given)."""
+    settings = dataclasses.replace(settings, check=True)
+    settings.validate()
+    out, by = settings.out, str(settings.group_by)
     if out:
-        refuse_existing_file(out, overwrite=overwrite)
-    frame = sp.read_manifest_table(manifest)
+        refuse_existing_file(out, overwrite=settings.overwrite)
+    frame = sp.read_manifest_table(settings.manifest)
     report = sp.leakage_report(frame, by=by)
     summary = sp.split_summary(frame, by=by)
     if out:

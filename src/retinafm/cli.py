@@ -164,7 +164,8 @@ def settings_options(cls: type, *, exclude: tuple[str, ...] = (),
             if f.name not in exclude and f.metadata.get("cli", True)]
 
 
-CONFIG_KEYS = "retinafm.config_keys"  # ctx.meta: settings given in a --config file (chosen, like flags)
+# ctx.meta: settings chosen in a --config file or by the run --resume continues (like flags, never adapted)
+CHOSEN_KEYS = "retinafm.chosen_settings"
 
 
 def _config_loader(cls: type) -> Callable:
@@ -181,13 +182,15 @@ def _config_loader(cls: type) -> Callable:
                                          param_hint="--resume")
             saved = read_yaml_settings_lenient(config, cls)
             settings.update({k: v for k, v in saved.items() if k not in ("resume", "overwrite", "out")})
+            # The run's own settings are not defaults to adapt: a continued run keeps its schedule.
+            ctx.meta.setdefault(CHOSEN_KEYS, set()).update(settings)
         if value:
             try:
                 chosen = read_yaml_settings(value, cls)
             except ConfigError as exc:
                 raise click.BadParameter(str(exc), param_hint="--config") from None
             settings.update(chosen)
-            ctx.meta[CONFIG_KEYS] = set(chosen)
+            ctx.meta.setdefault(CHOSEN_KEYS, set()).update(chosen)
         if settings:
             ctx.default_map = {**(ctx.default_map or {}), **settings}
         return value
@@ -229,9 +232,9 @@ def settings_command(cls: type) -> Callable:
 
 
 def given_settings(options: dict[str, Any]) -> set[str]:
-    """The settings the user chose (a flag, an environment variable or --config) rather than defaults."""
+    """The settings the user chose (a flag, --config, the resumed run's config.yaml) rather than defaults."""
     ctx = click.get_current_context()
-    chosen = set(ctx.meta.get(CONFIG_KEYS, ()))
+    chosen = set(ctx.meta.get(CHOSEN_KEYS, ()))
     for name in options:
         source = ctx.get_parameter_source(name)
         if source is not None and source not in (click.core.ParameterSource.DEFAULT,

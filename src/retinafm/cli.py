@@ -33,6 +33,7 @@ from retinafm.settings import (
     RefineSettings,
     SplitSettings,
     comma_list,
+    config_fields,
     field_types,
     flag_name,
     list_item_type,
@@ -123,7 +124,7 @@ def field_option(cls: type, field: dataclasses.Field, **overrides: Any) -> Calla
 
     bool -> a flag (--x, or --x/--no-x when the default is on); Literal -> click.Choice; list ->
     comma-separated text parsed into a list; Optional[...] -> the same with no default. Metadata of
-    the field: `path` -> click.Path(**path); `flag` -> another spelling (--on for split);
+    the field: `path` -> click.Path(**path); `flag` -> another spelling (compare's --on);
     `required` -> the option must be given."""
     annotation = field_types(cls)[field.name]
     inner, _ = unwrap_optional(annotation)
@@ -221,10 +222,9 @@ def read_yaml_settings_lenient(path: Path, cls: type = FinetuneSettings) -> dict
     """A run's saved config.yaml also records derived values (class names); keep only settings."""
     import yaml
 
-    from retinafm.settings import config_fields
-
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     return {k: v for k, v in data.items() if k in config_fields(cls)}
+
 
 def settings_command(cls: type) -> Callable:
     """--resume RUN_DIR, --config FILE and one option per field of `cls`."""
@@ -343,7 +343,6 @@ def label_efficiency_cmd(resume: str | None, fractions: str, seeds: int, metric:
     cfg = make_settings(FinetuneSettings, options)
     result = _run(lambda: label_efficiency(cfg, parse_fractions(fractions), seeds, metric=metric))
     click.echo(f"study folder: {result.out}")
-
 
 
 @main.command("evaluate")

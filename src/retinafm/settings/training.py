@@ -171,7 +171,6 @@ class FinetuneSettings(Settings):
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
         _check_crop_scale(self.crop_min_scale)
 
-
     def threshold_value(self) -> Optional[float]:
         """The fixed multilabel threshold, or None for thresholds chosen on validation (youden)."""
         if str(self.threshold).lower() == "youden":

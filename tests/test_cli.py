@@ -87,7 +87,8 @@ def test_regression_through_the_command_line(regression_manifest, tmp_path):
     assert res.exit_code == 0, res.output
     assert "macro R²" in res.output
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert (saved["task"], saved["targets"], saved["head"], saved["huber_beta"]) == ("regression", "cup_to_disc",
+    # --targets is a list setting: config.yaml holds it as a YAML list (a comma string still reads back).
+    assert (saved["task"], saved["targets"], saved["head"], saved["huber_beta"]) == ("regression", ["cup_to_disc"],
                                                                                      "mlp", 0.5)
     res = run("evaluate", "--checkpoint", str(tmp_path / "run" / "checkpoint-best.pth"), "--manifest",
               str(regression_manifest), "--split", "val", "--out", str(tmp_path / "ev"), "--num-workers", "0")

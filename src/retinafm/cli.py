@@ -1,28 +1,44 @@
 """Command line: one verb per workflow step. Thin: parse, call the library, print.
 
-Every finetune flag can also come from `--config file.yaml`; flags given on the command line
-win. `--resume RUN_DIR` reads that run's config.yaml, so only changed flags need repeating.
+The options of the verbs with a settings class (finetune, tune, label-efficiency, pretrain, refine)
+are generated from its dataclass fields: type from the annotation, default and help from the field,
+so a default lives in one place. Every such flag can also come from `--config file.yaml`; flags
+given on the command line win. `--resume RUN_DIR` reads that run's config.yaml, so only changed
+flags need repeating. Workflows are imported inside each command so `retinafm --help` stays fast.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import sys
+import typing
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Optional
 
 import click
 
 from retinafm.settings import (
-    HEADS,
+    MODALITIES,
+    OCT_FRAMES_HELP,
+    PRECISION_HELP,
     PRECISIONS,
     TASK_NAMES,
+    CompareSettings,
     ConfigError,
     FinetuneSettings,
+    ImportSettings,
     PretrainSettings,
     RefineSettings,
+    SplitSettings,
+    comma_list,
+    config_fields,
+    field_types,
+    flag_name,
+    list_item_type,
     read_yaml_settings,
+    unwrap_optional,
 )
 
 
@@ -85,6 +101,74 @@ def models_cmd() -> None:
                "repo id (org/name[:file]), a local .pth/.safetensors file, or 'none'.")
 
 
+class CommaList(click.ParamType):
+    """A list setting typed as comma-separated text ("a,b"); a YAML list (from --config) is taken as is."""
+
+    name = "text"
+
+    def __init__(self, item: type = str) -> None:
+        self.item = item
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        items = comma_list(value)
+        if self.item is str or items is None:
+            return items
+        try:
+            return [self.item(v) for v in items]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of {self.item.__name__} values", param, ctx)
+
+
+def field_option(cls: type, field: dataclasses.Field, **overrides: Any) -> Callable:
+    """The click option of one settings field: its flag, type, default and help come from the field.
+
+    bool -> a flag (--x, or --x/--no-x when the default is on); Literal -> click.Choice; list ->
+    comma-separated text parsed into a list; Optional[...] -> the same with no default. Metadata of
+    the field: `path` -> click.Path(**path); `flag` -> another spelling (compare's --on);
+    `required` -> the option must be given."""
+    annotation = field_types(cls)[field.name]
+    inner, _ = unwrap_optional(annotation)
+    default = field.default_factory() if field.default is dataclasses.MISSING else field.default  # type: ignore[misc]
+    flag = field.metadata.get("flag", flag_name(field.name))
+    decls = [flag]
+    kwargs: dict[str, Any] = {"help": field.metadata.get("help") or None}
+    if inner is bool:
+        if default:
+            decls = [f"{flag}/--no-{flag[2:]}"]
+            kwargs.update(default=True, show_default=True)
+        else:
+            kwargs.update(is_flag=True, default=False)
+    else:
+        item = list_item_type(annotation)
+        if typing.get_origin(inner) is Literal:
+            kind: Any = click.Choice(typing.get_args(inner))
+        elif item is not None:
+            kind = CommaList(item)
+            default = None if default is None else ",".join(map(str, default))
+        elif "path" in field.metadata:
+            kind = click.Path(**field.metadata["path"])
+        else:
+            kind = inner if inner in (int, float) else str
+        kwargs.update(type=kind, default=default, show_default=default not in (None, ""))
+        if field.metadata.get("required"):  # no default to show: the command line must give it
+            kwargs.update(required=True, default=None, show_default=False)
+    kwargs.update(overrides)
+    return click.option(*decls, field.name, **kwargs)
+
+
+def settings_options(cls: type, *, exclude: tuple[str, ...] = (),
+                     overrides: Optional[dict[str, dict[str, Any]]] = None) -> list[Callable]:
+    """One option per field of the settings dataclass `cls` (in field order), except those in `exclude`
+    and those whose metadata says cli=False; `overrides` changes click arguments of single options."""
+    overrides = overrides or {}
+    return [field_option(cls, f, **overrides.get(f.name, {})) for f in dataclasses.fields(cls)
+            if f.name not in exclude and f.metadata.get("cli", True)]
+
+
+# ctx.meta: settings chosen in a --config file or by the run --resume continues (like flags, never adapted)
+CHOSEN_KEYS = "retinafm.chosen_settings"
+
+
 def _config_loader(cls: type) -> Callable:
     """The --config callback for a settings class: `--resume RUN_DIR` first loads that run's
     config.yaml, then --config FILE, then flags on the command line win."""
@@ -99,11 +183,15 @@ def _config_loader(cls: type) -> Callable:
                                          param_hint="--resume")
             saved = read_yaml_settings_lenient(config, cls)
             settings.update({k: v for k, v in saved.items() if k not in ("resume", "overwrite", "out")})
+            # The run's own settings are not defaults to adapt: a continued run keeps its schedule.
+            ctx.meta.setdefault(CHOSEN_KEYS, set()).update(settings)
         if value:
             try:
-                settings.update(read_yaml_settings(value, cls))
+                chosen = read_yaml_settings(value, cls)
             except ConfigError as exc:
                 raise click.BadParameter(str(exc), param_hint="--config") from None
+            settings.update(chosen)
+            ctx.meta.setdefault(CHOSEN_KEYS, set()).update(chosen)
         if settings:
             ctx.default_map = {**(ctx.default_map or {}), **settings}
         return value
@@ -134,13 +222,37 @@ def read_yaml_settings_lenient(path: Path, cls: type = FinetuneSettings) -> dict
     """A run's saved config.yaml also records derived values (class names); keep only settings."""
     import yaml
 
-    from retinafm.settings import config_fields
-
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     return {k: v for k, v in data.items() if k in config_fields(cls)}
 
 
-D = FinetuneSettings()
+def settings_command(cls: type) -> Callable:
+    """--resume RUN_DIR, --config FILE and one option per field of `cls`."""
+    return _apply([*run_options(cls), *settings_options(cls)])
+
+
+def given_settings(options: dict[str, Any]) -> set[str]:
+    """The settings the user chose (a flag, --config, the resumed run's config.yaml) rather than defaults."""
+    ctx = click.get_current_context()
+    chosen = set(ctx.meta.get(CHOSEN_KEYS, ()))
+    for name in options:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source not in (click.core.ParameterSource.DEFAULT,
+                                                 click.core.ParameterSource.DEFAULT_MAP):
+            chosen.add(name)
+    return chosen
+
+
+def make_settings(cls: type, options: dict[str, Any], resume: Optional[str] = None) -> Any:
+    """The settings of this command line; defaults that do not fit the run (a warmup longer than a
+    short run) adapt, with a one-line note, while values the user chose are left to validate()."""
+    if resume:
+        options = {**options, "out": resume, "resume": True}
+    cfg = cls(**options)
+    for note in cfg.fit_defaults(given_settings(options)):
+        if _primary():
+            click.echo(note, err=True)
+    return cfg
 
 
 def cpu_int8_option() -> Callable:
@@ -149,105 +261,23 @@ def cpu_int8_option() -> Callable:
 
 
 def precision_option() -> Callable:
-    return click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
-                        show_default=True,
-                        help="Autocast. auto: bf16 on a GPU (fp16 where it lacks bf16) and on CPUs with AMX or "
-                             "AVX-512-BF16; fp32 on other CPUs, where bf16 is several times slower.")
+    return click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+                        help=PRECISION_HELP)
 
 
 def modality_option() -> Callable:
-    return click.option("--modality", type=click.Choice(["CFP", "OCT"]), default=None,
+    return click.option("--modality", type=click.Choice(MODALITIES), default=None,
                         help="What the images are, when the colour/grayscale check guesses wrong.")
 
 
 def oct_frames_option(default: str | None = "middle") -> Callable:
-    return click.option("--oct-frames", default=default, show_default=default is not None,
-                        help="B-scans of each OCT volume (multi-frame DICOM, .vol, .e2e, multi-page TIFF): "
-                             "middle, all, or N evenly spread" + ("." if default else "; default: as in training."))
+    help = OCT_FRAMES_HELP if default else OCT_FRAMES_HELP[:-1] + "; default: as in training."
+    return click.option("--oct-frames", default=default, show_default=default is not None, help=help)
 
 
 def finetune_options(command: Callable) -> Callable:
-    """The finetune flags, shared by `finetune` and `tune` (which searches some of them)."""
-    options = [
-        *run_options(FinetuneSettings),
-        click.option("--data-path", type=click.Path(), help="Folder DATA/{train,val,test}/<class>/<image>."),
-        click.option("--manifest", type=click.Path(),
-                     help="CSV: path, split [, patient_id] and label | 0/1 label columns | numeric targets."),
-        click.option("--split", help="Automatic stratified split ratios train,val,test, e.g. 0.7,0.15,0.15."),
-        oct_frames_option(D.oct_frames),
-        click.option("--fundus-crop", is_flag=True, default=D.fundus_crop,
-                     help="Crop fundus photographs to their circular field of view, padded square (kept for predict)."),
-        click.option("--oct-crop", type=float, default=D.oct_crop,
-                     help="Keep this central fraction of each OCT B-scan, e.g. 0.8 (kept for predict)."),
-        modality_option(),
-        click.option("--grad-checkpointing", is_flag=True, default=D.grad_checkpointing,
-                     help="Recompute block activations in backward: far less GPU memory, about a third more compute."),
-        click.option("--compile", is_flag=True, default=D.compile,
-                     help="torch.compile the model for training (GPU; pays a compile time up front)."),
-        click.option("--out", type=click.Path(), help="Run directory to create."),
-        click.option("--model", default=D.model, show_default=True,
-                     help="Zoo name (see `retinafm models`) or timm ViT."),
-        click.option("--weights", default=None, help="Zoo weights (default), HF repo id, local file, or 'none'."),
-        click.option("--adaptation", type=click.Choice(["finetune", "lp"]), default=D.adaptation, show_default=True),
-        click.option("--lp-mode", type=click.Choice(["features", "sgd"]), default=D.lp_mode, show_default=True,
-                     help="lp: embed once + scikit-learn probe (features), or RETFound's epoch loop (sgd)."),
-        click.option("--task", type=click.Choice(TASK_NAMES), default=D.task, show_default=True,
-                     help="multiclass (binary is two classes), multilabel or regression (one or more targets)."),
-        click.option("--labels", default=None,
-                     help="multilabel: comma-separated 0/1 manifest columns (default: every non-reserved column)."),
-        click.option("--targets", default=None,
-                     help="regression: comma-separated numeric manifest columns (default: every non-reserved column)."),
-        click.option("--head", type=click.Choice(HEADS), default=D.head, show_default=True,
-                     help="Task head on the pooled feature: linear, mlp, or transformer (one token per output)."),
-        click.option("--head-depth", type=int, default=D.head_depth, show_default=True,
-                     help="mlp: hidden layers; transformer: encoder layers."),
-        click.option("--head-num-heads", type=int, default=D.head_num_heads, show_default=True,
-                     help="Attention heads of the transformer head."),
-        click.option("--head-mlp-ratio", type=float, default=D.head_mlp_ratio, show_default=True,
-                     help="Hidden width of the mlp/transformer head as a multiple of the backbone width."),
-        click.option("--head-dropout", type=float, default=D.head_dropout, show_default=True,
-                     help="Dropout inside the mlp/transformer head."),
-        click.option("--loss", type=click.Choice(["huber", "mse"]), default=None,
-                     help="regression loss on standardised targets (default huber)."),
-        click.option("--huber-beta", type=float, default=D.huber_beta, show_default=True,
-                     help="regression: where the Huber (SmoothL1) loss turns from quadratic to linear."),
-        click.option("--pos-weight", is_flag=True,
-                     help="multilabel: weight each label's positives by its negative/positive ratio in train."),
-        click.option("--threshold", default=D.threshold, show_default=True,
-                     help="multilabel decision threshold, or 'youden' for per-label thresholds chosen on val."),
-        click.option("--ordinal", is_flag=True,
-                     help="multiclass: the classes are ordered grades (adds quadratic-weighted kappa); classes "
-                          "named with grade numbers (0..4, DR0.., 0_none..) are detected without it."),
-        click.option("--bootstrap", type=int, default=D.bootstrap, show_default=True,
-                     help="Bootstrap replicates for the test metrics' 95% CIs (patient-level with patient_id); 0: none."),
-        click.option("--epochs", type=int, default=D.epochs, show_default=True),
-        click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Per process."),
-        click.option("--accum-iter", type=int, default=D.accum_iter, show_default=True),
-        click.option("--lr", type=float, default=None, help="Absolute lr (default: blr × effective batch / 256)."),
-        click.option("--blr", type=float, default=D.blr, show_default=True),
-        click.option("--min-lr", type=float, default=D.min_lr, show_default=True),
-        click.option("--layer-decay", type=float, default=D.layer_decay, show_default=True),
-        click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True),
-        click.option("--drop-path", type=float, default=D.drop_path, show_default=True),
-        click.option("--warmup-epochs", type=int, default=D.warmup_epochs, show_default=True),
-        click.option("--smoothing", type=float, default=D.smoothing, show_default=True,
-                     help="Label smoothing (multiclass; multilabel smooths towards 0.5)."),
-        click.option("--mixup", type=float, default=D.mixup, show_default=True),
-        click.option("--cutmix", type=float, default=D.cutmix, show_default=True),
-        click.option("--clip-grad", type=float, default=None, help="Clip gradient norm to this value."),
-        click.option("--input-size", type=int, default=None, help="Default: the model's input size."),
-        click.option("--global-pool", type=click.Choice(["avg", "token"]), default=None,
-                     help="avg (RETFound: mean of patch tokens + fc_norm) or token (CLS); default per model."),
-        click.option("--crop-min-scale", type=float, default=D.crop_min_scale, show_default=True),
-        click.option("--randaug-magnitude", type=int, default=D.randaug_magnitude, show_default=True),
-        click.option("--reprob", type=float, default=D.reprob, show_default=True, help="Random erasing probability."),
-        click.option("--seed", type=int, default=D.seed, show_default=True),
-        click.option("--device", default=D.device, show_default=True, help="auto, cpu or cuda."),
-        precision_option(),
-        click.option("--num-workers", type=int, default=D.num_workers, show_default=True),
-        click.option("--overwrite", is_flag=True, help="Allow writing into an existing non-empty --out."),
-    ]
-    return _apply(options)(command)
+    """The finetune flags, shared by `finetune`, `tune` (which searches some of them) and `label-efficiency`."""
+    return settings_command(FinetuneSettings)(command)
 
 
 def _primary() -> bool:
@@ -263,9 +293,7 @@ def finetune_cmd(resume: str | None, **options: Any) -> None:
     from retinafm.runtime import distributed as dist_utils
     from retinafm.workflows.finetune import finetune
 
-    if resume:
-        options["out"] = resume
-    cfg = FinetuneSettings(**options, resume=bool(resume))
+    cfg = make_settings(FinetuneSettings, options, resume)
     result = _run(lambda: finetune(cfg))
     if _primary():
         click.echo(f"run directory: {result.run_dir}")
@@ -289,7 +317,7 @@ def tune_cmd(resume: str | None, trials: int, tune_epochs: int, direction: str, 
 
     if resume:
         raise click.UsageError("tune has no --resume; give --storage to continue a study")
-    cfg = FinetuneSettings(**options)
+    cfg = make_settings(FinetuneSettings, options)
     settings = TuneSettings(trials=trials, tune_epochs=tune_epochs, direction=direction, storage=storage,
                             study_name=study_name, timeout=timeout)
     result = _run(lambda: tune(cfg, settings),
@@ -312,13 +340,14 @@ def label_efficiency_cmd(resume: str | None, fractions: str, seeds: int, metric:
 
     if resume:
         raise click.UsageError("label-efficiency has no --resume")
-    result = _run(lambda: label_efficiency(FinetuneSettings(**options), parse_fractions(fractions), seeds,
-                                           metric=metric))
+    cfg = make_settings(FinetuneSettings, options)
+    result = _run(lambda: label_efficiency(cfg, parse_fractions(fractions), seeds, metric=metric))
     click.echo(f"study folder: {result.out}")
 
 
 @main.command("evaluate")
-@click.option("--checkpoint", required=True, type=click.Path(), help="A run's checkpoint-best.pth (or an imported one).")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="A run's checkpoint-best.pth (or an imported one).")
 @click.option("--data-path", type=click.Path(), help="Labelled folder (its own test split, or an external set).")
 @click.option("--manifest", type=click.Path(), help="Labelled CSV manifest.")
 @click.option("--split", "split_name", default="test", show_default=True, help="Which split to evaluate.")
@@ -364,22 +393,16 @@ def evaluate_cmd(checkpoint: str, data_path: str | None, manifest: str | None, s
 
 @main.command("compare")
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
-@click.option("--on", "split_name", default="test", show_default=True, help="Which split's predictions to compare.")
-@click.option("--out", default="comparison", show_default=True, type=click.Path(),
-              help="Folder for comparison.csv/.json and forest.png.")
-@click.option("--metric", default=None, help="Headline metric (default: the task's, e.g. auroc_macro or r2_macro).")
-@click.option("--bootstrap", type=int, default=1000, show_default=True, help="Paired bootstrap replicates.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--overwrite", is_flag=True)
-def compare_cmd(runs: tuple[str, ...], split_name: str, out: str, metric: str | None, bootstrap: int, seed: int,
-                overwrite: bool) -> None:
+@_apply(settings_options(CompareSettings))
+def compare_cmd(runs: tuple[str, ...], **options: Any) -> None:
     """Paired comparison of RUNS (the first is the reference) on the same images: metric difference
     with a paired bootstrap CI and p-value, DeLong's test per ROC curve; give folders of runs (one
     sub-folder per task) for a Wilcoxon signed-rank test across tasks."""
     from retinafm.workflows.compare import compare_runs
 
-    result = _run(lambda: compare_runs(runs, out, split=split_name, metric=metric, bootstrap=bootstrap, seed=seed,
-                                       overwrite=overwrite))
+    cfg = CompareSettings(**options)
+    result = _run(lambda: compare_runs(runs, cfg.out, split=cfg.split, metric=cfg.metric, bootstrap=cfg.bootstrap,
+                                       seed=cfg.seed, overwrite=cfg.overwrite))
     table = result.table()
     shown = table[["task", "model", "metric", "reference_value", "model_value", "difference", "ci_low", "ci_high",
                    "p_value", "test"]]
@@ -391,7 +414,7 @@ def compare_cmd(runs: tuple[str, ...], split_name: str, out: str, metric: str | 
         click.echo(f"Wilcoxon signed-rank over {entry['tasks']} tasks, {entry['model']} vs {entry['reference']} "
                    f"({entry['metric']}): better on {entry['model_better']}, p = {entry['p_value']:.4g}"
                    + (f"  ({entry['note']})" if entry.get("note") else ""))
-    click.echo(f"written to {out}")
+    click.echo(f"written to {cfg.out}")
 
 
 @main.command("report")
@@ -408,19 +431,14 @@ def report_cmd(run_dir: str, split_name: str) -> None:
 
 @main.command("import")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@click.option("--from", "source", type=click.Choice(["retfound"]), required=True,
-              help="Which codebase fine-tuned the checkpoint.")
-@click.option("--classes", required=True,
-              help="Class names in the order of the head's outputs (RETFound: sorted folder names), comma-separated.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="retinafm checkpoint to write.")
-@click.option("--overwrite", is_flag=True)
-def import_cmd(checkpoint: str, source: str, classes: str, out: str, overwrite: bool) -> None:
+@_apply(settings_options(ImportSettings))
+def import_cmd(checkpoint: str, **options: Any) -> None:
     """Turn a model fine-tuned elsewhere (RETFound's main_finetune.py) into a retinafm checkpoint
     with the identical forward, for `evaluate`, `predict` and `compare`."""
     from retinafm.workflows.import_ import import_retfound
 
-    names = [c.strip() for c in classes.split(",") if c.strip()]
-    result = _run(lambda: import_retfound(checkpoint, names, out, overwrite=overwrite))
+    cfg = ImportSettings(**options)
+    result = _run(lambda: import_retfound(checkpoint, cfg.classes, cfg.out, overwrite=cfg.overwrite))
     click.echo(f"wrote {result.out}: {result.variant} as timm {result.arch}, {len(result.class_names)} classes: "
                f"{', '.join(result.class_names)}; input {result.input_size}px")
 
@@ -461,7 +479,8 @@ def predict_cmd(checkpoint: str, images: str, out: str, batch_size: int, device:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
 @click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
 @click.option("--int8", is_flag=True,
-              help="ONNX Runtime's transformer fusions and int8 weights: smaller and faster on CPU, outputs change slightly.")
+              help="ONNX Runtime's transformer fusions and int8 weights: smaller and faster on CPU, outputs change "
+                   "slightly.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 17).")
 @click.option("--overwrite", is_flag=True)
 def export_cmd(checkpoint: str, out: str, fmt: str, int8: bool, opset: int | None, overwrite: bool) -> None:
@@ -477,10 +496,13 @@ def export_cmd(checkpoint: str, out: str, fmt: str, int8: bool, opset: int | Non
 
 @main.command("embed")
 @click.option("--images", required=True, type=click.Path(),
-              help="A folder (train|val|test/<class>/ keeps split and label), a manifest CSV (its columns are kept), or an image.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="emb.parquet, or emb.npy (+ emb.csv index).")
+              help="A folder (train|val|test/<class>/ keeps split and label), a manifest CSV (its columns are kept), "
+                   "or an image.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="emb.parquet, or emb.npy (+ emb.csv index).")
 @click.option("--model", default=None, help="Zoo name or timm architecture (see `retinafm models`).")
-@click.option("--weights", default=None, help="For --model: file, hf repo id, zoo name, or 'none' (default: the zoo entry's).")
+@click.option("--weights", default=None,
+              help="For --model: file, hf repo id, zoo name, or 'none' (default: the zoo entry's).")
 @click.option("--checkpoint", default=None, type=click.Path(), help="Instead of --model: a retinafm checkpoint.")
 @click.option("--pool", type=click.Choice(["cls", "avg"]), default=None,
               help="Class token or average of patch tokens (default: the model's own; RETFound: avg).")
@@ -514,107 +536,23 @@ def embed_cmd(images: str, out: str, overwrite: bool, **options: Any) -> None:
                        f"{res.out.with_name(res.out.stem + '_skipped.csv')}")
 
 
-P = PretrainSettings()
-
-
 @main.command("pretrain")
-@_apply(run_options(PretrainSettings))
-@click.option("--images", default=P.images, type=click.Path(),
-              help="Unlabelled images: any folder (searched recursively; labels ignored) or a manifest CSV.")
-@click.option("--splits", default=None, help="Keep only these splits (e.g. train,val) when the images carry one.")
-@click.option("--out", default=P.out, type=click.Path(file_okay=False), help="Run directory to create.")
-@click.option("--method", type=click.Choice(["mae", "dino"]), default=P.method, show_default=True)
-@click.option("--model", default=P.model, show_default=True, help="Zoo name or timm ViT architecture.")
-@click.option("--init", default=None,
-              help="Continue from these weights (zoo name, org/repo[:file], local file; an MAE file's decoder too). "
-                   "Default: random.")
-@click.option("--input-size", type=int, default=None, help="Default: the model's own.")
-@oct_frames_option(P.oct_frames)
-@click.option("--fundus-crop", is_flag=True, help="Crop fundus photographs to their field of view first.")
-@click.option("--oct-crop", type=float, default=None, help="Keep this central fraction of each OCT B-scan.")
-@click.option("--epochs", type=int, default=P.epochs, show_default=True)
-@click.option("--warmup-epochs", type=int, default=None, help="Default: mae 40, dino 10 (at most --epochs).")
-@click.option("--batch-size", type=int, default=P.batch_size, show_default=True, help="Per process.")
-@click.option("--accum-iter", type=int, default=P.accum_iter, show_default=True)
-@click.option("--lr", type=float, default=None, help="Absolute learning rate (default: blr x batch / 256).")
-@click.option("--blr", type=float, default=None, help="Base learning rate. Default: mae 1.5e-4, dino 5e-4.")
-@click.option("--min-lr", type=float, default=P.min_lr, show_default=True)
-@click.option("--weight-decay", type=float, default=None, help="Default: mae 0.05, dino 0.04.")
-@click.option("--clip-grad", type=float, default=None)
-@click.option("--mask-ratio", type=float, default=P.mask_ratio, show_default=True, help="MAE.")
-@click.option("--norm-pix-loss/--no-norm-pix-loss", default=P.norm_pix_loss, show_default=True, help="MAE.")
-@click.option("--decoder-dim", type=int, default=P.decoder_dim, show_default=True, help="MAE.")
-@click.option("--decoder-depth", type=int, default=P.decoder_depth, show_default=True, help="MAE.")
-@click.option("--decoder-heads", type=int, default=P.decoder_heads, show_default=True, help="MAE.")
-@click.option("--crop-min-scale", type=float, default=P.crop_min_scale, show_default=True, help="MAE.")
-@click.option("--reconstructions", type=int, default=P.reconstructions, show_default=True,
-              help="MAE: images drawn after every epoch (plots/reconstructions_*.png); 0: none.")
-@click.option("--out-dim", type=int, default=P.out_dim, show_default=True, help="DINO: prototypes.")
-@click.option("--local-crops", type=int, default=P.local_crops, show_default=True, help="DINO.")
-@click.option("--local-size", type=int, default=None, help="DINO (default: 96/224 of the input size).")
-@click.option("--teacher-temp", type=float, default=P.teacher_temp, show_default=True, help="DINO.")
-@click.option("--warmup-teacher-temp", type=float, default=P.warmup_teacher_temp, show_default=True, help="DINO.")
-@click.option("--warmup-teacher-epochs", type=int, default=P.warmup_teacher_epochs, show_default=True, help="DINO.")
-@click.option("--momentum-teacher", type=float, default=P.momentum_teacher, show_default=True, help="DINO.")
-@click.option("--grad-checkpointing", is_flag=True)
-@click.option("--seed", type=int, default=P.seed, show_default=True)
-@click.option("--device", default=P.device, show_default=True)
-@precision_option()
-@click.option("--num-workers", type=int, default=P.num_workers, show_default=True)
-@click.option("--overwrite", is_flag=True)
+@settings_command(PretrainSettings)
 def pretrain_cmd(resume: str | None, **options: Any) -> None:
     """Self-supervised pretraining on unlabelled images: MAE (RETFound's first stage) or DINO.
     The run's checkpoint-last.pth is then --weights for finetune and embed."""
     from retinafm.runtime import distributed as dist_utils
     from retinafm.workflows.pretrain import pretrain
 
-    if resume:
-        options["out"] = resume
-    cfg = PretrainSettings(**options, resume=bool(resume))
+    cfg = make_settings(PretrainSettings, options, resume)
     result = _run(lambda: pretrain(cfg), on_interrupt="Continue with `retinafm pretrain --resume RUN_DIR`.")
     if _primary():
         click.echo(f"run directory: {result.run_dir}")
     dist_utils.cleanup()
 
 
-R = RefineSettings()
-
-
 @main.command("refine")
-@_apply(run_options(RefineSettings))
-@click.option("--pairs", default=R.pairs, type=click.Path(), help="CSV of image-report pairs: path, report [, split].")
-@click.option("--out", default=R.out, type=click.Path(file_okay=False), help="Run directory to create.")
-@click.option("--model", default=R.model, show_default=True, help="Zoo name or timm ViT architecture.")
-@click.option("--weights", default=None, help="File, hf repo id, zoo name, or 'none' (default: the zoo entry's).")
-@click.option("--text-model", default=R.text_model,
-              help="BERT-family text encoder: Hugging Face repo id or local folder (e.g. emilyalsentzer/Bio_ClinicalBERT).")
-@click.option("--input-size", type=int, default=None)
-@oct_frames_option(R.oct_frames)
-@click.option("--fundus-crop", is_flag=True)
-@click.option("--oct-crop", type=float, default=None)
-@click.option("--losses", default=R.losses, show_default=True, help="Objectives: any of itc, itm, mlm, gm.")
-@click.option("--loss-weights", default=None, help="One weight per --losses entry, e.g. 1,1,0.5,0.5 (default all 1).")
-@click.option("--fusion-layers", type=int, default=None,
-              help="Upper text layers that cross-attend to the image (default: half of them).")
-@click.option("--embed-dim", type=int, default=R.embed_dim, show_default=True, help="Contrastive space width.")
-@click.option("--max-length", type=int, default=R.max_length, show_default=True, help="Report tokens kept.")
-@click.option("--mlm-probability", type=float, default=R.mlm_probability, show_default=True)
-@click.option("--epochs", type=int, default=R.epochs, show_default=True)
-@click.option("--warmup-epochs", type=int, default=R.warmup_epochs, show_default=True)
-@click.option("--batch-size", type=int, default=R.batch_size, show_default=True, help="Per process.")
-@click.option("--lr", type=float, default=R.lr, show_default=True)
-@click.option("--min-lr", type=float, default=R.min_lr, show_default=True)
-@click.option("--weight-decay", type=float, default=R.weight_decay, show_default=True)
-@click.option("--crop-min-scale", type=float, default=R.crop_min_scale, show_default=True)
-@click.option("--clip-grad", type=float, default=None)
-@click.option("--probe-on", default=None, type=click.Path(),
-              help="A labelled folder or manifest: linear probes before and after refinement, side by side.")
-@click.option("--probe-bootstrap", type=int, default=R.probe_bootstrap, show_default=True)
-@click.option("--seed", type=int, default=R.seed, show_default=True)
-@click.option("--device", default=R.device, show_default=True)
-@precision_option()
-@click.option("--num-workers", type=int, default=R.num_workers, show_default=True)
-@click.option("--overwrite", is_flag=True)
+@settings_command(RefineSettings)
 def refine_cmd(resume: str | None, **options: Any) -> None:
     """Vision-language refinement (RetFiner-style) of a backbone from image-report pairs; writes
     backbone.safetensors for finetune / embed --weights."""
@@ -622,9 +560,7 @@ def refine_cmd(resume: str | None, **options: Any) -> None:
     from retinafm.runtime import distributed as dist_utils
     from retinafm.workflows.refine import refine
 
-    if resume:
-        options["out"] = resume
-    cfg = RefineSettings(**options, resume=bool(resume))
+    cfg = make_settings(RefineSettings, options, resume)
 
     def work():
         try:
@@ -641,8 +577,7 @@ def refine_cmd(resume: str | None, **options: Any) -> None:
 @main.command("probe")
 @click.option("--embeddings", required=True, type=click.Path(), help="An `embed` output (.parquet or .npy).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
-@click.option("--task", type=click.Choice(["multiclass", "multilabel", "regression"]), default="multiclass",
-              show_default=True)
+@click.option("--task", type=click.Choice(TASK_NAMES), default="multiclass", show_default=True)
 @click.option("--label-column", default="label", show_default=True, help="Multi-class: the class column.")
 @click.option("--labels", "label_columns", default=None, help="Multi-label: the 0/1 columns, comma-separated.")
 @click.option("--targets", "target_columns", default=None, help="Regression: the value columns, comma-separated.")
@@ -694,48 +629,22 @@ def demo_cmd(out: str, epochs: int | None, pretrain_epochs: int | None, overwrit
 
 
 @main.command("split")
-@click.option("--manifest", required=True, type=click.Path(dir_okay=False),
-              help="CSV: path, a patient id column [, label | 0/1 label columns | targets] [, split].")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Manifest CSV to write with its split column; with --check, an optional CSV of the leaking ids.")
-@click.option("--by", default="patient_id", show_default=True,
-              help="Column whose rows stay in one split (the patient id); 'none' splits image by image.")
-@click.option("--ratios", default="0.7,0.15,0.15", show_default=True, help="train,val,test fractions of the patients.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--stratify", default=None,
-              help="Column to stratify on (default: label; else each row's rarest positive 0/1 label column; "
-                   "'none': no stratification). Numeric columns with many values go by quintile.")
-@click.option("--check", is_flag=True,
-              help="Don't split: list the ids whose images lie in more than one split of the manifest's split "
-                   "column; exit 1 if there are any, 0 when clean.")
-@click.option("--resplit", is_flag=True, help="Replace the split column the manifest already has.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-def split_cmd(manifest: str, out: str | None, by: str, ratios: str, seed: int, stratify: str | None, check: bool,
-              resplit: bool, overwrite: bool) -> None:
+@_apply(settings_options(SplitSettings))
+def split_cmd(**options: Any) -> None:
     """Patient-grouped, stratified, seeded train/val/test split of a manifest (paths unchanged), or
     with --check a patient-leakage report on the split it already has."""
-    from retinafm.data import splits as sp
-    from retinafm.files import refuse_existing_file, write_csv
+    from retinafm.workflows.split import check_leakage, split
 
-    group_by = None if by.strip().lower() == "none" else by.strip()
-    if check:
-        if group_by is None:
-            raise click.UsageError("--check needs --by COLUMN, the patient id column to check")
-        if resplit or stratify:
-            raise click.UsageError("--check only reads the existing split; --resplit and --stratify are for splitting")
-
-        def run_check():
-            if out:
-                refuse_existing_file(out, overwrite=overwrite)
-            frame = sp.read_manifest_table(manifest)
-            report = sp.leakage_report(frame, by=group_by)
-            summary = sp.split_summary(frame, by=group_by)
-            if out:
-                write_csv(out, report)
-            return report, summary
-
-        report, summary = _run(run_check)
-        click.echo(summary.to_string())
+    cfg = SplitSettings(**options)
+    try:
+        cfg.validate()
+    except ConfigError as exc:  # which flags go together: a usage error, shown with the usage line
+        raise click.UsageError(str(exc)) from None
+    group_by, out = cfg.group_by, cfg.out
+    if cfg.check:
+        leaks = _run(lambda: check_leakage(cfg))
+        report = leaks.report
+        click.echo(leaks.summary.to_string())
         if report.empty:
             click.echo(f"no leakage: every {group_by} is in one split")
             return
@@ -748,28 +657,12 @@ def split_cmd(manifest: str, out: str | None, by: str, ratios: str, seed: int, s
             click.echo(f"written to {out}")
         sys.exit(1)
 
-    if not out:
-        raise click.UsageError("give --out FILE.csv for the split manifest (or --check to look for leakage)")
-
-    def run_split():
-        refuse_existing_file(out, overwrite=overwrite)
-        frame = sp.read_manifest_table(manifest)
-        if sp.has_split(frame) and not resplit:
-            counts = sp.split_summary(frame, by=None, stratify="none")["images"].drop("total")
-            raise sp.SplitError(f"--manifest {manifest} already has a split column "
-                                f"({', '.join(f'{k} {v}' for k, v in counts.items())}); pass --resplit to replace "
-                                "it, or check it for patient leakage with --check")
-        result = sp.split_manifest(frame, by=group_by, ratios=ratios, seed=seed, stratify=stratify)
-        summary = sp.split_summary(result, by=group_by, stratify=stratify)
-        write_csv(out, result)
-        return result, summary
-
-    result, summary = _run(run_split)
-    info = result.attrs["split_info"]
+    result = _run(lambda: split(cfg))
+    info = result.info
     grouping = f"{info['groups']} {group_by} groups" if group_by else "image by image"
-    click.echo(f"wrote {out}: {len(result)} images, {grouping}, stratified by {info['stratified_by']} "
-               f"(ratios {ratios}, seed {seed})")
-    click.echo(summary.to_string())
+    click.echo(f"wrote {out}: {len(result.manifest)} images, {grouping}, stratified by {info['stratified_by']} "
+               f"(ratios {cfg.ratios}, seed {cfg.seed})")
+    click.echo(result.summary.to_string())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,33 +1,56 @@
 """Typed settings for every verb (dataclasses), with YAML in and out.
 
-The CLI fills these once (flags override a --config YAML file); library functions take them as
-plain dataclasses, and every run saves its resolved settings as config.yaml.
+Each field carries its default and help text (`setting()`); the CLI generates its options from them
+and fills these once (flags override a --config YAML file); library functions take them as plain
+dataclasses, and every run saves its resolved settings as config.yaml.
 """
 from retinafm.settings.base import (
     HEADS,
     MODALITIES,
+    OCT_FRAMES_HELP,
+    PRECISION_HELP,
     PRECISIONS,
     TASK_NAMES,
     ConfigError,
+    Head,
+    Modality,
     OctFrames,
+    Precision,
+    Settings,
+    TaskName,
     _at_least_one,
     _check_crop_scale,
     _check_warmup,
     check_device,
     check_precision,
     check_preprocessing,
+    comma_list,
     config_fields,
+    field_types,
+    fit_warmup,
     flag_name,
+    flag_text,
+    list_item_type,
     parse_oct_frames,
     read_yaml_settings,
     setting,
     to_dict,
+    unwrap_optional,
 )
+from retinafm.settings.commands import CompareSettings, ImportSettings, SplitSettings
 from retinafm.settings.training import (
     PRETRAIN_DEFAULTS,
+    VISION_LANGUAGE_LOSSES,
     FinetuneSettings,
     PretrainSettings,
     RefineSettings,
 )
 
-__all__ = ['TASK_NAMES', 'HEADS', 'MODALITIES', 'OctFrames', 'ConfigError', 'parse_oct_frames', 'check_preprocessing', '_at_least_one', '_check_warmup', '_check_crop_scale', 'check_device', 'PRECISIONS', 'check_precision', 'setting', 'flag_name', 'config_fields', 'read_yaml_settings', 'to_dict', 'FinetuneSettings', 'PRETRAIN_DEFAULTS', 'PretrainSettings', 'RefineSettings']
+__all__ = [
+    "TASK_NAMES", "HEADS", "MODALITIES", "PRECISIONS", "TaskName", "Head", "Modality", "Precision", "OctFrames",
+    "OCT_FRAMES_HELP", "PRECISION_HELP", "ConfigError", "Settings", "parse_oct_frames", "check_preprocessing",
+    "_at_least_one", "_check_warmup", "_check_crop_scale", "check_device", "check_precision", "setting", "flag_name",
+    "flag_text", "config_fields", "field_types", "unwrap_optional", "list_item_type", "comma_list", "fit_warmup",
+    "read_yaml_settings", "to_dict", "FinetuneSettings", "PRETRAIN_DEFAULTS", "VISION_LANGUAGE_LOSSES",
+    "PretrainSettings", "RefineSettings", "SplitSettings", "CompareSettings", "ImportSettings",
+]

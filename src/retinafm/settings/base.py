@@ -7,15 +7,29 @@ Library errors name the setting by its CLI spelling (`--warmup-epochs`); see `fl
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
-TASK_NAMES = ("multiclass", "multilabel", "regression")
-HEADS = ("linear", "mlp", "transformer")
-MODALITIES = ("CFP", "OCT")
+# Choices are Literal types (the CLI turns them into click.Choice); the tuples are their values.
+TaskName = Literal["multiclass", "multilabel", "regression"]
+Head = Literal["linear", "mlp", "transformer"]
+Modality = Literal["CFP", "OCT"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # runtime.device.amp_dtype turns these into an autocast dtype
+TASK_NAMES: tuple[str, ...] = typing.get_args(TaskName)
+HEADS: tuple[str, ...] = typing.get_args(Head)
+MODALITIES: tuple[str, ...] = typing.get_args(Modality)
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 OctFrames = Union[str, int]
+
+OCT_FRAMES_HELP = ("B-scans of each OCT volume (multi-frame DICOM, .vol, .e2e, multi-page TIFF): middle, all, "
+                   "or N evenly spread.")
+PRECISION_HELP = ("Autocast. auto: bf16 on a GPU (fp16 where it lacks bf16) and on CPUs with AMX or AVX-512-BF16; "
+                  "fp32 on other CPUs, where bf16 is several times slower.")
 
 
 class ConfigError(ValueError):
@@ -67,9 +81,6 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device must be auto, cpu or cuda, not {device!r}")
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # train.runtime.amp_dtype turns these into an autocast dtype
-
-
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -86,6 +97,82 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, default_facto
 def flag_name(name: str) -> str:
     """The CLI spelling of a setting: warmup_epochs -> --warmup-epochs."""
     return "--" + name.replace("_", "-")
+
+
+def comma_list(value: Any) -> Optional[list[str]]:
+    """A comma list as given on the command line or in an older config.yaml ("a, b,") or already a list."""
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+@functools.lru_cache(maxsize=None)
+def field_types(cls: type) -> dict[str, Any]:
+    """Each field's resolved annotation (the modules use `from __future__ import annotations`)."""
+    return typing.get_type_hints(cls)
+
+
+def unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    """(the type inside Optional[...], whether None is allowed)."""
+    if typing.get_origin(annotation) is Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(annotation)) == 2:
+            return args[0], True
+    return annotation, False
+
+
+def list_item_type(annotation: Any) -> Optional[type]:
+    """str for list[str], float for list[float], None when the field is not a list."""
+    inner, _ = unwrap_optional(annotation)
+    if typing.get_origin(inner) is list:
+        (item,) = typing.get_args(inner) or (str,)
+        return item
+    return None
+
+
+class Settings:
+    """Base of every verb's settings dataclass: list fields also accept comma-separated text (the form
+    flags and older config.yaml files give them), and defaults that do not fit a short run adapt."""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            item = list_item_type(field_types(type(self))[field.name])
+            value = getattr(self, field.name)
+            if item is None or value is None:
+                continue
+            items = comma_list(value)
+            if not items and unwrap_optional(field_types(type(self))[field.name])[1]:
+                setattr(self, field.name, None)
+                continue
+            if item is not str:
+                try:
+                    items = [item(v) for v in items]
+                except ValueError:
+                    pass  # kept as text: validate() names the setting and what it takes
+            setattr(self, field.name, items)
+
+    def fit_defaults(self, given: Collection[str] = ()) -> list[str]:
+        """Adapt defaults that do not fit this run; one note per change. Settings named in `given` were
+        chosen by the user (a flag or --config) and are left as they are, for validate() to refuse."""
+        return fit_warmup(self, given)
+
+
+def fit_warmup(cfg: Any, given: Collection[str]) -> list[str]:
+    """A default warmup longer than a short run becomes the whole run (min(default, epochs))."""
+    warmup, epochs = getattr(cfg, "warmup_epochs", None), getattr(cfg, "epochs", None)
+    if "warmup_epochs" in given or warmup is None or not isinstance(epochs, int) or not 1 <= epochs < warmup:
+        return []
+    cfg.warmup_epochs = epochs
+    return [f"note: {flag_name('warmup_epochs')} defaults to {warmup}, longer than {flag_name('epochs')} {epochs}; "
+            f"warming up for {epochs} epoch{'s' if epochs != 1 else ''}"]
+
+
+def flag_text(value: Any) -> str:
+    """A setting's value as typed after its flag: a list comma-separated, a float exactly (repr)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(flag_text(v) for v in value)
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def config_fields(cls: type) -> set[str]:

@@ -2,81 +2,116 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from retinafm.settings.base import (
     HEADS,
+    OCT_FRAMES_HELP,
+    PRECISION_HELP,
     TASK_NAMES,
     ConfigError,
+    Head,
+    Modality,
+    Precision,
+    Settings,
+    TaskName,
     _at_least_one,
     _check_crop_scale,
     _check_warmup,
     check_device,
     check_precision,
     check_preprocessing,
+    comma_list,
     parse_oct_frames,
+    setting,
 )
+
+Adaptation = Literal["finetune", "lp"]
+LpMode = Literal["features", "sgd"]
+RegressionLoss = Literal["huber", "mse"]
+GlobalPool = Literal["avg", "token"]
+PretrainMethod = Literal["mae", "dino"]
+VISION_LANGUAGE_LOSSES = ("itc", "itm", "mlm", "gm")
 
 
 @dataclass
-class FinetuneSettings:
+class FinetuneSettings(Settings):
     """Fine-tuning settings; defaults follow RETFound's fine-tuning recipe."""
 
-    out: str = ""
-    data_path: Optional[str] = None
-    manifest: Optional[str] = None
-    split: Optional[str] = None  # "0.7,0.15,0.15" asks for an automatic stratified split
-    model: str = "RETFound_mae_natureCFP"
-    weights: Optional[str] = None  # None: the zoo entry's own weights; "none": random init
-    adaptation: str = "finetune"  # finetune | lp
-    # lp only: "features" embeds every image once and fits a scikit-learn probe (seconds);
-    # "sgd" is RETFound's way, the frozen backbone run in every epoch with the head trained by AdamW.
-    lp_mode: str = "features"
-    task: str = "multiclass"  # multiclass | multilabel | regression
-    oct_frames: str = "middle"  # B-scans of each volume used: middle | all | N (evenly spread)
-    fundus_crop: bool = False  # crop colour fundus photographs to their field of view, padded square
-    oct_crop: Optional[float] = None  # keep this central fraction of each OCT B-scan (e.g. 0.8)
-    modality: Optional[str] = None  # CFP | OCT: what the images are, overriding the modality check
-    labels: Optional[str] = None  # multilabel: comma-separated manifest columns (default: all non-reserved)
-    targets: Optional[str] = None  # regression: comma-separated numeric manifest columns
-    head: str = "linear"  # linear | mlp | transformer
-    head_depth: int = 2  # mlp: hidden layers; transformer: encoder layers
-    head_num_heads: int = 4  # transformer head only
-    head_mlp_ratio: float = 2.0  # hidden width = backbone width x ratio (mlp, transformer)
-    head_dropout: float = 0.1  # mlp and transformer heads
-    loss: Optional[str] = None  # regression: huber (default) | mse
-    huber_beta: float = 1.0
-    pos_weight: bool = False  # multilabel: weight each label's positives by negatives/positives in train
-    threshold: str = "0.5"  # multilabel decision threshold: a number in (0, 1) or "youden" (chosen on val)
-    ordinal: bool = False  # multiclass: the classes are ordered grades (adds quadratic-weighted kappa)
-    bootstrap: int = 1000  # bootstrap replicates for the test metrics' 95% CIs; 0: none
-    epochs: int = 50
-    batch_size: int = 16
-    accum_iter: int = 1
-    lr: Optional[float] = None  # absolute lr; default blr * effective batch / 256
-    blr: float = 5e-3
-    min_lr: float = 1e-6
-    layer_decay: float = 0.65
-    weight_decay: float = 0.05
-    drop_path: float = 0.2
-    warmup_epochs: int = 10
-    smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    clip_grad: Optional[float] = None
-    grad_checkpointing: bool = False  # recompute block activations in backward: memory for compute
-    compile: bool = False  # torch.compile the training model (GPU; the first steps pay the compile time)
-    input_size: Optional[int] = None  # None: the model's own input size
-    global_pool: Optional[str] = None  # avg | token; None: the model's default
-    crop_min_scale: float = 0.08
-    randaug_magnitude: int = 9  # 0 turns RandAugment off
-    reprob: float = 0.25
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # autocast: auto (per machine), fp32, bf16 or fp16
-    num_workers: int = 2
-    resume: bool = False
-    overwrite: bool = False
+    out: str = setting("", "Run directory to create.", path={})
+    data_path: Optional[str] = setting(None, "Folder DATA/{train,val,test}/<class>/<image>.", path={})
+    manifest: Optional[str] = setting(
+        None, "CSV: path, split [, patient_id] and label | 0/1 label columns | numeric targets.", path={})
+    split: Optional[str] = setting(None, "Automatic stratified split ratios train,val,test, e.g. 0.7,0.15,0.15.")
+    model: str = setting("RETFound_mae_natureCFP", "Zoo name (see `retinafm models`) or timm ViT.")
+    weights: Optional[str] = setting(None, "Zoo weights (default), HF repo id, local file, or 'none'.")
+    adaptation: Adaptation = setting("finetune", "finetune: train the whole model; lp: a linear probe on the "
+                                                 "frozen backbone.")
+    # "features" embeds every image once and fits a scikit-learn probe (seconds); "sgd" is RETFound's
+    # way, the frozen backbone run in every epoch with the head trained by AdamW.
+    lp_mode: LpMode = setting("features", "lp: embed once + scikit-learn probe (features), or RETFound's epoch "
+                                          "loop (sgd).")
+    task: TaskName = setting("multiclass", "multiclass (binary is two classes), multilabel or regression (one or "
+                                           "more targets).")
+    oct_frames: str = setting("middle", OCT_FRAMES_HELP)
+    fundus_crop: bool = setting(False, "Crop fundus photographs to their circular field of view, padded square "
+                                       "(kept for predict).")
+    oct_crop: Optional[float] = setting(None, "Keep this central fraction of each OCT B-scan, e.g. 0.8 (kept for "
+                                              "predict).")
+    modality: Optional[Modality] = setting(None, "What the images are, when the colour/grayscale check guesses "
+                                                 "wrong.")
+    labels: Optional[list[str]] = setting(None, "multilabel: comma-separated 0/1 manifest columns (default: every "
+                                                "non-reserved column).")
+    targets: Optional[list[str]] = setting(None, "regression: comma-separated numeric manifest columns (default: "
+                                                 "every non-reserved column).")
+    head: Head = setting("linear", "Task head on the pooled feature: linear, mlp, or transformer (one token per "
+                                   "output).")
+    head_depth: int = setting(2, "mlp: hidden layers; transformer: encoder layers.")
+    head_num_heads: int = setting(4, "Attention heads of the transformer head.")
+    head_mlp_ratio: float = setting(2.0, "Hidden width of the mlp/transformer head as a multiple of the backbone "
+                                         "width.")
+    head_dropout: float = setting(0.1, "Dropout inside the mlp/transformer head.")
+    loss: Optional[RegressionLoss] = setting(None, "regression loss on standardised targets (default huber).")
+    huber_beta: float = setting(1.0, "regression: where the Huber (SmoothL1) loss turns from quadratic to linear.")
+    pos_weight: bool = setting(False, "multilabel: weight each label's positives by its negative/positive ratio "
+                                      "in train.")
+    threshold: str = setting("0.5", "multilabel decision threshold, or 'youden' for per-label thresholds chosen "
+                                    "on val.")
+    ordinal: bool = setting(False, "multiclass: the classes are ordered grades (adds quadratic-weighted kappa); "
+                                   "classes named with grade numbers (0..4, DR0.., 0_none..) are detected without it.")
+    bootstrap: int = setting(1000, "Bootstrap replicates for the test metrics' 95% CIs (patient-level with "
+                                   "patient_id); 0: none.")
+    epochs: int = setting(50, "Training epochs.")
+    batch_size: int = setting(16, "Per process.")
+    accum_iter: int = setting(1, "Accumulate gradients over this many batches per optimizer step.")
+    lr: Optional[float] = setting(None, "Absolute lr (default: blr × effective batch / 256).")
+    blr: float = setting(5e-3, "Base learning rate, scaled by the effective batch / 256.")
+    min_lr: float = setting(1e-6, "Floor of the cosine learning-rate schedule.")
+    layer_decay: float = setting(0.65, "Layer-wise learning-rate decay towards the input (1: none).")
+    weight_decay: float = setting(0.05, "AdamW weight decay.")
+    drop_path: float = setting(0.2, "Stochastic depth rate of the backbone.")
+    warmup_epochs: int = setting(10, "Epochs of linear learning-rate warmup (a default longer than --epochs "
+                                     "shrinks to it).")
+    smoothing: float = setting(0.1, "Label smoothing (multiclass; multilabel smooths towards 0.5).")
+    mixup: float = setting(0.0, "Mixup alpha (multiclass; 0: off).")
+    cutmix: float = setting(0.0, "CutMix alpha (multiclass; 0: off).")
+    clip_grad: Optional[float] = setting(None, "Clip gradient norm to this value.")
+    grad_checkpointing: bool = setting(False, "Recompute block activations in backward: far less GPU memory, about "
+                                              "a third more compute.")
+    compile: bool = setting(False, "torch.compile the model for training (GPU; pays a compile time up front).")
+    input_size: Optional[int] = setting(None, "Default: the model's input size.")
+    global_pool: Optional[GlobalPool] = setting(None, "avg (RETFound: mean of patch tokens + fc_norm) or token "
+                                                      "(CLS); default per model.")
+    crop_min_scale: float = setting(0.08, "Smallest area fraction of the random resized crop.")
+    randaug_magnitude: int = setting(9, "RandAugment magnitude; 0 turns RandAugment off.")
+    reprob: float = setting(0.25, "Random erasing probability.")
+    seed: int = setting(0, "Random seed (data order, augmentation, initialisation).")
+    device: str = setting("auto", "auto, cpu or cuda.")
+    precision: Precision = setting("auto", PRECISION_HELP)
+    num_workers: int = setting(2, "Data-loading worker processes.")
+    resume: bool = setting(False, "Continue the run in --out from its checkpoint-last.pth (the CLI takes "
+                                  "--resume RUN_DIR).", cli=False)
+    overwrite: bool = setting(False, "Allow writing into an existing non-empty --out.")
 
     def validate(self) -> None:
         if not self.out:
@@ -136,7 +171,6 @@ class FinetuneSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
         _check_crop_scale(self.crop_min_scale)
 
-
     def threshold_value(self) -> Optional[float]:
         """The fixed multilabel threshold, or None for thresholds chosen on validation (youden)."""
         if str(self.threshold).lower() == "youden":
@@ -151,12 +185,13 @@ class FinetuneSettings:
 
     def names_list(self) -> Optional[list[str]]:
         """--labels / --targets as a list of manifest columns (None: every non-reserved column)."""
-        text = self.labels if self.task == "multilabel" else self.targets if self.task == "regression" else None
-        if not text:
+        given = self.labels if self.task == "multilabel" else self.targets if self.task == "regression" else None
+        names = comma_list(given)
+        if not names:
             return None
-        names = [n.strip() for n in str(text).split(",") if n.strip()]
         if len(set(names)) != len(names):
-            raise ConfigError(f"--{'labels' if self.task == 'multilabel' else 'targets'} lists a column twice: {text}")
+            raise ConfigError(f"--{'labels' if self.task == 'multilabel' else 'targets'} lists a column twice: "
+                              f"{','.join(names)}")
         return names
 
 
@@ -166,52 +201,55 @@ PRETRAIN_DEFAULTS = {"mae": {"blr": 1.5e-4, "warmup_epochs": 40, "weight_decay":
 
 
 @dataclass
-class PretrainSettings:
+class PretrainSettings(Settings):
     """Self-supervised pretraining settings; defaults follow MAE / RETFound (mae) and DINO (dino)."""
 
-    out: str = ""
-    images: str = ""  # a folder (any layout; labels ignored) or a CSV manifest with a path column
-    splits: Optional[str] = None  # keep only these splits (comma-separated) when the images carry a split
-    method: str = "mae"  # mae | dino
-    model: str = "vit_large_patch16"
-    init: Optional[str] = None  # weights to continue from (zoo name, hub repo, file); None: random
-    input_size: Optional[int] = None
-    oct_frames: str = "middle"
-    fundus_crop: bool = False
-    oct_crop: Optional[float] = None
-    epochs: int = 800
-    warmup_epochs: Optional[int] = None  # None: the method's (mae 40, dino 10), at most --epochs
-    batch_size: int = 64
-    accum_iter: int = 1
-    lr: Optional[float] = None  # absolute lr; default blr * effective batch / 256
-    blr: Optional[float] = None  # None: the method's (mae 1.5e-4, dino 5e-4)
-    min_lr: float = 0.0
-    weight_decay: Optional[float] = None  # None: the method's (mae 0.05, dino 0.04)
-    clip_grad: Optional[float] = None
+    out: str = setting("", "Run directory to create.", path={"file_okay": False})
+    images: str = setting("", "Unlabelled images: any folder (searched recursively; labels ignored) or a manifest "
+                              "CSV.", path={})
+    splits: Optional[list[str]] = setting(None, "Keep only these splits (e.g. train,val) when the images carry one.")
+    method: PretrainMethod = setting("mae", "mae (RETFound's first stage) or dino.")
+    model: str = setting("vit_large_patch16", "Zoo name or timm ViT architecture.")
+    init: Optional[str] = setting(None, "Continue from these weights (zoo name, org/repo[:file], local file; an MAE "
+                                        "file's decoder too). Default: random.")
+    input_size: Optional[int] = setting(None, "Default: the model's own.")
+    oct_frames: str = setting("middle", OCT_FRAMES_HELP)
+    fundus_crop: bool = setting(False, "Crop fundus photographs to their field of view first.")
+    oct_crop: Optional[float] = setting(None, "Keep this central fraction of each OCT B-scan.")
+    epochs: int = setting(800, "Pretraining epochs.")
+    warmup_epochs: Optional[int] = setting(None, "Default: mae 40, dino 10 (at most --epochs).")
+    batch_size: int = setting(64, "Per process.")
+    accum_iter: int = setting(1, "Accumulate gradients over this many batches per optimizer step.")
+    lr: Optional[float] = setting(None, "Absolute learning rate (default: blr x batch / 256).")
+    blr: Optional[float] = setting(None, "Base learning rate. Default: mae 1.5e-4, dino 5e-4.")
+    min_lr: float = setting(0.0, "Floor of the cosine learning-rate schedule.")
+    weight_decay: Optional[float] = setting(None, "Default: mae 0.05, dino 0.04.")
+    clip_grad: Optional[float] = setting(None, "Clip gradient norm to this value.")
     # MAE
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    crop_min_scale: float = 0.2
+    mask_ratio: float = setting(0.75, "MAE.")
+    norm_pix_loss: bool = setting(True, "MAE.")
+    decoder_dim: int = setting(512, "MAE.")
+    decoder_depth: int = setting(8, "MAE.")
+    decoder_heads: int = setting(16, "MAE.")
+    crop_min_scale: float = setting(0.2, "MAE.")
     # DINO
-    out_dim: int = 65536
-    local_crops: int = 6
-    local_size: Optional[int] = None  # None: 96/224 of the input size, a multiple of the patch size
-    teacher_temp: float = 0.04
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_epochs: int = 0
-    momentum_teacher: float = 0.996
+    out_dim: int = setting(65536, "DINO: prototypes.")
+    local_crops: int = setting(6, "DINO.")
+    local_size: Optional[int] = setting(None, "DINO (default: 96/224 of the input size).")
+    teacher_temp: float = setting(0.04, "DINO.")
+    warmup_teacher_temp: float = setting(0.04, "DINO.")
+    warmup_teacher_epochs: int = setting(0, "DINO.")
+    momentum_teacher: float = setting(0.996, "DINO.")
     # both
-    reconstructions: int = 4  # MAE: images drawn each epoch in plots/reconstructions_*.png; 0: none
-    grad_checkpointing: bool = False
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # autocast: auto (per machine), fp32, bf16 or fp16
-    num_workers: int = 2
-    resume: bool = False
-    overwrite: bool = False
+    reconstructions: int = setting(4, "MAE: images drawn after every epoch (plots/reconstructions_*.png); 0: none.")
+    grad_checkpointing: bool = setting(False, "Recompute block activations in backward: far less GPU memory, about "
+                                              "a third more compute.")
+    seed: int = setting(0, "Random seed.")
+    device: str = setting("auto", "auto, cpu or cuda.")
+    precision: Precision = setting("auto", PRECISION_HELP)
+    num_workers: int = setting(2, "Data-loading worker processes.")
+    resume: bool = setting(False, "Continue the run in --out (the CLI takes --resume RUN_DIR).", cli=False)
+    overwrite: bool = setting(False, "Allow writing into an existing non-empty --out.")
 
     def validate(self) -> None:
         if not self.out:
@@ -222,7 +260,8 @@ class PretrainSettings:
             raise ConfigError(f"--method must be 'mae' or 'dino', not {self.method!r}")
         parse_oct_frames(self.oct_frames)
         check_preprocessing(self.oct_crop, None)
-        _at_least_one(self, "epochs", "batch_size", "accum_iter", "decoder_dim", "decoder_depth", "decoder_heads", "out_dim")
+        _at_least_one(self, "epochs", "batch_size", "accum_iter", "decoder_dim", "decoder_depth", "decoder_heads",
+                      "out_dim")
         _check_warmup(self.warmup_epochs, self.epochs)
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
@@ -243,44 +282,50 @@ class PretrainSettings:
         return min(value, self.epochs) if name == "warmup_epochs" else value
 
     def split_list(self) -> Optional[list[str]]:
-        return [s.strip() for s in self.splits.split(",") if s.strip()] if self.splits else None
+        return comma_list(self.splits) or None
 
 
 @dataclass
-class RefineSettings:
+class RefineSettings(Settings):
     """Vision-language refinement from image-report pairs (RetFiner-style)."""
 
-    out: str = ""
-    pairs: str = ""  # CSV: path, report [, split]
-    model: str = "RETFound_mae_natureOCT"
-    weights: Optional[str] = None  # None: the zoo entry's own; "none": random
-    text_model: str = ""  # a BERT-family hub id or local folder
-    input_size: Optional[int] = None
-    oct_frames: str = "middle"
-    fundus_crop: bool = False
-    oct_crop: Optional[float] = None
-    losses: str = "itc,itm,mlm,gm"
-    loss_weights: Optional[str] = None  # one per loss, comma-separated; default all 1
-    fusion_layers: Optional[int] = None  # upper text layers with cross-attention; None: half of them
-    embed_dim: int = 256
-    max_length: int = 128  # report tokens kept
-    mlm_probability: float = 0.15
-    epochs: int = 10
-    warmup_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 2e-5
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    crop_min_scale: float = 0.5
-    clip_grad: Optional[float] = None
-    probe_on: Optional[str] = None  # a labelled folder / manifest: linear probes before and after, side by side
-    probe_bootstrap: int = 1000
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # autocast: auto (per machine), fp32, bf16 or fp16
-    num_workers: int = 2
-    resume: bool = False
-    overwrite: bool = False
+    out: str = setting("", "Run directory to create.", path={"file_okay": False})
+    pairs: str = setting("", "CSV of image-report pairs: path, report [, split].", path={})
+    model: str = setting("RETFound_mae_natureOCT", "Zoo name or timm ViT architecture.")
+    weights: Optional[str] = setting(None, "File, hf repo id, zoo name, or 'none' (default: the zoo entry's).")
+    text_model: str = setting("", "BERT-family text encoder: Hugging Face repo id or local folder (e.g. "
+                                  "emilyalsentzer/Bio_ClinicalBERT).")
+    input_size: Optional[int] = setting(None, "Default: the model's own.")
+    oct_frames: str = setting("middle", OCT_FRAMES_HELP)
+    fundus_crop: bool = setting(False, "Crop fundus photographs to their field of view first.")
+    oct_crop: Optional[float] = setting(None, "Keep this central fraction of each OCT B-scan.")
+    losses: list[str] = setting(help="Objectives: any of itc, itm, mlm, gm.",
+                                default_factory=lambda: ["itc", "itm", "mlm", "gm"])
+    loss_weights: Optional[list[float]] = setting(None, "One weight per --losses entry, e.g. 1,1,0.5,0.5 (default "
+                                                        "all 1).")
+    fusion_layers: Optional[int] = setting(None, "Upper text layers that cross-attend to the image (default: half "
+                                                 "of them).")
+    embed_dim: int = setting(256, "Contrastive space width.")
+    max_length: int = setting(128, "Report tokens kept.")
+    mlm_probability: float = setting(0.15, "Share of report tokens masked for mlm.")
+    epochs: int = setting(10, "Refinement epochs.")
+    warmup_epochs: int = setting(1, "Epochs of linear learning-rate warmup (a default longer than --epochs "
+                                    "shrinks to it).")
+    batch_size: int = setting(32, "Per process.")
+    lr: float = setting(2e-5, "Learning rate.")
+    min_lr: float = setting(1e-6, "Floor of the cosine learning-rate schedule.")
+    weight_decay: float = setting(0.05, "AdamW weight decay.")
+    crop_min_scale: float = setting(0.5, "Smallest area fraction of the random resized crop.")
+    clip_grad: Optional[float] = setting(None, "Clip gradient norm to this value.")
+    probe_on: Optional[str] = setting(None, "A labelled folder or manifest: linear probes before and after "
+                                            "refinement, side by side.", path={})
+    probe_bootstrap: int = setting(1000, "Bootstrap replicates of the probes' test CIs (0: none).")
+    seed: int = setting(0, "Random seed.")
+    device: str = setting("auto", "auto, cpu or cuda.")
+    precision: Precision = setting("auto", PRECISION_HELP)
+    num_workers: int = setting(2, "Data-loading worker processes.")
+    resume: bool = setting(False, "Continue the run in --out (the CLI takes --resume RUN_DIR).", cli=False)
+    overwrite: bool = setting(False, "Allow writing into an existing non-empty --out.")
 
     def validate(self) -> None:
         if not self.out:
@@ -305,17 +350,23 @@ class RefineSettings:
             raise ConfigError(f"--probe-bootstrap must be 0 or at least 100, got {self.probe_bootstrap}")
 
     def loss_weight_map(self) -> dict[str, float]:
-        names = [n.strip().lower() for n in self.losses.split(",") if n.strip()]
-        unknown = sorted(set(names) - {"itc", "itm", "mlm", "gm"})
+        names = [n.lower() for n in comma_list(self.losses) or []]
+        unknown = sorted(set(names) - set(VISION_LANGUAGE_LOSSES))
         if not names or unknown or len(set(names)) != len(names):
-            raise ConfigError(f"--losses takes a comma-separated subset of itc, itm, mlm, gm; got {self.losses!r}")
+            raise ConfigError(f"--losses takes a comma-separated subset of {', '.join(VISION_LANGUAGE_LOSSES)}; "
+                              f"got {_text(self.losses)!r}")
         if self.loss_weights is None:
             return {n: 1.0 for n in names}
         try:
-            weights = [float(w) for w in str(self.loss_weights).split(",")]
+            weights = [float(w) for w in comma_list(self.loss_weights) or []]
         except ValueError:
-            raise ConfigError(f"--loss-weights must be numbers, got {self.loss_weights!r}") from None
+            raise ConfigError(f"--loss-weights must be numbers, got {_text(self.loss_weights)!r}") from None
         if len(weights) != len(names) or any(w < 0 for w in weights) or not any(weights):
             raise ConfigError(f"--loss-weights needs one non-negative weight per loss ({', '.join(names)}), "
-                              f"not all zero; got {self.loss_weights!r}")
-        return dict(zip(names, weights))
+                              f"not all zero; got {_text(self.loss_weights)!r}")
+        return dict(zip(names, weights, strict=True))
+
+
+def _text(value: object) -> str:
+    """A list setting as it is typed on the command line."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)

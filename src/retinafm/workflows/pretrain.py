@@ -211,11 +211,11 @@ def pretraining_images(cfg: PretrainSettings) -> list[str]:
     wanted = cfg.split_list()
     if wanted:
         if "split" not in table.columns:
-            raise DataSourceError(f"--splits {cfg.splits}: {cfg.images} has no split (no train/val/test folders, "
+            raise DataSourceError(f"--splits {','.join(wanted)}: {cfg.images} has no split (no train/val/test folders, "
                                   "no split column)")
         table = table[table["split"].isin(wanted)]
         if table.empty:
-            raise DataSourceError(f"--splits {cfg.splits}: no images of those splits in {cfg.images}")
+            raise DataSourceError(f"--splits {','.join(wanted)}: no images of those splits in {cfg.images}")
     return table["path"].tolist()
 
 

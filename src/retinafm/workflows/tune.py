@@ -21,7 +21,7 @@ import pandas as pd
 
 from retinafm.engine.loop import NonFiniteLossError
 from retinafm.files import atomic_path, prepare_output_dir, write_csv, write_json
-from retinafm.settings import ConfigError, FinetuneSettings
+from retinafm.settings import ConfigError, FinetuneSettings, flag_text
 from retinafm.tasks import TASKS
 
 
@@ -250,5 +250,5 @@ def finetune_command(cfg: FinetuneSettings) -> str:
             if value:
                 parts.append(flag)
             continue
-        parts += [flag, repr(value) if isinstance(value, float) else str(value)]
+        parts += [flag, flag_text(value)]
     return " ".join(shlex.quote(p) for p in parts)

@@ -1,0 +1,70 @@
+"""Settings of the smaller verbs: split, compare, import (their options are generated from these)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from retinafm.settings.base import ConfigError, Settings, setting
+
+ImportSource = Literal["retfound"]
+
+
+@dataclass
+class SplitSettings(Settings):
+    """A patient-grouped, stratified, seeded split of a manifest, or a leakage check of its split."""
+
+    manifest: str = setting("", "CSV: path, a patient id column [, label | 0/1 label columns | targets] [, split].",
+                            path={"dir_okay": False}, required=True)
+    out: Optional[str] = setting(None, "Manifest CSV to write with its split column; with --check, an optional CSV "
+                                       "of the leaking ids.", path={"dir_okay": False})
+    by: str = setting("patient_id", "Column whose rows stay in one split (the patient id); 'none' splits image by "
+                                    "image.")
+    ratios: str = setting("0.7,0.15,0.15", "train,val,test fractions of the patients.")
+    seed: int = setting(0, "Seed of the split.")
+    stratify: Optional[str] = setting(None, "Column to stratify on (default: label; else each row's rarest positive "
+                                            "0/1 label column; 'none': no stratification). Numeric columns with many "
+                                            "values go by quintile.")
+    check: bool = setting(False, "Don't split: list the ids whose images lie in more than one split of the "
+                                 "manifest's split column; exit 1 if there are any, 0 when clean.")
+    resplit: bool = setting(False, "Replace the split column the manifest already has.")
+    overwrite: bool = setting(False, "Replace an existing --out.")
+
+    @property
+    def group_by(self) -> Optional[str]:
+        """--by as a column name, or None for 'none' (image by image)."""
+        return None if self.by.strip().lower() == "none" else self.by.strip()
+
+    def validate(self) -> None:
+        if not self.manifest:
+            raise ConfigError("--manifest is required: the CSV to split or check.")
+        if self.check:
+            if self.group_by is None:
+                raise ConfigError("--check needs --by COLUMN, the patient id column to check")
+            if self.resplit or self.stratify:
+                raise ConfigError("--check only reads the existing split; --resplit and --stratify are for splitting")
+        elif not self.out:
+            raise ConfigError("give --out FILE.csv for the split manifest (or --check to look for leakage)")
+
+
+@dataclass
+class CompareSettings(Settings):
+    """A paired comparison of runs on the same images (the runs themselves are the command's arguments)."""
+
+    split: str = setting("test", "Which split's predictions to compare.", flag="--on")
+    out: str = setting("comparison", "Folder for comparison.csv/.json and forest.png.", path={})
+    metric: Optional[str] = setting(None, "Headline metric (default: the task's, e.g. auroc_macro or r2_macro).")
+    bootstrap: int = setting(1000, "Paired bootstrap replicates.")
+    seed: int = setting(0, "Seed of the bootstrap.")
+    overwrite: bool = setting(False, "Replace an existing --out.")
+
+
+@dataclass
+class ImportSettings(Settings):
+    """Turning a checkpoint fine-tuned elsewhere into a retinafm checkpoint (the file is the argument)."""
+
+    source: ImportSource = setting("retfound", "Which codebase fine-tuned the checkpoint.", flag="--from",
+                                   required=True)
+    classes: list[str] = setting(help="Class names in the order of the head's outputs (RETFound: sorted folder "
+                                      "names), comma-separated.", default_factory=list, required=True)
+    out: str = setting("", "retinafm checkpoint to write.", path={"dir_okay": False}, required=True)
+    overwrite: bool = setting(False, "Replace an existing --out.")

@@ -17,13 +17,26 @@ import click
 from retinafm.settings import (
     HEADS,
     PRECISIONS,
-    TASK_NAMES,
     ConfigError,
     FinetuneSettings,
     PretrainSettings,
     RefineSettings,
     read_yaml_settings,
 )
+
+
+class _TaskChoice(click.Choice):
+    """--task: the names in the task registry, read when click first needs them (importing the task
+    types at start-up would pull torch into every command, `--help` included)."""
+
+    def __init__(self) -> None:
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        from retinafm.tasks import TASKS
+
+        return tuple(TASKS)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -191,7 +204,7 @@ def finetune_options(command: Callable) -> Callable:
         click.option("--adaptation", type=click.Choice(["finetune", "lp"]), default=D.adaptation, show_default=True),
         click.option("--lp-mode", type=click.Choice(["features", "sgd"]), default=D.lp_mode, show_default=True,
                      help="lp: embed once + scikit-learn probe (features), or RETFound's epoch loop (sgd)."),
-        click.option("--task", type=click.Choice(TASK_NAMES), default=D.task, show_default=True,
+        click.option("--task", type=_TaskChoice(), default=D.task, show_default=True,
                      help="multiclass (binary is two classes), multilabel or regression (one or more targets)."),
         click.option("--labels", default=None,
                      help="multilabel: comma-separated 0/1 manifest columns (default: every non-reserved column)."),
@@ -641,8 +654,7 @@ def refine_cmd(resume: str | None, **options: Any) -> None:
 @main.command("probe")
 @click.option("--embeddings", required=True, type=click.Path(), help="An `embed` output (.parquet or .npy).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
-@click.option("--task", type=click.Choice(["multiclass", "multilabel", "regression"]), default="multiclass",
-              show_default=True)
+@click.option("--task", type=_TaskChoice(), default=FinetuneSettings.task, show_default=True)
 @click.option("--label-column", default="label", show_default=True, help="Multi-class: the class column.")
 @click.option("--labels", "label_columns", default=None, help="Multi-label: the 0/1 columns, comma-separated.")
 @click.option("--targets", "target_columns", default=None, help="Regression: the value columns, comma-separated.")

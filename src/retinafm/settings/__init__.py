@@ -7,7 +7,6 @@ from retinafm.settings.base import (
     HEADS,
     MODALITIES,
     PRECISIONS,
-    TASK_NAMES,
     ConfigError,
     OctFrames,
     _at_least_one,
@@ -30,4 +29,4 @@ from retinafm.settings.training import (
     RefineSettings,
 )
 
-__all__ = ['TASK_NAMES', 'HEADS', 'MODALITIES', 'OctFrames', 'ConfigError', 'parse_oct_frames', 'check_preprocessing', '_at_least_one', '_check_warmup', '_check_crop_scale', 'check_device', 'PRECISIONS', 'check_precision', 'setting', 'flag_name', 'config_fields', 'read_yaml_settings', 'to_dict', 'FinetuneSettings', 'PRETRAIN_DEFAULTS', 'PretrainSettings', 'RefineSettings']
+__all__ = ['HEADS', 'MODALITIES', 'OctFrames', 'ConfigError', 'parse_oct_frames', 'check_preprocessing', '_at_least_one', '_check_warmup', '_check_crop_scale', 'check_device', 'PRECISIONS', 'check_precision', 'setting', 'flag_name', 'config_fields', 'read_yaml_settings', 'to_dict', 'FinetuneSettings', 'PRETRAIN_DEFAULTS', 'PretrainSettings', 'RefineSettings']

@@ -12,7 +12,6 @@ from typing import Any, Optional, Union
 
 import yaml
 
-TASK_NAMES = ("multiclass", "multilabel", "regression")
 HEADS = ("linear", "mlp", "transformer")
 MODALITIES = ("CFP", "OCT")
 OctFrames = Union[str, int]

@@ -6,7 +6,6 @@ from typing import Optional
 
 from retinafm.settings.base import (
     HEADS,
-    TASK_NAMES,
     ConfigError,
     _at_least_one,
     _check_crop_scale,
@@ -32,7 +31,7 @@ class FinetuneSettings:
     # lp only: "features" embeds every image once and fits a scikit-learn probe (seconds);
     # "sgd" is RETFound's way, the frozen backbone run in every epoch with the head trained by AdamW.
     lp_mode: str = "features"
-    task: str = "multiclass"  # multiclass | multilabel | regression
+    task: str = "multiclass"  # a task type of retinafm.tasks.TASKS
     oct_frames: str = "middle"  # B-scans of each volume used: middle | all | N (evenly spread)
     fundus_crop: bool = False  # crop colour fundus photographs to their field of view, padded square
     oct_crop: Optional[float] = None  # keep this central fraction of each OCT B-scan (e.g. 0.8)
@@ -90,14 +89,6 @@ class FinetuneSettings:
         if self.adaptation == "lp" and self.lp_mode == "features" and self.head != "linear":
             raise ConfigError(f"--head {self.head} needs gradient training: add --lp-mode sgd (the features probe "
                               "fits a linear head)")
-        if self.task not in TASK_NAMES:
-            raise ConfigError(f"--task must be one of {', '.join(TASK_NAMES)}, not {self.task!r}")
-        if self.labels and self.task != "multilabel":
-            raise ConfigError("--labels applies to --task multilabel; for regression use --targets")
-        if self.targets and self.task != "regression":
-            raise ConfigError("--targets applies to --task regression; for multi-label use --labels")
-        if (self.labels or self.targets or self.task != "multiclass") and not self.manifest:
-            raise ConfigError(f"--task {self.task} reads its labels or targets from a CSV: give --manifest FILE.csv")
         parse_oct_frames(self.oct_frames)
         check_preprocessing(self.oct_crop, self.modality)
         if self.head not in HEADS:
@@ -108,22 +99,12 @@ class FinetuneSettings:
             raise ConfigError(f"--head-mlp-ratio must be positive, got {self.head_mlp_ratio}")
         if not 0.0 <= self.head_dropout < 1.0:
             raise ConfigError(f"--head-dropout must be in [0, 1), got {self.head_dropout}")
-        if self.loss is not None and (self.task != "regression" or self.loss not in ("huber", "mse")):
-            raise ConfigError("--loss applies to --task regression and must be 'huber' or 'mse'")
         if self.huber_beta <= 0:
             raise ConfigError(f"--huber-beta must be positive, got {self.huber_beta}")
-        if self.pos_weight and self.task != "multilabel":
-            raise ConfigError("--pos-weight applies to --task multilabel")
         self.threshold_value()
-        if str(self.threshold) != "0.5" and self.task != "multilabel":
-            raise ConfigError("--threshold applies to --task multilabel")
-        if self.ordinal and self.task != "multiclass":
-            raise ConfigError("--ordinal applies to --task multiclass (graded classes such as DR 0-4)")
         if self.bootstrap < 0 or 0 < self.bootstrap < 100:
             raise ConfigError(f"--bootstrap must be 0 (no confidence intervals) or at least 100 replicates, "
                               f"got {self.bootstrap}")
-        if (self.mixup > 0 or self.cutmix > 0) and self.task != "multiclass":
-            raise ConfigError("--mixup/--cutmix apply to --task multiclass only")
         if self.global_pool not in (None, "avg", "token"):
             raise ConfigError(f"--global-pool must be 'avg' or 'token', not {self.global_pool!r}")
         check_device(self.device)
@@ -150,13 +131,14 @@ class FinetuneSettings:
         return value
 
     def names_list(self) -> Optional[list[str]]:
-        """--labels / --targets as a list of manifest columns (None: every non-reserved column)."""
-        text = self.labels if self.task == "multilabel" else self.targets if self.task == "regression" else None
+        """--labels / --targets as a list of manifest columns (None: every non-reserved column). The
+        task type's settings check has made sure only the one its task takes is given."""
+        flag, text = ("labels", self.labels) if self.labels else ("targets", self.targets)
         if not text:
             return None
         names = [n.strip() for n in str(text).split(",") if n.strip()]
         if len(set(names)) != len(names):
-            raise ConfigError(f"--{'labels' if self.task == 'multilabel' else 'targets'} lists a column twice: {text}")
+            raise ConfigError(f"--{flag} lists a column twice: {text}")
         return names
 
 

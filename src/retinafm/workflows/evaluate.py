@@ -27,7 +27,7 @@ from retinafm.files import prepare_output_dir, write_csv
 from retinafm.runtime import distributed as dist_utils
 from retinafm.runtime.cpu import quantize_for_cpu
 from retinafm.runtime.device import inference_dtype, resolve_device
-from retinafm.tasks import grade_order
+from retinafm.tasks import get_task, grade_order
 from retinafm.workflows.report import write_report
 
 
@@ -57,9 +57,9 @@ def evaluate_checkpoint(
     model's; model classes the set lacks are reported in the metrics, not an error)."""
     model, meta = model_from_checkpoint(load_checkpoint(checkpoint))  # the loaded tensors are not kept twice
     if manifest:
-        data = load_manifest(manifest, class_names=meta.class_names, task=meta.task, label_map=label_map,
-                             absent_unknown=True)
-    elif meta.task != "multiclass":
+        data = load_manifest(manifest, class_names=meta.class_names, targets=get_task(meta.task).targets,
+                             label_map=label_map, absent_unknown=True)
+    elif not get_task(meta.task).targets.from_folders:
         raise DataSourceError(f"this {meta.task} checkpoint is evaluated on a --manifest CSV with columns "
                               f"{', '.join(meta.class_names)}")
     elif data_path:

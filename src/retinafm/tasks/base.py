@@ -42,6 +42,8 @@ class TaskBase:
 
     # How a manifest (or a folder of class folders) holds this task's targets.
     targets: ClassVar[TargetReader] = CLASS_LABELS
+    # One class per image (softmax outputs): the outputs are exclusive classes, possibly graded.
+    one_class_per_image: ClassVar[bool] = False
     # The outputs are manifest columns named by a setting (--labels, --targets), not class names.
     named_columns: ClassVar[bool] = False
     # Settings naming this task's manifest columns, checked before the manifest is required.
@@ -92,6 +94,11 @@ class TaskBase:
     def search_space(cls, trial: Any, settings: Any) -> dict[str, Any]:
         """`tune`: this task type's own settings worth searching (an optuna trial suggests them)."""
         return {}
+
+    def absent_outputs(self, targets: np.ndarray) -> list[str]:
+        """The outputs a labelled set has no known example of (their metrics are undefined there)."""
+        known = ~np.isnan(targets)
+        return [name for i, name in enumerate(self.output_names) if not known[:, i].any()]
 
     # ----------------------------------------------------------------------- report
     @staticmethod
@@ -268,16 +275,6 @@ class VectorTargetTask(TaskBase):
                 **{f"known_{n}": int((~np.isnan(targets[:, j])).sum()) for j, n in enumerate(self.output_names)}}
 
 
-def logistic_probe(z: np.ndarray, y: np.ndarray, strength: float, max_iter: int, seed: int) -> Any:
-    """scikit-learn's logistic regression at inverse regularisation `strength`, fitted."""
-    from sklearn.linear_model import LogisticRegression
-
-    return LogisticRegression(C=strength, max_iter=max_iter, random_state=seed).fit(z, y)
-
-
-def logit(p: float) -> float:
-    return math.log(p / (1 - p))
-
     @staticmethod
     def columns_of(frame: Any, columns: Sequence[str]) -> np.ndarray:
         """These CSV columns as an (N, len(columns)) float array, empty cells as NaN."""
@@ -295,3 +292,14 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (tuple, list, np.ndarray)):
         return [float(v) if isinstance(v, (float, np.floating)) else v for v in value]
     return value
+
+
+def logistic_probe(z: np.ndarray, y: np.ndarray, strength: float, max_iter: int, seed: int) -> Any:
+    """scikit-learn's logistic regression at inverse regularisation `strength`, fitted."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=strength, max_iter=max_iter, random_state=seed).fit(z, y)
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))

@@ -37,6 +37,7 @@ class MulticlassTask(TaskBase):
     report_headline = ("auroc_macro", "auprc_macro", "accuracy", "balanced_accuracy", "f1_macro", "sensitivity_macro",
                        "specificity_macro", "kappa", "quadratic_kappa", "mcc", "ece")
     output_kind = "class"
+    one_class_per_image = True
 
     def __post_init__(self) -> None:
         if self.grade_order is not None:  # checkpoints give it back as a list
@@ -53,6 +54,10 @@ class MulticlassTask(TaskBase):
     def bootstrap_strata(self, targets: np.ndarray) -> np.ndarray:
         """Resample within each class, so every replicate keeps the class counts."""
         return np.asarray(targets)
+
+    def absent_outputs(self, targets: np.ndarray) -> list[str]:
+        present = set(np.asarray(targets).tolist())
+        return [name for i, name in enumerate(self.output_names) if i not in present]
 
     def target_array(self, samples: Sequence) -> np.ndarray:
         return np.array([s.label for s in samples], dtype=np.int64)

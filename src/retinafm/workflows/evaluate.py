@@ -81,7 +81,7 @@ def evaluate_checkpoint(
     if dist_utils.is_primary():
         prepare_output_dir(out_dir, overwrite=overwrite)
     task = task_of(meta)
-    if ordinal and meta.task != "multiclass":
+    if ordinal and not task.one_class_per_image:
         raise DataSourceError("--ordinal applies to multi-class checkpoints (graded classes such as DR 0-4)")
     if ordinal and not task.ordinal:
         task = dataclasses.replace(task, grade_order=grade_order(task.output_names, ordinal=True))
@@ -105,12 +105,7 @@ def evaluate_checkpoint(
 def _external_notes(task, targets: np.ndarray, label_map: Optional[dict[str, str]]) -> dict[str, Any]:
     """What a reader of external-set metrics must know: outputs the set has no examples of (their
     per-class metrics are undefined) and how its labels were mapped."""
-    if task.name == "multiclass":
-        present = set(np.asarray(targets).tolist())
-        absent = [name for i, name in enumerate(task.output_names) if i not in present]
-    else:
-        known = ~np.isnan(targets)
-        absent = [name for i, name in enumerate(task.output_names) if not known[:, i].any()]
+    absent = task.absent_outputs(targets)
     notes: dict[str, Any] = {}
     if absent:
         warnings.warn(f"the evaluated set has no examples of {absent}; their per-class metrics are undefined (NaN) "

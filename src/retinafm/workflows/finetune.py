@@ -145,7 +145,7 @@ def _finetune(cfg: FinetuneSettings, device: torch.device, on_epoch: Optional[Ep
             f"{data.source} has no validation images; add a val split (the best epoch is chosen on it) "
             "or use --split 0.7,0.15,0.15."
         )
-    if get_task(cfg.task).targets.from_folders and len(data.class_names) < 2:
+    if get_task(cfg.task).one_class_per_image and len(data.class_names) < 2:
         raise DataSourceError(f"{data.source} has a single class {data.class_names}; classification needs two or more")
     if cfg.adaptation == "lp" and cfg.lp_mode == "features":
         return _feature_probe(cfg, data, run_dir, evaluate_test)

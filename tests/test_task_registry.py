@@ -18,7 +18,7 @@ from retinafm.workflows.report import write_report
 
 
 @dataclass(frozen=True)
-class GradeCountTask(VectorTargetTask):
+class LesionCountTask(VectorTargetTask):
     """A toy fourth task type: per lesion type, a count of 0, 1 or 2 lesions."""
 
     output_names: tuple[str, ...]
@@ -40,8 +40,8 @@ class GradeCountTask(VectorTargetTask):
 
 @pytest.fixture
 def toy_task(monkeypatch):
-    monkeypatch.setitem(TASKS, "lesion_count", GradeCountTask)
-    return GradeCountTask
+    monkeypatch.setitem(TASKS, "lesion_count", LesionCountTask)
+    return LesionCountTask
 
 
 def test_registry_names_and_unknown_task(toy_task):

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from retinafm.settings import ConfigError, FinetuneSettings, read_yaml_settings, to_dict
+from retinafm.tasks import check_settings
 
 
 def test_defaults_follow_retfound():
@@ -56,12 +57,14 @@ def test_yaml_round_trip_and_unknown_keys(tmp_path):
 def test_validation_names_the_option(changes, message):
     cfg = FinetuneSettings(**{"out": "run", "data_path": "data", **changes})
     with pytest.raises(ConfigError, match=message):
-        cfg.validate()
+        cfg.validate()  # the settings' own checks, then those of the task type (as finetune runs them)
+        check_settings(cfg)
 
 
 def test_task_columns_and_thresholds():
     cfg = FinetuneSettings(out="r", manifest="m.csv", task="multilabel", labels=" drusen, srf ,", threshold="youden")
     cfg.validate()
+    check_settings(cfg)
     assert cfg.names_list() == ["drusen", "srf"] and cfg.threshold_value() is None
     assert FinetuneSettings(out="r", manifest="m.csv", task="multilabel").threshold_value() == 0.5
     with pytest.raises(ConfigError, match="lists a column twice"):

@@ -15,6 +15,7 @@ from retinafm.data.sources import (
     load_manifest,
     parse_label_map,
 )
+from retinafm.tasks import get_task
 
 
 def _img(path: Path) -> Path:
@@ -133,24 +134,24 @@ def _write_manifest(tmp_path, text: str):
 def test_multilabel_manifest_columns_missing_cells_and_bad_values(tmp_path):
     csv = _write_manifest(tmp_path, "path,split,patient_id,drusen,srf\n"
                                     "a.png,train,p1,1,0\nb.png,train,p2,0,\nc.png,val,p3,1,1\nd.png,test,p4,0,1\n")
-    data = load_manifest(csv, task="multilabel")
+    data = load_manifest(csv, targets=get_task("multilabel").targets)
     assert data.class_names == ["drusen", "srf"]  # every non-reserved column
     assert data.samples[1].targets[0] == 0.0 and np.isnan(data.samples[1].targets[1])  # empty = unknown
     assert data.samples[0].patient_id == "p1" and data.samples[0].label is None
     assert list(data.counts().columns) == ["images", "drusen", "srf"]
-    assert load_manifest(csv, task="multilabel", class_names=["srf"]).samples[3].targets == (1.0,)
+    assert load_manifest(csv, targets=get_task("multilabel").targets, class_names=["srf"]).samples[3].targets == (1.0,)
     with pytest.raises(DataSourceError, match=r"no column\(s\) \['cnv'\]"):
-        load_manifest(csv, task="multilabel", class_names=["srf", "cnv"])
+        load_manifest(csv, targets=get_task("multilabel").targets, class_names=["srf", "cnv"])
     bad = _write_manifest(tmp_path, "path,split,drusen\na.png,train,2\nb.png,train,yes\n")
     with pytest.raises(DataSourceError, match=r"'drusen' must hold 0 or 1.*line\(s\) 2, 3"):
-        load_manifest(bad, task="multilabel")
+        load_manifest(bad, targets=get_task("multilabel").targets)
 
 
 def test_regression_manifest_numbers_and_auto_split(tmp_path):
     rows = "\n".join(f"{i}.png,{40 + i},{'' if i % 10 == 0 else 120 + i}" for i in range(60))
     csv = _write_manifest(tmp_path, "path,age,sbp\n" + rows + "\n")
-    data = load_manifest(csv, split_ratios="0.6,0.2,0.2", task="regression", class_names=["age", "sbp"])
-    assert data.task == "regression" and data.auto_split
+    data = load_manifest(csv, split_ratios="0.6,0.2,0.2", targets=get_task("regression").targets, class_names=["age", "sbp"])
+    assert data.targets.task == "regression" and data.auto_split
     assert sorted(len(data.split(s)) for s in ("train", "val", "test")) == [12, 12, 36]
     ages = {s.split: [] for s in data.samples}
     for s in data.samples:
@@ -162,12 +163,12 @@ def test_regression_manifest_numbers_and_auto_split(tmp_path):
     assert list(table.columns) == ["path", "split", "age", "sbp", "patient_id"]
     bad = _write_manifest(tmp_path, "path,split,age\na.png,train,forty\n")
     with pytest.raises(DataSourceError, match="'age' must hold a number"):
-        load_manifest(bad, task="regression")
+        load_manifest(bad, targets=get_task("regression").targets)
 
 
 def test_tasks_other_than_multiclass_need_a_manifest(tmp_path):
     with pytest.raises(DataSourceError, match="--task regression needs a --manifest"):
-        load_labelled(data_path=str(tmp_path), task="regression")
+        load_labelled(data_path=str(tmp_path), targets=get_task("regression").targets)
 
 
 def test_parse_label_map():
@@ -195,8 +196,8 @@ def test_label_map_renames_and_merges_an_external_sets_classes(tmp_path):
 
 def test_external_manifest_columns_renamed_and_absent_ones_unknown(tmp_path):
     csv = _write_manifest(tmp_path, "path,split,DRUSEN\na.png,test,1\nb.png,test,0\n")
-    data = load_manifest(csv, task="multilabel", class_names=["drusen", "srf"], label_map={"DRUSEN": "drusen"},
+    data = load_manifest(csv, targets=get_task("multilabel").targets, class_names=["drusen", "srf"], label_map={"DRUSEN": "drusen"},
                          absent_unknown=True)
     assert data.samples[0].targets[0] == 1.0 and np.isnan(data.samples[0].targets[1])
     with pytest.raises(DataSourceError, match=r"no column\(s\) \['srf'\]"):
-        load_manifest(csv, task="multilabel", class_names=["drusen", "srf"], label_map={"DRUSEN": "drusen"})
+        load_manifest(csv, targets=get_task("multilabel").targets, class_names=["drusen", "srf"], label_map={"DRUSEN": "drusen"})

@@ -24,7 +24,6 @@ from retinafm.settings import (
     OCT_FRAMES_HELP,
     PRECISION_HELP,
     PRECISIONS,
-    TASK_NAMES,
     CompareSettings,
     ConfigError,
     FinetuneSettings,
@@ -40,6 +39,20 @@ from retinafm.settings import (
     read_yaml_settings,
     unwrap_optional,
 )
+
+
+class _TaskChoice(click.Choice):
+    """--task: the names in the task registry, read when click first needs them (importing the task
+    types at start-up would pull torch into every command, `--help` included)."""
+
+    def __init__(self) -> None:
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        from retinafm.tasks import TASKS
+
+        return tuple(TASKS)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -124,7 +137,7 @@ def field_option(cls: type, field: dataclasses.Field, **overrides: Any) -> Calla
 
     bool -> a flag (--x, or --x/--no-x when the default is on); Literal -> click.Choice; list ->
     comma-separated text parsed into a list; Optional[...] -> the same with no default. Metadata of
-    the field: `path` -> click.Path(**path); `flag` -> another spelling (compare's --on);
+    the field: `choices="tasks"` -> the task registry's names; `path` -> click.Path(**path); `flag` -> another spelling (compare's --on);
     `required` -> the option must be given."""
     annotation = field_types(cls)[field.name]
     inner, _ = unwrap_optional(annotation)
@@ -140,8 +153,10 @@ def field_option(cls: type, field: dataclasses.Field, **overrides: Any) -> Calla
             kwargs.update(is_flag=True, default=False)
     else:
         item = list_item_type(annotation)
-        if typing.get_origin(inner) is Literal:
-            kind: Any = click.Choice(typing.get_args(inner))
+        if field.metadata.get("choices") == "tasks":
+            kind: Any = _TaskChoice()
+        elif typing.get_origin(inner) is Literal:
+            kind = click.Choice(typing.get_args(inner))
         elif item is not None:
             kind = CommaList(item)
             default = None if default is None else ",".join(map(str, default))
@@ -577,7 +592,7 @@ def refine_cmd(resume: str | None, **options: Any) -> None:
 @main.command("probe")
 @click.option("--embeddings", required=True, type=click.Path(), help="An `embed` output (.parquet or .npy).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
-@click.option("--task", type=click.Choice(TASK_NAMES), default="multiclass", show_default=True)
+@click.option("--task", type=_TaskChoice(), default=FinetuneSettings.task, show_default=True)
 @click.option("--label-column", default="label", show_default=True, help="Multi-class: the class column.")
 @click.option("--labels", "label_columns", default=None, help="Multi-label: the 0/1 columns, comma-separated.")
 @click.option("--targets", "target_columns", default=None, help="Regression: the value columns, comma-separated.")

@@ -11,13 +11,13 @@ import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
 
 from retinafm.data.io import is_image_file
-from retinafm.data.splits import parse_ratios, rarest_positive, stratified_split
+from retinafm.data.splits import parse_ratios, stratified_split
 
 SPLITS = ("train", "val", "test")
 # Manifest columns that are never labels or targets.
@@ -37,16 +37,109 @@ class Sample:
     targets: Optional[tuple[float, ...]] = None  # multilabel (0/1) or regression values; NaN = missing
 
 
+class TargetReader(Protocol):
+    """How a task type's targets are read from a manifest (each task type names its reader; the
+    data layer knows only the two ways there are: one class label, or one value per column)."""
+
+    task: str
+    from_folders: bool  # a folder of class folders holds these targets too
+    required_columns: tuple[str, ...]
+
+    def clean(self, frame: pd.DataFrame) -> None: ...
+
+    def map_labels(self, frame: pd.DataFrame, label_map: dict[str, str], csv_path: Path) -> pd.DataFrame: ...
+
+    def read(self, frame: pd.DataFrame, csv_path: Path, split_ratios: Optional[str],
+             names: Optional[Sequence[str]], absent_unknown: bool) -> tuple[pd.DataFrame, list[str], list, list, list]:
+        ...
+
+    def table_columns(self, samples: Sequence["Sample"], names: Sequence[str]) -> dict[str, Any]: ...
+
+    def counts(self, table: pd.DataFrame, names: list[str]) -> pd.DataFrame: ...
+
+
+@dataclass(frozen=True)
+class ClassLabels:
+    """One class name per image: a manifest's `label` column, or the image's class folder."""
+
+    task: str = ""
+    from_folders: bool = True
+    required_columns: tuple[str, ...] = ("path", "label")
+
+    def clean(self, frame: pd.DataFrame) -> None:
+        frame["label"] = frame["label"].str.strip()
+
+    def map_labels(self, frame: pd.DataFrame, label_map: dict[str, str], csv_path: Path) -> pd.DataFrame:
+        _check_label_map(label_map, set(frame["label"]), f"--manifest {csv_path}", "labels")
+        frame["label"] = frame["label"].replace(label_map)
+        return frame
+
+    def read(self, frame: pd.DataFrame, csv_path: Path, split_ratios: Optional[str],
+             names: Optional[Sequence[str]], absent_unknown: bool) -> tuple[pd.DataFrame, list[str], list, list, list]:
+        """(frame, class names, label index per row, targets per row (None), split strata)."""
+        class_names, labels = _class_labels(frame, csv_path, split_ratios, names)
+        return frame, class_names, labels, [None] * len(frame), labels
+
+    def table_columns(self, samples: Sequence["Sample"], names: Sequence[str]) -> dict[str, Any]:
+        return {"label": [names[s.label] if s.label is not None else None for s in samples]}
+
+    def counts(self, table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+        return table.groupby(["split", "label"]).size().unstack(fill_value=0)
+
+
+@dataclass(frozen=True)
+class TargetColumns:
+    """One float per output, each from its own manifest column; an empty cell is unknown (NaN)."""
+
+    task: str
+    flag: str  # the setting that names the columns, for messages (--labels, --targets)
+    kind: str  # what a column holds, for messages ("0/1 label")
+    want: str  # what a cell must hold, for messages ("0 or 1 (or empty for unknown)")
+    strata: Callable[[np.ndarray], list]  # what an automatic split stratifies on, from the (rows, columns) values
+    summarise: Callable[[Any], pd.DataFrame]  # the data summary per split, from the table grouped by split
+    allowed: Optional[tuple[float, ...]] = None  # the only values a cell may hold (None: any number)
+    from_folders: bool = False
+    required_columns: tuple[str, ...] = ("path",)
+
+    def clean(self, frame: pd.DataFrame) -> None:
+        pass
+
+    def map_labels(self, frame: pd.DataFrame, label_map: dict[str, str], csv_path: Path) -> pd.DataFrame:
+        _check_label_map(label_map, set(frame.columns) - set(RESERVED_COLUMNS), f"--manifest {csv_path}", "columns")
+        return frame.rename(columns=label_map)
+
+    def read(self, frame: pd.DataFrame, csv_path: Path, split_ratios: Optional[str],
+             names: Optional[Sequence[str]], absent_unknown: bool) -> tuple[pd.DataFrame, list[str], list, list, list]:
+        """(frame, column names, labels (None), targets per row, split strata)."""
+        columns = _target_columns(frame, csv_path, names, self, absent_unknown)
+        absent = [c for c in columns if c not in frame.columns]
+        frame = frame.assign(**{c: np.nan for c in absent})  # unknown for every row
+        values = _target_values(frame, csv_path, columns, self, may_be_empty=absent)
+        return frame, columns, [None] * len(frame), [tuple(row) for row in values], self.strata(values)
+
+    def table_columns(self, samples: Sequence["Sample"], names: Sequence[str]) -> dict[str, Any]:
+        values = np.array([s.targets for s in samples], dtype=float).reshape(len(samples), -1)
+        return {name: values[:, i] for i, name in enumerate(names)}
+
+    def counts(self, table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+        summary = self.summarise(table.groupby("split")[names])
+        summary.insert(0, "images", table.groupby("split").size())
+        return summary
+
+
+CLASS_LABELS = ClassLabels()
+
+
 @dataclass
 class LabelledData:
-    """Samples with their output names: class names (multiclass, index i is label i), label
-    names (multilabel) or target names (regression), in the order of each sample's targets."""
+    """Samples with their output names: class names (index i is label i) or the names of the
+    target columns, in the order of each sample's targets; `targets` says which."""
 
     samples: list[Sample]
     class_names: list[str]
     auto_split: bool = False
     source: str = ""
-    task: str = "multiclass"
+    targets: TargetReader = CLASS_LABELS
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -54,28 +147,15 @@ class LabelledData:
     def table(self) -> pd.DataFrame:
         """One row per sample (label name, or one column per label/target), for saving the split used."""
         frame = pd.DataFrame({"path": [s.path for s in self.samples], "split": [s.split for s in self.samples]})
-        if self.task == "multiclass":
-            frame["label"] = [self.class_names[s.label] if s.label is not None else None for s in self.samples]
-        else:
-            values = np.array([s.targets for s in self.samples], dtype=float).reshape(len(self.samples), -1)
-            for i, name in enumerate(self.class_names):
-                frame[name] = values[:, i]
+        for column, values in self.targets.table_columns(self.samples, self.class_names).items():
+            frame[column] = values
         frame["patient_id"] = [s.patient_id for s in self.samples]
         return frame
 
     def counts(self) -> pd.DataFrame:
-        """A data summary per split: images per class (multiclass), positives per label
-        (multilabel) or known values and mean per target (regression)."""
-        table = self.table()
-        if self.task == "multiclass":
-            return table.groupby(["split", "label"]).size().unstack(fill_value=0)
-        grouped = table.groupby("split")[self.class_names]
-        if self.task == "multilabel":
-            summary = grouped.sum().astype(int)
-        else:
-            summary = grouped.mean().round(3).rename(columns=lambda c: f"mean_{c}")
-        summary.insert(0, "images", table.groupby("split").size())
-        return summary
+        """A data summary per split: images per class, or what the task's reader counts per column
+        (positives per label, known values and mean per target)."""
+        return self.targets.counts(self.table(), self.class_names)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -210,40 +290,26 @@ def load_manifest(
     split_ratios: Optional[str] = None,
     seed: int = 0,
     class_names: Optional[Sequence[str]] = None,
-    task: str = "multiclass",
+    targets: TargetReader = CLASS_LABELS,
     label_map: Optional[dict[str, str]] = None,
     absent_unknown: bool = False,
 ) -> LabelledData:
     """Read a manifest CSV: path, (split | automatic --split) [, patient_id] and the task's columns.
 
-    multiclass: a `label` column; class names are the sorted labels of the train split unless
-    `class_names` fixes them (as a checkpoint does at evaluation). multilabel / regression:
-    `class_names` names the 0/1 label or numeric target columns (None: every column that is not
-    path, split, patient_id or label). Paths are relative to the CSV's folder unless absolute.
+    Class labels: a `label` column; class names are the sorted labels of the train split unless
+    `class_names` fixes them (as a checkpoint does at evaluation). Target columns: `class_names`
+    names the columns (None: every column that is not path, split, patient_id or label); the
+    task's reader (`targets`) says what their cells may hold. Paths are relative to the CSV's
+    folder unless absolute.
 
-    External evaluation: `label_map` renames the manifest's labels (multiclass) or columns to the
+    External evaluation: `label_map` renames the manifest's labels (class labels) or columns to the
     model's; with `absent_unknown`, a model column the manifest lacks is unknown for every row.
     """
     csv_path = Path(csv_path)
-    frame = _read_manifest(csv_path, split_ratios, task)
+    frame = _read_manifest(csv_path, split_ratios, targets)
     if label_map:
-        if task == "multiclass":
-            _check_label_map(label_map, set(frame["label"]), f"--manifest {csv_path}", "labels")
-            frame["label"] = frame["label"].replace(label_map)
-        else:
-            _check_label_map(label_map, set(frame.columns) - set(RESERVED_COLUMNS), f"--manifest {csv_path}", "columns")
-            frame = frame.rename(columns=label_map)
-    if task == "multiclass":
-        names, labels = _class_labels(frame, csv_path, split_ratios, class_names)
-        strata: list = labels
-        targets: list = [None] * len(frame)
-    else:
-        names = _target_columns(frame, csv_path, class_names, task, absent_unknown)
-        absent = [c for c in names if c not in frame.columns]
-        frame = frame.assign(**{c: np.nan for c in absent})  # unknown for every row
-        values = _target_values(frame, csv_path, names, task, may_be_empty=absent)
-        labels, targets = [None] * len(frame), [tuple(row) for row in values]
-        strata = _strata(values, task)
+        frame = targets.map_labels(frame, label_map, csv_path)
+    frame, names, labels, values, strata = targets.read(frame, csv_path, split_ratios, class_names, absent_unknown)
     patient = frame["patient_id"] if "patient_id" in frame.columns else None
     if split_ratios:
         groups = list(patient) if patient is not None else None
@@ -251,14 +317,14 @@ def load_manifest(
     else:
         splits = list(frame["split"])
     patients = list(patient) if patient is not None else [None] * len(frame)
-    samples = [Sample(p, y, s, g, t) for p, y, s, g, t in zip(frame["path"], labels, splits, patients, targets)]
-    data = LabelledData(samples, names, auto_split=bool(split_ratios), source=str(csv_path), task=task)
-    if task != "multiclass" and class_names is None and not data.split("train"):
+    samples = [Sample(p, y, s, g, t) for p, y, s, g, t in zip(frame["path"], labels, splits, patients, values)]
+    data = LabelledData(samples, names, auto_split=bool(split_ratios), source=str(csv_path), targets=targets)
+    if class_names is None and not data.split("train"):
         raise DataSourceError(f"--manifest {csv_path} has no training rows")
     return data
 
 
-def _read_manifest(csv_path: Path, split_ratios: Optional[str], task: str) -> pd.DataFrame:
+def _read_manifest(csv_path: Path, split_ratios: Optional[str], targets: TargetReader) -> pd.DataFrame:
     try:
         frame = pd.read_csv(csv_path, dtype={"path": str, "split": str, "label": str, "patient_id": str})
     except FileNotFoundError:
@@ -266,15 +332,14 @@ def _read_manifest(csv_path: Path, split_ratios: Optional[str], task: str) -> pd
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataSourceError(f"--manifest {csv_path} is not a readable CSV: {exc}") from None
     frame.columns = [str(c).strip() for c in frame.columns]
-    required = ("path", "label") if task == "multiclass" else ("path",)
-    missing = [c for c in required if c not in frame.columns]
+    missing = [c for c in targets.required_columns if c not in frame.columns]
     if "split" not in frame.columns and not split_ratios:
         missing.append("split (or pass --split ratios)")
     if missing:
         raise DataSourceError(
             f"--manifest {csv_path} lacks column(s): {', '.join(missing)}; it has {', '.join(frame.columns)}"
         )
-    _check_cells(frame, csv_path, task)
+    _check_cells(frame, csv_path, targets)
     base = csv_path.parent
     frame["path"] = [str(p if Path(p).is_absolute() else base / p) for p in frame["path"]]
     if "split" in frame.columns and not split_ratios:
@@ -306,9 +371,9 @@ def _class_labels(frame: pd.DataFrame, csv_path: Path, split_ratios: Optional[st
     return names, [index[x] for x in frame["label"]]
 
 
-def _target_columns(frame: pd.DataFrame, csv_path: Path, columns: Optional[Sequence[str]], task: str,
+def _target_columns(frame: pd.DataFrame, csv_path: Path, columns: Optional[Sequence[str]], reader: TargetColumns,
                     absent_unknown: bool = False) -> list[str]:
-    flag = "--labels" if task == "multilabel" else "--targets"
+    flag = reader.flag
     if columns:
         names = list(columns)
         absent = [c for c in names if c not in frame.columns]
@@ -317,48 +382,35 @@ def _target_columns(frame: pd.DataFrame, csv_path: Path, columns: Optional[Seque
                                   f"it has {', '.join(frame.columns)}")
         reserved = [c for c in names if c in RESERVED_COLUMNS]
         if reserved:
-            raise DataSourceError(f"{flag}: {reserved} are reserved manifest columns, not {task} columns")
+            raise DataSourceError(f"{flag}: {reserved} are reserved manifest columns, not {reader.task} columns")
         return names
     names = [c for c in frame.columns if c not in RESERVED_COLUMNS]
     if not names:
-        kind = "0/1 label" if task == "multilabel" else "numeric target"
-        raise DataSourceError(f"--manifest {csv_path} has no {kind} columns besides {', '.join(frame.columns)}")
+        raise DataSourceError(f"--manifest {csv_path} has no {reader.kind} columns besides {', '.join(frame.columns)}")
     return names
 
 
-def _target_values(frame: pd.DataFrame, csv_path: Path, names: list[str], task: str,
+def _target_values(frame: pd.DataFrame, csv_path: Path, names: list[str], reader: TargetColumns,
                    may_be_empty: Sequence[str] = ()) -> np.ndarray:
     """(rows, columns) float array; empty cells are NaN (missing), anything else unusable is an error."""
-    flag = "--labels" if task == "multilabel" else "--targets"
+    flag = reader.flag
     out = np.empty((len(frame), len(names)), dtype=np.float64)
     for i, name in enumerate(names):
         raw = frame[name]
         values = pd.to_numeric(raw, errors="coerce")
         bad = raw.notna() & values.isna()
-        if task == "multilabel":
-            bad |= values.notna() & ~values.isin([0, 1])
+        if reader.allowed is not None:
+            bad |= values.notna() & ~values.isin(list(reader.allowed))
         if bad.any():
             lines = ", ".join(str(j + 2) for j in np.flatnonzero(bad.to_numpy())[:10])  # +2: header, 1-based
-            want = "0 or 1 (or empty for unknown)" if task == "multilabel" else "a number (or empty for unknown)"
             raise DataSourceError(
-                f"--manifest {csv_path}: column {name!r} must hold {want}; see line(s) {lines} "
+                f"--manifest {csv_path}: column {name!r} must hold {reader.want}; see line(s) {lines} "
                 f"(value {raw[bad].iloc[0]!r}). Choose the columns with {flag}."
             )
         if values.isna().all() and name not in may_be_empty:
             raise DataSourceError(f"--manifest {csv_path}: column {name!r} has no values")
         out[:, i] = values.to_numpy(dtype=np.float64)
     return out
-
-
-def _strata(values: np.ndarray, task: str) -> list[int]:
-    """What an automatic split stratifies on when there is no single class label."""
-    if task == "multilabel":
-        return rarest_positive(values).tolist()
-    # Regression: quintiles of the first target keep each split's range of values similar.
-    first = values[:, 0]
-    known = ~np.isnan(first)
-    edges = np.unique(np.quantile(first[known], [0.2, 0.4, 0.6, 0.8]))
-    return [int(np.searchsorted(edges, v)) if k else -1 for v, k in zip(first, known)]
 
 
 def parse_label_map(text: Optional[str]) -> dict[str, str]:
@@ -392,8 +444,8 @@ def _check_known(dirs: list[Path], folder: Path, class_names: Sequence[str], lab
             f"map them with --label-map {','.join(f'{u}=<model class>' for u in unknown)}")
 
 
-def _check_cells(frame: pd.DataFrame, csv_path: Path, task: str = "multiclass") -> None:
-    for column in ("path", "label") if task == "multiclass" else ("path",):
+def _check_cells(frame: pd.DataFrame, csv_path: Path, targets: TargetReader = CLASS_LABELS) -> None:
+    for column in targets.required_columns:
         empty = frame.index[frame[column].isna()].tolist()
         if empty:
             rows = ", ".join(str(i + 2) for i in empty[:10])  # +2: header line, 1-based
@@ -401,8 +453,7 @@ def _check_cells(frame: pd.DataFrame, csv_path: Path, task: str = "multiclass") 
     dupes = frame["path"][frame["path"].duplicated()].unique().tolist()
     if dupes:
         raise DataSourceError(f"--manifest {csv_path}: duplicate path(s) {dupes[:5]}")
-    if task == "multiclass":
-        frame["label"] = frame["label"].str.strip()
+    targets.clean(frame)
 
 
 def expand_volumes(data: LabelledData, oct_frames: str | int = "middle") -> LabelledData:
@@ -420,16 +471,17 @@ def load_labelled(
     manifest: Optional[str] = None,
     split_ratios: Optional[str] = None,
     seed: int = 0,
-    task: str = "multiclass",
+    targets: TargetReader = CLASS_LABELS,
     columns: Optional[Sequence[str]] = None,
     oct_frames: str | int = "middle",
 ) -> LabelledData:
-    """Entry point for workflows: exactly one of a folder or a manifest. `columns` picks the
-    multilabel/regression manifest columns (--labels / --targets); `oct_frames` the B-scans of volumes."""
+    """Entry point for workflows: exactly one of a folder or a manifest. `targets` is the task's
+    reader, `columns` picks its manifest columns (--labels / --targets); `oct_frames` the B-scans
+    of volumes."""
     if manifest:
-        data = load_manifest(manifest, split_ratios=split_ratios, seed=seed, class_names=columns, task=task)
-    elif task != "multiclass":
-        raise DataSourceError(f"--task {task} needs a --manifest CSV with its label/target columns")
+        data = load_manifest(manifest, split_ratios=split_ratios, seed=seed, class_names=columns, targets=targets)
+    elif not targets.from_folders:
+        raise DataSourceError(f"--task {targets.task} needs a --manifest CSV with its label/target columns")
     elif data_path:
         data = load_folder(data_path, split_ratios=split_ratios, seed=seed)
     else:

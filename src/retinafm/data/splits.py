@@ -92,7 +92,7 @@ class SplitError(ValueError):
 class _Strata(NamedTuple):
     values: list            # one stratum per row
     description: str        # for the user: what the split was stratified on
-    kind: str               # none | column | binned | multilabel
+    kind: str               # none | column | binned | positives (0/1 columns)
     columns: list[str]      # the column(s) behind the strata
 
 
@@ -202,7 +202,7 @@ def split_summary(frame: pd.DataFrame, by: Optional[str] = "patient_id", stratif
         for value in sorted(values.unique()):
             name = value if value not in summary.columns else f"{strata.columns[0]}={value}"
             summary[name] = [int(((splits == s) & (values == value)).sum()) for s in order] + [int((values == value).sum())]
-    elif strata.kind == "multilabel":
+    elif strata.kind == "positives":
         for column in strata.columns:
             positive = _numeric(frame[column]) == 1
             name = column if column not in summary.columns else f"{column}=1"
@@ -275,7 +275,7 @@ def _strata(frame: pd.DataFrame, stratify: Optional[str], by: Optional[str]) -> 
 
             values = np.column_stack([_numeric(frame[c]).to_numpy(dtype=np.float64) for c in binary])
             return _Strata(rarest_positive(values).tolist(),
-                           f"the rarest positive of the 0/1 column(s) {', '.join(binary)}", "multilabel", binary)
+                           f"the rarest positive of the 0/1 column(s) {', '.join(binary)}", "positives", binary)
     if stratify not in frame.columns:
         raise SplitError(f"column {stratify!r} (--stratify) is not in the manifest; its columns: "
                          f"{', '.join(map(str, frame.columns))}. Use --stratify none for no stratification")

@@ -10,14 +10,12 @@ from retinafm.settings.base import (
     OCT_FRAMES_HELP,
     PRECISION_HELP,
     PRECISIONS,
-    TASK_NAMES,
     ConfigError,
     Head,
     Modality,
     OctFrames,
     Precision,
     Settings,
-    TaskName,
     _at_least_one,
     _check_crop_scale,
     _check_warmup,
@@ -47,7 +45,7 @@ from retinafm.settings.training import (
 )
 
 __all__ = [
-    "TASK_NAMES", "HEADS", "MODALITIES", "PRECISIONS", "TaskName", "Head", "Modality", "Precision", "OctFrames",
+    "HEADS", "MODALITIES", "PRECISIONS", "Head", "Modality", "Precision", "OctFrames",
     "OCT_FRAMES_HELP", "PRECISION_HELP", "ConfigError", "Settings", "parse_oct_frames", "check_preprocessing",
     "_at_least_one", "_check_warmup", "_check_crop_scale", "check_device", "check_precision", "setting", "flag_name",
     "flag_text", "config_fields", "field_types", "unwrap_optional", "list_item_type", "comma_list", "fit_warmup",

@@ -16,11 +16,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 # Choices are Literal types (the CLI turns them into click.Choice); the tuples are their values.
-TaskName = Literal["multiclass", "multilabel", "regression"]
 Head = Literal["linear", "mlp", "transformer"]
 Modality = Literal["CFP", "OCT"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # runtime.device.amp_dtype turns these into an autocast dtype
-TASK_NAMES: tuple[str, ...] = typing.get_args(TaskName)
 HEADS: tuple[str, ...] = typing.get_args(Head)
 MODALITIES: tuple[str, ...] = typing.get_args(Modality)
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)

@@ -8,13 +8,11 @@ from retinafm.settings.base import (
     HEADS,
     OCT_FRAMES_HELP,
     PRECISION_HELP,
-    TASK_NAMES,
     ConfigError,
     Head,
     Modality,
     Precision,
     Settings,
-    TaskName,
     _at_least_one,
     _check_crop_scale,
     _check_warmup,
@@ -51,8 +49,8 @@ class FinetuneSettings(Settings):
     # way, the frozen backbone run in every epoch with the head trained by AdamW.
     lp_mode: LpMode = setting("features", "lp: embed once + scikit-learn probe (features), or RETFound's epoch "
                                           "loop (sgd).")
-    task: TaskName = setting("multiclass", "multiclass (binary is two classes), multilabel or regression (one or "
-                                           "more targets).")
+    task: str = setting("multiclass", "A task type of retinafm.tasks: multiclass (binary is two classes), multilabel "
+                                      "or regression (one or more targets).", choices="tasks")
     oct_frames: str = setting("middle", OCT_FRAMES_HELP)
     fundus_crop: bool = setting(False, "Crop fundus photographs to their circular field of view, padded square "
                                        "(kept for predict).")
@@ -125,14 +123,6 @@ class FinetuneSettings(Settings):
         if self.adaptation == "lp" and self.lp_mode == "features" and self.head != "linear":
             raise ConfigError(f"--head {self.head} needs gradient training: add --lp-mode sgd (the features probe "
                               "fits a linear head)")
-        if self.task not in TASK_NAMES:
-            raise ConfigError(f"--task must be one of {', '.join(TASK_NAMES)}, not {self.task!r}")
-        if self.labels and self.task != "multilabel":
-            raise ConfigError("--labels applies to --task multilabel; for regression use --targets")
-        if self.targets and self.task != "regression":
-            raise ConfigError("--targets applies to --task regression; for multi-label use --labels")
-        if (self.labels or self.targets or self.task != "multiclass") and not self.manifest:
-            raise ConfigError(f"--task {self.task} reads its labels or targets from a CSV: give --manifest FILE.csv")
         parse_oct_frames(self.oct_frames)
         check_preprocessing(self.oct_crop, self.modality)
         if self.head not in HEADS:
@@ -143,22 +133,12 @@ class FinetuneSettings(Settings):
             raise ConfigError(f"--head-mlp-ratio must be positive, got {self.head_mlp_ratio}")
         if not 0.0 <= self.head_dropout < 1.0:
             raise ConfigError(f"--head-dropout must be in [0, 1), got {self.head_dropout}")
-        if self.loss is not None and (self.task != "regression" or self.loss not in ("huber", "mse")):
-            raise ConfigError("--loss applies to --task regression and must be 'huber' or 'mse'")
         if self.huber_beta <= 0:
             raise ConfigError(f"--huber-beta must be positive, got {self.huber_beta}")
-        if self.pos_weight and self.task != "multilabel":
-            raise ConfigError("--pos-weight applies to --task multilabel")
         self.threshold_value()
-        if str(self.threshold) != "0.5" and self.task != "multilabel":
-            raise ConfigError("--threshold applies to --task multilabel")
-        if self.ordinal and self.task != "multiclass":
-            raise ConfigError("--ordinal applies to --task multiclass (graded classes such as DR 0-4)")
         if self.bootstrap < 0 or 0 < self.bootstrap < 100:
             raise ConfigError(f"--bootstrap must be 0 (no confidence intervals) or at least 100 replicates, "
                               f"got {self.bootstrap}")
-        if (self.mixup > 0 or self.cutmix > 0) and self.task != "multiclass":
-            raise ConfigError("--mixup/--cutmix apply to --task multiclass only")
         if self.global_pool not in (None, "avg", "token"):
             raise ConfigError(f"--global-pool must be 'avg' or 'token', not {self.global_pool!r}")
         check_device(self.device)
@@ -184,14 +164,14 @@ class FinetuneSettings(Settings):
         return value
 
     def names_list(self) -> Optional[list[str]]:
-        """--labels / --targets as a list of manifest columns (None: every non-reserved column)."""
-        given = self.labels if self.task == "multilabel" else self.targets if self.task == "regression" else None
-        names = comma_list(given)
+        """--labels / --targets as a list of manifest columns (None: every non-reserved column). The
+        task type's settings check has made sure only the one its task takes is given."""
+        flag, names = ("labels", self.labels) if self.labels else ("targets", self.targets)
+        names = comma_list(names)
         if not names:
             return None
         if len(set(names)) != len(names):
-            raise ConfigError(f"--{'labels' if self.task == 'multilabel' else 'targets'} lists a column twice: "
-                              f"{','.join(names)}")
+            raise ConfigError(f"--{flag} lists a column twice: {','.join(names)}")
         return names
 
 

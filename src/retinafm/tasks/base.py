@@ -1,16 +1,36 @@
-"""What every task type shares: the rule that picks the best epoch, and masked losses.
+"""What every task type shares: the rule that picks the best epoch, masked losses, and the hooks
+through which the rest of the toolkit asks a task type what only it knows (how its targets are
+read, which settings it takes, its report headline and error rows, its linear probe).
 
 A task is a frozen dataclass holding its output names plus whatever it learns from data (target
 statistics from train, thresholds from validation); `state()` is what the checkpoint keeps so
-`predict` rebuilds the identical task from the file alone.
+`predict` rebuilds the identical task from the file alone. What a task type knows before it has
+outputs (its settings, its manifest reader) is on the class, so callers ask `get_task(name)`.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
+
+from retinafm.data.sources import CLASS_LABELS, DataSourceError, TargetReader
+from retinafm.settings import ConfigError
+from retinafm.tasks.report_cells import ErrorRows
+
+C_GRID = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0)  # logistic regression: inverse regularisation strength
+
+
+@dataclass(frozen=True)
+class TaskSetting:
+    """A fine-tuning setting only one task type takes: set for another task, it is refused with `message`."""
+
+    is_set: Callable[[Any], bool]
+    message: str
 
 
 class TaskBase:
@@ -19,6 +39,104 @@ class TaskBase:
     name: str = ""
     output_names: tuple[str, ...] = ()
     selection_metric: str = "auroc_macro"
+
+    # How a manifest (or a folder of class folders) holds this task's targets.
+    targets: ClassVar[TargetReader] = CLASS_LABELS
+    # One class per image (softmax outputs): the outputs are exclusive classes, possibly graded.
+    one_class_per_image: ClassVar[bool] = False
+    # The outputs are manifest columns named by a setting (--labels, --targets), not class names.
+    named_columns: ClassVar[bool] = False
+    # Settings naming this task's manifest columns, checked before the manifest is required.
+    column_settings: ClassVar[tuple[TaskSetting, ...]] = ()
+    # Other settings only this task type takes.
+    own_settings: ClassVar[tuple[TaskSetting, ...]] = ()
+    # report.html: the headline metrics in order (the first, minus "macro", prefixes the per-output
+    # metrics), what one output is called, and a metric only this task writes, which tells its
+    # metrics files apart when they carry no task block (None: the default task).
+    report_headline: ClassVar[tuple[str, ...]] = ()
+    output_kind: ClassVar[str] = "output"
+    legacy_marker: ClassVar[Optional[str]] = None
+    # The linear probe: its regularisation grid (strongest first) and the name of that setting.
+    probe_grid: ClassVar[tuple[float, ...]] = C_GRID
+    probe_strength_name: ClassVar[str] = "C"
+    probe_columns_help: ClassVar[str] = ""  # the setting naming a probe's columns, when named_columns
+
+    # ----------------------------------------------------------------------- settings
+    @classmethod
+    def from_settings(cls, settings: Any, output_names: Sequence[str]) -> "TaskBase":
+        """A new run's task from FinetuneSettings (before fit/calibrate)."""
+        return cls(tuple(output_names))  # type: ignore[call-arg]
+
+    @classmethod
+    def check_settings(cls, settings: Any, others: Iterable[type["TaskBase"]] = ()) -> None:
+        """Refuse FinetuneSettings this task type cannot use: settings of the `others` task types, and
+        a data folder where the targets live in a manifest's columns."""
+        others = [o for o in others if o is not cls]
+        for other in others:
+            for rule in other.column_settings:
+                if rule.is_set(settings):
+                    raise ConfigError(rule.message)
+        if (not cls.targets.from_folders or any(r.is_set(settings) for r in cls.column_settings)) \
+                and not settings.manifest:
+            raise ConfigError(f"--task {settings.task} reads its labels or targets from a CSV: "
+                              "give --manifest FILE.csv")
+        for other in others:
+            for rule in other.own_settings:
+                if rule.is_set(settings):
+                    raise ConfigError(rule.message)
+        cls.check_own_settings(settings)
+
+    @classmethod
+    def check_own_settings(cls, settings: Any) -> None:
+        """Check the values of the settings this task type takes (nothing by default)."""
+
+    @classmethod
+    def search_space(cls, trial: Any, settings: Any) -> dict[str, Any]:
+        """`tune`: this task type's own settings worth searching (an optuna trial suggests them)."""
+        return {}
+
+    def absent_outputs(self, targets: np.ndarray) -> list[str]:
+        """The outputs a labelled set has no known example of (their metrics are undefined there)."""
+        known = ~np.isnan(targets)
+        return [name for i, name in enumerate(self.output_names) if not known[:, i].any()]
+
+    # ----------------------------------------------------------------------- report
+    @staticmethod
+    def error_rows(frame: pd.DataFrame, outputs: list[str], metrics: dict[str, Any], limit: int) -> ErrorRows:
+        """report.html's worst errors from a predictions CSV read as text."""
+        return [], [], "No error rows for this task type."
+
+    # ----------------------------------------------------------------------- compare
+    def roc_curves(self, targets: np.ndarray, outputs_a: np.ndarray, outputs_b: np.ndarray):
+        """(name, 0/1 truth, scores of A, scores of B) for every ROC curve behind the task's AUROCs."""
+        return iter(())
+
+    # ----------------------------------------------------------------------- linear probe
+    @classmethod
+    def probe_targets(cls, frame: pd.DataFrame, splits: dict[str, np.ndarray], settings: Any
+                      ) -> tuple["TaskBase", dict[str, np.ndarray], np.ndarray]:
+        """(task before fit, {split: rows}, targets) from an embeddings table's columns."""
+        raise NotImplementedError(f"the {cls.name} task has no linear probe")
+
+    def probe_folds(self, y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Train/held-out rows choosing the probe's regularisation when there is no validation split."""
+        from sklearn.model_selection import KFold
+
+        n = len(y)
+        return list(KFold(min(folds, n), shuffle=True, random_state=seed).split(np.zeros(n)))
+
+    def fit_probe(self, z: np.ndarray, y: np.ndarray, strength: float, max_iter: int, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """(weight (outputs, dim), bias) of the task's linear model on standardised features."""
+        raise NotImplementedError(f"the {self.name} task has no linear probe")
+
+    def knn_outputs(self, x_train: np.ndarray, y_train: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+        """kNN on cosine distance: the task's outputs for `x` from its neighbours in the training rows."""
+        raise NotImplementedError(f"the {self.name} task has no kNN probe")
+
+    def probe_summary(self, split: str, targets: np.ndarray) -> dict[str, Any]:
+        """One row of the probe's data_summary.csv."""
+        return {"split": split, "images": len(targets)}
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -100,6 +218,63 @@ class VectorTargetTask(TaskBase):
     def dataset_targets(self, samples: Sequence[Any]) -> list:
         return [tuple(row) for row in self.target_array(samples)]
 
+    named_columns: ClassVar[bool] = True
+    # What a probe's target columns must hold, for its message (None: any number).
+    probe_allowed: ClassVar[Optional[tuple[float, ...]]] = None
+
+    @classmethod
+    def probe_targets(cls, frame: pd.DataFrame, splits: dict[str, np.ndarray], settings: Any
+                      ) -> tuple["TaskBase", dict[str, np.ndarray], np.ndarray]:
+        columns = [c.strip() for c in settings.columns.split(",") if c.strip()]
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise DataSourceError(f"the embeddings have no column(s) {missing}; columns: {', '.join(frame.columns)}")
+        try:
+            targets = frame[columns].apply(pd.to_numeric, errors="raise").to_numpy(dtype=np.float64)
+        except (ValueError, TypeError):
+            raise DataSourceError(f"columns {columns} must hold numbers (empty for unknown)") from None
+        cls.check_probe_values(columns, targets)
+        return cls.for_probe(columns, settings), splits, targets
+
+    @classmethod
+    def check_probe_values(cls, columns: list[str], targets: np.ndarray) -> None:
+        """Refuse values this task's columns cannot hold (any number by default)."""
+
+    @classmethod
+    def for_probe(cls, columns: Sequence[str], settings: Any) -> "TaskBase":
+        return cls(tuple(columns))  # type: ignore[call-arg]
+
+    def fit_probe(self, z: np.ndarray, y: np.ndarray, strength: float, max_iter: int, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        weights, biases = [], []
+        for j in range(self.num_outputs):
+            known = ~np.isnan(y[:, j])
+            weight, bias = self.fit_probe_output(j, z[known], y[known, j], strength, max_iter, seed)
+            weights.append(weight)
+            biases.append(bias)
+        return np.vstack(weights), np.asarray(biases)
+
+    def fit_probe_output(self, j: int, z: np.ndarray, y: np.ndarray, strength: float, max_iter: int,
+                         seed: int) -> tuple[np.ndarray, float]:
+        """(weight, bias) of output `j`'s linear model, fitted on the rows where it is known."""
+        raise NotImplementedError(f"the {self.name} task has no linear probe")
+
+    def knn_outputs(self, x_train: np.ndarray, y_train: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+        out = np.zeros((len(x), self.num_outputs))
+        for j in range(self.num_outputs):
+            known = ~np.isnan(y_train[:, j])
+            out[:, j] = self.knn_output(x_train[known], y_train[known, j], x, min(k, int(known.sum())))
+        return out
+
+    def knn_output(self, x_train: np.ndarray, y_train: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+        """Output `j` for `x` from its `k` nearest training rows among those where it is known."""
+        raise NotImplementedError(f"the {self.name} task has no kNN probe")
+
+    def probe_summary(self, split: str, targets: np.ndarray) -> dict[str, Any]:
+        return {"split": split, "images": len(targets),
+                **{f"known_{n}": int((~np.isnan(targets[:, j])).sum()) for j, n in enumerate(self.output_names)}}
+
+
     @staticmethod
     def columns_of(frame: Any, columns: Sequence[str]) -> np.ndarray:
         """These CSV columns as an (N, len(columns)) float array, empty cells as NaN."""
@@ -117,3 +292,14 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (tuple, list, np.ndarray)):
         return [float(v) if isinstance(v, (float, np.floating)) else v for v in value]
     return value
+
+
+def logistic_probe(z: np.ndarray, y: np.ndarray, strength: float, max_iter: int, seed: int) -> Any:
+    """scikit-learn's logistic regression at inverse regularisation `strength`, fitted."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=strength, max_iter=max_iter, random_state=seed).fit(z, y)
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))

@@ -1,9 +1,10 @@
 """Multi-class (and binary) classification: softmax head, cross-entropy, AUROC-selected."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -11,8 +12,10 @@ import torch
 import torch.nn as nn
 from timm.loss import SoftTargetCrossEntropy
 
-from retinafm.stats.metrics import confusion, multiclass_metrics
-from retinafm.tasks.base import TaskBase, require_columns
+from retinafm.data.sources import ClassLabels, DataSourceError
+from retinafm.stats.metrics import confusion, grade_order_of, multiclass_metrics
+from retinafm.tasks.base import TaskBase, TaskSetting, logistic_probe, require_columns
+from retinafm.tasks.report_cells import ErrorRows, fmt, number_cell, prob
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,15 @@ class MulticlassTask(TaskBase):
 
     summary_fields = (("AUROC", "auroc_macro", ".4f"), ("accuracy", "accuracy", ".4f"), ("F1", "f1_macro", ".4f"),
                       ("quadratic kappa", "quadratic_kappa", ".4f"), ("kappa", "kappa", ".4f"), ("MCC", "mcc", ".4f"))
+    targets = ClassLabels("multiclass")
+    own_settings = (
+        TaskSetting(lambda s: s.ordinal, "--ordinal applies to --task multiclass (graded classes such as DR 0-4)"),
+        TaskSetting(lambda s: s.mixup > 0 or s.cutmix > 0, "--mixup/--cutmix apply to --task multiclass only"),
+    )
+    report_headline = ("auroc_macro", "auprc_macro", "accuracy", "balanced_accuracy", "f1_macro", "sensitivity_macro",
+                       "specificity_macro", "kappa", "quadratic_kappa", "mcc", "ece")
+    output_kind = "class"
+    one_class_per_image = True
 
     def __post_init__(self) -> None:
         if self.grade_order is not None:  # checkpoints give it back as a list
@@ -35,9 +47,17 @@ class MulticlassTask(TaskBase):
     def ordinal(self) -> bool:
         return self.grade_order is not None
 
+    @classmethod
+    def from_settings(cls, settings: Any, output_names: Sequence[str]) -> "MulticlassTask":
+        return cls(tuple(output_names), grade_order=grade_order(output_names, settings.ordinal))
+
     def bootstrap_strata(self, targets: np.ndarray) -> np.ndarray:
         """Resample within each class, so every replicate keeps the class counts."""
         return np.asarray(targets)
+
+    def absent_outputs(self, targets: np.ndarray) -> list[str]:
+        present = set(np.asarray(targets).tolist())
+        return [name for i, name in enumerate(self.output_names) if i not in present]
 
     def target_array(self, samples: Sequence) -> np.ndarray:
         return np.array([s.label for s in samples], dtype=np.int64)
@@ -101,3 +121,89 @@ class MulticlassTask(TaskBase):
             "pr": plot_pr(targets, probs, self.output_names, folder / "pr.png"),
             "calibration": plot_calibration([("top label", correct, probs.max(axis=1))], folder / "calibration.png"),
         }
+
+    @staticmethod
+    def error_rows(frame: pd.DataFrame, outputs: list[str], metrics: dict[str, Any], limit: int) -> ErrorRows:
+        """The misclassified images, most confidently wrong first."""
+        wrong = frame[frame["prediction"].astype(str) != frame["label"].astype(str)].copy()
+        wrong["_p"] = [prob(row, row["prediction"]) for _, row in wrong.iterrows()]
+        wrong["_p_true"] = [prob(row, row["label"]) for _, row in wrong.iterrows()]
+        shown = wrong.sort_values("_p", ascending=False, kind="stable").head(limit)
+        headers = [{"name": "true"}, {"name": "predicted"}, {"name": "p(predicted)", "num": True},
+                   {"name": "p(true)", "num": True}]
+        rows = [(str(r["path"]), [{"text": str(r["label"])}, {"text": str(r["prediction"])},
+                                  number_cell(fmt("p", r["_p"])), number_cell(fmt("p", r["_p_true"]))])
+                for _, r in shown.iterrows()]
+        note = (f"{len(wrong)} of {len(frame)} images misclassified; the {len(shown)} with the highest probability "
+                "for the wrong class are shown." if len(wrong) else f"No misclassified images among {len(frame)}.")
+        return headers, rows, note
+
+    def roc_curves(self, targets: np.ndarray, outputs_a: np.ndarray, outputs_b: np.ndarray):
+        # Binary tasks: the positive class's curve is the headline AUROC; the negative class's mirrors it.
+        classes = [1] if self.num_outputs == 2 else range(self.num_outputs)
+        for c in classes:
+            yield self.output_names[c], (targets == c).astype(int), outputs_a[:, c], outputs_b[:, c]
+
+    @classmethod
+    def probe_targets(cls, frame: pd.DataFrame, splits: dict[str, np.ndarray], settings: Any
+                      ) -> tuple["MulticlassTask", dict[str, np.ndarray], np.ndarray]:
+        """Class names from the train rows' labels (settings.label_column); rows without one are left out."""
+        if settings.label_column not in frame.columns:
+            raise DataSourceError(f"the embeddings have no {settings.label_column!r} column (--label-column); "
+                                  f"columns: {', '.join(frame.columns)}")
+        labels = frame[settings.label_column].astype("string")
+        names = sorted(labels.iloc[splits["train"]].dropna().unique().tolist())
+        if len(names) < 2:
+            raise DataSourceError(f"the train rows have {len(names)} class(es) in {settings.label_column!r}; "
+                                  "a classifier needs at least two")
+        extra = sorted(set(labels.dropna()) - set(names))
+        if extra:
+            raise DataSourceError(f"label(s) {extra} appear outside the train split but not in it; the probe "
+                                  "cannot learn them")
+        index = {n: i for i, n in enumerate(names)}
+        targets = np.array([index.get(v, -1) if not pd.isna(v) else -1 for v in labels], dtype=np.int64)
+        splits = {s: rows[targets[rows] >= 0] for s, rows in splits.items()}
+        return cls(tuple(names)), splits, targets
+
+    def probe_folds(self, y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        from sklearn.model_selection import StratifiedKFold
+
+        smallest = int(np.bincount(y).min())
+        k = min(folds, smallest)
+        if k < 2:
+            raise DataSourceError("without a validation split the probe chooses its regularisation by k-fold on train, "
+                                  "which needs at least 2 training images of every class; add a val split")
+        return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+
+    def fit_probe(self, z: np.ndarray, y: np.ndarray, strength: float, max_iter: int, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Multinomial logistic regression."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=UserWarning)
+            model = logistic_probe(z, y, strength, max_iter, seed)
+        weight, bias = model.coef_, model.intercept_
+        if weight.shape[0] == 1:  # binary: one logit; as two softmax outputs with the same odds
+            weight = np.vstack([-weight[0] / 2, weight[0] / 2])
+            bias = np.array([-bias[0] / 2, bias[0] / 2])
+        return weight, bias
+
+    def knn_outputs(self, x_train: np.ndarray, y_train: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+        from sklearn.neighbors import KNeighborsClassifier
+
+        model = KNeighborsClassifier(n_neighbors=min(k, len(y_train)), metric="cosine").fit(x_train, y_train)
+        probs = np.zeros((len(x), self.num_outputs))
+        probs[:, model.classes_] = model.predict_proba(x)
+        return probs
+
+    def probe_summary(self, split: str, targets: np.ndarray) -> dict[str, Any]:
+        counts = np.bincount(targets, minlength=self.num_outputs)
+        return {"split": split, **dict(zip(self.output_names, counts.tolist()))}
+
+
+def grade_order(class_names: Sequence[str], ordinal: bool) -> Optional[tuple[int, ...]]:
+    """Classes named as numbered grades are ordered by their numbers; `ordinal` (--ordinal) also
+    marks other names as grades, in their class order. None: nominal classes."""
+    order = grade_order_of(class_names)
+    if order is None and ordinal and len(class_names) > 2:
+        order = list(range(len(class_names)))
+    return tuple(order) if order is not None else None

@@ -9,13 +9,14 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 
+from retinafm.data.sources import DataSourceError, TargetColumns
 from retinafm.data.splits import rarest_positive
 from retinafm.stats.metrics import (
     _known,
@@ -23,7 +24,8 @@ from retinafm.stats.metrics import (
     multilabel_metrics,
     youden_thresholds,
 )
-from retinafm.tasks.base import VectorTargetTask, masked_mean
+from retinafm.tasks.base import TaskSetting, VectorTargetTask, logistic_probe, logit, masked_mean
+from retinafm.tasks.report_cells import ErrorRows, fmt, number_cell
 
 
 class MaskedBCEWithLogits(nn.Module):
@@ -58,6 +60,25 @@ class MultilabelTask(VectorTargetTask):
     per_output_fields = ("thresholds", "pos_weight")
     summary_fields = (("macro AUROC", "auroc_macro", ".4f"), ("AUPRC", "auprc_macro", ".4f"), ("F1", "f1_macro", ".4f"),
                       ("sensitivity", "sensitivity_macro", ".4f"), ("specificity", "specificity_macro", ".4f"))
+    # Manifest: one 0/1 column per label; an automatic split keeps positives of every label in each split.
+    targets = TargetColumns("multilabel", "--labels", "0/1 label", "0 or 1 (or empty for unknown)",
+                            strata=lambda values: rarest_positive(values).tolist(),
+                            summarise=lambda grouped: grouped.sum().astype(int), allowed=(0, 1))
+    column_settings = (
+        TaskSetting(lambda s: bool(s.labels), "--labels applies to --task multilabel; for regression use --targets"),)
+    own_settings = (
+        TaskSetting(lambda s: bool(s.pos_weight), "--pos-weight applies to --task multilabel"),
+        TaskSetting(lambda s: str(s.threshold) != "0.5", "--threshold applies to --task multilabel"),
+    )
+    report_headline = ("auroc_macro", "auprc_macro", "accuracy_macro", "sensitivity_macro", "specificity_macro",
+                       "f1_macro", "kappa_macro", "ece_macro")
+    output_kind = "label"
+    probe_columns_help = "--labels (the 0/1 label columns)"
+    legacy_marker = "accuracy_macro"
+
+    @classmethod
+    def from_settings(cls, settings: Any, output_names: Sequence[str]) -> "MultilabelTask":
+        return cls(tuple(output_names), threshold=settings.threshold_value(), use_pos_weight=settings.pos_weight)
 
     @property
     def decision_thresholds(self) -> list[float]:
@@ -139,3 +160,67 @@ class MultilabelTask(VectorTargetTask):
                 [(name, *_known(targets, probs, i)) for i, name in enumerate(self.output_names)],
                 folder / "calibration.png"),
         }
+
+    @staticmethod
+    def error_rows(frame: pd.DataFrame, outputs: list[str], metrics: dict[str, Any], limit: int) -> ErrorRows:
+        """The wrong (image, label) decisions among the known labels, furthest from the truth first."""
+        thresholds = _thresholds(metrics, len(outputs))
+        found = []
+        for name, cut in zip(outputs, thresholds):
+            truth = pd.to_numeric(frame[f"true_{name}"], errors="coerce").to_numpy(dtype=float)
+            prob = pd.to_numeric(frame[f"prob_{name}"], errors="coerce").to_numpy(dtype=float)
+            for i in np.flatnonzero(~np.isnan(truth) & ((prob >= cut) != (truth == 1))):
+                found.append((abs(prob[i] - truth[i]), i, name, truth[i], prob[i], cut))
+        found.sort(key=lambda e: -e[0])  # stable: ties keep row then label order
+        headers = [{"name": "label"}, {"name": "truth"}, {"name": "probability", "num": True},
+                   {"name": "threshold", "num": True}]
+        rows = [(str(frame["path"].iloc[i]), [{"text": name}, {"text": "present" if truth == 1 else "absent"},
+                                              number_cell(fmt("p", prob)), number_cell(fmt("p", cut))])
+                for _, i, name, truth, prob, cut in found[:limit]]
+        note = (f"{len(found)} wrong (image, label) decisions among the known labels; the {len(rows)} furthest from "
+                "the truth are shown." if found else "No wrong decisions among the known labels.")
+        return headers, rows, note
+
+    def roc_curves(self, targets: np.ndarray, outputs_a: np.ndarray, outputs_b: np.ndarray):
+        for i, name in enumerate(self.output_names):
+            known = ~np.isnan(targets[:, i])
+            yield name, targets[known, i].astype(int), outputs_a[known, i], outputs_b[known, i]
+
+    @classmethod
+    def check_probe_values(cls, columns: list[str], targets: np.ndarray) -> None:
+        bad = sorted(set(np.unique(targets[~np.isnan(targets)])) - {0.0, 1.0})
+        if bad:
+            raise DataSourceError(f"multi-label columns {columns} must hold 0 or 1 (or empty), found {bad[:5]}")
+
+    @classmethod
+    def for_probe(cls, columns: Sequence[str], settings: Any) -> "MultilabelTask":
+        return cls(tuple(columns), threshold=settings.threshold)
+
+    def fit_probe_output(self, j: int, z: np.ndarray, y: np.ndarray, strength: float, max_iter: int,
+                         seed: int) -> tuple[np.ndarray, float]:
+        """One logistic regression per label."""
+        if len(np.unique(y)) < 2:  # no positives (or negatives): predict the training prevalence
+            prevalence = float(np.clip(y.mean() if len(y) else 0.5, 1e-4, 1 - 1e-4))
+            return np.zeros(z.shape[1]), logit(prevalence)
+        model = logistic_probe(z, y, strength, max_iter, seed)
+        return model.coef_[0], float(model.intercept_[0])
+
+    def knn_output(self, x_train: np.ndarray, y_train: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+        from sklearn.neighbors import KNeighborsClassifier
+
+        if len(np.unique(y_train)) < 2:
+            return np.full(len(x), y_train.mean() if len(y_train) else 0.5)
+        model = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(x_train, y_train)
+        return model.predict_proba(x)[:, list(model.classes_).index(1.0)]
+
+
+def _thresholds(metrics: dict[str, Any], count: int) -> list[float]:
+    """The multi-label decision thresholds the predictions were made with."""
+    state = (metrics.get("task") or {}).get("state") or {}
+    if state.get("thresholds") is not None and len(state["thresholds"]) == count:
+        return [float(t) for t in state["thresholds"]]
+    threshold = state.get("threshold")
+    try:
+        return [float(threshold)] * count if threshold is not None else [0.5] * count
+    except (TypeError, ValueError):  # e.g. "youden" without calibrated thresholds
+        return [0.5] * count

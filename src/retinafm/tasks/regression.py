@@ -9,16 +9,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 
-from retinafm.data.sources import DataSourceError
+from retinafm.data.sources import DataSourceError, TargetColumns
+from retinafm.settings import ConfigError
 from retinafm.stats.metrics import regression_metrics
-from retinafm.tasks.base import VectorTargetTask, masked_mean
+from retinafm.tasks.base import TaskSetting, VectorTargetTask, masked_mean
+from retinafm.tasks.report_cells import ErrorRows, fmt, number_cell
+
+ALPHA_GRID = (1e-3, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # ridge: regularisation strength
+LOSSES = ("huber", "mse")
+LOSS_MESSAGE = "--loss applies to --task regression and must be 'huber' or 'mse'"
+
+
+def first_target_quintiles(values: np.ndarray) -> list[int]:
+    """What an automatic split stratifies on: quintiles of the first target keep each split's range
+    of values similar (-1: unknown)."""
+    first = values[:, 0]
+    known = ~np.isnan(first)
+    edges = np.unique(np.quantile(first[known], [0.2, 0.4, 0.6, 0.8]))
+    return [int(np.searchsorted(edges, v)) if k else -1 for v, k in zip(first, known)]
 
 
 class MaskedRegressionLoss(nn.Module):
@@ -55,6 +70,34 @@ class RegressionTask(VectorTargetTask):
     per_output_fields = ("mean", "std")
     summary_fields = (("macro R²", "r2_macro", ".4f"), ("MAE", "mae_macro", ".4g"), ("RMSE", "rmse_macro", ".4g"),
                       ("Pearson r", "pearson_macro", ".4f"))
+    # Manifest: one numeric column per target; the data summary gives each target's mean per split.
+    targets = TargetColumns("regression", "--targets", "numeric target", "a number (or empty for unknown)",
+                            strata=first_target_quintiles,
+                            summarise=lambda grouped: grouped.mean().round(3).rename(columns=lambda c: f"mean_{c}"))
+    column_settings = (
+        TaskSetting(lambda s: bool(s.targets), "--targets applies to --task regression; for multi-label use --labels"),)
+    own_settings = (TaskSetting(lambda s: s.loss is not None, LOSS_MESSAGE),)
+    report_headline = ("r2_macro", "mae_macro", "rmse_macro", "pearson_macro")
+    output_kind = "target"
+    legacy_marker = "r2_macro"
+    probe_grid = ALPHA_GRID[::-1]  # strongest regularisation first
+    probe_strength_name = "alpha"
+    probe_columns_help = "--targets (the value columns)"
+
+    @classmethod
+    def from_settings(cls, settings: Any, output_names: Sequence[str]) -> "RegressionTask":
+        return cls(tuple(output_names), loss_kind=settings.loss or "huber", huber_beta=settings.huber_beta)
+
+    @classmethod
+    def check_own_settings(cls, settings: Any) -> None:
+        if settings.loss is not None and settings.loss not in LOSSES:
+            raise ConfigError(LOSS_MESSAGE)
+
+    @classmethod
+    def search_space(cls, trial: Any, settings: Any) -> dict[str, Any]:
+        if (settings.loss or "huber") == "huber":
+            return {"huber_beta": trial.suggest_float("huber_beta", 0.5, 2.0)}
+        return {}
 
     def fit(self, train_targets: np.ndarray) -> "RegressionTask":
         mean, std = [], []
@@ -110,3 +153,46 @@ class RegressionTask(VectorTargetTask):
         from retinafm.plots import plot_regression_scatter
 
         return {"scatter": plot_regression_scatter(targets, preds, self.output_names, folder / "scatter.png")}
+
+    @staticmethod
+    def error_rows(frame: pd.DataFrame, outputs: list[str], metrics: dict[str, Any], limit: int) -> ErrorRows:
+        """The largest errors; several targets (in different units) are ranked in standard deviations."""
+        several = len(outputs) > 1
+        found = []
+        for name in outputs:
+            truth = pd.to_numeric(frame[f"true_{name}"], errors="coerce").to_numpy(dtype=float)
+            pred = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=float)
+            known = ~np.isnan(truth) & ~np.isnan(pred)
+            std = float(np.std(truth[known])) if several and known.sum() > 1 else 1.0
+            scale = std if std > 0 else 1.0
+            for i in np.flatnonzero(known):
+                error = pred[i] - truth[i]
+                found.append((abs(error) / scale, i, name, truth[i], pred[i], error))
+        found.sort(key=lambda e: -e[0])
+        headers = [{"name": "target"}, {"name": "true", "num": True}, {"name": "predicted", "num": True},
+                   {"name": "error", "num": True}]
+        if several:
+            headers.append({"name": "error / SD", "num": True})
+        rows = []
+        for size, i, name, truth, pred, error in found[:limit]:
+            cells = [{"text": name}, number_cell(fmt("value", truth)), number_cell(fmt("value", pred)),
+                     number_cell(f"{error:+.4g}")]
+            if several:
+                cells.append(number_cell(f"{size:.2f}"))
+            rows.append((str(frame["path"].iloc[i]), cells))
+        ranked = "absolute error in standard deviations of the target" if several else "absolute error"
+        note = f"The {len(rows)} largest errors by {ranked}." if rows else "No predictions with a known target."
+        return headers, rows, note
+
+    def fit_probe_output(self, j: int, z: np.ndarray, y: np.ndarray, strength: float, max_iter: int,
+                         seed: int) -> tuple[np.ndarray, float]:
+        """Ridge regression on the standardised target (the task turns outputs back into units)."""
+        from sklearn.linear_model import Ridge
+
+        model = Ridge(alpha=strength).fit(z, (y - self.mean[j]) / self.std[j])
+        return model.coef_, float(model.intercept_)
+
+    def knn_output(self, x_train: np.ndarray, y_train: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+        from sklearn.neighbors import KNeighborsRegressor
+
+        return KNeighborsRegressor(n_neighbors=k, metric="cosine").fit(x_train, y_train).predict(x)

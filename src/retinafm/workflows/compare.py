@@ -228,15 +228,7 @@ def _groups(patient_ids: Optional[list[Any]]) -> Optional[np.ndarray]:
 
 def _roc_curves(task, a: RunOutputs, b: RunOutputs):
     """(name, 0/1 truth, scores of A, scores of B) for every ROC curve behind the task's AUROCs."""
-    if task.name == "multiclass":
-        # Binary tasks: the positive class's curve is the headline AUROC; the negative class's mirrors it.
-        classes = [1] if task.num_outputs == 2 else range(task.num_outputs)
-        for c in classes:
-            yield task.output_names[c], (a.targets == c).astype(int), a.outputs[:, c], b.outputs[:, c]
-    elif task.name == "multilabel":
-        for i, name in enumerate(task.output_names):
-            known = ~np.isnan(a.targets[:, i])
-            yield name, a.targets[known, i].astype(int), a.outputs[known, i], b.outputs[known, i]
+    return task.roc_curves(a.targets, a.outputs, b.outputs)
 
 
 def _wilcoxon_across_tasks(rows: list[ComparisonRow]) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from retinafm.files import prepare_output_dir, write_csv
 from retinafm.runtime import distributed as dist_utils
 from retinafm.runtime.cpu import quantize_for_cpu
 from retinafm.runtime.device import inference_dtype, resolve_device
-from retinafm.tasks import grade_order
+from retinafm.tasks import get_task, grade_order
 from retinafm.workflows.report import write_report
 
 
@@ -57,9 +57,9 @@ def evaluate_checkpoint(
     model's; model classes the set lacks are reported in the metrics, not an error)."""
     model, meta = model_from_checkpoint(load_checkpoint(checkpoint))  # the loaded tensors are not kept twice
     if manifest:
-        data = load_manifest(manifest, class_names=meta.class_names, task=meta.task, label_map=label_map,
-                             absent_unknown=True)
-    elif meta.task != "multiclass":
+        data = load_manifest(manifest, class_names=meta.class_names, targets=get_task(meta.task).targets,
+                             label_map=label_map, absent_unknown=True)
+    elif not get_task(meta.task).targets.from_folders:
         raise DataSourceError(f"this {meta.task} checkpoint is evaluated on a --manifest CSV with columns "
                               f"{', '.join(meta.class_names)}")
     elif data_path:
@@ -81,7 +81,7 @@ def evaluate_checkpoint(
     if dist_utils.is_primary():
         prepare_output_dir(out_dir, overwrite=overwrite)
     task = task_of(meta)
-    if ordinal and meta.task != "multiclass":
+    if ordinal and not task.one_class_per_image:
         raise DataSourceError("--ordinal applies to multi-class checkpoints (graded classes such as DR 0-4)")
     if ordinal and not task.ordinal:
         task = dataclasses.replace(task, grade_order=grade_order(task.output_names, ordinal=True))
@@ -105,12 +105,7 @@ def evaluate_checkpoint(
 def _external_notes(task, targets: np.ndarray, label_map: Optional[dict[str, str]]) -> dict[str, Any]:
     """What a reader of external-set metrics must know: outputs the set has no examples of (their
     per-class metrics are undefined) and how its labels were mapped."""
-    if task.name == "multiclass":
-        present = set(np.asarray(targets).tolist())
-        absent = [name for i, name in enumerate(task.output_names) if i not in present]
-    else:
-        known = ~np.isnan(targets)
-        absent = [name for i, name in enumerate(task.output_names) if not known[:, i].any()]
+    absent = task.absent_outputs(targets)
     notes: dict[str, Any] = {}
     if absent:
         warnings.warn(f"the evaluated set has no examples of {absent}; their per-class metrics are undefined (NaN) "

@@ -52,7 +52,7 @@ from retinafm.runtime import distributed as dist_utils
 from retinafm.runtime.device import amp_dtype, precision_name, resolve_device
 from retinafm.runtime.rng import rng_state, seed_everything
 from retinafm.settings import ConfigError, FinetuneSettings, to_dict
-from retinafm.tasks import task_from_config
+from retinafm.tasks import check_settings, get_task, task_from_config
 from retinafm.workflows.report import write_report
 
 
@@ -83,6 +83,7 @@ def finetune(cfg: FinetuneSettings, *, on_epoch: Optional[EpochCallback] = None,
     test split untouched, as a hyperparameter search must.
     """
     cfg.validate()
+    check_settings(cfg)
     device = resolve_device(cfg.device)
     dist_utils.init_distributed(device)
     # No barrier on failure: a rank that raised must exit so torchrun stops the others.
@@ -120,7 +121,7 @@ def _feature_probe(cfg: FinetuneSettings, data: LabelledData, run_dir: Path, eva
     embed(samples_table(data, include_test=evaluate_test), embeddings, settings, overwrite=cfg.overwrite)
     if not dist_utils.is_primary():  # the ranks shared the embedding; fitting the probe takes one process
         return FinetuneResult(run_dir, -1, {})
-    columns = None if cfg.task == "multiclass" else ",".join(data.class_names)
+    columns = ",".join(data.class_names) if get_task(cfg.task).named_columns else None
     result = probe(embeddings, run_dir, ProbeSettings(task=cfg.task, columns=columns, threshold=cfg.threshold_value(),
                                                       bootstrap=cfg.bootstrap, seed=cfg.seed),
                    overwrite=True)
@@ -136,7 +137,7 @@ def _finetune(cfg: FinetuneSettings, device: torch.device, on_epoch: Optional[Ep
     best_path = run_dir / "checkpoint-best.pth"
     seed_everything(cfg.seed + dist_utils.rank())
 
-    data = load_labelled(cfg.data_path, cfg.manifest, cfg.split, seed=cfg.seed, task=cfg.task,
+    data = load_labelled(cfg.data_path, cfg.manifest, cfg.split, seed=cfg.seed, targets=get_task(cfg.task).targets,
                          columns=cfg.names_list(), oct_frames=cfg.oct_frames)
     train_samples, val_samples, test_samples = data.split("train"), data.split("val"), data.split("test")
     if not val_samples:
@@ -144,7 +145,7 @@ def _finetune(cfg: FinetuneSettings, device: torch.device, on_epoch: Optional[Ep
             f"{data.source} has no validation images; add a val split (the best epoch is chosen on it) "
             "or use --split 0.7,0.15,0.15."
         )
-    if cfg.task == "multiclass" and len(data.class_names) < 2:
+    if get_task(cfg.task).one_class_per_image and len(data.class_names) < 2:
         raise DataSourceError(f"{data.source} has a single class {data.class_names}; classification needs two or more")
     if cfg.adaptation == "lp" and cfg.lp_mode == "features":
         return _feature_probe(cfg, data, run_dir, evaluate_test)

@@ -29,7 +29,7 @@ from retinafm.engine.inference import model_from_checkpoint
 from retinafm.files import refuse_existing_file
 from retinafm.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from retinafm.models.weights import WeightsError, read_checkpoint
-from retinafm.tasks import make_task
+from retinafm.tasks import MulticlassTask
 
 # args.model of RETFound's code -> how many times its forward applies fc_norm with global pooling
 MAE_MODELS = {"vit_large_patch16": 1, "RETFound_mae": 2}
@@ -84,9 +84,9 @@ def import_retfound(checkpoint: str | Path, class_names: Sequence[str], out: str
         raise RetfoundImportError(f"{checkpoint} was trained as {model!r}; importable RETFound models are "
                            f"{', '.join([*MAE_MODELS, *DINOV2_MODELS])}")
     input_size = meta_fields["input_size"]
-    task = make_task("multiclass", classes)
+    task = MulticlassTask(tuple(classes))  # RETFound fine-tunes softmax classifiers
     meta = CheckpointMeta(
-        model_name=f"{model or 'vit_large_patch16'} (RETFound import)", task="multiclass", class_names=classes,
+        model_name=f"{model or 'vit_large_patch16'} (RETFound import)", task=task.name, class_names=classes,
         mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), modality="any", task_state=task.state(),
         epoch=raw["epoch"] if isinstance(raw.get("epoch"), int) else -1,
         eval_crop_pct=224 / 256 if input_size <= 224 else 1.0,

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 
 from retinafm.data.sources import DataSourceError, load_labelled
-from retinafm.data.splits import rarest_positive
 from retinafm.files import prepare_output_dir, write_csv, write_yaml
 from retinafm.plots import plot_label_efficiency
 from retinafm.settings import ConfigError, FinetuneSettings
+from retinafm.tasks import check_settings, get_task
 
 
 @dataclass
@@ -57,22 +57,22 @@ def stratified_subset(strata: np.ndarray, fraction: float, seed: int) -> np.ndar
     return np.sort(np.concatenate(chosen))
 
 
-def _strata(task_name: str, targets: np.ndarray) -> np.ndarray:
-    if task_name == "multiclass":
-        return np.asarray(targets)
-    if task_name == "multilabel":
-        return rarest_positive(targets)
-    return np.zeros(len(targets), dtype=int)  # regression: a plain random subset
+def _strata(task, targets: np.ndarray) -> np.ndarray:
+    """What a subset keeps in proportion: the strata the task's bootstrap keeps (none: a plain random subset)."""
+    strata = task.bootstrap_strata(targets)
+    return np.asarray(strata) if strata is not None else np.zeros(len(targets), dtype=int)
 
 
 def label_efficiency(cfg: FinetuneSettings, fractions: Sequence[float], seeds: int = 3, *,
                      metric: Optional[str] = None, quiet: bool = False) -> LabelEfficiencyResult:
     """Run the study into cfg.out (cfg.adaptation: 'lp' uses cached features, 'finetune' full runs)."""
     cfg.validate()
+    check_settings(cfg)
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     out = prepare_output_dir(cfg.out, overwrite=cfg.overwrite)
-    data = load_labelled(cfg.data_path, cfg.manifest, cfg.split, seed=cfg.seed, task=cfg.task,
+    data = load_labelled(cfg.data_path, cfg.manifest, cfg.split, seed=cfg.seed,
+                         targets=get_task(cfg.task).targets,
                          columns=cfg.names_list(), oct_frames=cfg.oct_frames)
     if not data.split("test"):
         raise DataSourceError(f"{data.source} has no test split; the study reports test performance")
@@ -116,7 +116,8 @@ def _probe_points(cfg, data, out: Path, fractions, seeds, metric, quiet):
     embeddings = out / "embeddings.parquet"
     embed(samples_table(data), embeddings, EmbedSettings.for_run(cfg), overwrite=cfg.overwrite, progress=not quiet)
     emb = read_embeddings(embeddings)
-    settings = ProbeSettings(task=cfg.task, columns=None if cfg.task == "multiclass" else ",".join(data.class_names),
+    columns = ",".join(data.class_names) if get_task(cfg.task).named_columns else None
+    settings = ProbeSettings(task=cfg.task, columns=columns,
                              threshold=cfg.threshold_value(), bootstrap=0, seed=cfg.seed)
     task0, splits, targets = probe_data(emb, settings)
     x = emb.vectors.astype(np.float64)
@@ -125,7 +126,7 @@ def _probe_points(cfg, data, out: Path, fractions, seeds, metric, quiet):
     rows = []
     for fraction in fractions:
         for seed in range(seeds):
-            subset = train[stratified_subset(_strata(task0.name, targets[train]), fraction, cfg.seed + seed)]
+            subset = train[stratified_subset(_strata(task0, targets[train]), fraction, cfg.seed + seed)]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tiny subsets: labels without positives, undefined metrics
                 task = task0.fit(targets[subset])
@@ -167,7 +168,7 @@ def _finetune_points(cfg, data, out: Path, fractions, seeds, metric, quiet):
     rows = []
     for fraction in fractions:
         for seed in range(seeds):
-            subset = train[stratified_subset(_strata(task.name, train_targets), fraction, cfg.seed + seed)]
+            subset = train[stratified_subset(_strata(task, train_targets), fraction, cfg.seed + seed)]
             keep = np.concatenate([subset, np.flatnonzero(table["split"].to_numpy() != "train")])
             name = f"fraction_{fraction:g}_seed_{seed}"
             manifest = write_csv(out / "subsets" / f"{name}.csv", table.iloc[np.sort(keep)])

@@ -131,7 +131,7 @@ def predict(
     skip_log = SkipLog()
     skip_log.add(result.skipped)
     skipped_path = volumes_path = None
-    volumes = volume_table(frame, multiclass=task.name == "multiclass")
+    volumes = volume_table(frame, multiclass=task.one_class_per_image)
     if dist_utils.is_primary():
         write_csv(out, frame)
         if len(skip_log):

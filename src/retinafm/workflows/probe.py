@@ -34,16 +34,13 @@ from retinafm.engine.evaluation import (
 )
 from retinafm.files import prepare_output_dir, write_csv, write_yaml
 from retinafm.plots import plot_probe_grid
-from retinafm.tasks import make_task
-
-C_GRID = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0)  # logistic regression: inverse regularisation strength
-ALPHA_GRID = (1e-3, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # ridge: regularisation strength
-PROBE_TASKS = ("multiclass", "multilabel", "regression")
+from retinafm.settings import FinetuneSettings
+from retinafm.tasks import TASKS
 
 
 @dataclass
 class ProbeSettings:
-    task: str = "multiclass"
+    task: str = FinetuneSettings.task
     label_column: str = "label"  # multi-class labels
     columns: Optional[str] = None  # multi-label labels / regression targets, comma-separated
     knn_k: int = 20
@@ -54,11 +51,10 @@ class ProbeSettings:
     seed: int = 0
 
     def check(self) -> None:
-        if self.task not in PROBE_TASKS:
-            raise DataSourceError(f"--task must be one of {', '.join(PROBE_TASKS)}, got {self.task!r}")
-        if self.task != "multiclass" and not self.columns:
-            what = "--labels (the 0/1 label columns)" if self.task == "multilabel" else "--targets (the value columns)"
-            raise DataSourceError(f"a {self.task} probe needs {what}")
+        if self.task not in TASKS:
+            raise DataSourceError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if TASKS[self.task].named_columns and not self.columns:
+            raise DataSourceError(f"a {self.task} probe needs {TASKS[self.task].probe_columns_help}")
         if self.knn_k < 1 or self.folds < 2:
             raise DataSourceError("--knn-k must be at least 1 and --folds at least 2")
         if self.bootstrap < 0 or 0 < self.bootstrap < 100:
@@ -100,40 +96,7 @@ def probe_data(emb: Embeddings, settings: ProbeSettings):
         raise DataSourceError(f"the embeddings' split column has unknown value(s) {unknown}; use train, val, test")
     if len(splits["train"]) == 0:
         raise DataSourceError("the embeddings have no 'train' rows to fit a probe on")
-    if settings.task == "multiclass":
-        if settings.label_column not in frame.columns:
-            raise DataSourceError(f"the embeddings have no {settings.label_column!r} column (--label-column); "
-                                  f"columns: {', '.join(frame.columns)}")
-        labels = frame[settings.label_column].astype("string")
-        names = sorted(labels.iloc[splits["train"]].dropna().unique().tolist())
-        if len(names) < 2:
-            raise DataSourceError(f"the train rows have {len(names)} class(es) in {settings.label_column!r}; "
-                                  "a classifier needs at least two")
-        extra = sorted(set(labels.dropna()) - set(names))
-        if extra:
-            raise DataSourceError(f"label(s) {extra} appear outside the train split but not in it; the probe "
-                                  "cannot learn them")
-        index = {n: i for i, n in enumerate(names)}
-        targets = np.array([index.get(v, -1) if not pd.isna(v) else -1 for v in labels], dtype=np.int64)
-        splits = {s: rows[targets[rows] >= 0] for s, rows in splits.items()}
-        task = make_task("multiclass", names)
-    else:
-        columns = [c.strip() for c in settings.columns.split(",") if c.strip()]
-        missing = [c for c in columns if c not in frame.columns]
-        if missing:
-            raise DataSourceError(f"the embeddings have no column(s) {missing}; columns: {', '.join(frame.columns)}")
-        try:
-            targets = frame[columns].apply(pd.to_numeric, errors="raise").to_numpy(dtype=np.float64)
-        except (ValueError, TypeError):
-            raise DataSourceError(f"columns {columns} must hold numbers (empty for unknown)") from None
-        if settings.task == "multilabel":
-            bad = sorted(set(np.unique(targets[~np.isnan(targets)])) - {0.0, 1.0})
-            if bad:
-                raise DataSourceError(f"multi-label columns {columns} must hold 0 or 1 (or empty), found {bad[:5]}")
-            task = make_task("multilabel", columns, threshold=settings.threshold)
-        else:
-            task = make_task("regression", columns)
-    return task, splits, targets
+    return TASKS[settings.task].probe_targets(frame, splits, settings)
 
 
 # --------------------------------------------------------------------------- fitting
@@ -151,40 +114,9 @@ def _fold(weight: np.ndarray, bias: np.ndarray, mean: np.ndarray, std: np.ndarra
 
 def fit_linear(task, x: np.ndarray, y: np.ndarray, strength: float, settings: ProbeSettings) -> LinearHead:
     """The task's linear model at one regularisation strength, as a LinearHead on raw features."""
-    from sklearn.linear_model import LogisticRegression, Ridge
-
     mean, std = _standardiser(x)
-    z = (x - mean) / std
-    if task.name == "multiclass":
-        model = LogisticRegression(C=strength, max_iter=settings.max_iter, random_state=settings.seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=UserWarning)
-            model.fit(z, y)
-        weight, bias = model.coef_, model.intercept_
-        if weight.shape[0] == 1:  # binary: one logit; as two softmax outputs with the same odds
-            weight = np.vstack([-weight[0] / 2, weight[0] / 2])
-            bias = np.array([-bias[0] / 2, bias[0] / 2])
-        return _fold(weight, bias, mean, std)
-    weights, biases = [], []
-    for j in range(task.num_outputs):
-        known = ~np.isnan(y[:, j])
-        if task.name == "multilabel":
-            values = y[known, j]
-            if len(np.unique(values)) < 2:  # no positives (or negatives): predict the training prevalence
-                prevalence = float(np.clip(values.mean() if len(values) else 0.5, 1e-4, 1 - 1e-4))
-                weights.append(np.zeros(x.shape[1]))
-                biases.append(math.log(prevalence / (1 - prevalence)))
-                continue
-            model = LogisticRegression(C=strength, max_iter=settings.max_iter, random_state=settings.seed)
-            model.fit(z[known], values)
-            weights.append(model.coef_[0])
-            biases.append(float(model.intercept_[0]))
-        else:  # regression heads predict standardised targets (the task turns them back into units)
-            target_mean, target_std = task.mean[j], task.std[j]
-            model = Ridge(alpha=strength).fit(z[known], (y[known, j] - target_mean) / target_std)
-            weights.append(model.coef_)
-            biases.append(float(model.intercept_))
-    return _fold(np.vstack(weights), np.asarray(biases), mean, std)
+    weight, bias = task.fit_probe((x - mean) / std, y, strength, settings.max_iter, settings.seed)
+    return _fold(weight, bias, mean, std)
 
 
 def head_outputs(task, head: LinearHead, x: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
@@ -200,24 +132,10 @@ def _score(task, targets: np.ndarray, outputs: np.ndarray) -> float:
     return float(value)
 
 
-def _folds(task, y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    from sklearn.model_selection import KFold, StratifiedKFold
-
-    n = len(y)
-    if task.name == "multiclass":
-        smallest = int(np.bincount(y).min())
-        k = min(folds, smallest)
-        if k < 2:
-            raise DataSourceError("without a validation split the probe chooses its regularisation by k-fold on train, "
-                                  "which needs at least 2 training images of every class; add a val split")
-        return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(n), y))
-    return list(KFold(min(folds, n), shuffle=True, random_state=seed).split(np.zeros(n)))
-
-
 def choose_strength(task, x: np.ndarray, y: np.ndarray, val: Optional[tuple[np.ndarray, np.ndarray]],
                     settings: ProbeSettings) -> tuple[float, pd.DataFrame]:
     """The grid value with the best validation selection metric (ties: the stronger regularisation)."""
-    grid = ALPHA_GRID[::-1] if task.name == "regression" else C_GRID  # strongest regularisation first
+    grid = task.probe_grid  # strongest regularisation first
     rows = []
     for strength in grid:
         if val is not None:
@@ -226,12 +144,12 @@ def choose_strength(task, x: np.ndarray, y: np.ndarray, val: Optional[tuple[np.n
             scheme = "validation"
         else:
             predictions = np.zeros((len(y), task.num_outputs))
-            for train_rows, held_rows in _folds(task, y, settings.folds, settings.seed):
+            for train_rows, held_rows in task.probe_folds(y, settings.folds, settings.seed):
                 head = fit_linear(task, x[train_rows], y[train_rows], strength, settings)
                 predictions[held_rows] = head_outputs(task, head, x[held_rows])[0]
             score = _score(task, y, predictions)
             scheme = f"{min(settings.folds, len(y))}-fold"
-        rows.append({"C" if task.name != "regression" else "alpha": strength, task.selection_metric: score,
+        rows.append({task.probe_strength_name: strength, task.selection_metric: score,
                      "scheme": scheme})
     table = pd.DataFrame(rows)
     scores = table[task.selection_metric].to_numpy(dtype=float)
@@ -241,28 +159,7 @@ def choose_strength(task, x: np.ndarray, y: np.ndarray, val: Optional[tuple[np.n
 
 def knn_outputs(task, x_train: np.ndarray, y_train: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
     """kNN on cosine distance: class (label) probabilities, or the neighbours' mean target."""
-    from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
-
-    if task.name == "multiclass":
-        model = KNeighborsClassifier(n_neighbors=min(k, len(y_train)), metric="cosine").fit(x_train, y_train)
-        probs = np.zeros((len(x), task.num_outputs))
-        probs[:, model.classes_] = model.predict_proba(x)
-        return probs
-    out = np.zeros((len(x), task.num_outputs))
-    for j in range(task.num_outputs):
-        known = ~np.isnan(y_train[:, j])
-        neighbours = min(k, int(known.sum()))
-        if task.name == "multilabel":
-            values = y_train[known, j]
-            if len(np.unique(values)) < 2:
-                out[:, j] = values.mean() if len(values) else 0.5
-                continue
-            model = KNeighborsClassifier(n_neighbors=neighbours, metric="cosine").fit(x_train[known], values)
-            out[:, j] = model.predict_proba(x)[:, list(model.classes_).index(1.0)]
-        else:
-            model = KNeighborsRegressor(n_neighbors=neighbours, metric="cosine").fit(x_train[known], y_train[known, j])
-            out[:, j] = model.predict(x)
-    return out
+    return task.knn_outputs(x_train, y_train, x, k)
 
 
 # --------------------------------------------------------------------------- the workflow
@@ -335,15 +232,7 @@ def _evaluation(task, split: str, rows: np.ndarray, targets: np.ndarray, outputs
 
 
 def _summary(frame: pd.DataFrame, splits: dict[str, np.ndarray], task, targets: np.ndarray) -> pd.DataFrame:
-    rows = []
-    for split, index in splits.items():
-        if task.name == "multiclass":
-            counts = np.bincount(targets[index], minlength=task.num_outputs)
-            rows.append({"split": split, **dict(zip(task.output_names, counts.tolist()))})
-        else:
-            rows.append({"split": split, "images": len(index),
-                         **{f"known_{n}": int((~np.isnan(targets[index, j])).sum())
-                            for j, n in enumerate(task.output_names)}})
+    rows = [task.probe_summary(split, targets[index]) for split, index in splits.items()]
     return pd.DataFrame(rows)
 
 

@@ -17,11 +17,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import pandas as pd
 import yaml
 
 from retinafm.files import write_text
+from retinafm.tasks import DEFAULT_TASK, TASKS
+from retinafm.tasks.report_cells import NA
+from retinafm.tasks.report_cells import fmt as _fmt
 
 TEMPLATE = "report.html.j2"
 THUMBNAIL_PX = 160
@@ -29,15 +31,6 @@ MAX_SKIPPED_ROWS = 20
 # Settings a reader looks for first, in this order; the rest follow as config.yaml has them.
 IMPORTANT_SETTINGS = ("model", "weights", "adaptation", "task", "epochs", "batch_size", "lr", "blr",
                       "layer_decay", "drop_path", "input_size", "seed")
-# The checkpoint's selection metric per task (finetune keeps the epoch with the highest one).
-SELECTION_METRIC = {"multiclass": "val_auroc_macro", "multilabel": "val_auroc_macro", "regression": "val_r2_macro"}
-HEADLINE = {
-    "multiclass": ("auroc_macro", "auprc_macro", "accuracy", "balanced_accuracy", "f1_macro", "sensitivity_macro",
-                   "specificity_macro", "kappa", "quadratic_kappa", "mcc", "ece"),
-    "multilabel": ("auroc_macro", "auprc_macro", "accuracy_macro", "sensitivity_macro", "specificity_macro",
-                   "f1_macro", "kappa_macro", "ece_macro"),
-    "regression": ("r2_macro", "mae_macro", "rmse_macro", "pearson_macro"),
-}
 # Per-output metrics (<prefix>_<output name>), in column order; a column appears when it exists.
 PER_OUTPUT = ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "kappa", "ece", "r2", "mae", "rmse",
               "pearson", "threshold", "prevalence", "n")
@@ -48,7 +41,6 @@ METRIC_NAMES = {
     "mae": "MAE", "rmse": "RMSE", "pearson": "Pearson r", "threshold": "threshold", "prevalence": "prevalence",
     "n": "n",
 }
-UNBOUNDED = ("mae", "rmse")  # in the targets' units: significant digits, not 3 decimals
 CAPTIONS = {
     "confusion_matrix.png": "Confusion matrix (counts)",
     "confusion_matrix_normalized.png": "Confusion matrix (row-normalised)",
@@ -59,7 +51,6 @@ CAPTIONS = {
     "forest.png": "Model comparison (forest plot)",
     "optimization_history.png": "Hyperparameter search history",
 }
-NA = "n/a"
 
 
 def write_report(run_dir: str | Path, split: str = "test", *, title: Optional[str] = None,
@@ -128,32 +119,21 @@ def _read_csv(path: Path, *, as_text: bool = False) -> Optional[pd.DataFrame]:
 
 def _task_name(metrics: dict[str, Any], config: dict[str, Any]) -> str:
     task = (metrics.get("task") or {}).get("name") or config.get("task")
-    if task in HEADLINE:
+    if task in TASKS:
         return task
     # Older metrics files carry no task block: tell the tasks apart by their metric names.
-    if "r2_macro" in metrics:
-        return "regression"
-    return "multilabel" if "accuracy_macro" in metrics else "multiclass"
+    for name, task_type in TASKS.items():
+        if task_type.legacy_marker is not None and task_type.legacy_marker in metrics:
+            return name
+    return DEFAULT_TASK
 
 
 def _output_names(metrics: dict[str, Any], config: dict[str, Any], task: str) -> list[str]:
     names = (metrics.get("task") or {}).get("outputs") or config.get("class_names")
     if names:
         return [str(n) for n in names]
-    first = {"regression": "r2_", "multilabel": "auroc_", "multiclass": "auroc_"}[task]
+    first = TASKS[task].report_headline[0].removesuffix("macro")
     return [k[len(first):] for k in metrics if k.startswith(first) and k != f"{first}macro"]
-
-
-def _thresholds(metrics: dict[str, Any], count: int) -> list[float]:
-    """The multi-label decision thresholds the predictions were made with."""
-    state = (metrics.get("task") or {}).get("state") or {}
-    if state.get("thresholds") is not None and len(state["thresholds"]) == count:
-        return [float(t) for t in state["thresholds"]]
-    threshold = state.get("threshold")
-    try:
-        return [float(threshold)] * count if threshold is not None else [0.5] * count
-    except (TypeError, ValueError):  # e.g. "youden" without calibrated thresholds
-        return [0.5] * count
 
 
 # --- sections -------------------------------------------------------------------------------------
@@ -240,7 +220,7 @@ def _training_section(run_dir: Path, task: str) -> dict[str, Any]:
     if curves.is_file():
         training["curves"] = _data_uri(curves, "image/png")
     log = _read_csv(run_dir / "log.csv")
-    metric = SELECTION_METRIC[task]
+    metric = f"val_{TASKS[task].selection_metric}"
     if log is None or not len(log):
         training["notes"].append("No log.csv in this folder (evaluate output folders have none): no training history.")
     else:
@@ -275,7 +255,7 @@ def _metrics_section(metrics: dict[str, Any], split: str, task: str, outputs: li
         return section
     ci = metrics.get("ci") or {}
     section["headline"] = [{"key": key, "name": _metric_name(key), "value": _with_ci(key, metrics[key], ci.get(key))}
-                           for key in HEADLINE[task] if key in metrics]
+                           for key in TASKS[task].report_headline if key in metrics]
     if not section["headline"]:
         section["missing_note"] = f"metrics_{split}.json has none of the {task} headline metrics."
     columns = [p for p in PER_OUTPUT if any(f"{p}_{name}" in metrics for name in outputs)]
@@ -327,9 +307,8 @@ def _errors_section(run_dir: Path, split: str, task: str, outputs: list[str], me
     if frame is None:
         section["notes"].append(f"No predictions_{split}.csv here.")
         return section
-    build = {"multiclass": _multiclass_errors, "multilabel": _multilabel_errors, "regression": _regression_errors}
     try:
-        headers, errors, note = build[task](frame, outputs, metrics, max_errors)
+        headers, errors, note = TASKS[task].error_rows(frame, outputs, metrics, max_errors)
     except KeyError as exc:  # a CSV without the columns this task writes
         section["notes"].append(f"predictions_{split}.csv lacks column {exc}; errors not shown.")
         return section
@@ -342,73 +321,6 @@ def _errors_section(run_dir: Path, split: str, task: str, outputs: list[str], me
     section["headers"] = [{"name": "file"}] + headers
     section["notes"].append(note)
     return section
-
-
-ErrorRows = tuple[list[dict[str, Any]], list[tuple[str, list[dict[str, str]]]], str]
-
-
-def _multiclass_errors(frame: pd.DataFrame, outputs: list[str], metrics: dict[str, Any], limit: int) -> ErrorRows:
-    wrong = frame[frame["prediction"].astype(str) != frame["label"].astype(str)].copy()
-    wrong["_p"] = [_prob(row, row["prediction"]) for _, row in wrong.iterrows()]
-    wrong["_p_true"] = [_prob(row, row["label"]) for _, row in wrong.iterrows()]
-    shown = wrong.sort_values("_p", ascending=False, kind="stable").head(limit)
-    headers = [{"name": "true"}, {"name": "predicted"}, {"name": "p(predicted)", "num": True},
-               {"name": "p(true)", "num": True}]
-    rows = [(str(r["path"]), [{"text": str(r["label"])}, {"text": str(r["prediction"])},
-                              _number_cell(_fmt("p", r["_p"])), _number_cell(_fmt("p", r["_p_true"]))])
-            for _, r in shown.iterrows()]
-    note = (f"{len(wrong)} of {len(frame)} images misclassified; the {len(shown)} with the highest probability "
-            "for the wrong class are shown." if len(wrong) else f"No misclassified images among {len(frame)}.")
-    return headers, rows, note
-
-
-def _multilabel_errors(frame: pd.DataFrame, outputs: list[str], metrics: dict[str, Any], limit: int) -> ErrorRows:
-    thresholds = _thresholds(metrics, len(outputs))
-    found = []
-    for name, cut in zip(outputs, thresholds):
-        truth = pd.to_numeric(frame[f"true_{name}"], errors="coerce").to_numpy(dtype=float)
-        prob = pd.to_numeric(frame[f"prob_{name}"], errors="coerce").to_numpy(dtype=float)
-        for i in np.flatnonzero(~np.isnan(truth) & ((prob >= cut) != (truth == 1))):
-            found.append((abs(prob[i] - truth[i]), i, name, truth[i], prob[i], cut))
-    found.sort(key=lambda e: -e[0])  # stable: ties keep row then label order
-    headers = [{"name": "label"}, {"name": "truth"}, {"name": "probability", "num": True},
-               {"name": "threshold", "num": True}]
-    rows = [(str(frame["path"].iloc[i]), [{"text": name}, {"text": "present" if truth == 1 else "absent"},
-                                          _number_cell(_fmt("p", prob)), _number_cell(_fmt("p", cut))])
-            for _, i, name, truth, prob, cut in found[:limit]]
-    note = (f"{len(found)} wrong (image, label) decisions among the known labels; the {len(rows)} furthest from "
-            "the truth are shown." if found else "No wrong decisions among the known labels.")
-    return headers, rows, note
-
-
-def _regression_errors(frame: pd.DataFrame, outputs: list[str], metrics: dict[str, Any], limit: int) -> ErrorRows:
-    several = len(outputs) > 1
-    found = []
-    for name in outputs:
-        truth = pd.to_numeric(frame[f"true_{name}"], errors="coerce").to_numpy(dtype=float)
-        pred = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=float)
-        known = ~np.isnan(truth) & ~np.isnan(pred)
-        # Targets in different units (years, mmHg) are ranked by error in standard deviations.
-        std = float(np.std(truth[known])) if several and known.sum() > 1 else 1.0
-        scale = std if std > 0 else 1.0
-        for i in np.flatnonzero(known):
-            error = pred[i] - truth[i]
-            found.append((abs(error) / scale, i, name, truth[i], pred[i], error))
-    found.sort(key=lambda e: -e[0])
-    headers = [{"name": "target"}, {"name": "true", "num": True}, {"name": "predicted", "num": True},
-               {"name": "error", "num": True}]
-    if several:
-        headers.append({"name": "error / SD", "num": True})
-    rows = []
-    for size, i, name, truth, pred, error in found[:limit]:
-        cells = [{"text": name}, _number_cell(_fmt("value", truth)), _number_cell(_fmt("value", pred)),
-                 _number_cell(f"{error:+.4g}")]
-        if several:
-            cells.append(_number_cell(f"{size:.2f}"))
-        rows.append((str(frame["path"].iloc[i]), cells))
-    ranked = "absolute error in standard deviations of the target" if several else "absolute error"
-    note = f"The {len(rows)} largest errors by {ranked}." if rows else "No predictions with a known target."
-    return headers, rows, note
 
 
 # --- formatting -----------------------------------------------------------------------------------
@@ -428,10 +340,6 @@ def _table(frame: pd.DataFrame, path_columns: tuple[str, ...] = ()) -> dict[str,
     return {"headers": headers, "rows": rows}
 
 
-def _number_cell(text: str) -> dict[str, str]:
-    return {"text": text, "cls": "num"}
-
-
 def _cell(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -448,23 +356,8 @@ def _metric_name(key: str) -> str:
 
 
 def _output_kind(task: str, plural: bool = False) -> str:
-    kind = {"multiclass": "class", "multilabel": "label", "regression": "target"}[task]
+    kind = TASKS[task].output_kind
     return (kind + ("es" if kind == "class" else "s")) if plural else kind
-
-
-def _fmt(metric: str, value: Any) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return NA
-    if math.isnan(value):
-        return NA
-    base = metric.removesuffix("_macro")
-    if base == "n":
-        return f"{value:.0f}"
-    if base in UNBOUNDED or base in ("value", "loss"):
-        return f"{value:.4g}"
-    return f"{value:.3f}"
 
 
 def _with_ci(metric: str, value: Any, interval: Any) -> str:
@@ -475,13 +368,6 @@ def _with_ci(metric: str, value: Any, interval: Any) -> str:
         return text
     low, high = _fmt(prefix, interval[0]), _fmt(prefix, interval[1])
     return text if NA in (low, high) else f"{text} ({low}–{high})"
-
-
-def _prob(row: pd.Series, name: Any) -> float:
-    try:
-        return float(row[f"prob_{name}"])
-    except (KeyError, TypeError, ValueError):
-        return float("nan")
 
 
 def _data_uri(path: Path, mime: str) -> str:

@@ -22,14 +22,14 @@ import pandas as pd
 from retinafm.engine.loop import NonFiniteLossError
 from retinafm.files import atomic_path, prepare_output_dir, write_csv, write_json
 from retinafm.settings import ConfigError, FinetuneSettings, flag_text
-from retinafm.tasks import TASKS
+from retinafm.tasks import check_settings, get_task
 
 
 def selection_metric(task: str) -> str:
     """The validation metric a `task` run picks its best epoch by: the search's objective. Read
     from the task class (a dataclass default), since the epoch callback needs it before
     finetune() returns its result."""
-    return TASKS[task].selection_metric
+    return get_task(task).selection_metric
 
 
 class TuneError(ValueError):
@@ -71,8 +71,7 @@ def search_space(trial: optuna.Trial, cfg: FinetuneSettings) -> dict[str, Any]:
         params["head_mlp_ratio"] = trial.suggest_float("head_mlp_ratio", 1.0, 4.0)
     if cfg.head == "transformer":
         params["head_num_heads"] = trial.suggest_categorical("head_num_heads", [2, 4, 8])
-    if cfg.task == "regression" and (cfg.loss or "huber") == "huber":
-        params["huber_beta"] = trial.suggest_float("huber_beta", 0.5, 2.0)
+    params.update(get_task(cfg.task).search_space(trial, cfg))
     return params
 
 
@@ -89,6 +88,7 @@ def tune(base: FinetuneSettings, settings: TuneSettings) -> TuneResult:
     from retinafm.workflows.finetune import finetune
 
     base.validate()
+    check_settings(base)
     if settings.trials < 1 or settings.tune_epochs < 1:
         raise ConfigError("--trials and --tune-epochs must be at least 1")
     if settings.direction not in ("maximize", "minimize"):

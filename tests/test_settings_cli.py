@@ -77,7 +77,7 @@ def test_flags_are_typed_from_the_annotations(captured):
 
 
 @pytest.mark.parametrize("verb,flag", [("finetune", "head"), ("finetune", "adaptation"), ("finetune", "lp_mode"),
-                                       ("finetune", "task"), ("finetune", "loss"), ("finetune", "global_pool"),
+                                       ("finetune", "loss"), ("finetune", "global_pool"),
                                        ("finetune", "modality"), ("finetune", "precision"),
                                        ("pretrain", "method"), ("refine", "precision")])
 def test_literal_settings_refuse_other_values(verb, flag, captured, tmp_path):
@@ -93,6 +93,19 @@ def test_literal_settings_refuse_other_values(verb, flag, captured, tmp_path):
     config.write_text(yaml.safe_dump({flag: "nonsense"}))
     result, _ = captured(verb, "--config", str(config))
     assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
+
+
+def test_task_choices_are_the_task_registry(captured, tmp_path):
+    from retinafm.tasks import TASKS
+
+    result, _ = captured("finetune", "--task", "nonsense")
+    assert result.exit_code == 2
+    assert "Invalid value for '--task'" in result.output and "'nonsense' is not one of" in result.output
+    assert all(repr(name) in result.output for name in TASKS) and "Traceback" not in result.output
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"task": "nonsense"}))
+    result, _ = captured("finetune", "--config", str(config))
+    assert result.exit_code == 2 and "Invalid value for '--task'" in result.output
 
 
 def test_bad_list_of_numbers_is_one_clear_line(captured):

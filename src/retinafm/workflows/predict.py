@@ -8,10 +8,10 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from retinafm.data.io import is_image_file
+from retinafm.data.images import collect_images
 from retinafm.data.loader import ImageDataset, SkipLog
-from retinafm.data.sources import DataSourceError, list_images
-from retinafm.data.volumes import expand_frames, is_volume_candidate, split_address
+from retinafm.data.sources import DataSourceError
+from retinafm.data.volumes import split_address
 from retinafm.engine.infer import infer
 from retinafm.engine.inference import load_for_inference
 from retinafm.files import refuse_existing_file, write_csv
@@ -26,24 +26,6 @@ class PredictResult:
     skipped_path: Optional[Path]
     volumes: Optional[pd.DataFrame] = None  # one row per OCT volume when several of its B-scans were predicted
     volumes_path: Optional[Path] = None
-
-
-def collect_images(images: str | Path, oct_frames: str | int = "middle") -> list[str]:
-    """A single image file, or every image under a folder (recursively, sorted); volumes become
-    the B-scans `oct_frames` picks (`file#frame=N`)."""
-    images = Path(images)
-    if images.is_file():
-        if not is_image_file(images) and not is_volume_candidate(images):
-            raise DataSourceError(f"--images {images} is not an image file this tool reads")
-        found = [str(images)]
-    elif images.is_dir():
-        found = [str(p) for p in list_images(images)]
-        if not found:
-            raise DataSourceError(f"--images {images} contains no image files (png, jpg, tif, bmp, gif, webp, "
-                                  "dcm, vol, e2e)")
-    else:
-        raise DataSourceError(f"--images {images}: no such file or folder")
-    return [address for address, _ in expand_frames(found, oct_frames)]
 
 
 def volume_table(frame: pd.DataFrame, multiclass: bool) -> Optional[pd.DataFrame]:

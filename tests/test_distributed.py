@@ -54,12 +54,16 @@ def test_torchrun_predict_and_embed_merge_shards_in_input_order(trained_run, dem
     from retinafm.workflows.predict import predict
 
     checkpoint = trained_run / "checkpoint-best.pth"
+    # fp32 on both sides: the suite pins --precision auto to fp32 in this process only, and torchrun's
+    # processes would choose bf16 on a CPU with AMX or AVX-512-BF16, moving 30 of the 72 probabilities
+    # by up to ~2.7e-4 (measured with --precision bf16). Shards, batch sizes and thread counts move them
+    # by under 1e-7.
     proc = _torchrun("predict", "--checkpoint", str(checkpoint), "--images", str(demo_data / "test"),
-                     "--out", str(tmp_path / "ddp.csv"), "--num-workers", "0", "--device", "cpu")
+                     "--out", str(tmp_path / "ddp.csv"), "--num-workers", "0", "--device", "cpu", "--precision", "fp32")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.count("predictions written") == 1  # rank 0 alone writes and reports
     single = predict(checkpoint, demo_data / "test", tmp_path / "one.csv", num_workers=0, device="cpu",
-                     progress=False).predictions
+                     precision="fp32", progress=False).predictions
     both = pd.read_csv(tmp_path / "ddp.csv")
     assert both["path"].tolist() == single["path"].tolist()  # every image once, in input order
     probs = [c for c in both.columns if c.startswith("prob_")]
@@ -67,12 +71,13 @@ def test_torchrun_predict_and_embed_merge_shards_in_input_order(trained_run, dem
 
     proc = _torchrun("embed", "--images", str(demo_data), "--out", str(tmp_path / "ddp.parquet"), "--model",
                      "vit_micro_patch8", "--weights", "none", "--input-size", "32", "--shard-size", "50",
-                     "--num-workers", "0", "--device", "cpu", "--dtype", "float32")
+                     "--num-workers", "0", "--device", "cpu", "--dtype", "float32", "--precision", "fp32")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     ddp = read_embeddings(tmp_path / "ddp.parquet")
     one = read_embeddings(embed(demo_data, tmp_path / "one.parquet",
                                 EmbedSettings(model="vit_micro_patch8", weights="none", input_size=32, num_workers=0,
-                                              device="cpu", dtype="float32"), progress=False).out)
+                                              device="cpu", dtype="float32", precision="fp32"),
+                                progress=False).out)
     assert ddp.frame["path"].tolist() == one.frame["path"].tolist() and len(ddp.frame) == 120
     np.testing.assert_allclose(ddp.vectors, one.vectors, atol=1e-4)
     assert not (tmp_path / "ddp.parquet.parts").exists()

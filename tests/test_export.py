@@ -25,6 +25,7 @@ from retinafm.models.heads import HeadSettings
 from retinafm.models.onnx import META_KEY, OnnxModel
 from retinafm.models.registry import create_model, get_spec
 from retinafm.workflows.embed import embed
+from retinafm.workflows.evaluate import evaluate_checkpoint
 from retinafm.workflows.export import export_onnx
 from retinafm.workflows.predict import predict
 
@@ -107,6 +108,26 @@ def test_predict_and_embed_from_the_export_match_the_checkpoint(exported, tmp_pa
         assert ea.frame["path"].tolist() == eb.frame["path"].tolist() and ea.vectors.shape == (12, 64)
         np.testing.assert_allclose(ea.vectors, eb.vectors, atol=1e-4)
         assert ea.info["pool"] == eb.info["pool"] == "avg" and ea.info["tta_flip"] is tta
+
+
+def test_evaluate_runs_the_export_with_the_checkpoint_s_metrics(exported, tmp_path):
+    data = exported["images"]  # <class>/<image>, taken as the test split
+    run = dict(data_path=str(data), bootstrap=0, num_workers=0, device="cpu", batch_size=5, report=False)
+    ours = evaluate_checkpoint(exported["onnx"], tmp_path / "onnx", **run)
+    ref = evaluate_checkpoint(exported["pth"], tmp_path / "pth", **run)
+    assert ours.paths == ref.paths and len(ours.paths) == 12
+    np.testing.assert_array_equal(ours.targets, ref.targets)
+    np.testing.assert_allclose(ours.outputs, ref.outputs, atol=1e-4)
+    assert ours.metrics.keys() == ref.metrics.keys()
+    for name, value in ref.metrics.items():  # threshold-free metrics move by at most the outputs' tolerance
+        assert ours.metrics[name] == pytest.approx(value, abs=1e-3, nan_ok=True), name
+    assert ours.loss == pytest.approx(ref.loss, abs=1e-4)
+    saved = json.loads((tmp_path / "onnx" / "metrics_test.json").read_text())
+    assert saved["accuracy"] == pytest.approx(ref.metrics["accuracy"])
+    with pytest.raises(ValueError, match="--precision bf16: .* is an ONNX model"):
+        evaluate_checkpoint(exported["onnx"], tmp_path / "bf16", **{**run, "precision": "bf16"})
+    with pytest.raises(ValueError, match="retinafm export --int8"):
+        evaluate_checkpoint(exported["onnx"], tmp_path / "int8", **{**run, "cpu_int8": True})
 
 
 def test_int8_export_stays_close_to_fp32(exported, tmp_path):

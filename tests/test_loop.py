@@ -123,10 +123,9 @@ class _ThreadSpy(_Tiny):
         return super().forward(x)
 
 
-def test_cpu_infer_runs_batches_side_by_side_with_the_same_outputs(images, monkeypatch):
+@pytest.mark.parametrize("switch_off", ["argument", "environment"])
+def test_cpu_infer_runs_batches_side_by_side_with_the_same_outputs(images, monkeypatch, switch_off):
     import threading
-
-    from retinafm.engine import infer as loop
 
     paths, _ = images
     ds = ImageDataset(paths, [None] * len(paths), eval_transform(8, (0.5,) * 3, (0.5,) * 3))
@@ -137,9 +136,12 @@ def test_cpu_infer_runs_batches_side_by_side_with_the_same_outputs(images, monke
         both = infer(model, ds, torch.device("cpu"), batch_size=3, num_workers=2, progress=False)
         assert torch.get_num_threads() == 2  # the streams' one thread each is not left behind
         streamed = list(model.calls)
-        monkeypatch.setattr(loop, "_cpu_streams", lambda model, device: [])  # one batch at a time, all threads
-        model.calls.clear()
-        one = infer(model, ds, torch.device("cpu"), batch_size=3, num_workers=2, progress=False)
+        model.calls.clear()  # CPU tuning off: one batch at a time, all threads
+        if switch_off == "environment":
+            monkeypatch.setenv("RETINAFM_CPU_TUNING", "0")
+            one = infer(model, ds, torch.device("cpu"), batch_size=3, num_workers=2, progress=False)
+        else:
+            one = infer(model, ds, torch.device("cpu"), batch_size=3, num_workers=2, progress=False, cpu_tuning=False)
     finally:
         torch.set_num_threads(1)
     assert {threads for _, threads in streamed} == {1}
@@ -164,8 +166,8 @@ def test_cpu_infer_stream_errors_reach_the_caller(images):
 def test_cpu_streams_split_the_threads():
     from types import SimpleNamespace
 
-    from retinafm.engine.infer import _cpu_streams
     from retinafm.models.onnx import OnnxModel
+    from retinafm.runtime.cpu import stream_threads as _cpu_streams
 
     cpu = torch.device("cpu")
     onnx = OnnxModel(session=None, meta=SimpleNamespace(global_pool="avg", tta_flip=False), path=None)

@@ -72,7 +72,8 @@ def test_gpu_choice(monkeypatch):
 def test_precision_names_and_int8():
     assert [precision_name(d) for d in (None, torch.bfloat16, torch.float16)] == ["fp32", "bf16", "fp16"]
     assert inference_dtype(CPU, "auto", cpu_int8=True) is None and inference_dtype(CPU, "fp32", cpu_int8=True) is None
-    with pytest.raises(ValueError, match="--cpu-int8 runs in fp32 around its int8 Linear layers; drop --precision bf16"):
+    with pytest.raises(ValueError,
+                       match="--cpu-int8 runs in fp32 around its int8 Linear layers; drop --precision bf16"):
         inference_dtype(CPU, "bf16", cpu_int8=True)
 
 
@@ -113,3 +114,26 @@ def test_keep_freed_memory_is_harmless_and_once():
     keep_freed_memory()
     keep_freed_memory()
     assert torch.ones(8 << 20).sum().item() == 8 << 20  # large allocations still work
+
+
+def test_cpu_tuning_switch(monkeypatch):
+    from retinafm.runtime.cpu import ENV_SWITCH, batch_runner, cpu_tuning_enabled
+
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    assert cpu_tuning_enabled() and not cpu_tuning_enabled(False)
+    for off in ("0", "false", "OFF"):
+        monkeypatch.setenv(ENV_SWITCH, off)
+        assert not cpu_tuning_enabled() and cpu_tuning_enabled(True)
+    torch.set_num_threads(2)
+    try:
+        model = torch.nn.Linear(2, 2)
+        with batch_runner(lambda x: x, model, torch.device("cpu")) as runner:  # switched off by the environment
+            assert runner.streams == []
+            assert runner.submit(torch.ones(1), "a") == [(torch.ones(1), "a")]
+        with batch_runner(lambda x: x * 2, model, torch.device("cpu"), tuning=True) as runner:
+            assert runner.streams == [1, 1]
+            done = runner.submit(torch.ones(1), "a") + runner.submit(torch.ones(1), "b")
+            done += runner.submit(torch.ones(1), "c") + runner.drain()
+            assert [tag for _, tag in done] == ["a", "b", "c"] and all(out.item() == 2 for out, _ in done)
+    finally:
+        torch.set_num_threads(1)

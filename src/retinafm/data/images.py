@@ -5,11 +5,30 @@ from pathlib import Path
 
 import pandas as pd
 
+from retinafm.data.io import is_image_file
 from retinafm.data.sources import SPLITS, DataSourceError, _class_dirs, list_images
-from retinafm.data.volumes import expand_frames
+from retinafm.data.volumes import expand_frames, is_volume_candidate
 
 
 # --------------------------------------------------------------------------- which images
+def collect_images(images: str | Path, oct_frames: str | int = "middle") -> list[str]:
+    """A single image file, or every image under a folder (recursively, sorted); volumes become
+    the B-scans `oct_frames` picks (`file#frame=N`)."""
+    images = Path(images)
+    if images.is_file():
+        if not is_image_file(images) and not is_volume_candidate(images):
+            raise DataSourceError(f"--images {images} is not an image file this tool reads")
+        found = [str(images)]
+    elif images.is_dir():
+        found = [str(p) for p in list_images(images)]
+        if not found:
+            raise DataSourceError(f"--images {images} contains no image files (png, jpg, tif, bmp, gif, webp, "
+                                  "dcm, vol, e2e)")
+    else:
+        raise DataSourceError(f"--images {images}: no such file or folder")
+    return [address for address, _ in expand_frames(found, oct_frames)]
+
+
 def image_table(images: str | Path | pd.DataFrame, oct_frames: str | int = "middle") -> pd.DataFrame:
     """The images to embed and the columns that travel with them.
 
@@ -22,7 +41,8 @@ def image_table(images: str | Path | pd.DataFrame, oct_frames: str | int = "midd
 
 
 def expand_rows(frame: pd.DataFrame, oct_frames: str | int) -> pd.DataFrame:
-    """Each row whose `path` is a volume becomes one row per B-scan `oct_frames` picks, with the file's other columns."""
+    """Each row whose `path` is a volume becomes one row per B-scan `oct_frames` picks, with the
+    file's other columns."""
     pairs = [(row, address) for row, path in enumerate(frame["path"])
              for address, _ in expand_frames([path], oct_frames)]
     if len(pairs) == len(frame):

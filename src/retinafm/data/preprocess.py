@@ -18,7 +18,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage as ndi
 
 # --- field of view ---------------------------------------------------------------------------
 # The mask is estimated on a block-averaged copy about this many pixels on its longer side:
@@ -119,6 +118,8 @@ def _widest(mask: np.ndarray, rows: np.ndarray) -> float:
 
 def _detect_fov(image: torch.Tensor) -> tuple[tuple[int, int, int, int], tuple[float, float]] | None:
     """(top, left, bottom, right) of the FOV and its centre (row, col) in full-res pixels."""
+    from scipy import ndimage as ndi  # here: seconds of import that only a fundus crop needs
+
     _, h, w = image.shape
     if h == 0 or w == 0:
         return None

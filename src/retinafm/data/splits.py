@@ -6,7 +6,6 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 
 def rarest_positive(values: np.ndarray) -> np.ndarray:
@@ -76,6 +75,8 @@ def _split(units: list, unit_labels: list, test_size: float, seed: int):
     stratify = unit_labels if min(counts.values()) >= 2 and len(units) * min(test_size, 1 - test_size) >= len(counts) else None
     if len(units) < 2:
         raise ValueError(f"cannot split {len(units)} item(s) into train/val/test; add more images")
+    from sklearn.model_selection import train_test_split  # here: predict and embed never split, nor pay for sklearn
+
     return train_test_split(units, unit_labels, test_size=test_size, random_state=seed, stratify=stratify)
 
 

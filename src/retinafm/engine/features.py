@@ -12,7 +12,7 @@ import torch.nn as nn
 from retinafm.data.sources import DataSourceError
 from retinafm.data.transforms import EVAL_CROP_PCT, Preprocessing
 from retinafm.engine.checkpoint import CheckpointError, load_checkpoint, meta_of
-from retinafm.engine.inference import check_onnx_options, is_onnx, load_onnx
+from retinafm.engine.inference import check_onnx_options, is_onnx, load_model
 from retinafm.models.onnx import OnnxModel
 from retinafm.settings import FinetuneSettings, check_preprocessing, parse_oct_frames
 
@@ -92,22 +92,18 @@ class PooledFeatures(nn.Module):
 
 def embedding_model(settings: EmbedSettings) -> tuple[nn.Module, dict[str, Any]]:
     """The backbone (eval mode) and its image recipe and provenance for the file's metadata."""
-    from retinafm.engine.checkpoint import load_checkpoint
-    from retinafm.engine.inference import model_from_checkpoint
     from retinafm.models.registry import create_model, get_spec
     from retinafm.models.weights import load_backbone_weights, resolve_weights
 
     if settings.checkpoint is not None:
-        if is_onnx(settings.checkpoint):
-            model, meta = load_onnx(settings.checkpoint)
-        else:
-            model, meta = model_from_checkpoint(load_checkpoint(settings.checkpoint))
+        model, meta = load_model(settings.checkpoint)
         pool = str(model.global_pool)
         if settings.pool is not None and POOLS[settings.pool] != pool:
             raise DataSourceError(f"--pool {settings.pool}: {settings.checkpoint} was trained with the "
                                   f"{'class token' if pool == 'token' else 'average'} pool; its features are that one")
         if settings.input_size is not None and settings.input_size != meta.input_size:
-            raise DataSourceError(f"--input-size {settings.input_size}: {settings.checkpoint} takes {meta.input_size} px")
+            raise DataSourceError(f"--input-size {settings.input_size}: {settings.checkpoint} takes "
+                                  f"{meta.input_size} px")
         recipe = dict(input_size=meta.input_size, mean=list(meta.mean), std=list(meta.std), crop_pct=meta.eval_crop_pct,
                       preprocess=Preprocessing.from_state(meta.preprocess).state())
         source = dict(checkpoint=str(Path(settings.checkpoint).resolve()), model=meta.model_name, arch=meta.arch,
@@ -137,12 +133,6 @@ def embedding_model(settings: EmbedSettings) -> tuple[nn.Module, dict[str, Any]]
     return model.eval(), info
 
 
-"""Pooled backbone features: the model `embed` runs and the backbone a probe checkpoint refers to."""
-
-
-
-
-
 def backbone_fields(info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Optional[dict[str, torch.Tensor]]]:
     """From an embeddings file's metadata: the CheckpointMeta fields describing its backbone, the
     reference to its weights, and (for a random-init backbone, which has no reference) its weights."""
@@ -163,8 +153,9 @@ def backbone_fields(info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
         raise CheckpointError("the embeddings file does not say which model made it (no 'model' in its metadata); "
                               "re-create it with `retinafm embed`")
     spec = get_spec(info["model"])
-    fields = dict(model_name=spec.name, arch=spec.arch, arch_kwargs=dict(spec.arch_kwargs), input_size=int(info["input_size"]),
-                  mean=list(info["mean"]), std=list(info["std"]), global_pool="token" if info["pool"] == "cls" else "avg",
+    fields = dict(model_name=spec.name, arch=spec.arch, arch_kwargs=dict(spec.arch_kwargs),
+                  input_size=int(info["input_size"]), mean=list(info["mean"]), std=list(info["std"]),
+                  global_pool="token" if info["pool"] == "cls" else "avg",
                   modality=spec.modality, patch_size=spec.patch_size, eval_crop_pct=float(info["crop_pct"]),
                   tta_flip=bool(info.get("tta_flip")), preprocess=dict(info.get("preprocess") or {}))
     if info.get("weights_file"):

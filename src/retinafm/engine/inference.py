@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,6 +18,8 @@ from retinafm.engine.checkpoint import (
 from retinafm.models.heads import HeadSettings
 from retinafm.models.onnx import FEATURES, INPUT, LOGITS, META_KEY, OnnxModel
 from retinafm.models.registry import create_model
+from retinafm.runtime.cpu import quantize_for_cpu
+from retinafm.runtime.device import inference_dtype, precision_name, resolve_device
 
 INSTALL_HINT = "pip install 'retinafm[onnx]' (onnx==1.23.2, onnxruntime==1.32.0)"
 
@@ -80,12 +83,6 @@ def load_onnx(path: str | Path) -> tuple[OnnxModel, CheckpointMeta]:
     return OnnxModel(session, meta, path), meta
 
 
-"""Checkpoints (.pth or exported .onnx) loaded for inference: the model, its task and its image recipe."""
-
-
-
-
-
 def _load_backbone_reference(model: nn.Module, reference: dict[str, Any]) -> None:
     """Fill a probe's backbone from the checkpoint or pretrained weights it was fitted on."""
     if reference.get("checkpoint"):
@@ -134,7 +131,8 @@ def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, CheckpointM
         if meta.backbone:  # a probe: backbone from its reference, then the head
             _load_backbone_reference(model, meta.backbone)
             result = model.load_state_dict(state["model"], strict=False)
-            if result.unexpected_keys or set(state["model"]) != {k for k in model.state_dict() if k.startswith("head.")}:
+            head = {k for k in model.state_dict() if k.startswith("head.")}
+            if result.unexpected_keys or set(state["model"]) != head:
                 raise RuntimeError(f"head weights {sorted(state['model'])} do not fit")
         else:
             model.load_state_dict(state["model"], strict=True)
@@ -151,3 +149,63 @@ def _flip_averaged(forward):
         return (forward(x) + forward(torch.flip(x, dims=[-1]))) / 2
 
     return averaged
+
+
+# --------------------------------------------------------------------------- one way to load for inference
+@dataclass
+class LoadedModel:
+    """A checkpoint ready to run: what predict, evaluate, embed and `retinafm.load` all work from."""
+
+    model: nn.Module  # eval mode, on `device` (quantised under cpu_int8)
+    meta: CheckpointMeta
+    device: torch.device
+    autocast_dtype: Optional[torch.dtype]  # None: fp32 (always for ONNX and int8)
+    precision: str  # what a run records: onnx | int8 | fp32 | bf16 | fp16
+    onnx: bool
+    transform: Callable  # the checkpoint's evaluation recipe, its fundus / OCT crop included
+    task: Any = None  # the checkpoint's task with its saved thresholds / target statistics
+
+    def check_modality(self, paths: Sequence[str], declared: Optional[str] = None) -> Optional[str]:
+        """Warn when the images do not look like what the model was trained on."""
+        from retinafm.data.preprocess import check_modality
+
+        return check_modality(paths, self.meta.modality, self.meta.model_name, declared)
+
+
+def prepare_for_inference(model: nn.Module, *, onnx: bool, device: str = "auto", precision: str = "auto",
+                          cpu_int8: bool = False) -> tuple[nn.Module, torch.device, Optional[torch.dtype], str]:
+    """A loaded model on its device, quantised if asked, with its autocast dtype and precision name.
+
+    ONNX Runtime and int8 Linear layers run in their own precision; the rest autocasts per machine.
+    Under torchrun the process group is joined here, once the device is known."""
+    from retinafm.runtime import distributed as dist_utils
+
+    dev = resolve_device("cpu" if onnx else device)
+    dtype = None if onnx else inference_dtype(dev, precision, cpu_int8=cpu_int8)
+    name = "onnx" if onnx else "int8" if cpu_int8 else precision_name(dtype)
+    dist_utils.init_distributed(dev)
+    if cpu_int8:
+        model = quantize_for_cpu(model, dev)
+    return model.to(dev).eval(), dev, dtype, name
+
+
+def load_model(checkpoint: str | Path) -> tuple[nn.Module, CheckpointMeta]:
+    """The model (on the CPU, eval mode) and metadata of a .pth checkpoint or its .onnx export."""
+    if is_onnx(checkpoint):
+        return load_onnx(checkpoint)
+    return model_from_checkpoint(load_checkpoint(checkpoint))  # the loaded tensors are not kept twice
+
+
+def load_for_inference(checkpoint: str | Path, *, device: str = "auto", precision: str = "auto",
+                       cpu_int8: bool = False) -> LoadedModel:
+    """A .pth checkpoint or its .onnx export (`retinafm export`), ready for predict, evaluate or embed.
+
+    The options an exported model cannot take (a forced precision, --cpu-int8, a GPU) are refused
+    before anything is loaded."""
+    onnx = is_onnx(checkpoint)
+    if onnx:
+        check_onnx_options(checkpoint, device, cpu_int8, precision)
+    model, meta = load_model(checkpoint)
+    model, dev, dtype, name = prepare_for_inference(model, onnx=onnx, device=device, precision=precision,
+                                                    cpu_int8=cpu_int8)
+    return LoadedModel(model, meta, dev, dtype, name, onnx, eval_transform_of(meta), task_of(meta))

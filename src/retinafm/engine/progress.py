@@ -7,9 +7,7 @@ from retinafm.runtime import distributed as dist_utils
 
 
 def progress_bar(loader, desc: str, progress: bool) -> tqdm:
-    """A bar over one iterator of `loader`. tqdm.auto's tqdm calls iter() on an iterable at
-    construction, and the loop calls it again: a DataLoader then started a second set of workers
-    (persistent ones: reset them) whose prefetched batches nobody read, twice the decoding of a
-    64-image predict run. Handing tqdm the iterator makes the loop's iter() that same one."""
+    """A bar over one iterator of `loader`. tqdm is handed the iterator, not the loader: given the
+    loader it calls iter() itself, and the loop's own iter() would start a second set of workers."""
     return tqdm(iter(loader), total=len(loader), desc=desc, leave=False,
                 disable=not (progress and dist_utils.is_primary()))

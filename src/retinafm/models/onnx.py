@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
-from retinafm.engine.checkpoint import (
-    CheckpointMeta,
-)
+if TYPE_CHECKING:  # the checkpoint format lives above models/; only its type is named here
+    from retinafm.engine.checkpoint import CheckpointMeta
 
 INPUT, LOGITS, FEATURES = "images", "logits", "features"
 META_KEY = "retinafm"
@@ -20,7 +19,7 @@ class OnnxModel(nn.Module):
     """An exported model behind the interface `infer` and `embed` use: forward → logits and
     features → pooled features, torch tensors in and out (computed on the CPU by ONNX Runtime)."""
 
-    def __init__(self, session: Any, meta: CheckpointMeta, path: Path):
+    def __init__(self, session: Any, meta: "CheckpointMeta", path: Path):
         super().__init__()
         self.session, self.path = session, path
         self.global_pool = meta.global_pool  # embed reads str(model.global_pool) for its metadata

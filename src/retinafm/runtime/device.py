@@ -26,7 +26,7 @@ _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AMX-BF16 or AVX-512-BF16). Without
-    either, bf16 autocast is emulated and several times slower than fp32 (measured on AVX2)."""
+    either, bf16 autocast is emulated and several times slower than fp32."""
     caps = torch.cpu.get_capabilities()
     return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
 
@@ -62,8 +62,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 
 
 def inference_dtype(device: torch.device, precision: str, *, cpu_int8: bool = False) -> torch.dtype | None:

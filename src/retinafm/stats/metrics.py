@@ -10,31 +10,30 @@ and macro-average rules.
 """
 from __future__ import annotations
 
+import importlib
 import re
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import pearsonr
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    balanced_accuracy_score,
-    cohen_kappa_score,
-    confusion_matrix,
-    f1_score,
-    matthews_corrcoef,
-    mean_absolute_error,
-    multilabel_confusion_matrix,
-    r2_score,
-    recall_score,
-    roc_auc_score,
-    roc_curve,
-    root_mean_squared_error,
-)
 
 from retinafm.stats.calibration import expected_calibration_error
+
+
+class _OnFirstUse:
+    """A module imported when first used: scikit-learn and scipy take seconds to import, and
+    predict and embed, which import the tasks (and so this module), never compute a metric."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+_sklearn = _OnFirstUse("sklearn.metrics")
+_scipy_stats = _OnFirstUse("scipy.stats")
 
 # Youden thresholds are kept inside (0, 1): roc_curve's first threshold is +inf, which JSON cannot
 # hold; 1 - _EDGE still calls (almost) nothing positive.
@@ -45,7 +44,7 @@ _REGRESSION_METRICS = {"r2": "R²", "mae": "MAE", "rmse": "RMSE", "pearson": "Pe
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Confusion matrix (rows: true class, columns: predicted), one row/column per class even when absent."""
-    return confusion_matrix(y_true, y_pred, labels=list(range(num_classes)))
+    return _sklearn.confusion_matrix(y_true, y_pred, labels=list(range(num_classes)))
 
 
 def multiclass_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
@@ -71,8 +70,8 @@ def multiclass_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Seque
 
     # zero_division=nan: a class absent from both truth and predictions is undefined, not 0, and
     # sklearn leaves it out of the macro average, as we do for AUROC/AUPRC.
-    sensitivity = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=np.nan)
-    (tn, fp), _ = np.moveaxis(multilabel_confusion_matrix(y_true, y_pred, labels=labels), 0, -1)
+    sensitivity = _sklearn.recall_score(y_true, y_pred, labels=labels, average=None, zero_division=np.nan)
+    (tn, fp), _ = np.moveaxis(_sklearn.multilabel_confusion_matrix(y_true, y_pred, labels=labels), 0, -1)
     specificity = [_ratio(a, a + b) for a, b in zip(tn, fp)]
     aurocs, auprcs = [], []
     for c, name in enumerate(names):
@@ -88,20 +87,21 @@ def multiclass_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Seque
 
     out: dict[str, float] = {
         "n": float(len(y_true)),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": _quiet(lambda: balanced_accuracy_score(y_true, y_pred)),
+        "accuracy": float(_sklearn.accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": _quiet(lambda: _sklearn.balanced_accuracy_score(y_true, y_pred)),
         "auroc_macro": auroc_macro,
         "auprc_macro": auprc_macro,
-        "f1_macro": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=np.nan)),
+        "f1_macro": float(_sklearn.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=np.nan)),
         "sensitivity_macro": _nanmean(sensitivity),
         "specificity_macro": _nanmean(specificity),
-        "kappa": _quiet(lambda: cohen_kappa_score(y_true, y_pred, labels=labels)),
+        "kappa": _quiet(lambda: _sklearn.cohen_kappa_score(y_true, y_pred, labels=labels)),
     }
     if grade_order is not None:
         order = _check_grade_order(grade_order, len(names))
         # cohen_kappa_score weights by position in `labels`, so the grade order goes there.
-        out["quadratic_kappa"] = _quiet(lambda: cohen_kappa_score(y_true, y_pred, labels=order, weights="quadratic"))
-    out["mcc"] = _quiet(lambda: matthews_corrcoef(y_true, y_pred))
+        out["quadratic_kappa"] = _quiet(lambda: _sklearn.cohen_kappa_score(y_true, y_pred, labels=order,
+                                                                           weights="quadratic"))
+    out["mcc"] = _quiet(lambda: _sklearn.matthews_corrcoef(y_true, y_pred))
     out["ece"] = expected_calibration_error((y_pred == y_true).astype(float), probs.max(axis=1))
     for prefix, values in (("auroc", aurocs), ("auprc", auprcs), ("sensitivity", sensitivity),
                            ("specificity", specificity)):
@@ -138,7 +138,7 @@ def youden_thresholds(targets: np.ndarray, probs: np.ndarray, names: Sequence[st
                           "using 0.5", UserWarning, stacklevel=2)
             chosen.append(0.5)
             continue
-        fpr, tpr, cut = roc_curve(y, p)
+        fpr, tpr, cut = _sklearn.roc_curve(y, p)
         # argmax takes the first maximum: of equally good thresholds, the highest (most specific).
         chosen.append(float(np.clip(cut[np.argmax(tpr - fpr)], _EDGE, 1 - _EDGE)))
     return chosen
@@ -166,12 +166,12 @@ def multilabel_metrics(targets: np.ndarray, probs: np.ndarray, names: Sequence[s
         auroc, auprc = _ranking_scores(y == 1, p, name, kind="label")
         if len(y):
             values = {
-                "accuracy": accuracy_score(y, pred),
+                "accuracy": _sklearn.accuracy_score(y, pred),
                 # zero_division=nan: no positives (or negatives) to find is undefined, not 0.
-                "sensitivity": recall_score(y, pred, pos_label=1, zero_division=np.nan),
-                "specificity": recall_score(y, pred, pos_label=0, zero_division=np.nan),
-                "f1": f1_score(y, pred, zero_division=np.nan),
-                "kappa": _quiet(lambda: cohen_kappa_score(y, pred, labels=[0, 1])),
+                "sensitivity": _sklearn.recall_score(y, pred, pos_label=1, zero_division=np.nan),
+                "specificity": _sklearn.recall_score(y, pred, pos_label=0, zero_division=np.nan),
+                "f1": _sklearn.f1_score(y, pred, zero_division=np.nan),
+                "kappa": _quiet(lambda: _sklearn.cohen_kappa_score(y, pred, labels=[0, 1])),
                 "ece": expected_calibration_error(y, p),
                 "prevalence": np.mean(y),
             }
@@ -200,7 +200,7 @@ def multilabel_confusion(targets: np.ndarray, probs: np.ndarray,
     for i in range(probs.shape[1]):
         y, p = _known(targets, probs, i)
         if len(y):  # sklearn refuses empty input; a label known nowhere has all-zero counts
-            cms[i] = confusion_matrix(y.astype(np.int64), (p >= cut[i]).astype(np.int64), labels=[0, 1])
+            cms[i] = _sklearn.confusion_matrix(y.astype(np.int64), (p >= cut[i]).astype(np.int64), labels=[0, 1])
     return cms
 
 
@@ -235,10 +235,10 @@ def regression_metrics(targets: np.ndarray, preds: np.ndarray, names: Sequence[s
             warnings.warn(f"target {name!r} has {reason} in this set; its {listed} "
                           f"{'is' if len(labels) == 1 else 'are'} undefined (NaN)", UserWarning, stacklevel=2)
         scores = {
-            "r2": lambda: r2_score(y, p),
-            "mae": lambda: mean_absolute_error(y, p),
-            "rmse": lambda: root_mean_squared_error(y, p),
-            "pearson": lambda: pearsonr(y, p).statistic,
+            "r2": lambda: _sklearn.r2_score(y, p),
+            "mae": lambda: _sklearn.mean_absolute_error(y, p),
+            "rmse": lambda: _sklearn.root_mean_squared_error(y, p),
+            "pearson": lambda: _scipy_stats.pearsonr(y, p).statistic,
         }
         for key, score in scores.items():
             per[key].append(float("nan") if key in undefined else float(score()))
@@ -342,7 +342,7 @@ def _ranking_scores(positive: np.ndarray, scores: np.ndarray, name: str, kind: s
         warnings.warn(f"{kind} {name!r} has {missing} in this set; its AUROC and AUPRC are undefined (NaN)",
                       UserWarning, stacklevel=3)  # the caller of multiclass_metrics / multilabel_metrics
         return float("nan"), float("nan")
-    return float(roc_auc_score(positive, scores)), float(average_precision_score(positive, scores))
+    return float(_sklearn.roc_auc_score(positive, scores)), float(_sklearn.average_precision_score(positive, scores))
 
 
 def _ratio(numerator: float, denominator: float) -> float:

@@ -33,6 +33,7 @@ from retinafm.engine.features import (
     embedding_model,
 )
 from retinafm.engine.infer import infer
+from retinafm.engine.inference import prepare_for_inference
 from retinafm.files import (
     OutputExistsError,
     atomic_path,
@@ -42,8 +43,6 @@ from retinafm.files import (
 )
 from retinafm.models.onnx import OnnxModel
 from retinafm.runtime import distributed as dist_utils
-from retinafm.runtime.cpu import quantize_for_cpu
-from retinafm.runtime.device import inference_dtype, precision_name, resolve_device
 
 FORMATS = (".parquet", ".npy")
 
@@ -83,16 +82,10 @@ def embed(images: str | Path | pd.DataFrame, out: str | Path, settings: EmbedSet
         refuse_existing_file(out, overwrite=overwrite)
     table = image_table(images, settings.oct_frames)
     model, info = embedding_model(settings)
-    onnx = isinstance(model, OnnxModel)
-    dev = resolve_device("cpu" if onnx else settings.device)
-    # ONNX Runtime and int8 layers run in their own precision; the rest autocasts per machine.
-    autocast_dtype = None if onnx else inference_dtype(dev, settings.precision, cpu_int8=settings.cpu_int8)
-    # Recorded with the embeddings, and resumed shards must match it.
-    info["precision"] = "onnx" if onnx else "int8" if settings.cpu_int8 else precision_name(autocast_dtype)
-    dist_utils.init_distributed(dev)
-    if settings.cpu_int8:
-        model = quantize_for_cpu(model, dev)
-    extractor = PooledFeatures(model, settings.tta_flip).to(dev)
+    model, dev, autocast_dtype, info["precision"] = prepare_for_inference(  # recorded; resumed shards must match it
+        model, onnx=isinstance(model, OnnxModel), device=settings.device, precision=settings.precision,
+        cpu_int8=settings.cpu_int8)
+    extractor = PooledFeatures(model, settings.tta_flip)
     transform = eval_transform(info["input_size"], info["mean"], info["std"], info["crop_pct"],
                                Preprocessing.from_state(info["preprocess"]))
     if dist_utils.is_primary():
@@ -142,8 +135,9 @@ def _claim_parts(parts: Path, key: dict[str, Any]) -> None:
         saved = json.loads(job.read_text(encoding="utf-8"))
         if saved != json.loads(json.dumps(key)):
             changed = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
-            raise OutputExistsError(f"{parts} holds an unfinished embedding run with other settings ({', '.join(changed)} "
-                                    "differ); run the same command to finish it, or pass --overwrite to start again")
+            raise OutputExistsError(f"{parts} holds an unfinished embedding run with other settings "
+                                    f"({', '.join(changed)} differ); run the same command to finish it, "
+                                    "or pass --overwrite to start again")
         return
     parts.mkdir(parents=True, exist_ok=True)
     write_json(job, key)

@@ -9,24 +9,20 @@ from typing import Any, Optional
 import numpy as np
 
 from retinafm.data.loader import SkipLog
-from retinafm.data.preprocess import check_modality
 from retinafm.data.sources import (
     DataSourceError,
     expand_volumes,
     load_folder,
     load_manifest,
 )
-from retinafm.engine.checkpoint import load_checkpoint
 from retinafm.engine.evaluation import (
     SplitEvaluation,
     evaluate_samples,
     write_evaluation,
 )
-from retinafm.engine.inference import eval_transform_of, model_from_checkpoint, task_of
+from retinafm.engine.inference import load_for_inference
 from retinafm.files import prepare_output_dir, write_csv
 from retinafm.runtime import distributed as dist_utils
-from retinafm.runtime.cpu import quantize_for_cpu
-from retinafm.runtime.device import inference_dtype, resolve_device
 from retinafm.tasks import get_task, grade_order
 from retinafm.workflows.report import write_report
 
@@ -55,7 +51,8 @@ def evaluate_checkpoint(
     """`retinafm evaluate`: a fine-tuned checkpoint against a labelled folder or manifest split,
     its own or an external data set (`label_map` renames that set's classes or columns to the
     model's; model classes the set lacks are reported in the metrics, not an error)."""
-    model, meta = model_from_checkpoint(load_checkpoint(checkpoint))  # the loaded tensors are not kept twice
+    loaded = load_for_inference(checkpoint, device=device, precision=precision, cpu_int8=cpu_int8)
+    meta = loaded.meta
     if manifest:
         data = load_manifest(manifest, class_names=meta.class_names, targets=get_task(meta.task).targets,
                              label_map=label_map, absent_unknown=True)
@@ -72,24 +69,19 @@ def evaluate_checkpoint(
     if bootstrap < 0 or 0 < bootstrap < 100:
         raise DataSourceError(f"--bootstrap must be 0 (no confidence intervals) or at least 100 replicates, "
                               f"got {bootstrap}")
-    dev = resolve_device(device)
-    dtype = inference_dtype(dev, precision, cpu_int8=cpu_int8)
-    dist_utils.init_distributed(dev)
-    if cpu_int8:
-        model = quantize_for_cpu(model, dev)
     out_dir = Path(out)
     if dist_utils.is_primary():
         prepare_output_dir(out_dir, overwrite=overwrite)
-    task = task_of(meta)
+    task = loaded.task
     if ordinal and not task.one_class_per_image:
         raise DataSourceError("--ordinal applies to multi-class checkpoints (graded classes such as DR 0-4)")
     if ordinal and not task.ordinal:
         task = dataclasses.replace(task, grade_order=grade_order(task.output_names, ordinal=True))
     if dist_utils.is_primary():
-        check_modality([s.path for s in samples], meta.modality, meta.model_name, modality)
-    ev = evaluate_samples(model.to(dev), task, samples, eval_transform_of(meta), dev,
+        loaded.check_modality([s.path for s in samples], modality)
+    ev = evaluate_samples(loaded.model, task, samples, loaded.transform, loaded.device,
                           split=split, batch_size=batch_size, num_workers=num_workers, bootstrap=bootstrap, seed=seed,
-                          autocast_dtype=dtype)
+                          autocast_dtype=loaded.autocast_dtype)
     ev.notes = _external_notes(task, ev.targets, label_map)
     if dist_utils.is_primary():
         write_evaluation(out_dir, task, ev)

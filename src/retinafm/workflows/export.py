@@ -6,10 +6,9 @@ pre-logits features `embed` writes, of the image as given; `embed --tta-flip` av
 the mirror's like it does for a .pth). The checkpoint's metadata travels inside the file as JSON
 under the key "retinafm", so the file alone is enough to predict.
 
-The exporter is torch's TorchScript-based one (dynamo=False): on timm ViTs (plain, DINOv2, DINOv3,
-MLP and transformer heads) it gives the same accuracy and ONNX Runtime speed as the torch.export-
-based default, traces ViT-B/16 in about 4 s instead of 10 s (the micro test model in 0.5 s
-instead of 4 s), and needs no onnxscript.
+The exporter is torch's TorchScript-based one (dynamo=False): on timm ViTs it matches the
+torch.export-based default in accuracy and speed, traces faster and needs no onnxscript
+(benchmarks/RESULTS.md, "Design notes").
 """
 from __future__ import annotations
 
@@ -106,8 +105,7 @@ def _trace(graph: _ExportGraph, path: Path, input_size: int, opset: int) -> None
 
 def _quantize(fp32: Path, folder: Path, model: nn.Module) -> Path:
     """ONNX Runtime's ViT fusions (SkipLayerNormalization, BiasGelu), then int8 weights with
-    activations quantised per batch: measured 7.6 img/s against 4.4 for fp32 (ViT-B/16, 224 px,
-    2 AVX2 cores)."""
+    activations quantised per batch: the fastest CPU path for a ViT (benchmarks/RESULTS.md)."""
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
@@ -175,8 +173,9 @@ def export_onnx(
     model, meta = model_from_checkpoint(load_checkpoint(checkpoint))
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if weight_bytes > MAX_WEIGHT_BYTES:
-        raise CheckpointError(f"{checkpoint}: {meta.arch} has {weight_bytes / 2**30:.1f} GiB of weights, more than "
-                              "one ONNX file holds (2 GiB); run the checkpoint itself with predict (--cpu-int8 on a CPU)")
+        raise CheckpointError(f"{checkpoint}: {meta.arch} has {weight_bytes / 2**30:.1f} GiB of weights, more "
+                              "than one ONNX file holds (2 GiB); run the checkpoint itself with predict "
+                              "(--cpu-int8 on a CPU)")
     graph = _ExportGraph(model, meta.tta_flip).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as folder:

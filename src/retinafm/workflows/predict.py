@@ -8,25 +8,14 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from retinafm.data.io import is_image_file
+from retinafm.data.images import collect_images
 from retinafm.data.loader import ImageDataset, SkipLog
-from retinafm.data.preprocess import check_modality
-from retinafm.data.sources import DataSourceError, list_images
-from retinafm.data.volumes import expand_frames, is_volume_candidate, split_address
-from retinafm.engine.checkpoint import load_checkpoint
+from retinafm.data.sources import DataSourceError
+from retinafm.data.volumes import split_address
 from retinafm.engine.infer import infer
-from retinafm.engine.inference import (
-    check_onnx_options,
-    eval_transform_of,
-    is_onnx,
-    load_onnx,
-    model_from_checkpoint,
-    task_of,
-)
+from retinafm.engine.inference import load_for_inference
 from retinafm.files import refuse_existing_file, write_csv
 from retinafm.runtime import distributed as dist_utils
-from retinafm.runtime.cpu import quantize_for_cpu
-from retinafm.runtime.device import inference_dtype, resolve_device
 
 
 @dataclass
@@ -37,24 +26,6 @@ class PredictResult:
     skipped_path: Optional[Path]
     volumes: Optional[pd.DataFrame] = None  # one row per OCT volume when several of its B-scans were predicted
     volumes_path: Optional[Path] = None
-
-
-def collect_images(images: str | Path, oct_frames: str | int = "middle") -> list[str]:
-    """A single image file, or every image under a folder (recursively, sorted); volumes become
-    the B-scans `oct_frames` picks (`file#frame=N`)."""
-    images = Path(images)
-    if images.is_file():
-        if not is_image_file(images) and not is_volume_candidate(images):
-            raise DataSourceError(f"--images {images} is not an image file this tool reads")
-        found = [str(images)]
-    elif images.is_dir():
-        found = [str(p) for p in list_images(images)]
-        if not found:
-            raise DataSourceError(f"--images {images} contains no image files (png, jpg, tif, bmp, gif, webp, "
-                                  "dcm, vol, e2e)")
-    else:
-        raise DataSourceError(f"--images {images}: no such file or folder")
-    return [address for address, _ in expand_frames(found, oct_frames)]
 
 
 def volume_table(frame: pd.DataFrame, multiclass: bool) -> Optional[pd.DataFrame]:
@@ -105,27 +76,16 @@ def predict(
     ONNX Runtime on the CPU."""
     out = Path(out)
     refuse_existing_file(out, overwrite=overwrite)
-    onnx = is_onnx(checkpoint)
-    if onnx:  # an exported model: ONNX Runtime on the CPU
-        check_onnx_options(checkpoint, device, cpu_int8, precision)
-        model, meta = load_onnx(checkpoint)
-    else:
-        model, meta = model_from_checkpoint(load_checkpoint(checkpoint))  # the loaded tensors are not kept twice
-    paths = collect_images(images, oct_frames or meta.settings.get("oct_frames") or "middle")
-    dev = resolve_device("cpu" if onnx else device)
-    # ONNX Runtime and int8 layers run in their own precision; the rest autocasts per machine.
-    dtype = None if onnx else inference_dtype(dev, precision, cpu_int8=cpu_int8)
-    dist_utils.init_distributed(dev)
-    if cpu_int8:
-        model = quantize_for_cpu(model, dev)
-    task = task_of(meta)
+    loaded = load_for_inference(checkpoint, device=device, precision=precision, cpu_int8=cpu_int8)
+    paths = collect_images(images, oct_frames or loaded.meta.settings.get("oct_frames") or "middle")
     if dist_utils.is_primary():
-        check_modality(paths, meta.modality, meta.model_name, modality)
-    dataset = ImageDataset(paths, [None] * len(paths), eval_transform_of(meta))
-    result = infer(model.to(dev), dataset, dev, batch_size=batch_size, num_workers=num_workers,
-                   amp_dtype=dtype, desc="predict", progress=progress)
+        loaded.check_modality(paths, modality)
+    dataset = ImageDataset(paths, [None] * len(paths), loaded.transform)
+    result = infer(loaded.model, dataset, loaded.device, batch_size=batch_size, num_workers=num_workers,
+                   amp_dtype=loaded.autocast_dtype, desc="predict", progress=progress)
     if len(result.indices) == 0:
         raise DataSourceError(f"none of the {len(paths)} images under {images} could be read: {result.skipped[:3]}")
+    task = loaded.task
     outputs = task.activate(torch.from_numpy(result.logits))
     frame = task.prediction_frame([paths[i] for i in result.indices], outputs)
     skip_log = SkipLog()

@@ -12,6 +12,7 @@ from retinafm.data.transforms import eval_transform
 from retinafm.engine.infer import infer
 from retinafm.engine.loop import NonFiniteLossError, StepSettings, train_one_epoch
 from retinafm.engine.optim import build_scheduler
+from retinafm.objectives.supervised import Supervised
 
 
 class _Tiny(torch.nn.Module):
@@ -58,8 +59,9 @@ def test_epoch_learns_and_accumulates(images, accum, expected_steps):
     model = _Tiny()
     opt = _counting_optimizer(model)
     sched = build_scheduler(opt, steps_per_epoch=expected_steps, epochs=3, warmup_epochs=0, min_lr=0.0)
-    losses = [train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), opt, sched, torch.device("cpu"), epoch=e,
-                              settings=StepSettings(accum_iter=accum), progress=False) for e in range(3)]
+    objective = Supervised(model, torch.nn.CrossEntropyLoss())
+    losses = [train_one_epoch(objective, loader, opt, sched, torch.device("cpu"), epoch=e,
+                              settings=StepSettings(accum_iter=accum), progress=False)["loss"] for e in range(3)]
     assert opt.steps == 3 * expected_steps
     assert losses[-1] < losses[0]
 
@@ -73,7 +75,7 @@ def test_non_finite_loss_stops_with_advice(images):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = build_scheduler(opt, steps_per_epoch=4, epochs=1, warmup_epochs=0, min_lr=0.0)
     with pytest.raises(NonFiniteLossError, match="lower --blr"):
-        train_one_epoch(model, make_loader(ds, 4), torch.nn.CrossEntropyLoss(), opt, sched, torch.device("cpu"),
+        train_one_epoch(Supervised(model, torch.nn.CrossEntropyLoss()), make_loader(ds, 4), opt, sched, torch.device("cpu"),
                         epoch=0, settings=StepSettings(), progress=False)
 
 
@@ -87,7 +89,7 @@ def test_no_readable_training_image_is_an_error(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = build_scheduler(opt, steps_per_epoch=1, epochs=1, warmup_epochs=0, min_lr=0.0)
     with pytest.raises(DataSourceError, match="none of the training images could be read"):
-        train_one_epoch(model, make_loader(ds, 4), torch.nn.CrossEntropyLoss(), opt, sched, torch.device("cpu"),
+        train_one_epoch(Supervised(model, torch.nn.CrossEntropyLoss()), make_loader(ds, 4), opt, sched, torch.device("cpu"),
                         epoch=0, settings=StepSettings(), progress=False)
 
 
@@ -204,6 +206,6 @@ def test_one_loader_iterator_per_pass(images, monkeypatch, progress, loop):
         model = _Tiny()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sched = build_scheduler(opt, steps_per_epoch=4, epochs=1, warmup_epochs=0, min_lr=0.0)
-        train_one_epoch(model, make_loader(ds, 4, num_workers=2, persistent=True), torch.nn.CrossEntropyLoss(),
+        train_one_epoch(Supervised(model, torch.nn.CrossEntropyLoss()), make_loader(ds, 4, num_workers=2, persistent=True),
                         opt, sched, torch.device("cpu"), epoch=0, settings=StepSettings(), progress=progress)
     assert len(calls) == 1

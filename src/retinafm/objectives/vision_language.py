@@ -5,7 +5,7 @@ head and a language-model head tied to the word embeddings."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -131,9 +131,8 @@ def _gather_with_grad(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 class RefineObjective(nn.Module):
-    """forward(images, rows) → weighted sum of the chosen losses for the pairs `rows` of the
-    tokenised report table (kept on the device as buffers). Per-objective means accumulate in
-    `components` for the log."""
+    """forward(batch) → {"loss": the weighted sum of the chosen losses, "loss_<name>": each one} for
+    the pairs `batch.targets` (rows of the tokenised report table, kept on the device as buffers)."""
 
     def __init__(self, model: VisionLanguage, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  report_ids: torch.Tensor, *, weights: dict[str, float], mask_token_id: int, vocab_size: int,
@@ -145,17 +144,14 @@ class RefineObjective(nn.Module):
         self.register_buffer("attention_mask", attention_mask, persistent=False)
         self.register_buffer("report_ids", report_ids, persistent=False)
         self.register_buffer("special_ids", torch.tensor(special_ids, dtype=torch.long), persistent=False)
-        self.reset_components()
 
-    def reset_components(self) -> None:
-        # Summed as tensors: reading them (a host sync on GPU) waits for the epoch's end.
-        self.components: dict[str, torch.Tensor | float] = {k: 0.0 for k in self.weights}
-        self.steps = 0
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        parts = self.losses(batch.images, batch.targets)
+        total = sum(self.weights[k] * v for k, v in parts.items())
+        return {"loss": total, **{f"loss_{k}": parts[k].detach() for k in self.weights}}
 
-    def component_means(self) -> dict[str, float]:
-        return {f"loss_{k}": float(v) / max(self.steps, 1) for k, v in self.components.items()}
-
-    def forward(self, images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def losses(self, images: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each chosen objective's (unweighted) loss on these images and report rows."""
         ids, mask = self.input_ids[rows], self.attention_mask[rows]
         length = int(mask.sum(dim=1).max())  # the table is padded to its longest report; this batch may be shorter
         ids, mask = ids[:, :length], mask[:, :length]
@@ -182,10 +178,7 @@ class RefineObjective(nn.Module):
             parts["mlm"] = L.token_loss(model.lm_logits(hidden[chosen]), labels[chosen])
         if "gm" in self.weights:
             parts["gm"] = L.next_token_loss(model.lm_logits(model.text_hidden(ids, mask, tokens, causal=True)), ids, mask)
-        for k, v in parts.items():
-            self.components[k] = self.components[k] + v.detach()
-        self.steps += 1
-        return sum(self.weights[k] * v for k, v in parts.items())
+        return parts
 
     def _itm(self, tokens, image_emb, text_emb, ids, mask, report_ids) -> torch.Tensor:
         model = self.model

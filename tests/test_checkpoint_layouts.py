@@ -47,8 +47,9 @@ def legacy(state: dict[str, Any]) -> dict[str, Any]:
         if info["method"] == "mae":
             weights = {"model": model}
         else:  # Dino.checkpoint_state(): DINO's student / teacher and the loss's centre
+            parts = (("student", "student."), ("teacher", "teacher."), ("dino_loss", "loss_fn."))
             weights = {part: {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
-                       for part, prefix in (("student", "student."), ("teacher", "teacher."), ("dino_loss", "loss_fn."))}
+                       for part, prefix in parts}
         return {**weights, **training, "retinafm_pretrain": info}
     assert kind == "refine"
     return {"model": state["model"], **training, "retinafm_refine": info}
@@ -123,7 +124,8 @@ def test_format_1_classifier_predicts_evaluates_exports_and_loads_as_weights(dem
     a = predict(old, demo_data / "test", tmp_path / "old.csv", **kwargs)
     b = predict(new, demo_data / "test", tmp_path / "new.csv", **kwargs)
     assert a is not None and b is not None
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "old.csv"), pd.read_csv(tmp_path / "new.csv"), check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "old.csv"), pd.read_csv(tmp_path / "new.csv"),
+                                  check_exact=True)
 
     evaluate_checkpoint(old, tmp_path / "eval", data_path=str(demo_data), bootstrap=0, device="cpu", num_workers=0,
                         report=False)

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 
 from retinafm.cli import main
 from retinafm.data.sources import DataSourceError
+from retinafm.engine import trainer as trainer_module
 from retinafm.models.registry import create_model, get_spec
 from retinafm.models.weights import WeightsError, load_backbone_weights
 from retinafm.settings import ConfigError, PretrainSettings
-from retinafm.engine import trainer as trainer_module
 from retinafm.workflows.pretrain import pretrain
 
 

@@ -9,10 +9,10 @@ from click.testing import CliRunner
 from retinafm.cli import main
 from retinafm.data.sources import DataSourceError
 from retinafm.data.synthetic import write_report_pairs
+from retinafm.engine import trainer as trainer_module
 from retinafm.models.registry import create_model, get_spec
 from retinafm.models.weights import load_backbone_weights
 from retinafm.settings import ConfigError, RefineSettings
-from retinafm.engine import trainer as trainer_module
 from retinafm.workflows import refine as run_module
 from retinafm.workflows.refine import refine
 

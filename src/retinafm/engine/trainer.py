@@ -171,8 +171,9 @@ class Trainer:
         objective.to(device)
         train_module: nn.Module = objective
         if dist_utils.is_distributed():
-            train_module = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                                                   find_unused_parameters=s.find_unused_parameters)
+            train_module = DistributedDataParallel(
+                objective, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=s.find_unused_parameters)
         if s.compile:
             train_module = torch.compile(train_module)  # checkpoints still save `model`, the uncompiled module
 
@@ -199,7 +200,8 @@ class Trainer:
             train = train_one_epoch(train_module, loader, optimizer, scheduler, device, epoch=epoch, settings=step,
                                     scaler=scaler, skip_log=self.skip_log, progress=s.progress,
                                     after_step=hooks.after_step)
-            row: dict[str, Any] = {"epoch": epoch, "lr": current_lr(optimizer), "train_loss": train.pop("loss"), **train}
+            row: dict[str, Any] = {"epoch": epoch, "lr": current_lr(optimizer), "train_loss": train.pop("loss"),
+                                   **train}
             improved = False
             if hooks.validate is not None:
                 values, improved = hooks.validate(epoch, row)

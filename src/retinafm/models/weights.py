@@ -331,7 +331,8 @@ def detect_family(ckpt: dict[str, Any], default: str = "timm") -> str:
         return "retfiner"
     if any("storage_tokens" in k for k in keys):
         return "dinov3"
-    if any(k.endswith("mask_token") for k in keys) or any(re.match(r"(backbone\.)?blocks\.\d+\.\d+\.", k) for k in keys):
+    if any(k.endswith("mask_token") for k in keys) or \
+            any(re.match(r"(backbone\.)?blocks\.\d+\.\d+\.", k) for k in keys):
         return "dinov2"
     return default
 
@@ -408,13 +409,18 @@ def load_backbone_weights(model: nn.Module, path: str, family_hint: str = "timm"
         if unexpected:
             details.append(f"not in the model: {_short(unexpected)}")
         if wrong_shape:
-            details.append("shape mismatch: " + _short([f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong_shape]))
+            details.append("shape mismatch: " + _short([f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}"
+                                                        for k in wrong_shape]))
         raise WeightsError(
-            f"{path} ({family} layout) does not match architecture {getattr(model, 'default_cfg', {}).get('architecture', type(model).__name__)}: "
+            f"{path} ({family} layout) does not match architecture {_architecture(model)}: "
             + "; ".join(details) + ". Pick the --model this checkpoint was trained with."
         )
     model.load_state_dict(sd, strict=False)  # the key sets were checked above: only head/fc_norm may be new
     return LoadReport(str(path), family, len(sd), missing=missing, dropped=dropped)
+
+
+def _architecture(model: nn.Module) -> str:
+    return getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
 
 
 def _short(keys: list[str], n: int = 6) -> str:

@@ -57,13 +57,15 @@ class DinoLoss(nn.Module):
                  warmup_teacher_temp: float = 0.04, warmup_epochs: int = 0, center_momentum: float = 0.9) -> None:
         super().__init__()
         self.student_temp, self.center_momentum = student_temp, center_momentum
-        self.teacher_temp, self.warmup_teacher_temp, self.warmup_epochs = teacher_temp, warmup_teacher_temp, warmup_epochs
+        self.teacher_temp, self.warmup_teacher_temp = teacher_temp, warmup_teacher_temp
+        self.warmup_epochs = warmup_epochs
         self.epoch = 0
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def current_teacher_temp(self) -> float:
         if self.epoch < self.warmup_epochs:
-            return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * self.epoch / self.warmup_epochs
+            progress = self.epoch / self.warmup_epochs
+            return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * progress
         return self.teacher_temp
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, n_crops: int) -> torch.Tensor:
@@ -150,5 +152,5 @@ class Dino(nn.Module):
     @torch.no_grad()
     def update_teacher(self, step: int) -> None:
         m = teacher_momentum(step, self.total_steps, self.momentum)
-        for s, t in zip(self.student.parameters(), self.teacher.parameters()):
+        for s, t in zip(self.student.parameters(), self.teacher.parameters(), strict=True):
             t.mul_(m).add_(s.detach(), alpha=1 - m)

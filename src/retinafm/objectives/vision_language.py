@@ -34,8 +34,10 @@ def load_text_model(name: str) -> tuple[nn.Module, object]:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModel.from_pretrained(name, attn_implementation="eager")
     except (OSError, ValueError) as exc:
-        where = "folder" if Path(name).exists() else "Hugging Face repo (set HF_TOKEN for gated ones; offline, it must be in the cache)"
-        raise TextModelError(f"--text-model {name}: cannot load it as a {where}: {str(exc).splitlines()[0][:300]}") from None
+        where = "folder" if Path(name).exists() else \
+            "Hugging Face repo (set HF_TOKEN for gated ones; offline, it must be in the cache)"
+        raise TextModelError(f"--text-model {name}: cannot load it as a {where}: "
+                             f"{str(exc).splitlines()[0][:300]}") from None
     layers = getattr(getattr(model, "encoder", None), "layer", None)
     if getattr(model, "embeddings", None) is None or not isinstance(layers, nn.ModuleList) \
             or not all(hasattr(layer, n) for layer in layers for n in ("attention", "intermediate", "output")):
@@ -72,12 +74,14 @@ class VisionLanguage(nn.Module):
         if not 0 <= self.fusion_start < depth:
             raise ValueError(f"--fusion-layers must be between 1 and the text model's {depth} layers")
         vision_width = vision.num_features
-        self.cross = nn.ModuleList(CrossAttention(width, vision_width, config.num_attention_heads, config.layer_norm_eps)
-                                   for _ in range(depth - self.fusion_start))
+        self.cross = nn.ModuleList(
+            CrossAttention(width, vision_width, config.num_attention_heads, config.layer_norm_eps)
+            for _ in range(depth - self.fusion_start))
         self.vision_proj, self.text_proj = nn.Linear(vision_width, embed_dim), nn.Linear(width, embed_dim)
         self.log_temp = nn.Parameter(torch.tensor(0.07).log())  # learnable, CLIP/ALBEF's starting 0.07
         self.itm_head = nn.Linear(width, 2)
-        self.lm_transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width, eps=config.layer_norm_eps))
+        self.lm_transform = nn.Sequential(nn.Linear(width, width), nn.GELU(),
+                                          nn.LayerNorm(width, eps=config.layer_norm_eps))
         self.lm_bias = nn.Parameter(torch.zeros(text.embeddings.word_embeddings.num_embeddings))
 
     @property
@@ -177,7 +181,8 @@ class RefineObjective(nn.Module):
             chosen = labels != L.IGNORE  # the vocabulary projection only where there is something to predict
             parts["mlm"] = L.token_loss(model.lm_logits(hidden[chosen]), labels[chosen])
         if "gm" in self.weights:
-            parts["gm"] = L.next_token_loss(model.lm_logits(model.text_hidden(ids, mask, tokens, causal=True)), ids, mask)
+            logits = model.lm_logits(model.text_hidden(ids, mask, tokens, causal=True))
+            parts["gm"] = L.next_token_loss(logits, ids, mask)
         return parts
 
     def _itm(self, tokens, image_emb, text_emb, ids, mask, report_ids) -> torch.Tensor:

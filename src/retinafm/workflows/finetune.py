@@ -83,7 +83,7 @@ def samples_table(data: LabelledData, include_test: bool = True) -> pd.DataFrame
         if s.label is not None:
             row["label"] = data.class_names[s.label]
         elif s.targets is not None:
-            row.update(zip(data.class_names, s.targets))
+            row.update(zip(data.class_names, s.targets, strict=False))
         row["patient_id"] = s.patient_id
         rows.append(row)
     frame = pd.DataFrame(rows)
@@ -176,7 +176,8 @@ def _finetune(cfg: FinetuneSettings, on_epoch: Optional[EpochCallback], evaluate
     spec = get_spec(cfg.model)
     input_size = cfg.input_size or spec.input_size
     if input_size % spec.patch_size:
-        raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} of {spec.name}")
+        raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} "
+                          f"of {spec.name}")
     task = task_from_config(cfg, data.class_names)
     task = task.fit(task.target_array(train_samples))  # e.g. target statistics from train only
     head = HeadSettings(cfg.head, cfg.head_depth, cfg.head_num_heads, cfg.head_mlp_ratio, cfg.head_dropout)
@@ -278,7 +279,8 @@ def _evaluate_best(model, samples, transform, device, dtype: Optional[torch.dtyp
     skip_log.add(test.skipped)
     if dist_utils.is_primary():
         result.files.update(write_evaluation(run_dir, task, test))
-        _say(f"test ({len(test.paths)} images, best epoch {result.best_epoch + 1}): {task.summary(test.metrics, test.ci)}")
+        _say(f"test ({len(test.paths)} images, best epoch {result.best_epoch + 1}): "
+             f"{task.summary(test.metrics, test.ci)}")
     return test.metrics
 
 

@@ -71,7 +71,8 @@ def pretrain(cfg: PretrainSettings, *, progress: bool = True) -> PretrainResult:
     spec = get_spec(cfg.model)
     input_size = cfg.input_size or spec.input_size
     if input_size % spec.patch_size:
-        raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} of {spec.name}")
+        raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} "
+                          f"of {spec.name}")
     if trainer.resume_state is not None:
         _check_resume_fits(trainer.resume_state, cfg, spec)
     encoder = build_encoder(spec, input_size, dynamic_size=cfg.method == "dino")
@@ -178,14 +179,16 @@ def _load_decoder(mae: MaskedAutoencoder, path: str) -> None:
         from timm.layers import resample_abs_pos_embed
 
         grid = mae._grid
-        decoder["decoder_pos_embed"] = resample_abs_pos_embed(decoder["decoder_pos_embed"], list(grid), num_prefix_tokens=1)
+        decoder["decoder_pos_embed"] = resample_abs_pos_embed(decoder["decoder_pos_embed"], list(grid),
+                                                              num_prefix_tokens=1)
     wrong = sorted(k for k in decoder if k in expected and decoder[k].shape != expected[k].shape)
     if set(decoder) != set(expected) or wrong:
         missing, extra = sorted(set(expected) - set(decoder)), sorted(set(decoder) - set(expected))
         raise WeightsError(
             f"{path}: its MAE decoder does not fit --decoder-dim/--decoder-depth/--decoder-heads "
             f"({', '.join(f'{k} {tuple(decoder[k].shape)}' for k in wrong[:3]) or ''}"
-            f"{' missing ' + ', '.join(missing[:3]) if missing else ''}{' extra ' + ', '.join(extra[:3]) if extra else ''}). "
+            f"{' missing ' + ', '.join(missing[:3]) if missing else ''}"
+            f"{' extra ' + ', '.join(extra[:3]) if extra else ''}). "
             "Give the decoder settings it was trained with (RETFound / MAE ViT-L: 512, 8, 16)."
         )
     mae.load_state_dict(decoder, strict=False)  # the key set was checked above
@@ -222,6 +225,6 @@ def _draw_reconstructions(mae: MaskedAutoencoder, images: torch.Tensor, spec: Mo
     def picture(x: torch.Tensor) -> np.ndarray:
         return (x.float().cpu() * std + mean).permute(0, 2, 3, 1).numpy()
 
-    rows = list(zip(picture(images), picture(masked), picture(recon)))
+    rows = list(zip(picture(images), picture(masked), picture(recon), strict=True))
     return plot_reconstructions(rows, run_dir / "plots" / f"reconstructions_epoch{epoch + 1:03d}.png",
                                 title=f"MAE reconstructions after epoch {epoch + 1} (mask ratio {mae.mask_ratio:g})")

@@ -126,7 +126,8 @@ def _describe(epochs: int) -> Callable[[dict[str, Any], bool], str]:
     def line(row: dict[str, Any], improved: bool) -> str:
         parts = "".join(f"  {k.removeprefix('loss_')} {row[k]:.3f}" for k in row if k.startswith("loss_"))
         val = f"  val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""
-        return f"epoch {row['epoch'] + 1}/{epochs}  train_loss {row['train_loss']:.4f}{parts}{val}  ({row['seconds']:.1f}s)"
+        return (f"epoch {row['epoch'] + 1}/{epochs}  train_loss {row['train_loss']:.4f}{parts}{val}  "
+                f"({row['seconds']:.1f}s)")
 
     return line
 
@@ -146,7 +147,8 @@ def refine(cfg: RefineSettings, *, progress: bool = True) -> RefineResult:
     spec = get_spec(cfg.model)
     input_size = cfg.input_size or spec.input_size
     if input_size % spec.patch_size:
-        raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} of {spec.name}")
+        raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} "
+                          f"of {spec.name}")
 
     text, tokenizer = load_text_model(cfg.text_model)
     vision = create_model(spec, 0, input_size=input_size)

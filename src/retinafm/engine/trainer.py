@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -106,23 +106,12 @@ class Hooks:
     after_epoch: Optional[Callable[[int, dict[str, Any]], None]] = None  # every rank, after the checkpoints
 
 
-@dataclass
 class Trainer:
-    settings: TrainerSettings
-    device: torch.device = field(init=False)
-    run_dir: Path = field(init=False)
-    last_path: Path = field(init=False)
-    best_path: Path = field(init=False)
-    dtype: Optional[torch.dtype] = field(init=False)
-    lr: float = field(init=False)
-    resume_state: Optional[dict[str, Any]] = field(init=False)
-    skip_log: SkipLog = field(init=False, default_factory=SkipLog)
-    rows: list[dict[str, Any]] = field(init=False, default_factory=list)
-    files: dict[str, Path] = field(init=False, default_factory=dict)
-    skipped_count: int = field(init=False, default=0)
+    """One training run. Constructing it opens the run directory and seeds every generator, so
+    build it before the model (whose random initialisation then follows the seed)."""
 
-    def __post_init__(self) -> None:
-        s = self.settings
+    def __init__(self, settings: TrainerSettings) -> None:
+        self.settings = s = settings
         self.device = resolve_device(s.device)
         dist_utils.init_distributed(self.device)
         self.run_dir = Path(s.out)
@@ -134,9 +123,15 @@ class Trainer:
             prepare_output_dir(self.run_dir, overwrite=s.overwrite, resume=s.resume)
         dist_utils.barrier()
         seed_everything(s.seed + dist_utils.rank())
-        self.dtype = amp_dtype(self.device, s.precision)
+        self.dtype: Optional[torch.dtype] = amp_dtype(self.device, s.precision)
         self.lr = effective_lr(s.lr, s.blr, s.batch_size, s.accum_iter, dist_utils.world_size())
-        self.resume_state = open_checkpoint(self.last_path, "--resume") if s.resume else None
+        self.skip_log = SkipLog()
+        self.rows: list[dict[str, Any]] = []
+        self.files: dict[str, Path] = {}  # what the run wrote besides the checkpoints: curves, skipped.csv...
+        self.skipped_count = 0
+        # On --resume, checkpoint-last.pth (upgraded to the current layout); `fit` puts its state back.
+        self.resume_state: Optional[dict[str, Any]] = \
+            open_checkpoint(self.last_path, "--resume") if s.resume else None
         if self.resume_state is not None and self.resume_state["retinafm"]["kind"] != s.kind:
             raise ConfigError(f"--resume: {self.last_path} is not a retinafm {_RUN_NOUNS.get(s.kind, s.kind)} "
                               "checkpoint")
@@ -184,7 +179,8 @@ class Trainer:
                              drop_last=self._drop_last(len(dataset)), seed=s.seed, pin_memory=device.type == "cuda",
                              persistent=True)
         optimizer = build_optimizer(model, self.lr, s.weight_decay, s.layer_decay, betas=s.betas)
-        scheduler = build_scheduler(optimizer, steps_per_epoch=self.updates_per_epoch(len(dataset)), epochs=s.epochs,
+        steps_per_epoch = max(1, -(-len(loader) // s.accum_iter))
+        scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=s.epochs,
                                     warmup_epochs=s.warmup_epochs, min_lr=s.min_lr)
         scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         start_epoch = self._restore(optimizer, scaler, hooks.validate)

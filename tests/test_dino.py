@@ -6,6 +6,7 @@ import math
 import numpy as np
 import torch
 
+from retinafm.data.loader import Batch
 from retinafm.data.transforms import MultiCrop
 from retinafm.models.registry import get_spec
 from retinafm.objectives.dino import Dino, DinoHead, DinoLoss, teacher_momentum
@@ -90,7 +91,7 @@ def test_teacher_is_an_ema_of_the_student_on_the_cosine_schedule():
 def test_gradients_reach_the_student_only_and_loss_is_finite():
     dino = _tiny_dino()
     crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)]
-    loss = dino(crops)
+    loss = dino(Batch(crops, torch.empty(0), torch.arange(2)))["loss"]
     loss.backward()
     assert torch.isfinite(loss)
     assert dino.student.backbone.blocks[0].attn.qkv.weight.grad is not None
@@ -102,10 +103,10 @@ def test_gradients_reach_the_student_only_and_loss_is_finite():
 def test_head_output_shape_and_checkpoint_layout():
     head = DinoHead(64, out_dim=16, hidden_dim=32, bottleneck_dim=8)
     assert head(torch.randn(5, 64)).shape == (5, 16)
-    state = _tiny_dino().checkpoint_state()
-    assert {"student", "teacher", "dino_loss"} == set(state)
-    assert "backbone.blocks.0.attn.qkv.weight" in state["teacher"] and "center" in state["dino_loss"]
-    assert any(k.startswith("head.") for k in state["teacher"])
+    state = _tiny_dino().state_dict()  # a checkpoint's 'model': DINO's names under student. / teacher.
+    assert {k.split(".")[0] for k in state} == {"student", "teacher", "loss_fn"}
+    assert "teacher.backbone.blocks.0.attn.qkv.weight" in state and "loss_fn.center" in state
+    assert any(k.startswith("teacher.head.") for k in state)
 
 
 def test_multicrop_gives_two_global_and_n_local_views():

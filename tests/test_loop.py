@@ -12,6 +12,7 @@ from retinafm.data.transforms import eval_transform
 from retinafm.engine.infer import infer
 from retinafm.engine.loop import NonFiniteLossError, StepSettings, train_one_epoch
 from retinafm.engine.optim import build_scheduler
+from retinafm.objectives.supervised import Supervised
 
 
 class _Tiny(torch.nn.Module):
@@ -58,8 +59,9 @@ def test_epoch_learns_and_accumulates(images, accum, expected_steps):
     model = _Tiny()
     opt = _counting_optimizer(model)
     sched = build_scheduler(opt, steps_per_epoch=expected_steps, epochs=3, warmup_epochs=0, min_lr=0.0)
-    losses = [train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), opt, sched, torch.device("cpu"), epoch=e,
-                              settings=StepSettings(accum_iter=accum), progress=False) for e in range(3)]
+    objective = Supervised(model, torch.nn.CrossEntropyLoss())
+    losses = [train_one_epoch(objective, loader, opt, sched, torch.device("cpu"), epoch=e,
+                              settings=StepSettings(accum_iter=accum), progress=False)["loss"] for e in range(3)]
     assert opt.steps == 3 * expected_steps
     assert losses[-1] < losses[0]
 
@@ -73,8 +75,8 @@ def test_non_finite_loss_stops_with_advice(images):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = build_scheduler(opt, steps_per_epoch=4, epochs=1, warmup_epochs=0, min_lr=0.0)
     with pytest.raises(NonFiniteLossError, match="lower --blr"):
-        train_one_epoch(model, make_loader(ds, 4), torch.nn.CrossEntropyLoss(), opt, sched, torch.device("cpu"),
-                        epoch=0, settings=StepSettings(), progress=False)
+        train_one_epoch(Supervised(model, torch.nn.CrossEntropyLoss()), make_loader(ds, 4), opt, sched,
+                        torch.device("cpu"), epoch=0, settings=StepSettings(), progress=False)
 
 
 def test_no_readable_training_image_is_an_error(tmp_path):
@@ -87,8 +89,8 @@ def test_no_readable_training_image_is_an_error(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = build_scheduler(opt, steps_per_epoch=1, epochs=1, warmup_epochs=0, min_lr=0.0)
     with pytest.raises(DataSourceError, match="none of the training images could be read"):
-        train_one_epoch(model, make_loader(ds, 4), torch.nn.CrossEntropyLoss(), opt, sched, torch.device("cpu"),
-                        epoch=0, settings=StepSettings(), progress=False)
+        train_one_epoch(Supervised(model, torch.nn.CrossEntropyLoss()), make_loader(ds, 4), opt, sched,
+                        torch.device("cpu"), epoch=0, settings=StepSettings(), progress=False)
 
 
 def test_infer_keeps_input_order_and_reports_skips(images, tmp_path):
@@ -206,6 +208,36 @@ def test_one_loader_iterator_per_pass(images, monkeypatch, progress, loop):
         model = _Tiny()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sched = build_scheduler(opt, steps_per_epoch=4, epochs=1, warmup_epochs=0, min_lr=0.0)
-        train_one_epoch(model, make_loader(ds, 4, num_workers=2, persistent=True), torch.nn.CrossEntropyLoss(),
-                        opt, sched, torch.device("cpu"), epoch=0, settings=StepSettings(), progress=progress)
+        train_one_epoch(Supervised(model, torch.nn.CrossEntropyLoss()),
+                        make_loader(ds, 4, num_workers=2, persistent=True), opt, sched, torch.device("cpu"),
+                        epoch=0, settings=StepSettings(), progress=progress)
     assert len(calls) == 1
+
+
+class _TwoViews(torch.nn.Module):
+    """An objective over multi-crop batches (a list of views) that also logs a per-step value."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 8 * 8, 1)
+        self.logged = []
+
+    def forward(self, batch):
+        assert isinstance(batch.images, list) and len(batch.images) == 2
+        a, b = (self.fc(v.flatten(1)) for v in batch.images)
+        value = torch.tensor(float(len(self.logged)))
+        self.logged.append(value)
+        return {"loss": ((a - b) ** 2).mean() + (a ** 2).mean(), "step_index": value}
+
+
+def test_objectives_get_the_batch_and_what_they_log_is_averaged_per_step(images):
+    paths, _ = images
+    tf = eval_transform(8, (0.5,) * 3, (0.5,) * 3)
+    ds = ImageDataset(paths, [None] * len(paths), lambda image: [tf(image), tf(image).flip(-1)])
+    objective = _TwoViews()
+    opt = _counting_optimizer(objective)
+    sched = build_scheduler(opt, steps_per_epoch=4, epochs=1, warmup_epochs=0, min_lr=0.0)
+    out = train_one_epoch(objective, make_loader(ds, 4), opt, sched, torch.device("cpu"), epoch=0,
+                          settings=StepSettings(), progress=False)
+    assert opt.steps == 4 and set(out) == {"loss", "step_index"}
+    assert out["step_index"] == pytest.approx((0 + 1 + 2 + 3) / 4)

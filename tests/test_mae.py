@@ -102,7 +102,7 @@ def test_loss_falls_in_a_few_steps():
     noise = torch.rand(8, 16)  # the same mask each step, so the numbers compare
     losses = []
     for _ in range(25):
-        loss, _, _ = mae(images, noise)
+        loss, _, _ = mae.predict_masked(images, noise)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -128,7 +128,7 @@ def test_reconstruct_keeps_visible_patches_exactly():
     images = torch.randn(2, 3, 32, 32)
     noise = torch.rand(2, 16)
     masked, recon = mae.reconstruct(images, noise)
-    _, _, mask = mae(images, noise)
+    _, _, mask = mae.predict_masked(images, noise)
     visible = (1 - mask)[:, :, None].bool()
     torch.testing.assert_close(mae.patchify(recon)[visible.expand(-1, -1, 192)],
                                mae.patchify(images)[visible.expand(-1, -1, 192)])
@@ -153,3 +153,16 @@ def test_retfound_vit_large_defaults_have_maes_shapes():
     assert "decoder_blocks.8.norm1.weight" not in shapes
     decoder = sum(v.numel() for k, v in mae.state_dict().items() if k.startswith(("decoder_", "mask_token")))
     assert 25e6 < decoder < 27e6  # MAE's ViT-L decoder: about 26 M parameters
+
+
+def test_forward_on_a_batch_returns_the_masked_loss():
+    from retinafm.data.loader import Batch
+
+    mae = tiny_mae()
+    images = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(3)
+    out = mae(Batch(images, torch.empty(0), torch.arange(2)))
+    torch.manual_seed(3)
+    expected, _, _ = mae.predict_masked(images)
+    assert set(out) == {"loss"}
+    torch.testing.assert_close(out["loss"], expected)

@@ -1,6 +1,8 @@
 """`retinafm pretrain`: the run directory, resume, --init, and the checkpoint as --weights."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -8,10 +10,10 @@ from click.testing import CliRunner
 
 from retinafm.cli import main
 from retinafm.data.sources import DataSourceError
+from retinafm.engine import trainer as trainer_module
 from retinafm.models.registry import create_model, get_spec
 from retinafm.models.weights import WeightsError, load_backbone_weights
 from retinafm.settings import ConfigError, PretrainSettings
-from retinafm.workflows import pretrain as run_module
 from retinafm.workflows.pretrain import pretrain
 
 
@@ -34,8 +36,9 @@ def test_mae_run_writes_a_retfound_mae_checkpoint_and_figures(mae_run):
     log = pd.read_csv(run / "log.csv")
     assert list(log.columns) == ["epoch", "lr", "train_loss", "seconds"] and len(log) == 2
     state = torch.load(run / "checkpoint-last.pth", weights_only=True)
-    assert state["epoch"] == 1 and state["retinafm_pretrain"]["method"] == "mae"
-    assert state["retinafm_pretrain"]["images"] == 24 * 3 + 8 * 3  # train + val only: --splits
+    assert state["epoch"] == 1 and state["retinafm"]["kind"] == "pretrain" and state["retinafm"]["method"] == "mae"
+    assert state["retinafm"]["format"] == 2 and {"optimizer", "rng_cpu"} <= set(state)
+    assert state["retinafm"]["images"] == 24 * 3 + 8 * 3  # train + val only: --splits
     keys = set(state["model"])
     assert {"cls_token", "pos_embed", "norm.weight", "mask_token", "decoder_pred.weight"} <= keys
     for epoch in (1, 2):
@@ -62,28 +65,37 @@ def test_checkpoint_is_weights_for_finetune_and_embed(mae_run, demo_data, tmp_pa
     assert emb.count == 24 and emb.dim == 64
 
 
-def test_resume_after_interruption_matches_the_uninterrupted_run(mae_run, demo_data, tmp_path, monkeypatch):
-    cfg = tiny_pretrain_config(demo_data, tmp_path / "run", splits="train,val")
-    said = run_module._say
+def _interrupt_after_first_epoch(cfg: PretrainSettings, monkeypatch) -> None:
+    """Stop the run right after epoch 1's checkpoint (what a kill -9 then leaves), then resume it."""
+    said = trainer_module._say
 
     def stop_after_first_epoch(msg: str) -> None:
         said(msg)
         if msg.startswith("epoch 1/2"):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_module, "_say", stop_after_first_epoch)
+    monkeypatch.setattr(trainer_module, "_say", stop_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg, progress=False)
-    monkeypatch.setattr(run_module, "_say", said)
-    assert len(pd.read_csv(tmp_path / "run" / "log.csv")) == 1
+    monkeypatch.setattr(trainer_module, "_say", said)
+    assert len(pd.read_csv(Path(cfg.out) / "log.csv")) == 1
     cfg.resume = True
     pretrain(cfg, progress=False)
-    resumed = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)["model"]
-    straight = torch.load(mae_run.checkpoint, weights_only=True)["model"]
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    resumed = torch.load(a / "checkpoint-last.pth", weights_only=True)["model"]
+    straight = torch.load(b / "checkpoint-last.pth", weights_only=True)["model"]
+    assert set(resumed) == set(straight)
     for key in straight:
-        torch.testing.assert_close(resumed[key], straight[key], msg=key)
-    assert pd.read_csv(tmp_path / "run" / "log.csv")["train_loss"].tolist() == \
-        pytest.approx(pd.read_csv(mae_run.run_dir / "log.csv")["train_loss"].tolist())
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+    assert pd.read_csv(a / "log.csv")["train_loss"].tolist() == pd.read_csv(b / "log.csv")["train_loss"].tolist()
+
+
+def test_resume_after_interruption_matches_the_uninterrupted_run(mae_run, demo_data, tmp_path, monkeypatch):
+    cfg = tiny_pretrain_config(demo_data, tmp_path / "run", splits="train,val")
+    _interrupt_after_first_epoch(cfg, monkeypatch)
+    _assert_same_run(tmp_path / "run", mae_run.run_dir)
 
 
 def test_init_continues_encoder_and_decoder(mae_run, demo_data, tmp_path):
@@ -113,12 +125,13 @@ def test_init_from_a_finetuned_or_plain_encoder_starts_a_fresh_decoder(demo_data
 def test_dino_run_saves_a_teacher_that_loads_as_weights(demo_data, tmp_path):
     result = pretrain(tiny_pretrain_config(demo_data, tmp_path / "dino", method="dino", epochs=1), progress=False)
     state = torch.load(result.checkpoint, weights_only=True)
-    assert {"student", "teacher", "dino_loss", "optimizer"} <= set(state) and "model" not in state
+    assert {"model", "retinafm", "optimizer"} <= set(state) and state["retinafm"]["method"] == "dino"
+    assert {k.split(".")[0] for k in state["model"]} == {"student", "teacher", "loss_fn"}
     assert pd.read_csv(result.run_dir / "log.csv")["train_loss"].notna().all()
     model = create_model(get_spec("vit_micro_patch8"), 3, input_size=32, global_pool="avg")
     report = load_backbone_weights(model, str(result.checkpoint), "timm")
     assert set(report.missing) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
-    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, state["teacher"]["backbone.blocks.0.attn.qkv.weight"])
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, state["model"]["teacher.backbone.blocks.0.attn.qkv.weight"])
 
 
 def test_cli_runs_and_refuses_an_existing_run(demo_data, tmp_path):

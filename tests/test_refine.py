@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from retinafm.cli import main
 from retinafm.data.sources import DataSourceError
 from retinafm.data.synthetic import write_report_pairs
+from retinafm.engine import trainer as trainer_module
 from retinafm.models.registry import create_model, get_spec
 from retinafm.models.weights import load_backbone_weights
 from retinafm.settings import ConfigError, RefineSettings
@@ -76,7 +77,7 @@ def test_probe_before_and_after_side_by_side(refined):
 
 def test_resume_after_interruption_matches_the_uninterrupted_run(pairs, tiny_text_model, tmp_path, monkeypatch):
     straight = refine(tiny_refine_config(pairs, tiny_text_model, tmp_path / "straight"), progress=False)
-    said = run_module._say
+    said = trainer_module._say
 
     def stop_after_first_epoch(msg: str) -> None:
         said(msg)
@@ -84,17 +85,19 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(pairs, tiny_tex
             raise KeyboardInterrupt
 
     cfg = tiny_refine_config(pairs, tiny_text_model, tmp_path / "resumed")
-    monkeypatch.setattr(run_module, "_say", stop_after_first_epoch)
+    monkeypatch.setattr(trainer_module, "_say", stop_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         refine(cfg, progress=False)
-    monkeypatch.setattr(run_module, "_say", said)
+    monkeypatch.setattr(trainer_module, "_say", said)
     cfg.resume = True
     refine(cfg, progress=False)
     a = torch.load(straight.run_dir / "checkpoint-last.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "resumed" / "checkpoint-last.pth", weights_only=True)["model"]
     assert set(a) == set(b) and any(k.startswith("cross.") for k in a)
     for key in a:  # vision tower, text encoder, cross-attention and heads alike
-        torch.testing.assert_close(a[key], b[key], msg=key)
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    log_a, log_b = pd.read_csv(straight.run_dir / "log.csv"), pd.read_csv(tmp_path / "resumed" / "log.csv")
+    pd.testing.assert_frame_equal(log_a.drop(columns="seconds"), log_b.drop(columns="seconds"), check_exact=True)
 
 
 def test_a_subset_of_objectives_with_weights(pairs, tiny_text_model, tmp_path):

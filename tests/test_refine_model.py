@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from retinafm.data.loader import Batch
 from retinafm.models.registry import create_model, get_spec
 from retinafm.objectives.vision_language import (
     RefineObjective,
@@ -81,14 +82,16 @@ def test_a_few_steps_lower_the_total_loss(tiny_text_model):
     objective.eval()  # dropout off, so the trend is not drowned in noise (gradients flow as in training)
     losses = []
     for _ in range(20):
-        loss = objective(images, rows)
+        out = objective(Batch(images, rows, rows))
+        loss = out["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses  # measured: 9.8 -> 7.4
-    assert set(objective.component_means()) == {"loss_itc", "loss_itm", "loss_mlm", "loss_gm"}
+    assert set(out) == {"loss", "loss_itc", "loss_itm", "loss_mlm", "loss_gm"}
+    torch.testing.assert_close(out["loss"].detach(), out["loss_itc"] + out["loss_itm"] + out["loss_mlm"] + out["loss_gm"])
     # The language-model head is tied to the word embeddings, and the vision backbone learns.
     assert model.text.embeddings.word_embeddings.weight.grad is not None
     assert model.vision.blocks[0].attn.qkv.weight.grad.abs().sum() > 0

@@ -17,35 +17,34 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from retinafm.data.io import ImageReadError, read_image
 
 
-class CropBatch(list):
-    """Several views of each image (self-supervised multi-crop), one stacked tensor per view.
-    Behaves like the image tensor where the training loop needs it (`to`, `numel`, `shape`)."""
-
-    def to(self, device, non_blocking: bool = False) -> "CropBatch":
-        return CropBatch(t.to(device, non_blocking=non_blocking) for t in self)
-
-    def pin_memory(self) -> "CropBatch":
-        return CropBatch(t.pin_memory() for t in self)
-
-    def numel(self) -> int:
-        return sum(t.numel() for t in self)
-
-    @property
-    def shape(self) -> torch.Size:
-        return self[0].shape
+def _to(images: torch.Tensor | list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]):
+    return [fn(t) for t in images] if isinstance(images, list) else fn(images)
 
 
 @dataclass
 class Batch:
-    images: torch.Tensor | CropBatch
+    """A collated batch. `images` is one stacked tensor, or for self-supervised multi-crop a list
+    with one stacked tensor per view (globals first)."""
+
+    images: torch.Tensor | list[torch.Tensor]
     targets: torch.Tensor
     indices: torch.Tensor
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
+    def __len__(self) -> int:
+        """The number of images (samples) in the batch, whatever the number of views."""
+        return len(self.indices)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        return Batch(_to(self.images, move), move(self.targets), self.indices, self.skipped)
+
     def pin_memory(self) -> "Batch":
         """DataLoader(pin_memory=True) pins through this method: without it a dataclass batch
         stays in pageable memory and `non_blocking` host-to-GPU copies are synchronous."""
-        return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.indices, self.skipped)
+        return Batch(_to(self.images, torch.Tensor.pin_memory), self.targets.pin_memory(), self.indices, self.skipped)
 
 
 class ImageDataset(Dataset):
@@ -85,7 +84,8 @@ def collate_skipping(items: list) -> Batch:
     if not good:
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped)
     if isinstance(good[0][0], (list, tuple)):  # multi-crop views
-        images = CropBatch(torch.stack([it[0][k] for it in good]) for k in range(len(good[0][0])))
+        images: torch.Tensor | list[torch.Tensor] = [torch.stack([it[0][k] for it in good])
+                                                     for k in range(len(good[0][0]))]
     else:
         images = torch.stack([it[0] for it in good])
     if isinstance(good[0][1], np.ndarray):

@@ -1,7 +1,21 @@
-"""One-file checkpoints: the state dict under 'model' plus plain-typed metadata.
+"""One checkpoint layout for every kind of run: the state dict under 'model' plus plain-typed
+metadata under 'retinafm' with a `kind` and a format version.
 
-`torch.load(path, weights_only=True)` opens them, and `predict` needs nothing else: the file says
-which architecture to build, the classes in order, and the image recipe.
+    {"model": {...}, "retinafm": {"format": 2, "kind": "classifier" | "probe" | "pretrain" | "refine", ...}}
+
+A run's checkpoint-last.pth adds its training state at the top level (optimizer, scaler, epoch,
+every RNG state, the best-so-far bookkeeping). `torch.load(path, weights_only=True)` opens every
+file, and `predict` needs nothing else for a classifier: the file says which architecture to
+build, the classes in order, and the image recipe.
+
+What 'model' holds per kind, so the weight adapters of models/weights.py read these files as
+`--weights` / `--init` by their keys: a classifier's or probe's timm model; MAE's encoder + decoder
+in RETFound-MAE's layout; DINO's `student.` / `teacher.` networks (`backbone.` + `head.`) and
+`loss_fn.center`; refinement's `vision.` / `text.` towers and heads.
+
+Files written before the format had a version (format 1 under "retinafm" without a kind, and the
+pretraining / refinement files under "retinafm_pretrain" / "retinafm_refine") are upgraded in
+memory by `upgrade`, so they keep loading everywhere.
 """
 from __future__ import annotations
 
@@ -17,7 +31,11 @@ from retinafm.data.transforms import EVAL_CROP_PCT
 from retinafm.files import save_torch
 from retinafm.models.registry import ModelSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+KINDS = ("classifier", "probe", "pretrain", "refine")
+MODEL_KINDS = ("classifier", "probe")  # the kinds predict / evaluate / export / embed --checkpoint run
+# Where today's pretraining and refinement files kept their metadata, before the one layout.
+LEGACY_META_KEYS = {"retinafm_pretrain": "pretrain", "retinafm_refine": "refine"}
 
 
 class CheckpointError(RuntimeError):
@@ -87,32 +105,90 @@ def save_checkpoint(
     scaler: Optional[torch.amp.GradScaler] = None,
     extra: Optional[dict[str, Any]] = None,
 ) -> Path:
-    state = _state(meta, {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()})
+    """A classifier's checkpoint (kind "classifier"); `optimizer`, `scaler` and `extra` are the
+    training state a checkpoint-last.pth adds."""
+    training = dict(extra or {})
     if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
+        training["optimizer"] = optimizer.state_dict()
     if scaler is not None and scaler.is_enabled():
-        state["scaler"] = scaler.state_dict()
-    if extra:
-        state.update(extra)
-    return save_torch(path, state)
+        training["scaler"] = scaler.state_dict()
+    return write_checkpoint(path, model_weights(model), "classifier", dict(meta.__dict__), training)
 
 
-def _state(meta: CheckpointMeta, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
-    return {"model": weights, "retinafm": {"format": FORMAT_VERSION, **meta.__dict__, "versions": versions()}}
+def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The bare model's state dict on the CPU (keys without DDP / compile prefixes)."""
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def checkpoint_state(weights: dict[str, torch.Tensor], kind: str, meta: dict[str, Any],
+                     training: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The one layout: weights under 'model', metadata with kind and format under 'retinafm', then
+    any training state (optimizer, scaler, epoch, RNG) at the top level."""
+    if kind not in KINDS:
+        raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
+    info = {"format": FORMAT_VERSION, "kind": kind, **meta}
+    info.setdefault("versions", versions())
+    return {"model": weights, "retinafm": info, **(training or {})}
+
+
+def write_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], kind: str, meta: dict[str, Any],
+                     training: Optional[dict[str, Any]] = None) -> Path:
+    """Write `checkpoint_state(...)` atomically."""
+    return save_torch(path, checkpoint_state(weights, kind, meta, training))
+
+
+def _state(meta: CheckpointMeta, weights: dict[str, torch.Tensor], kind: str = "classifier") -> dict[str, Any]:
+    return checkpoint_state(weights, kind, dict(meta.__dict__))
 
 
 def save_probe_checkpoint(path: str | Path, meta: CheckpointMeta, head: dict[str, torch.Tensor],
                           backbone_state: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """A probe's checkpoint: its head, plus the backbone's weights only when meta.backbone cannot
     name where they come from (a randomly initialised backbone)."""
-    return save_torch(path, _state(meta, {**(backbone_state or {}), **head}))
+    return save_torch(path, _state(meta, {**(backbone_state or {}), **head}, kind="probe"))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Open a retinafm checkpoint with weights_only=True; anything else gets a clear error."""
+def kind_of(state: dict[str, Any]) -> str:
+    """The kind of an upgraded checkpoint (a format-1 file without one: a probe when it names its
+    backbone's source, else a classifier)."""
+    info = state["retinafm"]
+    return info.get("kind") or ("probe" if info.get("backbone") else "classifier")
+
+
+def upgrade(state: dict[str, Any]) -> dict[str, Any]:
+    """Any layout retinafm has written, as the current one (a new dict; tensors are shared).
+
+    Format 1 classifier / probe files only gain their kind. Pretraining files move their metadata
+    from "retinafm_pretrain" (and DINO's "student" / "teacher" / "dino_loss" into 'model' under
+    `student.` / `teacher.` / `loss_fn.`); refinement files from "retinafm_refine". Their top-level
+    epoch, optimizer, scaler and RNG state stay where they were, which is where the format keeps them.
+    """
+    state = dict(state)
+    if isinstance(state.get("retinafm"), dict):
+        info = dict(state["retinafm"])
+        info.setdefault("format", 1)
+        info["kind"] = kind_of({"retinafm": info})
+        state["retinafm"] = info
+        if "epoch" not in state and "optimizer" in state and "epoch" in info:
+            state["epoch"] = info["epoch"]  # format 1 classifiers kept the epoch in their metadata only
+        return state
+    for key, kind in LEGACY_META_KEYS.items():
+        if isinstance(state.get(key), dict):
+            state["retinafm"] = {"format": 1, "kind": kind, **state.pop(key)}
+            if "student" in state and "model" not in state:
+                model: dict[str, torch.Tensor] = {}
+                for part, prefix in (("student", "student."), ("teacher", "teacher."), ("dino_loss", "loss_fn.")):
+                    model.update({prefix + k: v for k, v in state.pop(part, {}).items()})
+                state["model"] = model
+            return state
+    return state
+
+
+def open_checkpoint(path: str | Path, option: str = "--checkpoint") -> dict[str, Any]:
+    """Any retinafm checkpoint (every kind, every format), upgraded to the current layout."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"--checkpoint {path}: no such file")
+        raise CheckpointError(f"{option} {path}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -120,10 +196,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} cannot be opened as a retinafm checkpoint ({str(exc).splitlines()[0][:200]}); "
             "checkpoints are the checkpoint-best.pth / checkpoint-last.pth files of a run directory."
         ) from None
+    state = upgrade(state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or "retinafm" not in state or "model" not in state:
         raise CheckpointError(
             f"{path} is not a retinafm checkpoint (no 'retinafm' metadata). For pretrained backbones "
             "use `retinafm finetune --weights`."
+        )
+    return state
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Open a checkpoint that holds a runnable model (a classifier or a probe) with weights_only=True;
+    anything else gets a clear error."""
+    state = open_checkpoint(path)
+    kind = kind_of(state)
+    if kind not in MODEL_KINDS:
+        raise CheckpointError(
+            f"{path} is not a retinafm checkpoint of a fine-tuned model but a {kind} checkpoint. For pretrained "
+            "backbones use `retinafm finetune --weights`."
         )
     return state
 

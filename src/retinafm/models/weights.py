@@ -196,7 +196,10 @@ def adapt_retfound_mae(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def adapt_retfound_dinov2(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """RETFound-DINOv2 (DINOv2 training code): the EMA teacher's 'backbone.' under 'teacher'."""
+    """RETFound-DINOv2 (DINOv2 training code): the EMA teacher's 'backbone.' under 'teacher'; in a
+    `retinafm pretrain --method dino` checkpoint the same names sit under 'model' as 'teacher.'."""
+    if not isinstance(ckpt.get("teacher"), dict) and _has_prefix(ckpt.get("model"), DINO_TEACHER):
+        ckpt = {"teacher": {k[len("teacher."):]: v for k, v in ckpt["model"].items() if k.startswith("teacher.")}}
     sd = _tensors(ckpt.get("teacher", ckpt))
     if any(k.startswith("backbone.") for k in sd):
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
@@ -259,6 +262,11 @@ def adapt_retfiner(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     return _drop(sd, r"^(proj\.|masked_embed$)")
 
 
+def adapt_retinafm_refine(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A `retinafm refine` checkpoint: the vision tower ('vision.') of the refinement model."""
+    return {k[len("vision."):]: v for k, v in _tensors(ckpt["model"]).items() if k.startswith("vision.")}
+
+
 def adapt_timm(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Plain timm state dicts, 'state_dict'/'model' wrappers, DDP 'module.' and torch.compile prefixes."""
     for key in ("model", "state_dict", "model_ema"):
@@ -278,13 +286,39 @@ ADAPTERS: dict[str, Callable[[dict[str, Any]], dict[str, torch.Tensor]]] = {
     "retfiner": adapt_retfiner,
     "timm": adapt_timm,
     "retinafm": adapt_timm,
+    "retinafm_refine": adapt_retinafm_refine,
 }
+
+DINO_TEACHER = "teacher.backbone."  # `retinafm pretrain --method dino`: the teacher network under 'model'
+
+
+def _has_prefix(sd: Any, prefix: str) -> bool:
+    return isinstance(sd, dict) and any(isinstance(k, str) and k.startswith(prefix) for k in sd)
+
+
+def _retinafm_kind(ckpt: dict[str, Any]) -> Optional[str]:
+    """The kind of a checkpoint retinafm wrote (classifier, probe, pretrain, refine), else None.
+    Files from before the one checkpoint layout kept pretraining / refinement metadata apart."""
+    if "retinafm_pretrain" in ckpt:
+        return "pretrain"
+    if "retinafm_refine" in ckpt:
+        return "refine"
+    info = ckpt.get("retinafm")
+    if not isinstance(info, dict):
+        return None
+    return info.get("kind") or ("probe" if info.get("backbone") else "classifier")
 
 
 def detect_family(ckpt: dict[str, Any], default: str = "timm") -> str:
     """Recognise a checkpoint's family from its contents (the file wins over the zoo's label)."""
-    if "retinafm" in ckpt:
+    kind = _retinafm_kind(ckpt)
+    if kind in ("classifier", "probe"):
         return "retinafm"
+    if kind == "refine":
+        return "retinafm_refine"
+    # A retinafm pretraining file is read by its keys, like the families it follows (MAE, DINO).
+    if _has_prefix(ckpt.get("model"), DINO_TEACHER):
+        return "retfound_dinov2"
     if isinstance(ckpt.get("teacher"), dict):
         return "visionfm" if _is_ibot(ckpt, default) else "retfound_dinov2"
     inner = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else ckpt
@@ -297,7 +331,8 @@ def detect_family(ckpt: dict[str, Any], default: str = "timm") -> str:
         return "retfiner"
     if any("storage_tokens" in k for k in keys):
         return "dinov3"
-    if any(k.endswith("mask_token") for k in keys) or any(re.match(r"(backbone\.)?blocks\.\d+\.\d+\.", k) for k in keys):
+    if any(k.endswith("mask_token") for k in keys) or \
+            any(re.match(r"(backbone\.)?blocks\.\d+\.\d+\.", k) for k in keys):
         return "dinov2"
     return default
 
@@ -306,7 +341,7 @@ def _is_ibot(ckpt: dict[str, Any], default: str) -> bool:
     """A 'teacher' from iBOT's training code (VisionFM), not DINOv2's nor `retinafm pretrain --method dino`'s:
     iBOT saves its loss state as 'ibot_loss' and its head always holds 'last_layer2' (the patch-token
     projection, a second name for 'last_layer' when shared). Without either, a VisionFM label decides."""
-    if "retinafm_pretrain" in ckpt:
+    if _retinafm_kind(ckpt) == "pretrain":
         return False
     teacher = [k for k in ckpt["teacher"] if isinstance(k, str)]
     if "ibot_loss" in ckpt or any(k.startswith(("head.last_layer2.", "module.head.last_layer2.")) for k in teacher):
@@ -374,13 +409,18 @@ def load_backbone_weights(model: nn.Module, path: str, family_hint: str = "timm"
         if unexpected:
             details.append(f"not in the model: {_short(unexpected)}")
         if wrong_shape:
-            details.append("shape mismatch: " + _short([f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong_shape]))
+            details.append("shape mismatch: " + _short([f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}"
+                                                        for k in wrong_shape]))
         raise WeightsError(
-            f"{path} ({family} layout) does not match architecture {getattr(model, 'default_cfg', {}).get('architecture', type(model).__name__)}: "
+            f"{path} ({family} layout) does not match architecture {_architecture(model)}: "
             + "; ".join(details) + ". Pick the --model this checkpoint was trained with."
         )
     model.load_state_dict(sd, strict=False)  # the key sets were checked above: only head/fc_norm may be new
     return LoadReport(str(path), family, len(sd), missing=missing, dropped=dropped)
+
+
+def _architecture(model: nn.Module) -> str:
+    return getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
 
 
 def _short(keys: list[str], n: int = 6) -> str:

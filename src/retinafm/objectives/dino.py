@@ -6,13 +6,14 @@ sharpened distribution over `out_dim` prototypes. Compact and tested against a d
 computation in tests/test_dino.py: no SSL library fits this project's dependencies (lightly
 pulls in PyTorch Lightning for one loss).
 
-Checkpoint layout follows DINO's own (`student` / `teacher` with `backbone.` and `head.`), so the
+The checkpoint keeps DINO's names (`student.` / `teacher.` with `backbone.` and `head.`), so the
 teacher backbone loads wherever DINO-trained weights do (retinafm's RETFound-DINOv2 adapter).
 """
 from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -56,13 +57,15 @@ class DinoLoss(nn.Module):
                  warmup_teacher_temp: float = 0.04, warmup_epochs: int = 0, center_momentum: float = 0.9) -> None:
         super().__init__()
         self.student_temp, self.center_momentum = student_temp, center_momentum
-        self.teacher_temp, self.warmup_teacher_temp, self.warmup_epochs = teacher_temp, warmup_teacher_temp, warmup_epochs
+        self.teacher_temp, self.warmup_teacher_temp = teacher_temp, warmup_teacher_temp
+        self.warmup_epochs = warmup_epochs
         self.epoch = 0
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def current_teacher_temp(self) -> float:
         if self.epoch < self.warmup_epochs:
-            return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * self.epoch / self.warmup_epochs
+            progress = self.epoch / self.warmup_epochs
+            return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * progress
         return self.teacher_temp
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, n_crops: int) -> torch.Tensor:
@@ -115,8 +118,10 @@ def teacher_momentum(step: int, total_steps: int, base: float = 0.996) -> float:
 
 
 class Dino(nn.Module):
-    """forward(crops) → loss. Call `update_teacher(step)` after every optimiser step and
-    `set_epoch(epoch)` before every epoch (teacher temperature warmup)."""
+    """forward(batch) → {"loss": ...} with `batch.images` the list of crops (globals first). Call
+    `update_teacher(step)` after every optimiser step and `set_epoch(epoch)` before every epoch
+    (teacher temperature warmup). Its state dict is the checkpoint's 'model': `student.` and
+    `teacher.` (each `backbone.` + `head.`, DINO's own names) and the loss's `loss_fn.center`."""
 
     def __init__(self, backbone: nn.Module, *, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  student_temp: float = 0.1, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
@@ -133,24 +138,19 @@ class Dino(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         self.loss_fn.epoch = epoch
 
-    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+    def crops_loss(self, crops: list[torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
             self.teacher.eval()
             teacher_out = self.teacher(crops[:2])
         return self.loss_fn(self.student(crops), teacher_out, len(crops))
 
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        if not isinstance(batch.images, list) or len(batch.images) < 2:
+            raise ValueError("DINO trains on multi-crop batches: a list of two global crops and any local ones")
+        return {"loss": self.crops_loss(batch.images)}
+
     @torch.no_grad()
     def update_teacher(self, step: int) -> None:
         m = teacher_momentum(step, self.total_steps, self.momentum)
-        for s, t in zip(self.student.parameters(), self.teacher.parameters()):
+        for s, t in zip(self.student.parameters(), self.teacher.parameters(), strict=True):
             t.mul_(m).add_(s.detach(), alpha=1 - m)
-
-    def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """DINO's layout: student / teacher as {backbone.*, head.*}, and the loss's centre."""
-        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
-                "dino_loss": self.loss_fn.state_dict()}
-
-    def load_checkpoint_state(self, state: dict) -> None:
-        self.student.load_state_dict(state["student"], strict=True)
-        self.teacher.load_state_dict(state["teacher"], strict=True)
-        self.loss_fn.load_state_dict(state["dino_loss"], strict=True)

@@ -10,7 +10,7 @@ wherever RETFound-MAE weights do.
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -143,12 +143,16 @@ class MaskedAutoencoder(nn.Module):
         per_patch = ((pred.float() - self.target(images).float()) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
-    def forward(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def predict_masked(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (loss, predicted patches (N, L, p·p·3), mask (N, L))."""
         latent, mask, restore = self.forward_encoder(images, noise)
         pred = self.forward_decoder(latent, restore)
         return self.loss(images, pred, mask), pred, mask
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        """{"loss": the reconstruction error of a fresh random mask of `batch.images`}."""
+        return {"loss": self.predict_masked(batch.images)[0]}
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None
@@ -156,7 +160,7 @@ class MaskedAutoencoder(nn.Module):
         """(masked input, reconstruction with the visible patches pasted back), both (N, 3, H, W)
         in the input's normalised units. A norm-pix model predicts each patch up to its mean and
         scale, which are taken from the original to draw it (as MAE's visualisations do)."""
-        _, pred, mask = self(images, noise)
+        _, pred, mask = self.predict_masked(images, noise)
         target = self.patchify(images)
         if self.norm_pix_loss:
             pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)

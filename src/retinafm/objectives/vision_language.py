@@ -5,7 +5,7 @@ head and a language-model head tied to the word embeddings."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -34,8 +34,10 @@ def load_text_model(name: str) -> tuple[nn.Module, object]:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModel.from_pretrained(name, attn_implementation="eager")
     except (OSError, ValueError) as exc:
-        where = "folder" if Path(name).exists() else "Hugging Face repo (set HF_TOKEN for gated ones; offline, it must be in the cache)"
-        raise TextModelError(f"--text-model {name}: cannot load it as a {where}: {str(exc).splitlines()[0][:300]}") from None
+        where = "folder" if Path(name).exists() else \
+            "Hugging Face repo (set HF_TOKEN for gated ones; offline, it must be in the cache)"
+        raise TextModelError(f"--text-model {name}: cannot load it as a {where}: "
+                             f"{str(exc).splitlines()[0][:300]}") from None
     layers = getattr(getattr(model, "encoder", None), "layer", None)
     if getattr(model, "embeddings", None) is None or not isinstance(layers, nn.ModuleList) \
             or not all(hasattr(layer, n) for layer in layers for n in ("attention", "intermediate", "output")):
@@ -72,12 +74,14 @@ class VisionLanguage(nn.Module):
         if not 0 <= self.fusion_start < depth:
             raise ValueError(f"--fusion-layers must be between 1 and the text model's {depth} layers")
         vision_width = vision.num_features
-        self.cross = nn.ModuleList(CrossAttention(width, vision_width, config.num_attention_heads, config.layer_norm_eps)
-                                   for _ in range(depth - self.fusion_start))
+        self.cross = nn.ModuleList(
+            CrossAttention(width, vision_width, config.num_attention_heads, config.layer_norm_eps)
+            for _ in range(depth - self.fusion_start))
         self.vision_proj, self.text_proj = nn.Linear(vision_width, embed_dim), nn.Linear(width, embed_dim)
         self.log_temp = nn.Parameter(torch.tensor(0.07).log())  # learnable, CLIP/ALBEF's starting 0.07
         self.itm_head = nn.Linear(width, 2)
-        self.lm_transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width, eps=config.layer_norm_eps))
+        self.lm_transform = nn.Sequential(nn.Linear(width, width), nn.GELU(),
+                                          nn.LayerNorm(width, eps=config.layer_norm_eps))
         self.lm_bias = nn.Parameter(torch.zeros(text.embeddings.word_embeddings.num_embeddings))
 
     @property
@@ -131,9 +135,8 @@ def _gather_with_grad(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 class RefineObjective(nn.Module):
-    """forward(images, rows) → weighted sum of the chosen losses for the pairs `rows` of the
-    tokenised report table (kept on the device as buffers). Per-objective means accumulate in
-    `components` for the log."""
+    """forward(batch) → {"loss": the weighted sum of the chosen losses, "loss_<name>": each one} for
+    the pairs `batch.targets` (rows of the tokenised report table, kept on the device as buffers)."""
 
     def __init__(self, model: VisionLanguage, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  report_ids: torch.Tensor, *, weights: dict[str, float], mask_token_id: int, vocab_size: int,
@@ -145,17 +148,14 @@ class RefineObjective(nn.Module):
         self.register_buffer("attention_mask", attention_mask, persistent=False)
         self.register_buffer("report_ids", report_ids, persistent=False)
         self.register_buffer("special_ids", torch.tensor(special_ids, dtype=torch.long), persistent=False)
-        self.reset_components()
 
-    def reset_components(self) -> None:
-        # Summed as tensors: reading them (a host sync on GPU) waits for the epoch's end.
-        self.components: dict[str, torch.Tensor | float] = {k: 0.0 for k in self.weights}
-        self.steps = 0
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        parts = self.losses(batch.images, batch.targets)
+        total = sum(self.weights[k] * v for k, v in parts.items())
+        return {"loss": total, **{f"loss_{k}": parts[k].detach() for k in self.weights}}
 
-    def component_means(self) -> dict[str, float]:
-        return {f"loss_{k}": float(v) / max(self.steps, 1) for k, v in self.components.items()}
-
-    def forward(self, images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def losses(self, images: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each chosen objective's (unweighted) loss on these images and report rows."""
         ids, mask = self.input_ids[rows], self.attention_mask[rows]
         length = int(mask.sum(dim=1).max())  # the table is padded to its longest report; this batch may be shorter
         ids, mask = ids[:, :length], mask[:, :length]
@@ -181,11 +181,9 @@ class RefineObjective(nn.Module):
             chosen = labels != L.IGNORE  # the vocabulary projection only where there is something to predict
             parts["mlm"] = L.token_loss(model.lm_logits(hidden[chosen]), labels[chosen])
         if "gm" in self.weights:
-            parts["gm"] = L.next_token_loss(model.lm_logits(model.text_hidden(ids, mask, tokens, causal=True)), ids, mask)
-        for k, v in parts.items():
-            self.components[k] = self.components[k] + v.detach()
-        self.steps += 1
-        return sum(self.weights[k] * v for k, v in parts.items())
+            logits = model.lm_logits(model.text_hidden(ids, mask, tokens, causal=True))
+            parts["gm"] = L.next_token_loss(logits, ids, mask)
+        return parts
 
     def _itm(self, tokens, image_emb, text_emb, ids, mask, report_ids) -> torch.Tensor:
         model = self.model

@@ -7,7 +7,6 @@ plots/*.png, report.html (and split.csv, skipped.csv when they apply).
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -15,10 +14,8 @@ from typing import Any, Callable, Optional
 import pandas as pd
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
 
-from retinafm.data.loader import ImageDataset, SkipLog, make_loader
+from retinafm.data.loader import ImageDataset, SkipLog
 from retinafm.data.preprocess import check_modality
 from retinafm.data.sources import DataSourceError, LabelledData, load_labelled
 from retinafm.data.transforms import (
@@ -27,30 +24,17 @@ from retinafm.data.transforms import (
     eval_transform,
     train_transform,
 )
-from retinafm.engine.checkpoint import (
-    CheckpointMeta,
-    load_checkpoint,
-    meta_of,
-    save_checkpoint,
-)
+from retinafm.engine.checkpoint import CheckpointMeta, load_checkpoint, meta_of
 from retinafm.engine.evaluation import evaluate_samples, write_evaluation
 from retinafm.engine.inference import task_of
-from retinafm.engine.loop import StepSettings, train_one_epoch
-from retinafm.engine.optim import (
-    build_optimizer,
-    build_scheduler,
-    current_lr,
-    effective_lr,
-)
-from retinafm.engine.run import open_run_dir, restore_training
+from retinafm.engine.trainer import Hooks, Trainer, TrainerSettings
 from retinafm.files import write_csv, write_yaml
 from retinafm.models.heads import HeadSettings, init_head
 from retinafm.models.registry import ModelSpec, create_model, get_spec
 from retinafm.models.weights import load_backbone_weights, resolve_weights
-from retinafm.plots import plot_training_curves
+from retinafm.objectives.supervised import Supervised
 from retinafm.runtime import distributed as dist_utils
-from retinafm.runtime.device import amp_dtype, precision_name, resolve_device
-from retinafm.runtime.rng import rng_state, seed_everything
+from retinafm.runtime.device import precision_name
 from retinafm.settings import ConfigError, FinetuneSettings, to_dict
 from retinafm.tasks import check_settings, get_task, task_from_config
 from retinafm.workflows.report import write_report
@@ -84,10 +68,8 @@ def finetune(cfg: FinetuneSettings, *, on_epoch: Optional[EpochCallback] = None,
     """
     cfg.validate()
     check_settings(cfg)
-    device = resolve_device(cfg.device)
-    dist_utils.init_distributed(device)
     # No barrier on failure: a rank that raised must exit so torchrun stops the others.
-    result = _finetune(cfg, device, on_epoch, evaluate_test)
+    result = _finetune(cfg, on_epoch, evaluate_test)
     dist_utils.barrier()
     return result
 
@@ -102,7 +84,7 @@ def samples_table(data: LabelledData, include_test: bool = True) -> pd.DataFrame
         if s.label is not None:
             row["label"] = data.class_names[s.label]
         elif s.targets is not None:
-            row.update(zip(data.class_names, s.targets))
+            row.update(zip(data.class_names, s.targets, strict=False))
         row["patient_id"] = s.patient_id
         rows.append(row)
     frame = pd.DataFrame(rows)
@@ -131,11 +113,54 @@ def _feature_probe(cfg: FinetuneSettings, data: LabelledData, run_dir: Path, eva
                           {"checkpoint": result.checkpoint, "embeddings": embeddings})
 
 
-def _finetune(cfg: FinetuneSettings, device: torch.device, on_epoch: Optional[EpochCallback],
-              evaluate_test: bool) -> FinetuneResult:
-    run_dir, last_path = open_run_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
-    best_path = run_dir / "checkpoint-best.pth"
-    seed_everything(cfg.seed + dist_utils.rank())
+class _BestOnValidation:
+    """Finetune's validation: the task's metrics on the val split each epoch; the best epoch is the
+    one the task ranks first (`task.is_better`). Each checkpoint keeps the task state (e.g.
+    validation thresholds) of its own weights."""
+
+    def __init__(self, model: nn.Module, task, samples, transform, trainer: Trainer, cfg: FinetuneSettings,
+                 meta: CheckpointMeta) -> None:
+        self.model, self.task, self.samples, self.transform = model, task, samples, transform
+        self.trainer, self.cfg, self.meta = trainer, cfg, meta
+        self.best: Optional[dict[str, float]] = None
+        self.best_loss, self.best_epoch = float("inf"), -1
+        self.last: dict[str, float] = {}
+
+    def __call__(self, epoch: int, row: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        val = evaluate_samples(self.model, self.task, self.samples, self.transform, self.trainer.device, split="val",
+                               batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers, progress=False,
+                               calibrate=True, autocast_dtype=self.trainer.dtype)
+        self.trainer.skip_log.add(val.skipped)
+        improved = self.task.is_better(val.metrics, val.loss, self.best, self.best_loss)
+        if improved:
+            self.best, self.best_loss, self.best_epoch = dict(val.metrics), val.loss, epoch
+        self.meta.epoch, self.meta.metrics, self.meta.task_state = epoch, dict(val.metrics), val.task.state()
+        self.last = {"loss": val.loss, **val.metrics}
+        return {"val_loss": val.loss, **{f"val_{k}": v for k, v in val.metrics.items() if k != "n"}}, improved
+
+    def state(self) -> dict[str, Any]:
+        return {"best_metrics": self.best, "best_loss": self.best_loss, "best_epoch": self.best_epoch}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best_metrics") or None
+        self.best_loss = float(state.get("best_loss", float("inf")))
+        self.best_epoch = int(state.get("best_epoch", -1))
+
+    def describe(self, row: dict[str, Any], improved: bool) -> str:
+        metric = self.task.selection_metric
+        return (f"epoch {row['epoch'] + 1}/{self.cfg.epochs}  train_loss {row['train_loss']:.4f}  "
+                f"val_loss {row['val_loss']:.4f}  val_{metric} {row.get(f'val_{metric}', float('nan')):.4f}"
+                f"{'  *best*' if improved else ''}  ({row['seconds']:.1f}s)")
+
+
+def _finetune(cfg: FinetuneSettings, on_epoch: Optional[EpochCallback], evaluate_test: bool) -> FinetuneResult:
+    trainer = Trainer(TrainerSettings(
+        out=cfg.out, kind="classifier", device=cfg.device, precision=cfg.precision, seed=cfg.seed, resume=cfg.resume,
+        overwrite=cfg.overwrite, epochs=cfg.epochs, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+        accum_iter=cfg.accum_iter, clip_grad=cfg.clip_grad, lr=cfg.lr, blr=cfg.blr, weight_decay=cfg.weight_decay,
+        layer_decay=cfg.layer_decay if cfg.adaptation == "finetune" else None, warmup_epochs=cfg.warmup_epochs,
+        min_lr=cfg.min_lr, compile=cfg.compile))
+    run_dir, device = trainer.run_dir, trainer.device
 
     data = load_labelled(cfg.data_path, cfg.manifest, cfg.split, seed=cfg.seed, targets=get_task(cfg.task).targets,
                          columns=cfg.names_list(), oct_frames=cfg.oct_frames)
@@ -152,7 +177,8 @@ def _finetune(cfg: FinetuneSettings, device: torch.device, on_epoch: Optional[Ep
     spec = get_spec(cfg.model)
     input_size = cfg.input_size or spec.input_size
     if input_size % spec.patch_size:
-        raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} of {spec.name}")
+        raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} "
+                          f"of {spec.name}")
     task = task_from_config(cfg, data.class_names)
     task = task.fit(task.target_array(train_samples))  # e.g. target statistics from train only
     head = HeadSettings(cfg.head, cfg.head_depth, cfg.head_num_heads, cfg.head_mlp_ratio, cfg.head_dropout)
@@ -169,10 +195,8 @@ def _finetune(cfg: FinetuneSettings, device: torch.device, on_epoch: Optional[Ep
     model = create_model(spec, task.num_outputs, input_size=input_size, drop_path=cfg.drop_path,
                          global_pool=cfg.global_pool, head=head)
     global_pool = str(model.global_pool)
-    resume_state = load_checkpoint(last_path) if cfg.resume else None
-    if resume_state is not None:
-        _check_resume_fits(resume_state, data, cfg)
-        model.load_state_dict(resume_state["model"], strict=True)
+    if trainer.resume_state is not None:
+        _check_resume_fits(trainer.resume_state, data, cfg)  # the trainer puts its weights back
     else:
         _load_pretrained(model, spec, cfg.weights)
     if cfg.adaptation == "lp":
@@ -180,12 +204,6 @@ def _finetune(cfg: FinetuneSettings, device: torch.device, on_epoch: Optional[Ep
             p.requires_grad = name.startswith("head.")
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    model.to(device)
-    train_model: nn.Module = model
-    if dist_utils.is_distributed():
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)  # checkpoints still save `model`, the uncompiled module
 
     augment = AugmentSettings(cfg.crop_min_scale, cfg.randaug_magnitude, reprob=cfg.reprob)
     preprocessing = Preprocessing(cfg.fundus_crop, cfg.oct_crop)
@@ -193,30 +211,8 @@ def _finetune(cfg: FinetuneSettings, device: torch.device, on_epoch: Optional[Ep
         check_modality([s.path for s in train_samples], spec.modality, spec.name, cfg.modality)
     train_ds = ImageDataset([s.path for s in train_samples], task.dataset_targets(train_samples),
                             train_transform(input_size, spec.mean, spec.std, augment, preprocessing))
-    # An epoch-seeded sampler even on one process, so a resumed run sees the same order.
-    sampler = DistributedSampler(train_ds, num_replicas=dist_utils.world_size(), rank=dist_utils.rank(),
-                                 shuffle=True, seed=cfg.seed)
-    per_rank = len(train_ds) // dist_utils.world_size()
-    train_loader = make_loader(train_ds, cfg.batch_size, num_workers=cfg.num_workers, shuffle=True, sampler=sampler,
-                               drop_last=per_rank > cfg.batch_size, seed=cfg.seed, pin_memory=device.type == "cuda",
-                               persistent=True)
     eval_tf = eval_transform(input_size, spec.mean, spec.std, preprocessing=preprocessing)
-
-    lr = effective_lr(cfg.lr, cfg.blr, cfg.batch_size, cfg.accum_iter, dist_utils.world_size())
-    optimizer = build_optimizer(model, lr, cfg.weight_decay, cfg.layer_decay if cfg.adaptation == "finetune" else None)
-    steps_per_epoch = max(1, -(-len(train_loader) // cfg.accum_iter))
-    scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
-                                warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr)
-    dtype = amp_dtype(device, cfg.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    mixup_fn = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        from timm.data import Mixup
-
-        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
-                         num_classes=task.num_outputs)
-    criterion = task.train_loss(cfg.smoothing, soft_targets=mixup_fn is not None).to(device)
-    settings = StepSettings(cfg.accum_iter, cfg.clip_grad, dtype)
+    objective = Supervised.for_task(model, task, smoothing=cfg.smoothing, mixup=cfg.mixup, cutmix=cfg.cutmix)
 
     meta = CheckpointMeta(
         model_name=spec.name, arch=spec.arch, arch_kwargs=dict(spec.arch_kwargs), task=task.name,
@@ -224,57 +220,28 @@ def _finetune(cfg: FinetuneSettings, device: torch.device, on_epoch: Optional[Ep
         global_pool=global_pool, modality=spec.modality, patch_size=spec.patch_size, settings=to_dict(cfg),
         task_state=task.state(), head=dataclasses.asdict(head), preprocess=preprocessing.state(),
     )
-    start_epoch, best, best_loss, best_epoch, rows = 0, None, float("inf"), -1, []
-    if resume_state is not None:
-        start_epoch = int(resume_state["retinafm"]["epoch"]) + 1
-        best = resume_state.get("best_metrics") or None
-        best_loss = float(resume_state.get("best_loss", float("inf")))
-        best_epoch = int(resume_state.get("best_epoch", -1))
-        rows = restore_training(resume_state, optimizer, scaler, run_dir, start_epoch)
-        _say(f"resuming {run_dir} at epoch {start_epoch}")
+    validation = _BestOnValidation(model, task, val_samples, eval_tf, trainer, cfg, meta)
 
-    skip_log = SkipLog()
-    _say(f"training {spec.name} ({cfg.adaptation}) on {device} in {precision_name(dtype)} for {cfg.epochs} epochs, "
-         f"lr {lr:.3g}, {len(train_ds)} train / {len(val_samples)} val images")
-    for epoch in range(start_epoch, cfg.epochs):
-        start = time.time()
-        sampler.set_epoch(epoch)
-        train_loss = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler, device, epoch=epoch,
-                                     settings=settings, scaler=scaler, mixup_fn=mixup_fn, skip_log=skip_log)
-        val = evaluate_samples(model, task, val_samples, eval_tf, device, split="val", batch_size=cfg.batch_size,
-                               num_workers=cfg.num_workers, progress=False, calibrate=True, autocast_dtype=dtype)
-        skip_log.add(val.skipped)
-        row = {"epoch": epoch, "lr": current_lr(optimizer), "train_loss": train_loss, "val_loss": val.loss,
-               **{f"val_{k}": v for k, v in val.metrics.items() if k != "n"}, "seconds": round(time.time() - start, 2)}
-        rows.append(row)
-        improved = task.is_better(val.metrics, val.loss, best, best_loss)
-        if improved:
-            best, best_loss, best_epoch = dict(val.metrics), val.loss, epoch
-        # Each checkpoint keeps the task state (e.g. validation thresholds) of its own weights.
-        meta.epoch, meta.metrics, meta.task_state = epoch, dict(val.metrics), val.task.state()
-        if dist_utils.is_primary():
-            write_csv(run_dir / "log.csv", pd.DataFrame(rows))
-            if improved:
-                save_checkpoint(best_path, model, meta)
-            save_checkpoint(last_path, model, meta, optimizer=optimizer, scaler=scaler, extra={
-                "best_metrics": best, "best_loss": best_loss, "best_epoch": best_epoch, **rng_state(),
-            })
-        _say(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val.loss:.4f}  "
-             f"val_{task.selection_metric} {val.metrics.get(task.selection_metric, float('nan')):.4f}"
-             f"{'  *best*' if improved else ''}  ({row['seconds']:.1f}s)")
-        dist_utils.barrier()
+    def after_epoch(epoch: int, _row: dict[str, Any]) -> None:
         if on_epoch is not None:
-            on_epoch(epoch, {"loss": val.loss, **val.metrics})
+            on_epoch(epoch, validation.last)
 
-    result = FinetuneResult(run_dir, best_epoch, best or {}, selection_metric=task.selection_metric)
-    dist_utils.barrier()
-    if dist_utils.is_primary():
-        result.files["curves"] = plot_training_curves(pd.DataFrame(rows), run_dir / "plots" / "curves.png")
+    hooks = Hooks(validate=validation, describe=validation.describe, after_epoch=after_epoch)
+    banner = (f"training {spec.name} ({cfg.adaptation}) on {device} in {precision_name(trainer.dtype)} for "
+              f"{cfg.epochs} epochs, lr {trainer.lr:.3g}, {len(train_ds)} train / {len(val_samples)} val images")
+    trainer.fit(objective, train_ds, model=model, meta=lambda: dict(meta.__dict__), hooks=hooks, banner=banner)
+
+    result = FinetuneResult(run_dir, validation.best_epoch, validation.best or {},
+                            selection_metric=task.selection_metric, files=dict(trainer.files))
     if test_samples and evaluate_test:
-        result.test = _evaluate_best(model, test_samples, eval_tf, device, dtype, cfg, run_dir, skip_log, result)
+        result.test = _evaluate_best(model, test_samples, eval_tf, device, trainer.dtype, cfg, run_dir,
+                                     trainer.skip_log, result)
     elif evaluate_test:
         _say("no test split: skipping the test evaluation")
-    _write_skipped(run_dir, skip_log, result)
+    skipped = trainer.write_skipped()
+    if skipped is not None:
+        result.files["skipped"] = skipped
+        _say(f"{trainer.skipped_count} unreadable file(s) skipped; see {skipped}")
     if evaluate_test and dist_utils.is_primary():
         result.files["report"] = write_report(run_dir, "test")
         _say(f"report: {result.files['report']}")
@@ -313,21 +280,9 @@ def _evaluate_best(model, samples, transform, device, dtype: Optional[torch.dtyp
     skip_log.add(test.skipped)
     if dist_utils.is_primary():
         result.files.update(write_evaluation(run_dir, task, test))
-        _say(f"test ({len(test.paths)} images, best epoch {result.best_epoch + 1}): {task.summary(test.metrics, test.ci)}")
+        _say(f"test ({len(test.paths)} images, best epoch {result.best_epoch + 1}): "
+             f"{task.summary(test.metrics, test.ci)}")
     return test.metrics
-
-
-def _write_skipped(run_dir: Path, skip_log: SkipLog, result: FinetuneResult) -> None:
-    """skipped.csv with the unreadable files every rank met, written once by rank 0."""
-    parts = dist_utils.all_gather_objects(skip_log.frame().values.tolist())
-    if not dist_utils.is_primary():
-        return
-    merged = SkipLog()
-    for part in parts:
-        merged.add([tuple(r) for r in part])
-    if len(merged):
-        result.files["skipped"] = write_csv(run_dir / "skipped.csv", merged.frame())
-        _say(f"{len(merged)} unreadable file(s) skipped; see {run_dir / 'skipped.csv'}")
 
 
 def _check_resume_fits(state: dict[str, Any], data: LabelledData, cfg: FinetuneSettings) -> None:

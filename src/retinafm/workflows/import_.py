@@ -71,8 +71,9 @@ def import_retfound(checkpoint: str | Path, class_names: Sequence[str], out: str
     classes = [str(c) for c in class_names]
     outputs = int(state["head.weight"].shape[0])
     if len(classes) != outputs:
-        raise RetfoundImportError(f"--classes names {len(classes)} class(es) but the head of {checkpoint} has {outputs} "
-                           "outputs; list them in the head's order (RETFound: the sorted class folder names)")
+        raise RetfoundImportError(f"--classes names {len(classes)} class(es) but the head of {checkpoint} has "
+                                  f"{outputs} outputs; list them in the head's order (RETFound: the sorted class "
+                                  "folder names)")
     if len(set(classes)) != len(classes):
         raise RetfoundImportError(f"--classes has duplicate names: {classes}")
 

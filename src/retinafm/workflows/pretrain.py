@@ -2,26 +2,23 @@
 
 Writes a run directory like finetune's: config.yaml, log.csv (epoch, lr, train_loss, seconds),
 checkpoint-last.pth (every epoch; `--resume` continues from it), plots/curves.png and, for MAE,
-plots/reconstructions_epochNNN.png. checkpoint-last.pth is what `finetune --weights`, `embed
---weights` and `pretrain --init` take: MAE's in RETFound-MAE's layout (encoder + decoder under
-`model`), DINO's in DINO's (`student` / `teacher` with `backbone.` and `head.`).
+plots/reconstructions_epochNNN.png. checkpoint-last.pth (kind "pretrain") is what `finetune
+--weights`, `embed --weights` and `pretrain --init` take: MAE's weights in RETFound-MAE's layout
+(encoder + decoder under `model`), DINO's in DINO's names (`student.` / `teacher.` with
+`backbone.` and `head.`).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import pandas as pd
 import timm
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
 
-from retinafm.data.loader import ImageDataset, SkipLog, make_loader
+from retinafm.data.loader import ImageDataset
 from retinafm.data.sources import DataSourceError
 from retinafm.data.transforms import (
     MultiCrop,
@@ -30,15 +27,8 @@ from retinafm.data.transforms import (
     pretrain_transform,
 )
 from retinafm.engine.checkpoint import versions
-from retinafm.engine.loop import StepSettings, train_one_epoch
-from retinafm.engine.optim import (
-    build_optimizer,
-    build_scheduler,
-    current_lr,
-    effective_lr,
-)
-from retinafm.engine.run import begin_run, restore_training
-from retinafm.files import save_torch, write_csv, write_yaml
+from retinafm.engine.trainer import Hooks, Trainer, TrainerSettings, final_loss
+from retinafm.files import write_yaml
 from retinafm.models.registry import ModelSpec, get_spec
 from retinafm.models.weights import (
     WeightsError,
@@ -49,11 +39,8 @@ from retinafm.models.weights import (
 from retinafm.objectives.dino import Dino
 from retinafm.objectives.mae import DECODER_PREFIXES, MaskedAutoencoder
 from retinafm.runtime import distributed as dist_utils
-from retinafm.runtime.device import amp_dtype, precision_name
-from retinafm.runtime.rng import rng_state
+from retinafm.runtime.device import precision_name
 from retinafm.settings import ConfigError, PretrainSettings, to_dict
-
-META_KEY = "retinafm_pretrain"  # not "retinafm": that names a fine-tuned checkpoint `predict` can run
 
 
 @dataclass
@@ -70,29 +57,27 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
-class _LossOutput(nn.Module):
-    """The objectives compute their own loss; the shared loop's criterion just passes it on."""
-
-    def forward(self, output: Any, _targets: torch.Tensor) -> torch.Tensor:
-        return output[0] if isinstance(output, tuple) else output
-
-
 def pretrain(cfg: PretrainSettings, *, progress: bool = True) -> PretrainResult:
     cfg.validate()
-    device, run_dir, last_path = begin_run(cfg.out, device=cfg.device, resume=cfg.resume, overwrite=cfg.overwrite,
-                                           seed=cfg.seed)
+    trainer = Trainer(TrainerSettings(
+        out=cfg.out, kind="pretrain", device=cfg.device, precision=cfg.precision, seed=cfg.seed, resume=cfg.resume,
+        overwrite=cfg.overwrite, epochs=cfg.epochs, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+        accum_iter=cfg.accum_iter, clip_grad=cfg.clip_grad, lr=cfg.lr, blr=cfg.method_default("blr"),
+        weight_decay=cfg.method_default("weight_decay"), betas=(0.9, 0.95) if cfg.method == "mae" else (0.9, 0.999),
+        warmup_epochs=int(cfg.method_default("warmup_epochs")), min_lr=cfg.min_lr, progress=progress))
+    run_dir, device = trainer.run_dir, trainer.device
 
     paths = pretraining_images(cfg)
     spec = get_spec(cfg.model)
     input_size = cfg.input_size or spec.input_size
     if input_size % spec.patch_size:
-        raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} of {spec.name}")
-    resume_state = read_checkpoint(last_path) if cfg.resume else None
-    if resume_state is not None:
-        _check_resume_fits(resume_state, cfg, spec)
+        raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} "
+                          f"of {spec.name}")
+    if trainer.resume_state is not None:
+        _check_resume_fits(trainer.resume_state, cfg, spec)
     encoder = build_encoder(spec, input_size, dynamic_size=cfg.method == "dino")
     init_path = None
-    if cfg.init and cfg.init.lower() != "none" and resume_state is None:
+    if cfg.init and cfg.init.lower() != "none" and not trainer.resuming:
         # Rank 0 downloads first; the others then find the file in their cache.
         init_path = resolve_weights(spec, cfg.init) if dist_utils.is_primary() else None
         dist_utils.barrier()
@@ -100,107 +85,58 @@ def pretrain(cfg: PretrainSettings, *, progress: bool = True) -> PretrainResult:
         _say(load_backbone_weights(encoder, init_path, spec.family).summary())
     preprocessing = Preprocessing(cfg.fundus_crop, cfg.oct_crop)
 
+    hooks = Hooks()
     if cfg.method == "mae":
-        objective: nn.Module = MaskedAutoencoder(encoder, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
-                                                 decoder_heads=cfg.decoder_heads, mask_ratio=cfg.mask_ratio,
-                                                 norm_pix_loss=cfg.norm_pix_loss)
+        mae = MaskedAutoencoder(encoder, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
+                                decoder_heads=cfg.decoder_heads, mask_ratio=cfg.mask_ratio,
+                                norm_pix_loss=cfg.norm_pix_loss)
         if init_path is not None:
-            _load_decoder(objective, init_path)
-        elif resume_state is None:
-            objective.init_encoder_position()
+            _load_decoder(mae, init_path)
+        elif not trainer.resuming:
+            mae.init_encoder_position()
+        mae.grad_checkpointing = cfg.grad_checkpointing
+        objective: nn.Module = mae
         transform = pretrain_transform(input_size, spec.mean, spec.std, cfg.crop_min_scale, preprocessing)
+        shown = _reconstruction_batch(paths, cfg, input_size, spec, preprocessing) \
+            if cfg.reconstructions and dist_utils.is_primary() else None
+        if shown is not None:
+            def draw(epoch: int, _row: dict[str, Any]) -> None:
+                trainer.files["reconstructions"] = _draw_reconstructions(mae, shown, spec, device, epoch, run_dir)
+
+            hooks.after_epoch = draw
     else:
         local_size = cfg.local_size or max(2, round(input_size * 96 / 224 / spec.patch_size)) * spec.patch_size
         if local_size % spec.patch_size:
             raise ConfigError(f"--local-size {local_size} must be a multiple of the patch size {spec.patch_size}")
-        objective = Dino(encoder, out_dim=cfg.out_dim, teacher_temp=cfg.teacher_temp,
-                         warmup_teacher_temp=cfg.warmup_teacher_temp, warmup_teacher_epochs=cfg.warmup_teacher_epochs,
-                         momentum=cfg.momentum_teacher)  # total_steps: set below, once the loader's length is known
+        dino = Dino(encoder, out_dim=cfg.out_dim, teacher_temp=cfg.teacher_temp,
+                    warmup_teacher_temp=cfg.warmup_teacher_temp, warmup_teacher_epochs=cfg.warmup_teacher_epochs,
+                    momentum=cfg.momentum_teacher)
+        objective = dino
         transform = MultiCrop(input_size, local_size, spec.mean, spec.std, local_crops=cfg.local_crops,
                               preprocessing=preprocessing)
-    if resume_state is not None:
-        if isinstance(objective, MaskedAutoencoder):
-            objective.load_state_dict(resume_state["model"], strict=True)
-        else:
-            objective.load_checkpoint_state(resume_state)
+        hooks.before_epoch, hooks.after_step = dino.set_epoch, dino.update_teacher
     if cfg.grad_checkpointing:
         encoder.set_grad_checkpointing(True)  # DINO runs the timm model's own forward
-        if isinstance(objective, MaskedAutoencoder):
-            objective.grad_checkpointing = True
-    objective.to(device)
 
     dataset = ImageDataset(paths, [None] * len(paths), transform)
-    sampler = DistributedSampler(dataset, num_replicas=dist_utils.world_size(), rank=dist_utils.rank(),
-                                 shuffle=True, seed=cfg.seed)
-    per_rank = len(dataset) // dist_utils.world_size()
-    loader = make_loader(dataset, cfg.batch_size, num_workers=cfg.num_workers, sampler=sampler,
-                         drop_last=per_rank > cfg.batch_size, seed=cfg.seed, pin_memory=device.type == "cuda",
-                         persistent=True)
-    if isinstance(objective, Dino):
-        objective.total_steps = max(1, cfg.epochs * -(-len(loader) // cfg.accum_iter))
-    train_model: nn.Module = objective
-    if dist_utils.is_distributed():
-        train_model = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
-
-    lr = effective_lr(cfg.lr, cfg.method_default("blr"), cfg.batch_size, cfg.accum_iter, dist_utils.world_size())
-    betas = (0.9, 0.95) if cfg.method == "mae" else (0.9, 0.999)
-    optimizer = build_optimizer(objective, lr, cfg.method_default("weight_decay"), None, betas=betas)
-    steps_per_epoch = max(1, -(-len(loader) // cfg.accum_iter))
-    scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
-                                warmup_epochs=int(cfg.method_default("warmup_epochs")), min_lr=cfg.min_lr)
-    dtype = amp_dtype(device, cfg.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if cfg.method == "dino":
+        dino.total_steps = max(1, cfg.epochs * trainer.updates_per_epoch(len(dataset)))
     meta = {"method": cfg.method, "model_name": spec.name, "arch": spec.arch, "arch_kwargs": dict(spec.arch_kwargs),
             "input_size": input_size, "patch_size": spec.patch_size, "mean": list(spec.mean), "std": list(spec.std),
             "images": len(paths), "settings": to_dict(cfg), "init": init_path, "versions": versions()}
-
-    start_epoch, rows = 0, []
-    if resume_state is not None:
-        start_epoch = int(resume_state["epoch"]) + 1
-        rows = restore_training(resume_state, optimizer, scaler, run_dir, start_epoch)
-        _say(f"resuming {run_dir} at epoch {start_epoch}")
     if dist_utils.is_primary():
         write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "input_size": input_size})
+    banner = (f"pretraining {spec.name} with {cfg.method.upper()} on {device} in {precision_name(trainer.dtype)}: "
+              f"{len(paths)} images, {cfg.epochs} epochs, lr {trainer.lr:.3g}")
+    rows = trainer.fit(objective, dataset, meta=lambda: meta, hooks=hooks, banner=banner)
 
-    shown = _reconstruction_batch(paths, cfg, input_size, spec, preprocessing) \
-        if cfg.method == "mae" and cfg.reconstructions and dist_utils.is_primary() else None
-    skip_log, files = SkipLog(), {}
-    after_step = objective.update_teacher if isinstance(objective, Dino) else None
-    _say(f"pretraining {spec.name} with {cfg.method.upper()} on {device} in {precision_name(dtype)}: "
-         f"{len(paths)} images, {cfg.epochs} epochs, lr {lr:.3g}")
-    for epoch in range(start_epoch, cfg.epochs):
-        start = time.time()
-        sampler.set_epoch(epoch)
-        if isinstance(objective, Dino):
-            objective.set_epoch(epoch)
-        loss = train_one_epoch(train_model, loader, _LossOutput(), optimizer, scheduler, device, epoch=epoch,
-                               settings=StepSettings(cfg.accum_iter, cfg.clip_grad, dtype), scaler=scaler,
-                               skip_log=skip_log, progress=progress, after_step=after_step)
-        rows.append({"epoch": epoch, "lr": current_lr(optimizer), "train_loss": loss,
-                     "seconds": round(time.time() - start, 2)})
-        if dist_utils.is_primary():
-            write_csv(run_dir / "log.csv", pd.DataFrame(rows))
-            weights = {"model": objective.state_dict()} if isinstance(objective, MaskedAutoencoder) \
-                else objective.checkpoint_state()
-            state = {**weights, "optimizer": optimizer.state_dict(), "epoch": epoch, META_KEY: meta, **rng_state()}
-            if scaler.is_enabled():
-                state["scaler"] = scaler.state_dict()
-            save_torch(last_path, state)
-            if shown is not None:
-                files["reconstructions"] = _draw_reconstructions(objective, shown, spec, device, epoch, run_dir)
-        _say(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  ({rows[-1]['seconds']:.1f}s)")
-        dist_utils.barrier()
-
+    skipped = trainer.write_skipped()
     if dist_utils.is_primary():
-        from retinafm.plots import plot_training_curves
-
-        files["curves"] = plot_training_curves(pd.DataFrame(rows), run_dir / "plots" / "curves.png")
-        if len(skip_log):
-            files["skipped"] = write_csv(run_dir / "skipped.csv", skip_log.frame())
-            _say(f"{len(skip_log)} unreadable file(s) skipped: {run_dir / 'skipped.csv'}")
-        _say(f"checkpoint: {last_path} (use it as --weights for finetune / embed, or --init to continue)")
+        if skipped is not None:
+            _say(f"{trainer.skipped_count} unreadable file(s) skipped: {skipped}")
+        _say(f"checkpoint: {trainer.last_path} (use it as --weights for finetune / embed, or --init to continue)")
     dist_utils.barrier()
-    return PretrainResult(run_dir, last_path, len(rows), float(rows[-1]["train_loss"]) if rows else float("nan"), files)
+    return PretrainResult(run_dir, trainer.last_path, len(rows), final_loss(rows), dict(trainer.files))
 
 
 def pretraining_images(cfg: PretrainSettings) -> list[str]:
@@ -243,14 +179,16 @@ def _load_decoder(mae: MaskedAutoencoder, path: str) -> None:
         from timm.layers import resample_abs_pos_embed
 
         grid = mae._grid
-        decoder["decoder_pos_embed"] = resample_abs_pos_embed(decoder["decoder_pos_embed"], list(grid), num_prefix_tokens=1)
+        decoder["decoder_pos_embed"] = resample_abs_pos_embed(decoder["decoder_pos_embed"], list(grid),
+                                                              num_prefix_tokens=1)
     wrong = sorted(k for k in decoder if k in expected and decoder[k].shape != expected[k].shape)
     if set(decoder) != set(expected) or wrong:
         missing, extra = sorted(set(expected) - set(decoder)), sorted(set(decoder) - set(expected))
         raise WeightsError(
             f"{path}: its MAE decoder does not fit --decoder-dim/--decoder-depth/--decoder-heads "
             f"({', '.join(f'{k} {tuple(decoder[k].shape)}' for k in wrong[:3]) or ''}"
-            f"{' missing ' + ', '.join(missing[:3]) if missing else ''}{' extra ' + ', '.join(extra[:3]) if extra else ''}). "
+            f"{' missing ' + ', '.join(missing[:3]) if missing else ''}"
+            f"{' extra ' + ', '.join(extra[:3]) if extra else ''}). "
             "Give the decoder settings it was trained with (RETFound / MAE ViT-L: 512, 8, 16)."
         )
     mae.load_state_dict(decoder, strict=False)  # the key set was checked above
@@ -258,9 +196,7 @@ def _load_decoder(mae: MaskedAutoencoder, path: str) -> None:
 
 
 def _check_resume_fits(state: dict[str, Any], cfg: PretrainSettings, spec: ModelSpec) -> None:
-    meta = state.get(META_KEY)
-    if not isinstance(meta, dict):
-        raise ConfigError(f"--resume: {cfg.out}/checkpoint-last.pth is not a retinafm pretraining checkpoint")
+    meta = state["retinafm"]
     if meta["method"] != cfg.method or meta["model_name"] != spec.name:
         raise ConfigError(f"--resume: the run is {meta['method']} on {meta['model_name']}, not --method {cfg.method} "
                           f"--model {spec.name}")
@@ -289,6 +225,6 @@ def _draw_reconstructions(mae: MaskedAutoencoder, images: torch.Tensor, spec: Mo
     def picture(x: torch.Tensor) -> np.ndarray:
         return (x.float().cpu() * std + mean).permute(0, 2, 3, 1).numpy()
 
-    rows = list(zip(picture(images), picture(masked), picture(recon)))
+    rows = list(zip(picture(images), picture(masked), picture(recon), strict=True))
     return plot_reconstructions(rows, run_dir / "plots" / f"reconstructions_epoch{epoch + 1:03d}.png",
                                 title=f"MAE reconstructions after epoch {epoch + 1} (mask ratio {mae.mask_ratio:g})")

@@ -10,30 +10,23 @@ the backbone before and after refinement, side by side in probe_comparison.csv.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pandas as pd
 import torch
-import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
 
 from retinafm.data.images import expand_rows
-from retinafm.data.loader import ImageDataset, SkipLog, make_loader
+from retinafm.data.loader import ImageDataset, make_loader
 from retinafm.data.sources import SPLITS, DataSourceError
 from retinafm.data.transforms import Preprocessing, eval_transform, pretrain_transform
-from retinafm.engine.checkpoint import versions
-from retinafm.engine.loop import StepSettings, train_one_epoch
-from retinafm.engine.optim import build_optimizer, build_scheduler, current_lr
-from retinafm.engine.run import begin_run, restore_training
-from retinafm.files import atomic_path, save_torch, write_csv, write_yaml
+from retinafm.engine.checkpoint import open_checkpoint, versions
+from retinafm.engine.trainer import Hooks, Trainer, TrainerSettings, final_loss
+from retinafm.files import atomic_path, write_csv, write_yaml
 from retinafm.models.registry import create_model, get_spec
 from retinafm.models.weights import (
     load_backbone_weights,
-    read_checkpoint,
     resolve_weights,
 )
 from retinafm.objectives.vision_language import (
@@ -42,11 +35,9 @@ from retinafm.objectives.vision_language import (
     load_text_model,
 )
 from retinafm.runtime import distributed as dist_utils
-from retinafm.runtime.device import amp_dtype, autocast, precision_name
-from retinafm.runtime.rng import rng_state
+from retinafm.runtime.device import autocast, precision_name
 from retinafm.settings import ConfigError, RefineSettings, to_dict
 
-META_KEY = "retinafm_refine"
 BACKBONE = "backbone.safetensors"
 
 
@@ -94,22 +85,75 @@ def read_pairs(path: str | Path, oct_frames: str | int = "middle") -> pd.DataFra
     return out
 
 
+class _LowestLoss:
+    """Refinement's validation: the weighted objective on the val pairs each epoch (the training
+    loss when there are none); the best epoch has the lowest."""
+
+    def __init__(self, objective: RefineObjective, loader, trainer: Trainer) -> None:
+        self.objective, self.loader, self.trainer = objective, loader, trainer
+        self.best_loss = math.inf
+
+    def __call__(self, epoch: int, row: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        values = {} if self.loader is None else {"val_loss": self.validation_loss()}
+        loss = values.get("val_loss", row["train_loss"])
+        improved = loss < self.best_loss
+        self.best_loss = min(self.best_loss, loss)
+        return values, improved
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """The same weighted objective on the val pairs (fixed crops; MLM masks drawn as in training)."""
+        self.objective.eval()
+        total, count = 0.0, 0
+        for batch in self.loader:
+            self.trainer.skip_log.add(batch.skipped)
+            if len(batch) < 2:  # a pair alone has no negatives
+                continue
+            with autocast(self.trainer.device, self.trainer.dtype):
+                loss = self.objective(batch.to(self.trainer.device))["loss"]
+            total, count = total + float(loss) * len(batch), count + len(batch)
+        self.objective.train()
+        return total / count if count else math.nan
+
+    def state(self) -> dict[str, Any]:
+        return {"best_loss": self.best_loss}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.best_loss = float(state.get("best_loss", math.inf))
+
+
+def _describe(epochs: int) -> Callable[[dict[str, Any], bool], str]:
+    def line(row: dict[str, Any], improved: bool) -> str:
+        parts = "".join(f"  {k.removeprefix('loss_')} {row[k]:.3f}" for k in row if k.startswith("loss_"))
+        val = f"  val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""
+        return (f"epoch {row['epoch'] + 1}/{epochs}  train_loss {row['train_loss']:.4f}{parts}{val}  "
+                f"({row['seconds']:.1f}s)")
+
+    return line
+
+
 def refine(cfg: RefineSettings, *, progress: bool = True) -> RefineResult:
     cfg.validate()
-    device, run_dir, last_path = begin_run(cfg.out, device=cfg.device, resume=cfg.resume, overwrite=cfg.overwrite,
-                                           seed=cfg.seed)
+    trainer = Trainer(TrainerSettings(
+        out=cfg.out, kind="refine", device=cfg.device, precision=cfg.precision, seed=cfg.seed, resume=cfg.resume,
+        overwrite=cfg.overwrite, epochs=cfg.epochs, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+        clip_grad=cfg.clip_grad, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
+        min_lr=cfg.min_lr, progress=progress))
+    run_dir, device = trainer.run_dir, trainer.device
     weights = cfg.loss_weight_map()
+    # Objectives left out leave their heads without gradients, which DDP must be told.
+    trainer.settings.find_unused_parameters = len(weights) < 4
     pairs = read_pairs(cfg.pairs, cfg.oct_frames)
     spec = get_spec(cfg.model)
     input_size = cfg.input_size or spec.input_size
     if input_size % spec.patch_size:
-        raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} of {spec.name}")
+        raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} "
+                          f"of {spec.name}")
 
     text, tokenizer = load_text_model(cfg.text_model)
     vision = create_model(spec, 0, input_size=input_size)
-    resume_state = read_checkpoint(last_path) if cfg.resume else None
     weights_file = None
-    if resume_state is None:
+    if not trainer.resuming:
         weights_file = resolve_weights(spec, cfg.weights) if dist_utils.is_primary() else None
         dist_utils.barrier()
         weights_file = weights_file or resolve_weights(spec, cfg.weights)
@@ -128,95 +172,42 @@ def refine(cfg: RefineSettings, *, progress: bool = True) -> RefineResult:
                                 torch.as_tensor(pd.factorize(pairs["report"])[0]), weights=weights,
                                 mask_token_id=tokenizer.mask_token_id, vocab_size=text.config.vocab_size,
                                 special_ids=special, mlm_probability=cfg.mlm_probability)
-    if resume_state is not None:
-        _check_resume_fits(resume_state, cfg, spec)
-        model.load_state_dict(resume_state["model"], strict=True)
-    objective.to(device)
+    if trainer.resume_state is not None:
+        _check_resume_fits(trainer.resume_state, cfg, spec)
+        weights_file = trainer.resume_state["retinafm"].get("weights_file")
 
     preprocessing = Preprocessing(cfg.fundus_crop, cfg.oct_crop)
     train_rows = [int(i) for i in pairs.index[pairs["split"] == "train"]]
     val_rows = [int(i) for i in pairs.index[pairs["split"] == "val"]]
     train_ds = ImageDataset(pairs["path"][train_rows].tolist(), train_rows,
                             pretrain_transform(input_size, spec.mean, spec.std, cfg.crop_min_scale, preprocessing))
-    sampler = DistributedSampler(train_ds, num_replicas=dist_utils.world_size(), rank=dist_utils.rank(), shuffle=True,
-                                 seed=cfg.seed)
-    per_rank = len(train_ds) // dist_utils.world_size()
-    if per_rank < 2:
+    if len(train_ds) // dist_utils.world_size() < 2:
         raise DataSourceError(f"--pairs {cfg.pairs}: {len(train_ds)} train pairs; the contrastive and matching "
                               "objectives need at least two per batch")
-    # drop_last keeps every batch at two or more pairs (a batch of one has no negatives)
-    loader = make_loader(train_ds, cfg.batch_size, num_workers=cfg.num_workers, sampler=sampler,
-                         drop_last=per_rank > cfg.batch_size, seed=cfg.seed, pin_memory=device.type == "cuda",
-                         persistent=True)
+    # The trainer drops a ragged last batch, which keeps every batch at two or more pairs (one has no negatives).
     val_loader = make_loader(ImageDataset(pairs["path"][val_rows].tolist(), val_rows,
                                           eval_transform(input_size, spec.mean, spec.std, preprocessing=preprocessing)),
                              cfg.batch_size, num_workers=cfg.num_workers) if val_rows else None
-    train_model: nn.Module = objective
-    if dist_utils.is_distributed():
-        # Objectives left out leave their heads without gradients.
-        train_model = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                                              find_unused_parameters=len(weights) < 4)
-    optimizer = build_optimizer(objective, cfg.lr, cfg.weight_decay, None)
-    steps_per_epoch = max(1, len(loader))
-    scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
-                                warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr)
-    dtype = amp_dtype(device, cfg.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     meta = {"model_name": spec.name, "arch": spec.arch, "arch_kwargs": dict(spec.arch_kwargs), "input_size": input_size,
             "global_pool": str(vision.global_pool), "text_model": cfg.text_model, "losses": weights,
             "weights_file": weights_file, "pairs": len(pairs), "settings": to_dict(cfg), "versions": versions()}
-
-    start_epoch, rows, best_loss = 0, [], math.inf
-    if resume_state is not None:
-        start_epoch, best_loss = int(resume_state["epoch"]) + 1, float(resume_state.get("best_loss", math.inf))
-        meta["weights_file"] = resume_state[META_KEY].get("weights_file")
-        rows = restore_training(resume_state, optimizer, scaler, run_dir, start_epoch)
-        _say(f"resuming {run_dir} at epoch {start_epoch}")
     if dist_utils.is_primary():
         write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "input_size": input_size})
 
-    skip_log = SkipLog()
-    _say(f"refining {spec.name} with {cfg.text_model} on {device} in {precision_name(dtype)}: "
-         f"{len(train_rows)} train / {len(val_rows)} val pairs, "
-         f"objectives {', '.join(f'{k}×{w:g}' for k, w in weights.items())}, {cfg.epochs} epochs, lr {cfg.lr:.3g}")
-    for epoch in range(start_epoch, cfg.epochs):
-        start = time.time()
-        sampler.set_epoch(epoch)
-        objective.reset_components()
-        loss = train_one_epoch(train_model, loader, None, optimizer, scheduler, device, epoch=epoch,
-                               settings=StepSettings(1, cfg.clip_grad, dtype), scaler=scaler, skip_log=skip_log,
-                               progress=progress)
-        row: dict[str, Any] = {"epoch": epoch, "lr": current_lr(optimizer), "train_loss": loss,
-                               **{k: dist_utils.mean_across_ranks(v) for k, v in objective.component_means().items()}}
-        if val_loader is not None:
-            row["val_loss"] = _validation_loss(objective, val_loader, device, dtype, skip_log)
-        row["seconds"] = round(time.time() - start, 2)
-        rows.append(row)
-        improved = row.get("val_loss", loss) < best_loss
-        best_loss = min(best_loss, row.get("val_loss", loss))
-        if dist_utils.is_primary():
-            write_csv(run_dir / "log.csv", pd.DataFrame(rows))
-            state = {"model": model.state_dict(), "epoch": epoch, META_KEY: meta, "best_loss": best_loss, **rng_state()}
-            if improved:
-                save_torch(run_dir / "checkpoint-best.pth", state)
-            state["optimizer"] = optimizer.state_dict()
-            if scaler.is_enabled():
-                state["scaler"] = scaler.state_dict()
-            save_torch(last_path, state)
-        parts = "".join(f"  {k.removeprefix('loss_')} {row[k]:.3f}" for k in row if k.startswith("loss_"))
-        val = f"  val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""
-        _say(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {loss:.4f}{parts}{val}  ({row['seconds']:.1f}s)")
-        dist_utils.barrier()
+    banner = (f"refining {spec.name} with {cfg.text_model} on {device} in {precision_name(trainer.dtype)}: "
+              f"{len(train_rows)} train / {len(val_rows)} val pairs, "
+              f"objectives {', '.join(f'{k}×{w:g}' for k, w in weights.items())}, {cfg.epochs} epochs, lr {cfg.lr:.3g}")
+    hooks = Hooks(validate=_LowestLoss(objective, val_loader, trainer), describe=_describe(cfg.epochs))
+    rows = trainer.fit(objective, train_ds, model=model, meta=lambda: meta, hooks=hooks, banner=banner)
 
-    result = RefineResult(run_dir, run_dir / BACKBONE, len(rows), float(rows[-1]["train_loss"]) if rows else math.nan)
+    result = RefineResult(run_dir, run_dir / BACKBONE, len(rows), final_loss(rows))
+    skipped = trainer.write_skipped()
     if dist_utils.is_primary():
-        from retinafm.plots import plot_training_curves
-
-        source = run_dir / "checkpoint-best.pth" if (run_dir / "checkpoint-best.pth").is_file() else last_path
+        source = trainer.best_path if trainer.best_path.is_file() else trainer.last_path
         export_backbone(source, result.backbone)
-        result.files["curves"] = plot_training_curves(pd.DataFrame(rows), run_dir / "plots" / "curves.png")
-        if len(skip_log):
-            result.files["skipped"] = write_csv(run_dir / "skipped.csv", skip_log.frame())
+        result.files.update(trainer.files)
+        if skipped is not None:
+            result.files["skipped"] = skipped
         _say(f"refined backbone: {result.backbone} (from {source.name}; use it as --weights with --model {spec.name})")
     dist_utils.barrier()
     if cfg.probe_on:
@@ -224,30 +215,14 @@ def refine(cfg: RefineSettings, *, progress: bool = True) -> RefineResult:
     return result
 
 
-@torch.no_grad()
-def _validation_loss(objective: RefineObjective, loader, device: torch.device, dtype, skip_log: SkipLog) -> float:
-    """The same weighted objective on the val pairs (fixed crops; MLM masks drawn as in training)."""
-    objective.eval()
-    total, count = 0.0, 0
-    for batch in loader:
-        skip_log.add(batch.skipped)
-        if len(batch.targets) < 2:
-            continue
-        with autocast(device, dtype):
-            loss = objective(batch.images.to(device), batch.targets.to(device))
-        total, count = total + float(loss) * len(batch.targets), count + len(batch.targets)
-    objective.train()
-    return total / count if count else math.nan
-
-
 def export_backbone(checkpoint: Path, out: Path) -> Path:
     """The vision backbone of a refinement checkpoint, flat in timm's key layout (no head), as
     safetensors with the model's name and input size in its metadata."""
     from safetensors.torch import save_file
 
-    state = read_checkpoint(checkpoint)
+    state = open_checkpoint(checkpoint)  # this layout or the one before it ("retinafm_refine")
     vision = {k.removeprefix("vision."): v.contiguous() for k, v in state["model"].items() if k.startswith("vision.")}
-    meta = state[META_KEY]
+    meta = state["retinafm"]
     info = {"format": "retinafm refined backbone", "model": meta["model_name"], "arch": meta["arch"],
             "input_size": str(meta["input_size"]), "global_pool": meta["global_pool"], "text_model": meta["text_model"],
             "epoch": str(state["epoch"])}
@@ -257,9 +232,7 @@ def export_backbone(checkpoint: Path, out: Path) -> Path:
 
 
 def _check_resume_fits(state: dict[str, Any], cfg: RefineSettings, spec) -> None:
-    meta = state.get(META_KEY)
-    if not isinstance(meta, dict):
-        raise ConfigError(f"--resume: {cfg.out}/checkpoint-last.pth is not a retinafm refinement checkpoint")
+    meta = state["retinafm"]
     if meta["model_name"] != spec.name or meta["text_model"] != cfg.text_model:
         raise ConfigError(f"--resume: the run refines {meta['model_name']} with {meta['text_model']}, not "
                           f"--model {spec.name} --text-model {cfg.text_model}")

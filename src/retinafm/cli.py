@@ -14,8 +14,9 @@ import os
 import sys
 import typing
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal
 
 import click
 
@@ -122,7 +123,7 @@ class CommaList(click.ParamType):
     def __init__(self, item: type = str) -> None:
         self.item = item
 
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         items = comma_list(value)
         if self.item is str or items is None:
             return items
@@ -172,7 +173,7 @@ def field_option(cls: type, field: dataclasses.Field, **overrides: Any) -> Calla
 
 
 def settings_options(cls: type, *, exclude: tuple[str, ...] = (),
-                     overrides: Optional[dict[str, dict[str, Any]]] = None) -> list[Callable]:
+                     overrides: dict[str, dict[str, Any]] | None = None) -> list[Callable]:
     """One option per field of the settings dataclass `cls` (in field order), except those in `exclude`
     and those whose metadata says cli=False; `overrides` changes click arguments of single options."""
     overrides = overrides or {}
@@ -258,7 +259,7 @@ def given_settings(options: dict[str, Any]) -> set[str]:
     return chosen
 
 
-def make_settings(cls: type, options: dict[str, Any], resume: Optional[str] = None) -> Any:
+def make_settings(cls: type, options: dict[str, Any], resume: str | None = None) -> Any:
     """The settings of this command line; defaults that do not fit the run (a warmup longer than a
     short run) adapt, with a one-line note, while values the user chose are left to validate()."""
     if resume:

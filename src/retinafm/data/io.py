@@ -9,7 +9,6 @@ import io
 import math
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -50,7 +49,7 @@ def is_image_file(path: Path) -> bool:
     return not path.suffix and path.is_file() and looks_like_dicom(path)
 
 
-def read_image(path: str | Path, decode_size: Optional[int] = None) -> torch.Tensor:
+def read_image(path: str | Path, decode_size: int | None = None) -> torch.Tensor:
     """Return the image at `path` as a (3, H, W) uint8 RGB tensor.
 
     Grayscale (8/16-bit), RGBA, palette and CMYK images all become RGB; DICOM, Heidelberg

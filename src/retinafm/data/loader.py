@@ -6,8 +6,8 @@ skipped.csv. This works the same with DataLoader worker processes.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,13 +35,13 @@ class Batch:
         """The number of images (samples) in the batch, whatever the number of views."""
         return len(self.indices)
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=non_blocking)
 
         return Batch(_to(self.images, move), move(self.targets), self.indices, self.skipped)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """DataLoader(pin_memory=True) pins through this method: without it a dataclass batch
         stays in pageable memory and `non_blocking` host-to-GPU copies are synchronous."""
         return Batch(_to(self.images, torch.Tensor.pin_memory), self.targets.pin_memory(), self.indices, self.skipped)
@@ -55,7 +55,7 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, paths: Sequence[str], targets: Sequence[int | Sequence[float] | None],
-                 transform: Callable, decode_size: Optional[int] = None) -> None:
+                 transform: Callable, decode_size: int | None = None) -> None:
         self.paths = list(paths)
         if any(isinstance(t, (tuple, list, np.ndarray)) for t in targets):
             width = next(len(t) for t in targets if t is not None)
@@ -103,7 +103,7 @@ def make_loader(
     num_workers: int = 0,
     shuffle: bool = False,
     drop_last: bool = False,
-    sampler: Optional[Sampler] = None,
+    sampler: Sampler | None = None,
     seed: int = 0,
     pin_memory: bool = False,
     persistent: bool = False,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -31,10 +32,10 @@ class DataSourceError(ValueError):
 @dataclass(frozen=True)
 class Sample:
     path: str
-    label: Optional[int] = None  # multiclass: index into class_names
-    split: Optional[str] = None
-    patient_id: Optional[str] = None
-    targets: Optional[tuple[float, ...]] = None  # multilabel (0/1) or regression values; NaN = missing
+    label: int | None = None  # multiclass: index into class_names
+    split: str | None = None
+    patient_id: str | None = None
+    targets: tuple[float, ...] | None = None  # multilabel (0/1) or regression values; NaN = missing
 
 
 class TargetReader(Protocol):
@@ -49,11 +50,11 @@ class TargetReader(Protocol):
 
     def map_labels(self, frame: pd.DataFrame, label_map: dict[str, str], csv_path: Path) -> pd.DataFrame: ...
 
-    def read(self, frame: pd.DataFrame, csv_path: Path, split_ratios: Optional[str],
-             names: Optional[Sequence[str]], absent_unknown: bool) -> tuple[pd.DataFrame, list[str], list, list, list]:
+    def read(self, frame: pd.DataFrame, csv_path: Path, split_ratios: str | None,
+             names: Sequence[str] | None, absent_unknown: bool) -> tuple[pd.DataFrame, list[str], list, list, list]:
         ...
 
-    def table_columns(self, samples: Sequence["Sample"], names: Sequence[str]) -> dict[str, Any]: ...
+    def table_columns(self, samples: Sequence[Sample], names: Sequence[str]) -> dict[str, Any]: ...
 
     def counts(self, table: pd.DataFrame, names: list[str]) -> pd.DataFrame: ...
 
@@ -74,13 +75,13 @@ class ClassLabels:
         frame["label"] = frame["label"].replace(label_map)
         return frame
 
-    def read(self, frame: pd.DataFrame, csv_path: Path, split_ratios: Optional[str],
-             names: Optional[Sequence[str]], absent_unknown: bool) -> tuple[pd.DataFrame, list[str], list, list, list]:
+    def read(self, frame: pd.DataFrame, csv_path: Path, split_ratios: str | None,
+             names: Sequence[str] | None, absent_unknown: bool) -> tuple[pd.DataFrame, list[str], list, list, list]:
         """(frame, class names, label index per row, targets per row (None), split strata)."""
         class_names, labels = _class_labels(frame, csv_path, split_ratios, names)
         return frame, class_names, labels, [None] * len(frame), labels
 
-    def table_columns(self, samples: Sequence["Sample"], names: Sequence[str]) -> dict[str, Any]:
+    def table_columns(self, samples: Sequence[Sample], names: Sequence[str]) -> dict[str, Any]:
         return {"label": [names[s.label] if s.label is not None else None for s in samples]}
 
     def counts(self, table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
@@ -97,7 +98,7 @@ class TargetColumns:
     want: str  # what a cell must hold, for messages ("0 or 1 (or empty for unknown)")
     strata: Callable[[np.ndarray], list]  # what an automatic split stratifies on, from the (rows, columns) values
     summarise: Callable[[Any], pd.DataFrame]  # the data summary per split, from the table grouped by split
-    allowed: Optional[tuple[float, ...]] = None  # the only values a cell may hold (None: any number)
+    allowed: tuple[float, ...] | None = None  # the only values a cell may hold (None: any number)
     from_folders: bool = False
     required_columns: tuple[str, ...] = ("path",)
 
@@ -108,8 +109,8 @@ class TargetColumns:
         _check_label_map(label_map, set(frame.columns) - set(RESERVED_COLUMNS), f"--manifest {csv_path}", "columns")
         return frame.rename(columns=label_map)
 
-    def read(self, frame: pd.DataFrame, csv_path: Path, split_ratios: Optional[str],
-             names: Optional[Sequence[str]], absent_unknown: bool) -> tuple[pd.DataFrame, list[str], list, list, list]:
+    def read(self, frame: pd.DataFrame, csv_path: Path, split_ratios: str | None,
+             names: Sequence[str] | None, absent_unknown: bool) -> tuple[pd.DataFrame, list[str], list, list, list]:
         """(frame, column names, labels (None), targets per row, split strata)."""
         columns = _target_columns(frame, csv_path, names, self, absent_unknown)
         absent = [c for c in columns if c not in frame.columns]
@@ -117,7 +118,7 @@ class TargetColumns:
         values = _target_values(frame, csv_path, columns, self, may_be_empty=absent)
         return frame, columns, [None] * len(frame), [tuple(row) for row in values], self.strata(values)
 
-    def table_columns(self, samples: Sequence["Sample"], names: Sequence[str]) -> dict[str, Any]:
+    def table_columns(self, samples: Sequence[Sample], names: Sequence[str]) -> dict[str, Any]:
         values = np.array([s.targets for s in samples], dtype=float).reshape(len(samples), -1)
         return {name: values[:, i] for i, name in enumerate(names)}
 
@@ -190,11 +191,11 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 def load_folder(
     root: str | Path,
-    split_ratios: Optional[str] = None,
+    split_ratios: str | None = None,
     seed: int = 0,
-    class_names: Optional[Sequence[str]] = None,
+    class_names: Sequence[str] | None = None,
     flat_split: str = "test",
-    label_map: Optional[dict[str, str]] = None,
+    label_map: dict[str, str] | None = None,
 ) -> LabelledData:
     """Read DATA/{train,val,test}/<class>/ (or DATA/<class>/ with `split_ratios`).
 
@@ -239,8 +240,8 @@ def load_folder(
     return LabelledData(samples, class_names, auto_split=True, source=str(root))
 
 
-def _load_split_folders(root: Path, fixed_classes: Optional[Sequence[str]] = None,
-                        label_map: Optional[dict[str, str]] = None) -> LabelledData:
+def _load_split_folders(root: Path, fixed_classes: Sequence[str] | None = None,
+                        label_map: dict[str, str] | None = None) -> LabelledData:
     label_map = label_map or {}
     if fixed_classes is None:
         if not (root / "train").is_dir():
@@ -287,11 +288,11 @@ def _load_class_folders(root: Path, class_names: list[str], split: str, label_ma
 
 def load_manifest(
     csv_path: str | Path,
-    split_ratios: Optional[str] = None,
+    split_ratios: str | None = None,
     seed: int = 0,
-    class_names: Optional[Sequence[str]] = None,
+    class_names: Sequence[str] | None = None,
     targets: TargetReader = CLASS_LABELS,
-    label_map: Optional[dict[str, str]] = None,
+    label_map: dict[str, str] | None = None,
     absent_unknown: bool = False,
 ) -> LabelledData:
     """Read a manifest CSV: path, (split | automatic --split) [, patient_id] and the task's columns.
@@ -324,7 +325,7 @@ def load_manifest(
     return data
 
 
-def _read_manifest(csv_path: Path, split_ratios: Optional[str], targets: TargetReader) -> pd.DataFrame:
+def _read_manifest(csv_path: Path, split_ratios: str | None, targets: TargetReader) -> pd.DataFrame:
     try:
         frame = pd.read_csv(csv_path, dtype={"path": str, "split": str, "label": str, "patient_id": str})
     except FileNotFoundError:
@@ -350,8 +351,8 @@ def _read_manifest(csv_path: Path, split_ratios: Optional[str], targets: TargetR
     return frame
 
 
-def _class_labels(frame: pd.DataFrame, csv_path: Path, split_ratios: Optional[str],
-                  class_names: Optional[Sequence[str]]) -> tuple[list[str], list[int]]:
+def _class_labels(frame: pd.DataFrame, csv_path: Path, split_ratios: str | None,
+                  class_names: Sequence[str] | None) -> tuple[list[str], list[int]]:
     names = list(class_names) if class_names else sorted(
         set(frame.loc[frame["split"] == "train", "label"] if "split" in frame.columns and not split_ratios
             else frame["label"])
@@ -371,7 +372,7 @@ def _class_labels(frame: pd.DataFrame, csv_path: Path, split_ratios: Optional[st
     return names, [index[x] for x in frame["label"]]
 
 
-def _target_columns(frame: pd.DataFrame, csv_path: Path, columns: Optional[Sequence[str]], reader: TargetColumns,
+def _target_columns(frame: pd.DataFrame, csv_path: Path, columns: Sequence[str] | None, reader: TargetColumns,
                     absent_unknown: bool = False) -> list[str]:
     flag = reader.flag
     if columns:
@@ -413,7 +414,7 @@ def _target_values(frame: pd.DataFrame, csv_path: Path, names: list[str], reader
     return out
 
 
-def parse_label_map(text: Optional[str]) -> dict[str, str]:
+def parse_label_map(text: str | None) -> dict[str, str]:
     """--label-map "old=new,old2=new": data class (or column) name -> the model's."""
     mapping: dict[str, str] = {}
     for item in (text or "").split(","):
@@ -467,12 +468,12 @@ def expand_volumes(data: LabelledData, oct_frames: str | int = "middle") -> Labe
 
 
 def load_labelled(
-    data_path: Optional[str] = None,
-    manifest: Optional[str] = None,
-    split_ratios: Optional[str] = None,
+    data_path: str | None = None,
+    manifest: str | None = None,
+    split_ratios: str | None = None,
     seed: int = 0,
     targets: TargetReader = CLASS_LABELS,
-    columns: Optional[Sequence[str]] = None,
+    columns: Sequence[str] | None = None,
     oct_frames: str | int = "middle",
 ) -> LabelledData:
     """Entry point for workflows: exactly one of a folder or a manifest. `targets` is the task's

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -39,7 +40,7 @@ def stratified_split(
     labels: Sequence[int],
     ratios: tuple[float, float, float],
     seed: int = 0,
-    groups: Optional[Sequence[Optional[str]]] = None,
+    groups: Sequence[str | None] | None = None,
 ) -> list[str]:
     """Assign 'train'/'val'/'test' to each item, stratified by label and seeded.
 
@@ -97,7 +98,7 @@ class _Strata(NamedTuple):
     columns: list[str]      # the column(s) behind the strata
 
 
-def read_manifest_table(path: Union[str, Path]) -> pd.DataFrame:
+def read_manifest_table(path: str | Path) -> pd.DataFrame:
     """Read a manifest CSV for splitting: every cell as text (ids such as 007 stay 007, numbers keep
     their spelling), only empty cells missing, so writing it back changes nothing but the split."""
     path = Path(path)
@@ -121,10 +122,10 @@ def has_split(frame: pd.DataFrame) -> bool:
 def split_manifest(
     frame: pd.DataFrame,
     *,
-    by: Optional[str] = "patient_id",
-    ratios: Union[str, Sequence[float]] = (0.7, 0.15, 0.15),
+    by: str | None = "patient_id",
+    ratios: str | Sequence[float] = (0.7, 0.15, 0.15),
     seed: int = 0,
-    stratify: Optional[str] = None,
+    stratify: str | None = None,
 ) -> pd.DataFrame:
     """A copy of `frame` with a `split` column (train/val/test), seeded and stratified, keeping all
     rows with the same `by` value (patient) in one split; rows with an empty id are their own group.
@@ -183,7 +184,7 @@ def leakage_report(frame: pd.DataFrame, by: str = "patient_id") -> pd.DataFrame:
     return report.reset_index(drop=True)
 
 
-def split_summary(frame: pd.DataFrame, by: Optional[str] = "patient_id", stratify: Optional[str] = None) -> pd.DataFrame:
+def split_summary(frame: pd.DataFrame, by: str | None = "patient_id", stratify: str | None = None) -> pd.DataFrame:
     """Per split (and a total row): images, groups (distinct `by` values; a row with an empty id is
     its own) and images per class of the stratification column (positives per 0/1 label column)."""
     if "split" not in frame.columns:
@@ -211,7 +212,7 @@ def split_summary(frame: pd.DataFrame, by: Optional[str] = "patient_id", stratif
     return summary
 
 
-def _ratios(ratios: Union[str, Sequence[float]]) -> tuple[float, float, float]:
+def _ratios(ratios: str | Sequence[float]) -> tuple[float, float, float]:
     text = ratios if isinstance(ratios, str) else ",".join(str(float(r)) for r in ratios)
     try:
         return parse_ratios(text)
@@ -219,23 +220,23 @@ def _ratios(ratios: Union[str, Sequence[float]]) -> tuple[float, float, float]:
         raise SplitError(str(exc).replace("--split", "--ratios", 1)) from None
 
 
-def _clean_values(column: pd.Series, lower: bool = False) -> list[Optional[str]]:
+def _clean_values(column: pd.Series, lower: bool = False) -> list[str | None]:
     """Text of each cell, stripped; None for an empty or missing cell."""
-    out: list[Optional[str]] = []
+    out: list[str | None] = []
     for value in column:
         text = "" if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value).strip()
         out.append((text.lower() if lower else text) or None)
     return out
 
 
-def _group_ids(frame: pd.DataFrame, by: str) -> list[Optional[str]]:
+def _group_ids(frame: pd.DataFrame, by: str) -> list[str | None]:
     if by not in frame.columns:
         raise SplitError(f"column {by!r} (--by) is not in the manifest; its columns: {', '.join(map(str, frame.columns))}. "
                          "Name the patient id column with --by COLUMN, or split image by image with --by none")
     return _clean_values(frame[by])
 
 
-def _count_groups(groups: list[Optional[str]]) -> int:
+def _count_groups(groups: list[str | None]) -> int:
     return len({g for g in groups if g is not None}) + sum(g is None for g in groups)
 
 
@@ -249,7 +250,7 @@ def _numeric(column: pd.Series) -> pd.Series:
     return pd.to_numeric(pd.Series(_clean_values(column), index=column.index, dtype=object), errors="coerce")
 
 
-def _binary_columns(frame: pd.DataFrame, by: Optional[str]) -> list[str]:
+def _binary_columns(frame: pd.DataFrame, by: str | None) -> list[str]:
     """The 0/1 label columns: not reserved, at least one value, and every value 0 or 1."""
     found = []
     for column in frame.columns:
@@ -262,7 +263,7 @@ def _binary_columns(frame: pd.DataFrame, by: Optional[str]) -> list[str]:
     return found
 
 
-def _strata(frame: pd.DataFrame, stratify: Optional[str], by: Optional[str]) -> _Strata:
+def _strata(frame: pd.DataFrame, stratify: str | None, by: str | None) -> _Strata:
     if stratify is not None and stratify.strip().lower() == "none" and "none" not in frame.columns:
         return _Strata([0] * len(frame), "nothing (--stratify none)", "none", [])
     if stratify is None:

@@ -6,8 +6,9 @@ twice as fast as the PIL path; conversion to float happens after the geometric o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torchvision.transforms import InterpolationMode, v2
@@ -29,7 +30,7 @@ class Preprocessing:
     """Steps before the model's recipe, saved in the checkpoint so `predict` repeats them."""
 
     fundus_crop: bool = False  # crop to the circular field of view, padded square (AutoMorph-style)
-    oct_crop: Optional[float] = None  # keep this central fraction of each B-scan
+    oct_crop: float | None = None  # keep this central fraction of each B-scan
 
     def ops(self) -> list:
         from retinafm.data.preprocess import CentralCrop, FundusCrop
@@ -40,7 +41,7 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_state(cls, state: Optional[dict[str, Any]]) -> "Preprocessing":
+    def from_state(cls, state: dict[str, Any] | None) -> Preprocessing:
         return cls(**(state or {}))
 
 

@@ -8,9 +8,9 @@ integer N (N B-scans evenly spread from the first to the last).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Optional
 
 import numpy as np
 
@@ -32,7 +32,7 @@ class VolumeError(Exception):
     """A volume (or one of its frames) that cannot be read; the message says why."""
 
 
-def split_address(path: str) -> tuple[str, Optional[int], bool]:
+def split_address(path: str) -> tuple[str, int | None, bool]:
     """`file#frame=3` -> (file, 3, False); `file#slo` -> (file, None, True); a plain path -> (path, None, False).
     A file whose real name ends like an address is taken as that file."""
     match = _ADDRESS.match(str(path))
@@ -109,7 +109,7 @@ def expand_frames(paths: Iterable[str], oct_frames: OctFrames = "middle") -> lis
     return out
 
 
-def read_volume_image(path: str, frame: Optional[int], slo: bool) -> Optional[np.ndarray]:
+def read_volume_image(path: str, frame: int | None, slo: bool) -> np.ndarray | None:
     """(H, W, 3) uint8 for a DICOM / Heidelberg / multi-page-TIFF frame or SLO image; None when the
     file is none of those (an ordinary image: the caller decodes it)."""
     suffix = Path(path).suffix.lower()
@@ -157,7 +157,7 @@ def _stamp(path: str | Path) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=2)  # per process: a DataLoader worker reads many B-scans of the same volume in a row
-def _eyepy_volume(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+def _eyepy_volume(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, np.ndarray | None]:
     import eyepy
 
     reader = eyepy.import_heyex_e2e if path.lower().endswith(".e2e") else eyepy.import_heyex_vol

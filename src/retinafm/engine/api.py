@@ -8,8 +8,9 @@ fundus / OCT crop included).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ class RetinaModel:
     """A loaded checkpoint or backbone: `predict` (a checkpoint with a task) and `embed` (any)."""
 
     def __init__(self, model: nn.Module, transform: Callable, device: torch.device,
-                 autocast_dtype: Optional[torch.dtype], *, name: str, task: Any = None,
+                 autocast_dtype: torch.dtype | None, *, name: str, task: Any = None,
                  oct_frames: str = "middle", tta_flip: bool = False, num_workers: int = 0):
         self.model, self.transform, self.device, self.autocast_dtype = model, transform, device, autocast_dtype
         self.name, self.task, self.oct_frames, self.tta_flip = name, task, oct_frames, tta_flip
@@ -125,9 +126,9 @@ def _as_tensor(item: Any, position: int) -> torch.Tensor:
 
 
 def load(source: str | Path, *, device: str = "auto", precision: str = "auto", cpu_int8: bool = False,
-         weights: Optional[str] = None, pool: Optional[str] = None, input_size: Optional[int] = None,
-         fundus_crop: bool = False, oct_crop: Optional[float] = None, tta_flip: bool = False,
-         oct_frames: Optional[str] = None, num_workers: int = 0) -> RetinaModel:
+         weights: str | None = None, pool: str | None = None, input_size: int | None = None,
+         fundus_crop: bool = False, oct_crop: float | None = None, tta_flip: bool = False,
+         oct_frames: str | None = None, num_workers: int = 0) -> RetinaModel:
     """A checkpoint (.pth, or its .onnx export) or a model zoo name, ready to `predict` / `embed`.
 
     A checkpoint brings its task, classes and image recipe; `weights`, `pool`, `input_size`,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -101,9 +101,9 @@ def save_checkpoint(
     model: nn.Module,
     meta: CheckpointMeta,
     *,
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    scaler: Optional[torch.amp.GradScaler] = None,
-    extra: Optional[dict[str, Any]] = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """A classifier's checkpoint (kind "classifier"); `optimizer`, `scaler` and `extra` are the
     training state a checkpoint-last.pth adds."""
@@ -121,7 +121,7 @@ def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_state(weights: dict[str, torch.Tensor], kind: str, meta: dict[str, Any],
-                     training: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                     training: dict[str, Any] | None = None) -> dict[str, Any]:
     """The one layout: weights under 'model', metadata with kind and format under 'retinafm', then
     any training state (optimizer, scaler, epoch, RNG) at the top level."""
     if kind not in KINDS:
@@ -132,7 +132,7 @@ def checkpoint_state(weights: dict[str, torch.Tensor], kind: str, meta: dict[str
 
 
 def write_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], kind: str, meta: dict[str, Any],
-                     training: Optional[dict[str, Any]] = None) -> Path:
+                     training: dict[str, Any] | None = None) -> Path:
     """Write `checkpoint_state(...)` atomically."""
     return save_torch(path, checkpoint_state(weights, kind, meta, training))
 
@@ -142,7 +142,7 @@ def _state(meta: CheckpointMeta, weights: dict[str, torch.Tensor], kind: str = "
 
 
 def save_probe_checkpoint(path: str | Path, meta: CheckpointMeta, head: dict[str, torch.Tensor],
-                          backbone_state: Optional[dict[str, torch.Tensor]] = None) -> Path:
+                          backbone_state: dict[str, torch.Tensor] | None = None) -> Path:
     """A probe's checkpoint: its head, plus the backbone's weights only when meta.backbone cannot
     name where they come from (a randomly initialised backbone)."""
     return save_torch(path, _state(meta, {**(backbone_state or {}), **head}, kind="probe"))

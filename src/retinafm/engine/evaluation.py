@@ -6,9 +6,10 @@ The end of `finetune` and the `evaluate` command both come through `evaluate_sam
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,13 +42,13 @@ class SplitEvaluation:
     metrics: dict[str, float]
     skipped: list[tuple[str, str]]
     task: Any = None  # the task as evaluated (with thresholds chosen on this split when calibrated)
-    patient_ids: list[Optional[str]] = field(default_factory=list)
+    patient_ids: list[str | None] = field(default_factory=list)
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> (low, high)
     bootstrap: dict[str, Any] = field(default_factory=dict)  # how the CIs were made
     notes: dict[str, Any] = field(default_factory=dict)  # e.g. absent_classes, label_map
 
 
-def confidence_intervals(task, targets: np.ndarray, outputs: np.ndarray, patient_ids: Sequence[Optional[str]],
+def confidence_intervals(task, targets: np.ndarray, outputs: np.ndarray, patient_ids: Sequence[str | None],
                          replicates: int, seed: int = 0) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]:
     """Percentile bootstrap CIs of every metric the task reports (counts and thresholds excluded):
     stratified as the task says (by class for multi-class), resampling whole patients when the
@@ -83,7 +84,7 @@ def evaluate_samples(
     calibrate: bool = False,
     bootstrap: int = 0,
     seed: int = 0,
-    autocast_dtype: Optional[torch.dtype] = None,  # the run's (train.runtime.amp_dtype); None: fp32
+    autocast_dtype: torch.dtype | None = None,  # the run's (train.runtime.amp_dtype); None: fp32
 ) -> SplitEvaluation:
     """Inference over labelled samples, then loss and the task's metrics on the readable ones.
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,26 +22,26 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 
 @dataclass
 class EmbedSettings:
-    model: Optional[str] = None  # a zoo name or timm architecture ...
-    weights: Optional[str] = None  # ... with these weights (None: the zoo entry's own)
-    checkpoint: Optional[str] = None  # or a retinafm checkpoint (fine-tuned or imported), or its .onnx export
-    pool: Optional[str] = None  # cls | avg; None: the model's own (RETFound: avg)
+    model: str | None = None  # a zoo name or timm architecture ...
+    weights: str | None = None  # ... with these weights (None: the zoo entry's own)
+    checkpoint: str | None = None  # or a retinafm checkpoint (fine-tuned or imported), or its .onnx export
+    pool: str | None = None  # cls | avg; None: the model's own (RETFound: avg)
     tta_flip: bool = False  # average the embeddings of the image and its horizontal flip
     dtype: str = "float16"
-    input_size: Optional[int] = None
+    input_size: int | None = None
     batch_size: int = 64
     num_workers: int = 2
     device: str = "auto"
     shard_size: int = 2048
     oct_frames: str = "middle"  # B-scans of each volume: middle | all | N
     fundus_crop: bool = False  # with --model: crop fundus photographs to their field of view first
-    oct_crop: Optional[float] = None  # with --model: keep this central fraction of each B-scan
-    modality: Optional[str] = None  # CFP | OCT: what the images are, instead of guessing
+    oct_crop: float | None = None  # with --model: keep this central fraction of each B-scan
+    modality: str | None = None  # CFP | OCT: what the images are, instead of guessing
     cpu_int8: bool = False  # dynamic int8 Linear layers (CPU only; embeddings change slightly)
     precision: str = "auto"  # autocast: auto (per machine), fp32, bf16 or fp16
 
     @classmethod
-    def for_run(cls, cfg: FinetuneSettings) -> "EmbedSettings":
+    def for_run(cls, cfg: FinetuneSettings) -> EmbedSettings:
         """The settings a linear-probe run (finetune --adaptation lp, label-efficiency) embeds with:
         the run's model, image recipe and volumes, float32 for the probe."""
         return cls(model=cfg.model, weights=cfg.weights, input_size=cfg.input_size,
@@ -133,7 +133,7 @@ def embedding_model(settings: EmbedSettings) -> tuple[nn.Module, dict[str, Any]]
     return model.eval(), info
 
 
-def backbone_fields(info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Optional[dict[str, torch.Tensor]]]:
+def backbone_fields(info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor] | None]:
     """From an embeddings file's metadata: the CheckpointMeta fields describing its backbone, the
     reference to its weights, and (for a random-init backbone, which has no reference) its weights."""
     from retinafm.models.registry import get_spec

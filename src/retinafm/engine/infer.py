@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -33,10 +32,10 @@ def infer(
     *,
     batch_size: int,
     num_workers: int = 0,
-    amp_dtype: Optional[torch.dtype] = None,
+    amp_dtype: torch.dtype | None = None,
     desc: str = "inference",
     progress: bool = True,
-    cpu_tuning: Optional[bool] = None,
+    cpu_tuning: bool | None = None,
 ) -> InferenceResult:
     """Run `model` over `dataset`. Under torchrun each rank takes a strided shard; every rank
     returns the gathered, ordered result so metrics are always computed on all images.

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -159,13 +160,13 @@ class LoadedModel:
     model: nn.Module  # eval mode, on `device` (quantised under cpu_int8)
     meta: CheckpointMeta
     device: torch.device
-    autocast_dtype: Optional[torch.dtype]  # None: fp32 (always for ONNX and int8)
+    autocast_dtype: torch.dtype | None  # None: fp32 (always for ONNX and int8)
     precision: str  # what a run records: onnx | int8 | fp32 | bf16 | fp16
     onnx: bool
     transform: Callable  # the checkpoint's evaluation recipe, its fundus / OCT crop included
     task: Any = None  # the checkpoint's task with its saved thresholds / target statistics
 
-    def check_modality(self, paths: Sequence[str], declared: Optional[str] = None) -> Optional[str]:
+    def check_modality(self, paths: Sequence[str], declared: str | None = None) -> str | None:
         """Warn when the images do not look like what the model was trained on."""
         from retinafm.data.preprocess import check_modality
 
@@ -173,7 +174,7 @@ class LoadedModel:
 
 
 def prepare_for_inference(model: nn.Module, *, onnx: bool, device: str = "auto", precision: str = "auto",
-                          cpu_int8: bool = False) -> tuple[nn.Module, torch.device, Optional[torch.dtype], str]:
+                          cpu_int8: bool = False) -> tuple[nn.Module, torch.device, torch.dtype | None, str]:
     """A loaded model on its device, quantised if asked, with its autocast dtype and precision name.
 
     ONNX Runtime and int8 Linear layers run in their own precision; the rest autocasts per machine.

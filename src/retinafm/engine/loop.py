@@ -6,8 +6,8 @@ precision asks for it, a GradScaler for fp16, gradients through whatever wraps t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -26,8 +26,8 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class StepSettings:
     accum_iter: int = 1
-    clip_grad: Optional[float] = None
-    amp_dtype: Optional[torch.dtype] = None
+    clip_grad: float | None = None
+    amp_dtype: torch.dtype | None = None
 
 
 def train_one_epoch(
@@ -39,10 +39,10 @@ def train_one_epoch(
     *,
     epoch: int,
     settings: StepSettings,
-    scaler: Optional[torch.amp.GradScaler] = None,
-    skip_log: Optional[SkipLog] = None,
+    scaler: torch.amp.GradScaler | None = None,
+    skip_log: SkipLog | None = None,
     progress: bool = True,
-    after_step: Optional[Callable[[int], None]] = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`. Returns the mean training loss under "loss" (per image, averaged
     across ranks) and the per-step mean of every other scalar the objective returned.

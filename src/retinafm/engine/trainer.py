@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Protocol
 
 import pandas as pd
 import torch
@@ -63,11 +64,11 @@ class TrainerSettings:
     batch_size: int = 32
     num_workers: int = 0
     accum_iter: int = 1
-    clip_grad: Optional[float] = None
-    lr: Optional[float] = None
+    clip_grad: float | None = None
+    lr: float | None = None
     blr: float = 1e-3
     weight_decay: float = 0.05
-    layer_decay: Optional[float] = None
+    layer_decay: float | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: int = 0
     min_lr: float = 0.0
@@ -99,11 +100,11 @@ def _epoch_line(epochs: int) -> Callable[[dict[str, Any], bool], str]:
 class Hooks:
     """What a run adds to the shared loop; every hook is optional."""
 
-    validate: Optional[Validator] = None
-    describe: Optional[Callable[[dict[str, Any], bool], str]] = None  # the printed line of an epoch
-    before_epoch: Optional[Callable[[int], None]] = None  # e.g. DINO's teacher temperature warmup
-    after_step: Optional[Callable[[int], None]] = None  # after each optimiser step, with the global update
-    after_epoch: Optional[Callable[[int, dict[str, Any]], None]] = None  # every rank, after the checkpoints
+    validate: Validator | None = None
+    describe: Callable[[dict[str, Any], bool], str] | None = None  # the printed line of an epoch
+    before_epoch: Callable[[int], None] | None = None  # e.g. DINO's teacher temperature warmup
+    after_step: Callable[[int], None] | None = None  # after each optimiser step, with the global update
+    after_epoch: Callable[[int, dict[str, Any]], None] | None = None  # every rank, after the checkpoints
 
 
 class Trainer:
@@ -123,14 +124,14 @@ class Trainer:
             prepare_output_dir(self.run_dir, overwrite=s.overwrite, resume=s.resume)
         dist_utils.barrier()
         seed_everything(s.seed + dist_utils.rank())
-        self.dtype: Optional[torch.dtype] = amp_dtype(self.device, s.precision)
+        self.dtype: torch.dtype | None = amp_dtype(self.device, s.precision)
         self.lr = effective_lr(s.lr, s.blr, s.batch_size, s.accum_iter, dist_utils.world_size())
         self.skip_log = SkipLog()
         self.rows: list[dict[str, Any]] = []
         self.files: dict[str, Path] = {}  # what the run wrote besides the checkpoints: curves, skipped.csv...
         self.skipped_count = 0
         # On --resume, checkpoint-last.pth (upgraded to the current layout); `fit` puts its state back.
-        self.resume_state: Optional[dict[str, Any]] = \
+        self.resume_state: dict[str, Any] | None = \
             open_checkpoint(self.last_path, "--resume") if s.resume else None
         if self.resume_state is not None and self.resume_state["retinafm"]["kind"] != s.kind:
             raise ConfigError(f"--resume: {self.last_path} is not a retinafm {_RUN_NOUNS.get(s.kind, s.kind)} "
@@ -152,7 +153,7 @@ class Trainer:
         return dataset_size // dist_utils.world_size() > self.settings.batch_size
 
     def fit(self, objective: nn.Module, dataset: Dataset, *, meta: Callable[[], dict[str, Any]],
-            model: Optional[nn.Module] = None, hooks: Optional[Hooks] = None, banner: str = "") -> list[dict[str, Any]]:
+            model: nn.Module | None = None, hooks: Hooks | None = None, banner: str = "") -> list[dict[str, Any]]:
         """Train `objective` on `dataset` for the remaining epochs; returns the log rows.
 
         `model` is what the checkpoints save under 'model' and what the optimiser's groups come
@@ -219,7 +220,7 @@ class Trainer:
         return self.rows
 
     def _restore(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 validate: Optional[Validator]) -> int:
+                 validate: Validator | None) -> int:
         """A resumed run's optimiser, scaler, random state, best-so-far and log rows; the epoch to start at."""
         state = self.resume_state
         if state is None:
@@ -238,7 +239,7 @@ class Trainer:
         return start_epoch
 
     def _save(self, epoch: int, model: nn.Module, meta: dict[str, Any], improved: bool,
-              optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, validate: Optional[Validator]) -> None:
+              optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, validate: Validator | None) -> None:
         kind = self.settings.kind
         write_csv(self.run_dir / "log.csv", pd.DataFrame(self.rows))
         weights = model_weights(model)
@@ -251,7 +252,7 @@ class Trainer:
             training.update(validate.state())
         write_checkpoint(self.last_path, weights, kind, meta, training)
 
-    def write_skipped(self) -> Optional[Path]:
+    def write_skipped(self) -> Path | None:
         """skipped.csv with the unreadable files every rank met, written once by rank 0 (None when
         there were none, and on the other ranks)."""
         parts = dist_utils.all_gather_objects(self.skip_log.frame().values.tolist())

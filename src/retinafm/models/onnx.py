@@ -19,7 +19,7 @@ class OnnxModel(nn.Module):
     """An exported model behind the interface `infer` and `embed` use: forward → logits and
     features → pooled features, torch tensors in and out (computed on the CPU by ONNX Runtime)."""
 
-    def __init__(self, session: Any, meta: "CheckpointMeta", path: Path):
+    def __init__(self, session: Any, meta: CheckpointMeta, path: Path):
         super().__init__()
         self.session, self.path = session, path
         self.global_pool = meta.global_pool  # embed reads str(model.global_pool) for its metadata

@@ -7,7 +7,7 @@ Any timm ViT name also works as --model, with no weights unless --weights names 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import timm
 import torch
@@ -44,9 +44,9 @@ class ModelSpec:
     patch_size: int = 16
     modality: str = "any"  # CFP | OCT | any
     family: str = "timm"  # checkpoint family: a key of weights.ADAPTERS (retfound_mae, visionfm, retfiner, timm...)
-    hf_repo: Optional[str] = None
-    hf_filename: Optional[str] = None
-    global_pool: Optional[str] = None  # None: the architecture's own default in timm
+    hf_repo: str | None = None
+    hf_filename: str | None = None
+    global_pool: str | None = None  # None: the architecture's own default in timm
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     licence: str = "-"
@@ -54,7 +54,7 @@ class ModelSpec:
     description: str = ""
     # Weights published outside the Hugging Face Hub: where to download the file, which is then
     # passed with --weights PATH (the model is never silently left at random initialisation).
-    weights_url: Optional[str] = None
+    weights_url: str | None = None
 
     @property
     def weight_source(self) -> str:
@@ -235,10 +235,10 @@ def create_model(
     spec: ModelSpec,
     num_classes: int,
     *,
-    input_size: Optional[int] = None,
+    input_size: int | None = None,
     drop_path: float = 0.0,
-    global_pool: Optional[str] = None,
-    head: Optional[HeadSettings] = None,
+    global_pool: str | None = None,
+    head: HeadSettings | None = None,
     fc_norm_repeats: int = 1,
 ) -> nn.Module:
     """Build the backbone with a fresh `num_classes`-output head (linear unless `head` says

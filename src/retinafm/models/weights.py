@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -46,7 +47,7 @@ class LoadReport:
 
 
 # --------------------------------------------------------------------------- finding the file
-def resolve_weights(spec: ModelSpec, weights: Optional[str]) -> Optional[str]:
+def resolve_weights(spec: ModelSpec, weights: str | None) -> str | None:
     """Turn --weights into a local file path, downloading from the Hub when needed.
 
     None means the zoo entry's own weights; 'none' means random initialisation. A value that is
@@ -90,7 +91,7 @@ def _download_hint(spec: ModelSpec, what: str) -> str:
             "and pass the file with --weights PATH (or --weights none for random initialisation).")
 
 
-def hub_download(repo_id: str, filename: Optional[str]) -> str:
+def hub_download(repo_id: str, filename: str | None) -> str:
     """Download (or take from the HF cache) one weights file; honours HF_TOKEN and HF_HUB_OFFLINE."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
@@ -296,7 +297,7 @@ def _has_prefix(sd: Any, prefix: str) -> bool:
     return isinstance(sd, dict) and any(isinstance(k, str) and k.startswith(prefix) for k in sd)
 
 
-def _retinafm_kind(ckpt: dict[str, Any]) -> Optional[str]:
+def _retinafm_kind(ckpt: dict[str, Any]) -> str | None:
     """The kind of a checkpoint retinafm wrote (classifier, probe, pretrain, refine), else None.
     Files from before the one checkpoint layout kept pretraining / refinement metadata apart."""
     if "retinafm_pretrain" in ckpt:

@@ -10,7 +10,7 @@ wherever RETFound-MAE weights do.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -91,7 +91,7 @@ class MaskedAutoencoder(nn.Module):
         x = patches.reshape(patches.shape[0], h, w, p, p, 3)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(patches.shape[0], 3, h * p, w * p)
 
-    def random_masking(self, tokens: torch.Tensor, noise: Optional[torch.Tensor] = None
+    def random_masking(self, tokens: torch.Tensor, noise: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keep a random (1 - mask_ratio) of each image's patches. Returns the kept tokens, the
         mask (N, L: 1 = removed) and the permutation that restores the original order."""
@@ -107,7 +107,7 @@ class MaskedAutoencoder(nn.Module):
         return kept, torch.gather(mask, 1, restore), restore
 
     # ------------------------------------------------------------------ forward
-    def forward_encoder(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None
+    def forward_encoder(self, images: torch.Tensor, noise: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.patch_embed(images) + self.pos_embed[:, 1:]
         x, mask, restore = self.random_masking(x, noise)
@@ -143,7 +143,7 @@ class MaskedAutoencoder(nn.Module):
         per_patch = ((pred.float() - self.target(images).float()) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
-    def predict_masked(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None
+    def predict_masked(self, images: torch.Tensor, noise: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (loss, predicted patches (N, L, p·p·3), mask (N, L))."""
         latent, mask, restore = self.forward_encoder(images, noise)
@@ -155,7 +155,7 @@ class MaskedAutoencoder(nn.Module):
         return {"loss": self.predict_masked(batch.images)[0]}
 
     @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None
+    def reconstruct(self, images: torch.Tensor, noise: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(masked input, reconstruction with the visible patches pasted back), both (N, 3, H, W)
         in the input's normalised units. A norm-pix model predicts each patch up to its mean and

@@ -1,13 +1,13 @@
 """Supervised training: a backbone + task head, the task's training loss, optional mixup / cutmix."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 
-def make_mixup(mixup: float, cutmix: float, smoothing: float, num_classes: int) -> Optional[Any]:
+def make_mixup(mixup: float, cutmix: float, smoothing: float, num_classes: int) -> Any | None:
     """timm's Mixup when either alpha is positive (it also applies the label smoothing), else None."""
     if mixup <= 0 and cutmix <= 0:
         return None
@@ -20,13 +20,13 @@ class Supervised(nn.Module):
     """forward(batch) → {"loss": criterion(model(images), targets)}, with the batch mixed in training
     when `mixup` (timm's Mixup) is given; the criterion must then take soft targets."""
 
-    def __init__(self, model: nn.Module, criterion: nn.Module, mixup: Optional[Any] = None) -> None:
+    def __init__(self, model: nn.Module, criterion: nn.Module, mixup: Any | None = None) -> None:
         super().__init__()
         self.model, self.criterion, self.mixup = model, criterion, mixup
 
     @classmethod
     def for_task(cls, model: nn.Module, task: Any, *, smoothing: float = 0.0, mixup: float = 0.0,
-                 cutmix: float = 0.0) -> "Supervised":
+                 cutmix: float = 0.0) -> Supervised:
         """The task's training loss (label smoothing, soft targets under mixup) around `model`."""
         mix = make_mixup(mixup, cutmix, smoothing, task.num_outputs)
         return cls(model, task.train_loss(smoothing, soft_targets=mix is not None), mix)

@@ -5,7 +5,7 @@ head and a language-model head tied to the word embeddings."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -64,7 +64,7 @@ class CrossAttention(nn.Module):
 
 
 class VisionLanguage(nn.Module):
-    def __init__(self, vision: nn.Module, text: nn.Module, *, fusion_layers: Optional[int] = None,
+    def __init__(self, vision: nn.Module, text: nn.Module, *, fusion_layers: int | None = None,
                  embed_dim: int = 256) -> None:
         super().__init__()
         self.vision, self.text = vision, text
@@ -95,7 +95,7 @@ class VisionLanguage(nn.Module):
         return tokens, self.vision.forward_head(tokens, pre_logits=True)
 
     def text_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    image: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
+                    image: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         """The text encoder's last hidden states. With `image` tokens the upper layers also
         cross-attend to them (the fused passes); `causal` masks future tokens (GM)."""
         h = self.text.embeddings(input_ids=input_ids)

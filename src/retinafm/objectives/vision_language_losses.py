@@ -8,8 +8,6 @@
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -17,8 +15,8 @@ IGNORE = -100  # cross_entropy's ignore_index: positions that carry no target
 
 
 def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, temperature: torch.Tensor | float,
-             offset: int = 0, all_image_emb: Optional[torch.Tensor] = None,
-             all_text_emb: Optional[torch.Tensor] = None, positives: Optional[torch.Tensor] = None) -> torch.Tensor:
+             offset: int = 0, all_image_emb: torch.Tensor | None = None,
+             all_text_emb: torch.Tensor | None = None, positives: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of image→text and text→image cross-entropy over cosine similarities / temperature.
     With several processes, `all_*` are every rank's embeddings (negatives from the whole
     batch) and `offset` is where this rank's rows start in them. `positives` (B, N bool, the
@@ -36,7 +34,7 @@ def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, temperature: torch
 
 
 def hard_negatives(similarity: torch.Tensor, same_report: torch.Tensor,
-                   generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row i of the (B, B) image→text similarity, a text index j drawn with probability
     softmax(similarity[i]) over the texts that are not i's report (j != i and a different report
     text); -1 where no such text exists. Returns (negative text per image, negative image per text)."""
@@ -61,7 +59,7 @@ def itm_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor) -> to
 
 
 def mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, *, mask_token_id: int, vocab_size: int,
-                probability: float = 0.15, generator: Optional[torch.Generator] = None
+                probability: float = 0.15, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masking: each maskable token is chosen with `probability`; a chosen token becomes
     [MASK] (80%), a random token (10%) or stays (10%). Returns (inputs, labels) with labels IGNORE

@@ -15,8 +15,9 @@ import os
 import queue
 import warnings
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,7 @@ _KEEP_FREED_BYTES = 256 << 20  # free memory at the top of the heap kept for reu
 _MMAP_FROM_BYTES = 32 << 20  # allocations below this come from the heap (glibc's maximum on 64-bit)
 
 
-def cpu_tuning_enabled(explicit: Optional[bool] = None) -> bool:
+def cpu_tuning_enabled(explicit: bool | None = None) -> bool:
     """The switch: an explicit True / False wins, else RETINAFM_CPU_TUNING (default on)."""
     if explicit is not None:
         return explicit
@@ -76,7 +77,7 @@ class BatchRunner:
         self.forward, self.streams = forward, streams
         self._threads = torch.get_num_threads()
         self._running: deque[tuple[Future, Any]] = deque()
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool: ThreadPoolExecutor | None = None
         if streams:
             counts: queue.SimpleQueue[int] = queue.SimpleQueue()
             for n in streams:
@@ -108,7 +109,7 @@ class BatchRunner:
             self._pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(self._threads)  # the streams' setting is process-wide for new threads
 
-    def __enter__(self) -> "BatchRunner":
+    def __enter__(self) -> BatchRunner:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -116,7 +117,7 @@ class BatchRunner:
 
 
 def batch_runner(forward: Callable[[torch.Tensor], Any], model: nn.Module, device: torch.device,
-                 tuning: Optional[bool] = None) -> BatchRunner:
+                 tuning: bool | None = None) -> BatchRunner:
     """How `infer` runs its batches on this device: with CPU tuning (the switch), the allocator is
     set once and two batches run side by side; otherwise one after another."""
     if device.type != "cpu" or not cpu_tuning_enabled(tuning):

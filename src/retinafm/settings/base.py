@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import typing
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -50,7 +51,7 @@ def parse_oct_frames(value: OctFrames) -> OctFrames:
     return number
 
 
-def check_preprocessing(oct_crop: Optional[float], modality: Optional[str]) -> None:
+def check_preprocessing(oct_crop: float | None, modality: str | None) -> None:
     """--oct-crop and --modality, wherever they are given (finetune, embed)."""
     if oct_crop is not None and not 0 < oct_crop <= 1:
         raise ConfigError(f"--oct-crop is the central fraction to keep, in (0, 1]; got {oct_crop}")
@@ -64,7 +65,7 @@ def _at_least_one(cfg: Any, *names: str) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
 
 
-def _check_warmup(warmup_epochs: Optional[int], epochs: int) -> None:
+def _check_warmup(warmup_epochs: int | None, epochs: int) -> None:
     if warmup_epochs is not None and not 0 <= warmup_epochs <= epochs:
         raise ConfigError(f"--warmup-epochs must be between 0 and --epochs ({epochs})")
 
@@ -97,7 +98,7 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def comma_list(value: Any) -> Optional[list[str]]:
+def comma_list(value: Any) -> list[str] | None:
     """A comma list as given on the command line or in an older config.yaml ("a, b,") or already a list."""
     if value is None:
         return None
@@ -105,7 +106,7 @@ def comma_list(value: Any) -> Optional[list[str]]:
     return [str(item).strip() for item in items if str(item).strip()]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_types(cls: type) -> dict[str, Any]:
     """Each field's resolved annotation (the modules use `from __future__ import annotations`)."""
     return typing.get_type_hints(cls)
@@ -113,14 +114,14 @@ def field_types(cls: type) -> dict[str, Any]:
 
 def unwrap_optional(annotation: Any) -> tuple[Any, bool]:
     """(the type inside Optional[...], whether None is allowed)."""
-    if typing.get_origin(annotation) is Union:
+    if typing.get_origin(annotation) in (Union, types.UnionType):  # Optional[X] and X | None
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1 and len(typing.get_args(annotation)) == 2:
             return args[0], True
     return annotation, False
 
 
-def list_item_type(annotation: Any) -> Optional[type]:
+def list_item_type(annotation: Any) -> type | None:
     """str for list[str], float for list[float], None when the field is not a list."""
     inner, _ = unwrap_optional(annotation)
     if typing.get_origin(inner) is list:

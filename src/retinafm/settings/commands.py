@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from retinafm.settings.base import ConfigError, Settings, setting
 
@@ -15,13 +15,13 @@ class SplitSettings(Settings):
 
     manifest: str = setting("", "CSV: path, a patient id column [, label | 0/1 label columns | targets] [, split].",
                             path={"dir_okay": False}, required=True)
-    out: Optional[str] = setting(None, "Manifest CSV to write with its split column; with --check, an optional CSV "
+    out: str | None = setting(None, "Manifest CSV to write with its split column; with --check, an optional CSV "
                                        "of the leaking ids.", path={"dir_okay": False})
     by: str = setting("patient_id", "Column whose rows stay in one split (the patient id); 'none' splits image by "
                                     "image.")
     ratios: str = setting("0.7,0.15,0.15", "train,val,test fractions of the patients.")
     seed: int = setting(0, "Seed of the split.")
-    stratify: Optional[str] = setting(None, "Column to stratify on (default: label; else each row's rarest positive "
+    stratify: str | None = setting(None, "Column to stratify on (default: label; else each row's rarest positive "
                                             "0/1 label column; 'none': no stratification). Numeric columns with many "
                                             "values go by quintile.")
     check: bool = setting(False, "Don't split: list the ids whose images lie in more than one split of the "
@@ -30,7 +30,7 @@ class SplitSettings(Settings):
     overwrite: bool = setting(False, "Replace an existing --out.")
 
     @property
-    def group_by(self) -> Optional[str]:
+    def group_by(self) -> str | None:
         """--by as a column name, or None for 'none' (image by image)."""
         return None if self.by.strip().lower() == "none" else self.by.strip()
 
@@ -52,7 +52,7 @@ class CompareSettings(Settings):
 
     split: str = setting("test", "Which split's predictions to compare.", flag="--on")
     out: str = setting("comparison", "Folder for comparison.csv/.json and forest.png.", path={})
-    metric: Optional[str] = setting(None, "Headline metric (default: the task's, e.g. auroc_macro or r2_macro).")
+    metric: str | None = setting(None, "Headline metric (default: the task's, e.g. auroc_macro or r2_macro).")
     bootstrap: int = setting(1000, "Paired bootstrap replicates.")
     seed: int = setting(0, "Seed of the bootstrap.")
     overwrite: bool = setting(False, "Replace an existing --out.")

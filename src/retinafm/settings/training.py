@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from retinafm.settings.base import (
     HEADS,
@@ -37,12 +37,12 @@ class FinetuneSettings(Settings):
     """Fine-tuning settings; defaults follow RETFound's fine-tuning recipe."""
 
     out: str = setting("", "Run directory to create.", path={})
-    data_path: Optional[str] = setting(None, "Folder DATA/{train,val,test}/<class>/<image>.", path={})
-    manifest: Optional[str] = setting(
+    data_path: str | None = setting(None, "Folder DATA/{train,val,test}/<class>/<image>.", path={})
+    manifest: str | None = setting(
         None, "CSV: path, split [, patient_id] and label | 0/1 label columns | numeric targets.", path={})
-    split: Optional[str] = setting(None, "Automatic stratified split ratios train,val,test, e.g. 0.7,0.15,0.15.")
+    split: str | None = setting(None, "Automatic stratified split ratios train,val,test, e.g. 0.7,0.15,0.15.")
     model: str = setting("RETFound_mae_natureCFP", "Zoo name (see `retinafm models`) or timm ViT.")
-    weights: Optional[str] = setting(None, "Zoo weights (default), HF repo id, local file, or 'none'.")
+    weights: str | None = setting(None, "Zoo weights (default), HF repo id, local file, or 'none'.")
     adaptation: Adaptation = setting("finetune", "finetune: train the whole model; lp: a linear probe on the "
                                                  "frozen backbone.")
     # "features" embeds every image once and fits a scikit-learn probe (seconds); "sgd" is RETFound's
@@ -54,13 +54,13 @@ class FinetuneSettings(Settings):
     oct_frames: str = setting("middle", OCT_FRAMES_HELP)
     fundus_crop: bool = setting(False, "Crop fundus photographs to their circular field of view, padded square "
                                        "(kept for predict).")
-    oct_crop: Optional[float] = setting(None, "Keep this central fraction of each OCT B-scan, e.g. 0.8 (kept for "
+    oct_crop: float | None = setting(None, "Keep this central fraction of each OCT B-scan, e.g. 0.8 (kept for "
                                               "predict).")
-    modality: Optional[Modality] = setting(None, "What the images are, when the colour/grayscale check guesses "
+    modality: Modality | None = setting(None, "What the images are, when the colour/grayscale check guesses "
                                                  "wrong.")
-    labels: Optional[list[str]] = setting(None, "multilabel: comma-separated 0/1 manifest columns (default: every "
+    labels: list[str] | None = setting(None, "multilabel: comma-separated 0/1 manifest columns (default: every "
                                                 "non-reserved column).")
-    targets: Optional[list[str]] = setting(None, "regression: comma-separated numeric manifest columns (default: "
+    targets: list[str] | None = setting(None, "regression: comma-separated numeric manifest columns (default: "
                                                  "every non-reserved column).")
     head: Head = setting("linear", "Task head on the pooled feature: linear, mlp, or transformer (one token per "
                                    "output).")
@@ -69,7 +69,7 @@ class FinetuneSettings(Settings):
     head_mlp_ratio: float = setting(2.0, "Hidden width of the mlp/transformer head as a multiple of the backbone "
                                          "width.")
     head_dropout: float = setting(0.1, "Dropout inside the mlp/transformer head.")
-    loss: Optional[RegressionLoss] = setting(None, "regression loss on standardised targets (default huber).")
+    loss: RegressionLoss | None = setting(None, "regression loss on standardised targets (default huber).")
     huber_beta: float = setting(1.0, "regression: where the Huber (SmoothL1) loss turns from quadratic to linear.")
     pos_weight: bool = setting(False, "multilabel: weight each label's positives by its negative/positive ratio "
                                       "in train.")
@@ -82,7 +82,7 @@ class FinetuneSettings(Settings):
     epochs: int = setting(50, "Training epochs.")
     batch_size: int = setting(16, "Per process.")
     accum_iter: int = setting(1, "Accumulate gradients over this many batches per optimizer step.")
-    lr: Optional[float] = setting(None, "Absolute lr (default: blr × effective batch / 256).")
+    lr: float | None = setting(None, "Absolute lr (default: blr × effective batch / 256).")
     blr: float = setting(5e-3, "Base learning rate, scaled by the effective batch / 256.")
     min_lr: float = setting(1e-6, "Floor of the cosine learning-rate schedule.")
     layer_decay: float = setting(0.65, "Layer-wise learning-rate decay towards the input (1: none).")
@@ -93,12 +93,12 @@ class FinetuneSettings(Settings):
     smoothing: float = setting(0.1, "Label smoothing (multiclass; multilabel smooths towards 0.5).")
     mixup: float = setting(0.0, "Mixup alpha (multiclass; 0: off).")
     cutmix: float = setting(0.0, "CutMix alpha (multiclass; 0: off).")
-    clip_grad: Optional[float] = setting(None, "Clip gradient norm to this value.")
+    clip_grad: float | None = setting(None, "Clip gradient norm to this value.")
     grad_checkpointing: bool = setting(False, "Recompute block activations in backward: far less GPU memory, about "
                                               "a third more compute.")
     compile: bool = setting(False, "torch.compile the model for training (GPU; pays a compile time up front).")
-    input_size: Optional[int] = setting(None, "Default: the model's input size.")
-    global_pool: Optional[GlobalPool] = setting(None, "avg (RETFound: mean of patch tokens + fc_norm) or token "
+    input_size: int | None = setting(None, "Default: the model's input size.")
+    global_pool: GlobalPool | None = setting(None, "avg (RETFound: mean of patch tokens + fc_norm) or token "
                                                       "(CLS); default per model.")
     crop_min_scale: float = setting(0.08, "Smallest area fraction of the random resized crop.")
     randaug_magnitude: int = setting(9, "RandAugment magnitude; 0 turns RandAugment off.")
@@ -151,7 +151,7 @@ class FinetuneSettings(Settings):
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
         _check_crop_scale(self.crop_min_scale)
 
-    def threshold_value(self) -> Optional[float]:
+    def threshold_value(self) -> float | None:
         """The fixed multilabel threshold, or None for thresholds chosen on validation (youden)."""
         if str(self.threshold).lower() == "youden":
             return None
@@ -163,7 +163,7 @@ class FinetuneSettings(Settings):
             raise ConfigError(f"--threshold must be in (0, 1), got {value}")
         return value
 
-    def names_list(self) -> Optional[list[str]]:
+    def names_list(self) -> list[str] | None:
         """--labels / --targets as a list of manifest columns (None: every non-reserved column). The
         task type's settings check has made sure only the one its task takes is given."""
         flag, names = ("labels", self.labels) if self.labels else ("targets", self.targets)
@@ -187,24 +187,24 @@ class PretrainSettings(Settings):
     out: str = setting("", "Run directory to create.", path={"file_okay": False})
     images: str = setting("", "Unlabelled images: any folder (searched recursively; labels ignored) or a manifest "
                               "CSV.", path={})
-    splits: Optional[list[str]] = setting(None, "Keep only these splits (e.g. train,val) when the images carry one.")
+    splits: list[str] | None = setting(None, "Keep only these splits (e.g. train,val) when the images carry one.")
     method: PretrainMethod = setting("mae", "mae (RETFound's first stage) or dino.")
     model: str = setting("vit_large_patch16", "Zoo name or timm ViT architecture.")
-    init: Optional[str] = setting(None, "Continue from these weights (zoo name, org/repo[:file], local file; an MAE "
+    init: str | None = setting(None, "Continue from these weights (zoo name, org/repo[:file], local file; an MAE "
                                         "file's decoder too). Default: random.")
-    input_size: Optional[int] = setting(None, "Default: the model's own.")
+    input_size: int | None = setting(None, "Default: the model's own.")
     oct_frames: str = setting("middle", OCT_FRAMES_HELP)
     fundus_crop: bool = setting(False, "Crop fundus photographs to their field of view first.")
-    oct_crop: Optional[float] = setting(None, "Keep this central fraction of each OCT B-scan.")
+    oct_crop: float | None = setting(None, "Keep this central fraction of each OCT B-scan.")
     epochs: int = setting(800, "Pretraining epochs.")
-    warmup_epochs: Optional[int] = setting(None, "Default: mae 40, dino 10 (at most --epochs).")
+    warmup_epochs: int | None = setting(None, "Default: mae 40, dino 10 (at most --epochs).")
     batch_size: int = setting(64, "Per process.")
     accum_iter: int = setting(1, "Accumulate gradients over this many batches per optimizer step.")
-    lr: Optional[float] = setting(None, "Absolute learning rate (default: blr x batch / 256).")
-    blr: Optional[float] = setting(None, "Base learning rate. Default: mae 1.5e-4, dino 5e-4.")
+    lr: float | None = setting(None, "Absolute learning rate (default: blr x batch / 256).")
+    blr: float | None = setting(None, "Base learning rate. Default: mae 1.5e-4, dino 5e-4.")
     min_lr: float = setting(0.0, "Floor of the cosine learning-rate schedule.")
-    weight_decay: Optional[float] = setting(None, "Default: mae 0.05, dino 0.04.")
-    clip_grad: Optional[float] = setting(None, "Clip gradient norm to this value.")
+    weight_decay: float | None = setting(None, "Default: mae 0.05, dino 0.04.")
+    clip_grad: float | None = setting(None, "Clip gradient norm to this value.")
     # MAE
     mask_ratio: float = setting(0.75, "MAE.")
     norm_pix_loss: bool = setting(True, "MAE.")
@@ -215,7 +215,7 @@ class PretrainSettings(Settings):
     # DINO
     out_dim: int = setting(65536, "DINO: prototypes.")
     local_crops: int = setting(6, "DINO.")
-    local_size: Optional[int] = setting(None, "DINO (default: 96/224 of the input size).")
+    local_size: int | None = setting(None, "DINO (default: 96/224 of the input size).")
     teacher_temp: float = setting(0.04, "DINO.")
     warmup_teacher_temp: float = setting(0.04, "DINO.")
     warmup_teacher_epochs: int = setting(0, "DINO.")
@@ -261,7 +261,7 @@ class PretrainSettings(Settings):
         value = PRETRAIN_DEFAULTS[self.method][name]
         return min(value, self.epochs) if name == "warmup_epochs" else value
 
-    def split_list(self) -> Optional[list[str]]:
+    def split_list(self) -> list[str] | None:
         return comma_list(self.splits) or None
 
 
@@ -272,18 +272,18 @@ class RefineSettings(Settings):
     out: str = setting("", "Run directory to create.", path={"file_okay": False})
     pairs: str = setting("", "CSV of image-report pairs: path, report [, split].", path={})
     model: str = setting("RETFound_mae_natureOCT", "Zoo name or timm ViT architecture.")
-    weights: Optional[str] = setting(None, "File, hf repo id, zoo name, or 'none' (default: the zoo entry's).")
+    weights: str | None = setting(None, "File, hf repo id, zoo name, or 'none' (default: the zoo entry's).")
     text_model: str = setting("", "BERT-family text encoder: Hugging Face repo id or local folder (e.g. "
                                   "emilyalsentzer/Bio_ClinicalBERT).")
-    input_size: Optional[int] = setting(None, "Default: the model's own.")
+    input_size: int | None = setting(None, "Default: the model's own.")
     oct_frames: str = setting("middle", OCT_FRAMES_HELP)
     fundus_crop: bool = setting(False, "Crop fundus photographs to their field of view first.")
-    oct_crop: Optional[float] = setting(None, "Keep this central fraction of each OCT B-scan.")
+    oct_crop: float | None = setting(None, "Keep this central fraction of each OCT B-scan.")
     losses: list[str] = setting(help="Objectives: any of itc, itm, mlm, gm.",
                                 default_factory=lambda: ["itc", "itm", "mlm", "gm"])
-    loss_weights: Optional[list[float]] = setting(None, "One weight per --losses entry, e.g. 1,1,0.5,0.5 (default "
+    loss_weights: list[float] | None = setting(None, "One weight per --losses entry, e.g. 1,1,0.5,0.5 (default "
                                                         "all 1).")
-    fusion_layers: Optional[int] = setting(None, "Upper text layers that cross-attend to the image (default: half "
+    fusion_layers: int | None = setting(None, "Upper text layers that cross-attend to the image (default: half "
                                                  "of them).")
     embed_dim: int = setting(256, "Contrastive space width.")
     max_length: int = setting(128, "Report tokens kept.")
@@ -296,8 +296,8 @@ class RefineSettings(Settings):
     min_lr: float = setting(1e-6, "Floor of the cosine learning-rate schedule.")
     weight_decay: float = setting(0.05, "AdamW weight decay.")
     crop_min_scale: float = setting(0.5, "Smallest area fraction of the random resized crop.")
-    clip_grad: Optional[float] = setting(None, "Clip gradient norm to this value.")
-    probe_on: Optional[str] = setting(None, "A labelled folder or manifest: linear probes before and after "
+    clip_grad: float | None = setting(None, "Clip gradient norm to this value.")
+    probe_on: str | None = setting(None, "A labelled folder or manifest: linear probes before and after "
                                             "refinement, side by side.", path={})
     probe_bootstrap: int = setting(1000, "Bootstrap replicates of the probes' test CIs (0: none).")
     seed: int = setting(0, "Random seed.")

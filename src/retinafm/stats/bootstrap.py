@@ -11,9 +11,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -23,8 +22,8 @@ MIN_PARALLEL_CHUNK = 50  # replicates per job below which a worker process costs
 class BootstrapSamples(Sequence):
     """`replicates` resamples of `n` items, drawn lazily (memory stays O(n), not O(n * replicates))."""
 
-    def __init__(self, n: int, replicates: int, seed: int = 0, *, strata: Optional[np.ndarray] = None,
-                 groups: Optional[np.ndarray] = None):
+    def __init__(self, n: int, replicates: int, seed: int = 0, *, strata: np.ndarray | None = None,
+                 groups: np.ndarray | None = None):
         if n < 1:
             raise ValueError("cannot bootstrap an empty set")
         if replicates < 1:
@@ -74,8 +73,8 @@ def _rebuild(state: dict) -> BootstrapSamples:
     return samples
 
 
-def bootstrap_samples(n: int, replicates: int, seed: int = 0, *, strata: Optional[np.ndarray] = None,
-                      groups: Optional[np.ndarray] = None) -> BootstrapSamples:
+def bootstrap_samples(n: int, replicates: int, seed: int = 0, *, strata: np.ndarray | None = None,
+                      groups: np.ndarray | None = None) -> BootstrapSamples:
     """Index arrays of `replicates` resamples with replacement of `n` items: within each stratum
     when `strata` is given (per-item labels), whole groups (patients) at a time when `groups` is."""
     return BootstrapSamples(n, replicates, seed, strata=strata, groups=groups)
@@ -88,7 +87,7 @@ def _evaluate(statistic: Callable, samples: Sequence[np.ndarray], start: int, st
         return [statistic(samples[i]) for i in range(start, stop)]
 
 
-def _map(statistic: Callable, samples: Sequence[np.ndarray], n_jobs: Optional[int]) -> list:
+def _map(statistic: Callable, samples: Sequence[np.ndarray], n_jobs: int | None) -> list:
     """statistic(rows) for every replicate, in replicate order, over `n_jobs` processes (-1: all cores)."""
     total = len(samples)
     jobs = (os.cpu_count() or 1) if n_jobs in (None, -1) else max(1, int(n_jobs))
@@ -114,7 +113,7 @@ def bootstrap_ci(
     samples: Sequence[np.ndarray],
     *,
     level: float = 0.95,
-    n_jobs: Optional[int] = 1,
+    n_jobs: int | None = 1,
     min_defined: float = 0.5,
 ) -> dict[str, tuple[float, float]]:
     """Percentile intervals of every value `statistic(rows)` returns, over the replicates.
@@ -156,7 +155,7 @@ def paired_bootstrap(
     *,
     full: tuple[float, float],
     level: float = 0.95,
-    n_jobs: Optional[int] = 1,
+    n_jobs: int | None = 1,
 ) -> PairedDifference:
     """Paired bootstrap of b - a: both models are scored on the same resampled images, so the
     interval reflects the difference, not two independent uncertainties.

@@ -13,7 +13,8 @@ from __future__ import annotations
 import importlib
 import re
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,7 +49,7 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.nd
 
 
 def multiclass_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
-                       grade_order: Optional[Sequence[int]] = None) -> dict[str, float]:
+                       grade_order: Sequence[int] | None = None) -> dict[str, float]:
     """All classification metrics for integer labels `y_true` (N,) and class probabilities `probs` (N, C).
 
     Keys: n, accuracy, balanced_accuracy, auroc_macro, auprc_macro, f1_macro, sensitivity_macro,
@@ -109,7 +110,7 @@ def multiclass_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Seque
     return out
 
 
-def grade_order_of(class_names: Sequence[str]) -> Optional[list[int]]:
+def grade_order_of(class_names: Sequence[str]) -> list[int] | None:
     """Class indices from the lowest to the highest grade when every class name carries a grade
     number ("0".."4", "DR0".."DR4", "grade_1".., "0_none", "1_mild"...) and the numbers are
     consecutive; None when the names do not look like grades."""
@@ -252,7 +253,7 @@ def regression_metrics(targets: np.ndarray, preds: np.ndarray, names: Sequence[s
 
 
 def metrics_to_frame(metrics: dict[str, float],
-                     ci: Optional[dict[str, tuple[float, float]]] = None) -> pd.DataFrame:
+                     ci: dict[str, tuple[float, float]] | None = None) -> pd.DataFrame:
     """`metric`, `value`, `ci_low`, `ci_high`: one row per metric in dict order (for metrics CSVs);
     the CI cells are empty for metrics without an interval (counts, or no bootstrap)."""
     ci = ci or {}

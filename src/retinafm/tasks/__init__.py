@@ -7,7 +7,8 @@ the training loop is shared.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Union
 
 from retinafm.settings import ConfigError
 from retinafm.tasks.base import TaskBase

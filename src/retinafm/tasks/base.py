@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -55,7 +56,7 @@ class TaskBase:
     # metrics files apart when they carry no task block (None: the default task).
     report_headline: ClassVar[tuple[str, ...]] = ()
     output_kind: ClassVar[str] = "output"
-    legacy_marker: ClassVar[Optional[str]] = None
+    legacy_marker: ClassVar[str | None] = None
     # The linear probe: its regularisation grid (strongest first) and the name of that setting.
     probe_grid: ClassVar[tuple[float, ...]] = C_GRID
     probe_strength_name: ClassVar[str] = "C"
@@ -63,12 +64,12 @@ class TaskBase:
 
     # ----------------------------------------------------------------------- settings
     @classmethod
-    def from_settings(cls, settings: Any, output_names: Sequence[str]) -> "TaskBase":
+    def from_settings(cls, settings: Any, output_names: Sequence[str]) -> TaskBase:
         """A new run's task from FinetuneSettings (before fit/calibrate)."""
         return cls(tuple(output_names))  # type: ignore[call-arg]
 
     @classmethod
-    def check_settings(cls, settings: Any, others: Iterable[type["TaskBase"]] = ()) -> None:
+    def check_settings(cls, settings: Any, others: Iterable[type[TaskBase]] = ()) -> None:
         """Refuse FinetuneSettings this task type cannot use: settings of the `others` task types, and
         a data folder where the targets live in a manifest's columns."""
         others = [o for o in others if o is not cls]
@@ -114,7 +115,7 @@ class TaskBase:
     # ----------------------------------------------------------------------- linear probe
     @classmethod
     def probe_targets(cls, frame: pd.DataFrame, splits: dict[str, np.ndarray], settings: Any
-                      ) -> tuple["TaskBase", dict[str, np.ndarray], np.ndarray]:
+                      ) -> tuple[TaskBase, dict[str, np.ndarray], np.ndarray]:
         """(task before fit, {split: rows}, targets) from an embeddings table's columns."""
         raise NotImplementedError(f"the {cls.name} task has no linear probe")
 
@@ -151,22 +152,22 @@ class TaskBase:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)  # type: ignore[arg-type]
                 if f.name not in ("output_names", "name")}
 
-    def fit(self, train_targets: np.ndarray) -> "TaskBase":
+    def fit(self, train_targets: np.ndarray) -> TaskBase:
         """The task with what it learns from the training targets (nothing by default)."""
         return self
 
-    def calibrate(self, targets: np.ndarray, outputs: np.ndarray) -> "TaskBase":
+    def calibrate(self, targets: np.ndarray, outputs: np.ndarray) -> TaskBase:
         """The task with what it chooses on validation outputs (nothing by default)."""
         return self
 
-    def bootstrap_strata(self, targets: np.ndarray) -> Optional[np.ndarray]:
+    def bootstrap_strata(self, targets: np.ndarray) -> np.ndarray | None:
         """What bootstrap replicates are stratified on (None: plain resampling)."""
         return None
 
     # (label, metric key, format) printed after training and evaluation, most important first.
     summary_fields: tuple[tuple[str, str, str], ...] = ()
 
-    def summary(self, metrics: dict[str, float], ci: Optional[dict[str, tuple[float, float]]] = None) -> str:
+    def summary(self, metrics: dict[str, float], ci: dict[str, tuple[float, float]] | None = None) -> str:
         """One line of the headline metrics, each with its 95% CI when `ci` has one."""
         parts = []
         for label, key, fmt in self.summary_fields:
@@ -220,11 +221,11 @@ class VectorTargetTask(TaskBase):
 
     named_columns: ClassVar[bool] = True
     # What a probe's target columns must hold, for its message (None: any number).
-    probe_allowed: ClassVar[Optional[tuple[float, ...]]] = None
+    probe_allowed: ClassVar[tuple[float, ...] | None] = None
 
     @classmethod
     def probe_targets(cls, frame: pd.DataFrame, splits: dict[str, np.ndarray], settings: Any
-                      ) -> tuple["TaskBase", dict[str, np.ndarray], np.ndarray]:
+                      ) -> tuple[TaskBase, dict[str, np.ndarray], np.ndarray]:
         columns = [c.strip() for c in settings.columns.split(",") if c.strip()]
         missing = [c for c in columns if c not in frame.columns]
         if missing:
@@ -241,7 +242,7 @@ class VectorTargetTask(TaskBase):
         """Refuse values this task's columns cannot hold (any number by default)."""
 
     @classmethod
-    def for_probe(cls, columns: Sequence[str], settings: Any) -> "TaskBase":
+    def for_probe(cls, columns: Sequence[str], settings: Any) -> TaskBase:
         return cls(tuple(columns))  # type: ignore[call-arg]
 
     def fit_probe(self, z: np.ndarray, y: np.ndarray, strength: float, max_iter: int, seed: int

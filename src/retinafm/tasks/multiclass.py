@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ class MulticlassTask(TaskBase):
     # Best epoch: highest validation macro AUROC (binary: the positive class's); ties go to the lower loss.
     selection_metric: str = "auroc_macro"
     # Ordered grades (e.g. DR 0-4): class indices from the lowest grade to the highest; None: nominal.
-    grade_order: Optional[tuple[int, ...]] = None
+    grade_order: tuple[int, ...] | None = None
 
     summary_fields = (("AUROC", "auroc_macro", ".4f"), ("accuracy", "accuracy", ".4f"), ("F1", "f1_macro", ".4f"),
                       ("quadratic kappa", "quadratic_kappa", ".4f"), ("kappa", "kappa", ".4f"), ("MCC", "mcc", ".4f"))
@@ -48,7 +49,7 @@ class MulticlassTask(TaskBase):
         return self.grade_order is not None
 
     @classmethod
-    def from_settings(cls, settings: Any, output_names: Sequence[str]) -> "MulticlassTask":
+    def from_settings(cls, settings: Any, output_names: Sequence[str]) -> MulticlassTask:
         return cls(tuple(output_names), grade_order=grade_order(output_names, settings.ordinal))
 
     def bootstrap_strata(self, targets: np.ndarray) -> np.ndarray:
@@ -82,7 +83,7 @@ class MulticlassTask(TaskBase):
         return [self.output_names[i] for i in probs.argmax(axis=1)]
 
     def prediction_frame(self, paths: Sequence[str], probs: np.ndarray,
-                         targets: Optional[np.ndarray] = None) -> pd.DataFrame:
+                         targets: np.ndarray | None = None) -> pd.DataFrame:
         """path, prediction, [label], then one prob_<class> per class (rows sum to 1)."""
         frame = pd.DataFrame({"path": list(paths), "prediction": self.predicted_labels(probs)})
         if targets is not None:
@@ -146,7 +147,7 @@ class MulticlassTask(TaskBase):
 
     @classmethod
     def probe_targets(cls, frame: pd.DataFrame, splits: dict[str, np.ndarray], settings: Any
-                      ) -> tuple["MulticlassTask", dict[str, np.ndarray], np.ndarray]:
+                      ) -> tuple[MulticlassTask, dict[str, np.ndarray], np.ndarray]:
         """Class names from the train rows' labels (settings.label_column); rows without one are left out."""
         if settings.label_column not in frame.columns:
             raise DataSourceError(f"the embeddings have no {settings.label_column!r} column (--label-column); "
@@ -200,7 +201,7 @@ class MulticlassTask(TaskBase):
         return {"split": split, **dict(zip(self.output_names, counts.tolist()))}
 
 
-def grade_order(class_names: Sequence[str], ordinal: bool) -> Optional[tuple[int, ...]]:
+def grade_order(class_names: Sequence[str], ordinal: bool) -> tuple[int, ...] | None:
     """Classes named as numbered grades are ordered by their numbers; `ordinal` (--ordinal) also
     marks other names as grades, in their class order. None: nominal classes."""
     order = grade_order_of(class_names)

@@ -7,9 +7,10 @@ per-label thresholds chosen on validation by Youden's J, kept in the checkpoint 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,7 +33,7 @@ class MaskedBCEWithLogits(nn.Module):
     """BCE over the known (non-NaN) targets only, with optional per-label positive weights and
     label smoothing towards 0.5."""
 
-    def __init__(self, pos_weight: Optional[Sequence[float]] = None, smoothing: float = 0.0) -> None:
+    def __init__(self, pos_weight: Sequence[float] | None = None, smoothing: float = 0.0) -> None:
         super().__init__()
         self.register_buffer("pos_weight", torch.tensor(pos_weight, dtype=torch.float32) if pos_weight else None)
         self.smoothing = smoothing
@@ -52,10 +53,10 @@ class MultilabelTask(VectorTargetTask):
     output_names: tuple[str, ...]
     name: str = "multilabel"
     selection_metric: str = "auroc_macro"
-    threshold: Optional[float] = 0.5  # None: per-label thresholds chosen on validation (Youden's J)
-    thresholds: Optional[tuple[float, ...]] = None  # the ones in use; None until calibrated
+    threshold: float | None = 0.5  # None: per-label thresholds chosen on validation (Youden's J)
+    thresholds: tuple[float, ...] | None = None  # the ones in use; None until calibrated
     use_pos_weight: bool = False
-    pos_weight: Optional[tuple[float, ...]] = None  # negatives/positives per label in train
+    pos_weight: tuple[float, ...] | None = None  # negatives/positives per label in train
 
     per_output_fields = ("thresholds", "pos_weight")
     summary_fields = (("macro AUROC", "auroc_macro", ".4f"), ("AUPRC", "auprc_macro", ".4f"), ("F1", "f1_macro", ".4f"),
@@ -77,7 +78,7 @@ class MultilabelTask(VectorTargetTask):
     legacy_marker = "accuracy_macro"
 
     @classmethod
-    def from_settings(cls, settings: Any, output_names: Sequence[str]) -> "MultilabelTask":
+    def from_settings(cls, settings: Any, output_names: Sequence[str]) -> MultilabelTask:
         return cls(tuple(output_names), threshold=settings.threshold_value(), use_pos_weight=settings.pos_weight)
 
     @property
@@ -86,7 +87,7 @@ class MultilabelTask(VectorTargetTask):
             return list(self.thresholds)
         return [0.5 if self.threshold is None else float(self.threshold)] * self.num_outputs
 
-    def fit(self, train_targets: np.ndarray) -> "MultilabelTask":
+    def fit(self, train_targets: np.ndarray) -> MultilabelTask:
         positives = np.nansum(train_targets, axis=0)
         negatives = np.sum(train_targets == 0, axis=0)
         for name, pos, neg in zip(self.output_names, positives, negatives):
@@ -104,7 +105,7 @@ class MultilabelTask(VectorTargetTask):
         replicate then keeps positives of each finding, however rare."""
         return rarest_positive(targets)
 
-    def calibrate(self, targets: np.ndarray, probs: np.ndarray) -> "MultilabelTask":
+    def calibrate(self, targets: np.ndarray, probs: np.ndarray) -> MultilabelTask:
         if self.threshold is not None:
             return self
         return replace(self, thresholds=tuple(youden_thresholds(targets, probs, self.output_names)))
@@ -126,7 +127,7 @@ class MultilabelTask(VectorTargetTask):
         return [";".join(n for n, p in zip(self.output_names, row) if p) for row in positive]
 
     def prediction_frame(self, paths: Sequence[str], probs: np.ndarray,
-                         targets: Optional[np.ndarray] = None) -> pd.DataFrame:
+                         targets: np.ndarray | None = None) -> pd.DataFrame:
         """path, prediction (labels at or above their threshold, joined by ';'), [true_<label>
         (0/1, empty if unknown)], then one independent prob_<label> per label."""
         frame = pd.DataFrame({"path": list(paths), "prediction": self.predicted_labels(probs)})
@@ -193,7 +194,7 @@ class MultilabelTask(VectorTargetTask):
             raise DataSourceError(f"multi-label columns {columns} must hold 0 or 1 (or empty), found {bad[:5]}")
 
     @classmethod
-    def for_probe(cls, columns: Sequence[str], settings: Any) -> "MultilabelTask":
+    def for_probe(cls, columns: Sequence[str], settings: Any) -> MultilabelTask:
         return cls(tuple(columns), threshold=settings.threshold)
 
     def fit_probe_output(self, j: int, z: np.ndarray, y: np.ndarray, strength: float, max_iter: int,

@@ -7,9 +7,10 @@ turned back into original units before anyone sees them.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -64,8 +65,8 @@ class RegressionTask(VectorTargetTask):
     selection_metric: str = "r2_macro"
     loss_kind: str = "huber"
     huber_beta: float = 1.0
-    mean: Optional[tuple[float, ...]] = None  # train statistics, set by fit()
-    std: Optional[tuple[float, ...]] = None
+    mean: tuple[float, ...] | None = None  # train statistics, set by fit()
+    std: tuple[float, ...] | None = None
 
     per_output_fields = ("mean", "std")
     summary_fields = (("macro R²", "r2_macro", ".4f"), ("MAE", "mae_macro", ".4g"), ("RMSE", "rmse_macro", ".4g"),
@@ -85,7 +86,7 @@ class RegressionTask(VectorTargetTask):
     probe_columns_help = "--targets (the value columns)"
 
     @classmethod
-    def from_settings(cls, settings: Any, output_names: Sequence[str]) -> "RegressionTask":
+    def from_settings(cls, settings: Any, output_names: Sequence[str]) -> RegressionTask:
         return cls(tuple(output_names), loss_kind=settings.loss or "huber", huber_beta=settings.huber_beta)
 
     @classmethod
@@ -99,7 +100,7 @@ class RegressionTask(VectorTargetTask):
             return {"huber_beta": trial.suggest_float("huber_beta", 0.5, 2.0)}
         return {}
 
-    def fit(self, train_targets: np.ndarray) -> "RegressionTask":
+    def fit(self, train_targets: np.ndarray) -> RegressionTask:
         mean, std = [], []
         for i, name in enumerate(self.output_names):
             known = train_targets[:, i][~np.isnan(train_targets[:, i])]
@@ -133,7 +134,7 @@ class RegressionTask(VectorTargetTask):
         return regression_metrics(targets, preds, self.output_names)
 
     def prediction_frame(self, paths: Sequence[str], preds: np.ndarray,
-                         targets: Optional[np.ndarray] = None) -> pd.DataFrame:
+                         targets: np.ndarray | None = None) -> pd.DataFrame:
         """path, [true_<target> (empty if unknown)], then one column per target, in original units."""
         frame = pd.DataFrame({"path": list(paths)})
         if targets is not None:

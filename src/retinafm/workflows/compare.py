@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,7 +49,7 @@ class RunOutputs:
     paths: list[str]
     targets: np.ndarray
     outputs: np.ndarray
-    patient_ids: Optional[list[Any]] = None
+    patient_ids: list[Any] | None = None
 
 
 @dataclass
@@ -82,7 +83,7 @@ def compare_runs(
     out: str | Path,
     *,
     split: str = "test",
-    metric: Optional[str] = None,
+    metric: str | None = None,
     bootstrap: int = 1000,
     seed: int = 0,
     overwrite: bool = False,
@@ -124,7 +125,7 @@ def compare_runs(
     return result
 
 
-def compare_pair(reference: RunOutputs, other: RunOutputs, *, metric: Optional[str] = None, bootstrap: int = 1000,
+def compare_pair(reference: RunOutputs, other: RunOutputs, *, metric: str | None = None, bootstrap: int = 1000,
                  seed: int = 0, task_label: str = "") -> list[ComparisonRow]:
     """The headline metric by paired bootstrap, then DeLong per ROC curve when the metric is an AUROC."""
     task = reference.task
@@ -159,7 +160,7 @@ def compare_pair(reference: RunOutputs, other: RunOutputs, *, metric: Optional[s
     return rows
 
 
-def load_run(folder: str | Path, split: str = "test", name: Optional[str] = None) -> RunOutputs:
+def load_run(folder: str | Path, split: str = "test", name: str | None = None) -> RunOutputs:
     """A run's predictions on `split` with its task rebuilt from metrics_<split>.json."""
     folder = Path(folder)
     predictions, metrics_file = folder / f"predictions_{split}.csv", folder / f"metrics_{split}.json"
@@ -220,7 +221,7 @@ def _subset(run: RunOutputs, rows: list[int]) -> RunOutputs:
                       run.outputs[rows], patients)
 
 
-def _groups(patient_ids: Optional[list[Any]]) -> Optional[np.ndarray]:
+def _groups(patient_ids: list[Any] | None) -> np.ndarray | None:
     if patient_ids is None or all(p is None for p in patient_ids):
         return None
     return np.asarray(patient_ids, dtype=object)

@@ -13,7 +13,6 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -34,10 +33,10 @@ class DemoSummary:
     test_auroc: float
     passed: bool
     seconds: float
-    scratch_auroc: Optional[float] = None  # the same fine-tune without MAE pretraining
+    scratch_auroc: float | None = None  # the same fine-tune without MAE pretraining
 
 
-def demo_config(out: Path, epochs: Optional[int] = None) -> FinetuneSettings:
+def demo_config(out: Path, epochs: int | None = None) -> FinetuneSettings:
     """Settings for a from-scratch tiny ViT: no pretrained weights exist offline, so no layer decay,
     a milder crop (lesions must stay in view) and a short warmup."""
     epochs = epochs or 30
@@ -99,11 +98,11 @@ def _prepare(out: Path, overwrite: bool) -> None:
     write_text(out / MARKER, "written by `retinafm demo`\n")
 
 
-def _ci_text(ci: Optional[tuple[float, float]]) -> str:
+def _ci_text(ci: tuple[float, float] | None) -> str:
     return f" (95% CI {ci[0]:.4f}–{ci[1]:.4f})" if ci else ""
 
 
-def run_demo(out: Path, epochs: Optional[int] = None, overwrite: bool = False,
+def run_demo(out: Path, epochs: int | None = None, overwrite: bool = False,
              pretrain_epochs: int = PRETRAIN_EPOCHS) -> DemoSummary:
     """`pretrain_epochs` 0 skips MAE pretraining: the main run is then trained from scratch."""
     from retinafm.data.synthetic import write_demo_dataset
@@ -178,7 +177,7 @@ Held-out test macro AUROC{' (MAE-pretrained, then fine-tuned)' if scratch else '
     return DemoSummary(out, auroc, passed, elapsed, scratch_auroc)
 
 
-def _test_ci(run_dir: Path) -> Optional[tuple[float, float]]:
+def _test_ci(run_dir: Path) -> tuple[float, float] | None:
     import json
 
     metrics = json.loads((run_dir / "metrics_test.json").read_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -31,10 +31,10 @@ def evaluate_checkpoint(
     checkpoint: str | Path,
     out: str | Path,
     *,
-    data_path: Optional[str] = None,
-    manifest: Optional[str] = None,
+    data_path: str | None = None,
+    manifest: str | None = None,
     split: str = "test",
-    label_map: Optional[dict[str, str]] = None,
+    label_map: dict[str, str] | None = None,
     ordinal: bool = False,
     bootstrap: int = 1000,
     seed: int = 0,
@@ -94,7 +94,7 @@ def evaluate_checkpoint(
     return ev
 
 
-def _external_notes(task, targets: np.ndarray, label_map: Optional[dict[str, str]]) -> dict[str, Any]:
+def _external_notes(task, targets: np.ndarray, label_map: dict[str, str] | None) -> dict[str, Any]:
     """What a reader of external-set metrics must know: outputs the set has no examples of (their
     per-class metrics are undefined) and how its labels were mapped."""
     absent = task.absent_outputs(targets)

@@ -7,9 +7,10 @@ plots/*.png, report.html (and split.csv, skipped.csv when they apply).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pandas as pd
 import torch
@@ -45,7 +46,7 @@ class FinetuneResult:
     run_dir: Path
     best_epoch: int
     best_val: dict[str, float]
-    test: Optional[dict[str, float]] = None
+    test: dict[str, float] | None = None
     selection_metric: str = "auroc_macro"  # the validation metric that chose best_epoch
     files: dict[str, Path] = field(default_factory=dict)
 
@@ -58,7 +59,7 @@ def _say(msg: str) -> None:
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
-def finetune(cfg: FinetuneSettings, *, on_epoch: Optional[EpochCallback] = None,
+def finetune(cfg: FinetuneSettings, *, on_epoch: EpochCallback | None = None,
              evaluate_test: bool = True) -> FinetuneResult:
     """Fine-tune (or linear-probe) a zoo model on a labelled folder or manifest.
 
@@ -122,7 +123,7 @@ class _BestOnValidation:
                  meta: CheckpointMeta) -> None:
         self.model, self.task, self.samples, self.transform = model, task, samples, transform
         self.trainer, self.cfg, self.meta = trainer, cfg, meta
-        self.best: Optional[dict[str, float]] = None
+        self.best: dict[str, float] | None = None
         self.best_loss, self.best_epoch = float("inf"), -1
         self.last: dict[str, float] = {}
 
@@ -153,7 +154,7 @@ class _BestOnValidation:
                 f"{'  *best*' if improved else ''}  ({row['seconds']:.1f}s)")
 
 
-def _finetune(cfg: FinetuneSettings, on_epoch: Optional[EpochCallback], evaluate_test: bool) -> FinetuneResult:
+def _finetune(cfg: FinetuneSettings, on_epoch: EpochCallback | None, evaluate_test: bool) -> FinetuneResult:
     trainer = Trainer(TrainerSettings(
         out=cfg.out, kind="classifier", device=cfg.device, precision=cfg.precision, seed=cfg.seed, resume=cfg.resume,
         overwrite=cfg.overwrite, epochs=cfg.epochs, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
@@ -248,7 +249,7 @@ def _finetune(cfg: FinetuneSettings, on_epoch: Optional[EpochCallback], evaluate
     return result
 
 
-def _load_pretrained(model: nn.Module, spec: ModelSpec, weights: Optional[str]) -> None:
+def _load_pretrained(model: nn.Module, spec: ModelSpec, weights: str | None) -> None:
     # Rank 0 downloads first; the others then resolve from their own node's cache (on other
     # nodes rank 0's path may not exist) instead of racing it for the same file.
     path = resolve_weights(spec, weights) if dist_utils.is_primary() else None
@@ -265,7 +266,7 @@ def _load_pretrained(model: nn.Module, spec: ModelSpec, weights: Optional[str]) 
     _say(report.summary())
 
 
-def _evaluate_best(model, samples, transform, device, dtype: Optional[torch.dtype], cfg: FinetuneSettings,
+def _evaluate_best(model, samples, transform, device, dtype: torch.dtype | None, cfg: FinetuneSettings,
                    run_dir: Path, skip_log: SkipLog, result: FinetuneResult) -> dict[str, float]:
     """Test metrics, predictions and plots of the best checkpoint (not the last epoch), with the
     task state (thresholds) chosen on validation for those weights."""

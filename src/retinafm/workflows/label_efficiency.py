@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -64,7 +64,7 @@ def _strata(task, targets: np.ndarray) -> np.ndarray:
 
 
 def label_efficiency(cfg: FinetuneSettings, fractions: Sequence[float], seeds: int = 3, *,
-                     metric: Optional[str] = None, quiet: bool = False) -> LabelEfficiencyResult:
+                     metric: str | None = None, quiet: bool = False) -> LabelEfficiencyResult:
     """Run the study into cfg.out (cfg.adaptation: 'lp' uses cached features, 'finetune' full runs)."""
     cfg.validate()
     check_settings(cfg)

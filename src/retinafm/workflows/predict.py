@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import pandas as pd
 import torch
@@ -23,12 +22,12 @@ class PredictResult:
     predictions: pd.DataFrame
     out: Path
     skipped: pd.DataFrame
-    skipped_path: Optional[Path]
-    volumes: Optional[pd.DataFrame] = None  # one row per OCT volume when several of its B-scans were predicted
-    volumes_path: Optional[Path] = None
+    skipped_path: Path | None
+    volumes: pd.DataFrame | None = None  # one row per OCT volume when several of its B-scans were predicted
+    volumes_path: Path | None = None
 
 
-def volume_table(frame: pd.DataFrame, multiclass: bool) -> Optional[pd.DataFrame]:
+def volume_table(frame: pd.DataFrame, multiclass: bool) -> pd.DataFrame | None:
     """One row per volume with several predicted B-scans: path (the file), frames, then the mean
     and the maximum of every probability column (regression: the mean of each target), and for
     a multi-class model the class with the highest mean probability. None when there are none."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import timm
@@ -203,7 +203,7 @@ def _check_resume_fits(state: dict[str, Any], cfg: PretrainSettings, spec: Model
 
 
 def _reconstruction_batch(paths: list[str], cfg: PretrainSettings, input_size: int, spec: ModelSpec,
-                          preprocessing: Preprocessing) -> Optional[torch.Tensor]:
+                          preprocessing: Preprocessing) -> torch.Tensor | None:
     """The first readable images, centre-cropped, drawn after every epoch with the same mask."""
     dataset = ImageDataset(paths[: cfg.reconstructions * 3], [None] * min(len(paths), cfg.reconstructions * 3),
                            eval_transform(input_size, spec.mean, spec.std, preprocessing=preprocessing))

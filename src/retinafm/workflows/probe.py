@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,11 +43,11 @@ from retinafm.tasks import TASKS
 class ProbeSettings:
     task: str = FinetuneSettings.task
     label_column: str = "label"  # multi-class labels
-    columns: Optional[str] = None  # multi-label labels / regression targets, comma-separated
+    columns: str | None = None  # multi-label labels / regression targets, comma-separated
     knn_k: int = 20
     folds: int = 5  # for choosing the regularisation when there is no validation split
     max_iter: int = 2000
-    threshold: Optional[float] = 0.5  # multi-label decision threshold; None: Youden's J on validation
+    threshold: float | None = 0.5  # multi-label decision threshold; None: Youden's J on validation
     bootstrap: int = 1000
     seed: int = 0
 
@@ -132,7 +133,7 @@ def _score(task, targets: np.ndarray, outputs: np.ndarray) -> float:
     return float(value)
 
 
-def choose_strength(task, x: np.ndarray, y: np.ndarray, val: Optional[tuple[np.ndarray, np.ndarray]],
+def choose_strength(task, x: np.ndarray, y: np.ndarray, val: tuple[np.ndarray, np.ndarray] | None,
                     settings: ProbeSettings) -> tuple[float, pd.DataFrame]:
     """The grid value with the best validation selection metric (ties: the stronger regularisation)."""
     grid = task.probe_grid  # strongest regularisation first
@@ -216,8 +217,8 @@ def probe(embeddings: str | Path | Embeddings, out: str | Path, settings: ProbeS
 
 
 def _evaluation(task, split: str, rows: np.ndarray, targets: np.ndarray, outputs: np.ndarray,
-                logits: Optional[torch.Tensor], paths: Sequence[str], patients: Optional[pd.Series],
-                ci_settings: Optional[ProbeSettings]) -> SplitEvaluation:
+                logits: torch.Tensor | None, paths: Sequence[str], patients: pd.Series | None,
+                ci_settings: ProbeSettings | None) -> SplitEvaluation:
     y = targets[rows]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # undefined per-class metrics on small splits are NaN, as documented
@@ -237,7 +238,7 @@ def _summary(frame: pd.DataFrame, splits: dict[str, np.ndarray], task, targets: 
 
 
 def _save_probe_checkpoint(run_dir: Path, emb: Embeddings, task, head: LinearHead, strength: float,
-                           settings: ProbeSettings, val: Optional[SplitEvaluation]) -> Path:
+                           settings: ProbeSettings, val: SplitEvaluation | None) -> Path:
     from retinafm.engine.checkpoint import CheckpointMeta, save_probe_checkpoint
     from retinafm.engine.features import backbone_fields
 

@@ -10,9 +10,10 @@ the backbone before and after refinement, side by side in probe_comparison.csv.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pandas as pd
 import torch
@@ -47,7 +48,7 @@ class RefineResult:
     backbone: Path
     epochs: int
     final_loss: float
-    probe: Optional[pd.DataFrame] = None  # metric, before, after, change
+    probe: pd.DataFrame | None = None  # metric, before, after, change
     files: dict[str, Path] = field(default_factory=dict)
 
 
@@ -238,7 +239,7 @@ def _check_resume_fits(state: dict[str, Any], cfg: RefineSettings, spec) -> None
                           f"--model {spec.name} --text-model {cfg.text_model}")
 
 
-def probe_before_after(cfg: RefineSettings, model_name: str, original: Optional[str], refined: Path, input_size: int,
+def probe_before_after(cfg: RefineSettings, model_name: str, original: str | None, refined: Path, input_size: int,
                        run_dir: Path) -> pd.DataFrame:
     """Linear probes on `cfg.probe_on` with the backbone before and after refinement, as RetFiner's
     table compares them: test metrics (validation when there is no test split) side by side."""

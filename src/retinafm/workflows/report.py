@@ -15,7 +15,7 @@ import json
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -53,7 +53,7 @@ CAPTIONS = {
 }
 
 
-def write_report(run_dir: str | Path, split: str = "test", *, title: Optional[str] = None,
+def write_report(run_dir: str | Path, split: str = "test", *, title: str | None = None,
                  max_errors: int = 12) -> Path:
     """Write `<run_dir>/report.html` for `split` from the files in the folder; return its path."""
     run_dir = Path(run_dir)
@@ -106,7 +106,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _read_csv(path: Path, *, as_text: bool = False) -> Optional[pd.DataFrame]:
+def _read_csv(path: Path, *, as_text: bool = False) -> pd.DataFrame | None:
     """The CSV, or None when absent or unreadable. `as_text` keeps every cell a string: class
     names such as "1" or "NA" must not become numbers or NaN."""
     if not path.is_file():
@@ -139,7 +139,7 @@ def _output_names(metrics: dict[str, Any], config: dict[str, Any], task: str) ->
 # --- sections -------------------------------------------------------------------------------------
 
 
-def _header(run_dir: Path, split: str, title: Optional[str], config: dict[str, Any], metrics: dict[str, Any],
+def _header(run_dir: Path, split: str, title: str | None, config: dict[str, Any], metrics: dict[str, Any],
             task: str, outputs: list[str]) -> dict[str, Any]:
     from retinafm import __version__
 
@@ -153,7 +153,7 @@ def _header(run_dir: Path, split: str, title: Optional[str], config: dict[str, A
     return {"title": title or run_dir.resolve().name, "fields": items, "version": __version__, "written": written}
 
 
-def _model_of(run_dir: Path, config: dict[str, Any]) -> tuple[Optional[str], Optional[str]]:
+def _model_of(run_dir: Path, config: dict[str, Any]) -> tuple[str | None, str | None]:
     """(model name, architecture) from the best checkpoint's metadata, else from config.yaml."""
     checkpoint = run_dir / "checkpoint-best.pth"
     if checkpoint.is_file():
@@ -312,7 +312,7 @@ def _errors_section(run_dir: Path, split: str, task: str, outputs: list[str], me
     except KeyError as exc:  # a CSV without the columns this task writes
         section["notes"].append(f"predictions_{split}.csv lacks column {exc}; errors not shown.")
         return section
-    thumbs: dict[str, Optional[str]] = {}
+    thumbs: dict[str, str | None] = {}
     for path, cells in errors:
         if path not in thumbs:
             thumbs[path] = _thumbnail(path, run_dir)
@@ -374,7 +374,7 @@ def _data_uri(path: Path, mime: str) -> str:
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _thumbnail(path: str, run_dir: Path) -> Optional[str]:
+def _thumbnail(path: str, run_dir: Path) -> str | None:
     """A JPEG data URI of the image about THUMBNAIL_PX wide, or None when it cannot be read."""
     from PIL import Image
 

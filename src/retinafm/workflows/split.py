@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pandas as pd
 
@@ -26,7 +26,7 @@ class SplitResult:
 class LeakageResult:
     report: pd.DataFrame  # one row per group id found in more than one split; empty when clean
     summary: pd.DataFrame
-    out: Optional[Path]  # where the report was written, if asked
+    out: Path | None  # where the report was written, if asked
 
 
 def split(settings: SplitSettings) -> SplitResult:

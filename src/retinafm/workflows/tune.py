@@ -14,7 +14,7 @@ import shlex
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import optuna
 import pandas as pd
@@ -41,9 +41,9 @@ class TuneSettings:
     trials: int = 20
     tune_epochs: int = 10
     direction: str = "maximize"
-    storage: Optional[str] = None  # e.g. sqlite:///study.db: the study can be continued
-    study_name: Optional[str] = None  # default: the study folder's name
-    timeout: Optional[float] = None  # seconds after which no new trial starts
+    storage: str | None = None  # e.g. sqlite:///study.db: the study can be continued
+    study_name: str | None = None  # default: the study folder's name
+    timeout: float | None = None  # seconds after which no new trial starts
 
 
 @dataclass
@@ -149,7 +149,7 @@ def _open_study(out: Path, base: FinetuneSettings, settings: TuneSettings) -> op
     return study
 
 
-def _study_exists(name: str, storage: Optional[str]) -> bool:
+def _study_exists(name: str, storage: str | None) -> bool:
     if not storage:
         return False
     try:

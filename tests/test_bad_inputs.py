@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from medical_files import oct_bscans, write_dicom, write_dicom_without_pixels
+from helpers import oct_bscans, write_dicom, write_dicom_without_pixels
 from PIL import Image
 
 from retinafm.cli import main

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny_finetune_config
+from helpers import tiny_finetune_config
 
 from retinafm.data.sources import DataSourceError
 from retinafm.settings import ConfigError

@@ -5,13 +5,14 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import tiny_refine_config
 
 from retinafm.cli import main
 from retinafm.data.sources import DataSourceError
 from retinafm.data.synthetic import write_report_pairs
 from retinafm.models.registry import create_model, get_spec
 from retinafm.models.weights import load_backbone_weights
-from retinafm.settings import ConfigError, RefineSettings
+from retinafm.settings import ConfigError
 from retinafm.workflows import refine as run_module
 from retinafm.workflows.refine import refine
 
@@ -19,14 +20,6 @@ from retinafm.workflows.refine import refine
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     return write_report_pairs(tmp_path_factory.mktemp("pairs"), n_train=24, n_val=8, size=48, seed=0)
-
-
-def tiny_refine_config(pairs, text_model, out, **overrides) -> RefineSettings:
-    settings = dict(out=str(out), pairs=str(pairs), model="vit_micro_patch8", weights="none", input_size=32,
-                    text_model=str(text_model), epochs=2, warmup_epochs=1, batch_size=8, lr=1e-3, embed_dim=16,
-                    max_length=32, num_workers=0, device="cpu", probe_bootstrap=0)
-    settings.update(overrides)
-    return RefineSettings(**settings)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +39,7 @@ def test_run_directory_and_log(refined):
 
 
 def test_backbone_loads_through_finetune_with_only_head_keys_missing(refined, demo_data, tmp_path):
-    from conftest import tiny_finetune_config
+    from helpers import tiny_finetune_config
     from safetensors import safe_open
 
     from retinafm.workflows.finetune import finetune

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_manifest_config
+from helpers import tiny_manifest_config
 from sklearn.metrics import r2_score
 
 from retinafm.data.sources import DataSourceError

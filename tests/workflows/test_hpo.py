@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from conftest import tiny_finetune_config
+from helpers import tiny_finetune_config
 
 from retinafm.cli import main
 from retinafm.files import OutputExistsError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from medical_files import oct_bscans, write_dicom, write_dicom_without_pixels
+from helpers import oct_bscans, write_dicom, write_dicom_without_pixels
 from pydicom.data import get_testdata_file
 
 from retinafm.data.dicom import (

@@ -93,7 +93,7 @@ def test_volumes_get_one_row_each_with_mean_and_max(oct_run, oct_volume_data, tm
 def test_fundus_crop_is_saved_in_the_checkpoint_and_reapplied(demo_data, tmp_path):
     """A run trained with --fundus-crop predicts through the same crop, from the checkpoint alone."""
     import torch
-    from conftest import tiny_finetune_config
+    from helpers import tiny_finetune_config
 
     from retinafm.data.io import read_image
     from retinafm.data.preprocess import fundus_crop

@@ -1,10 +1,52 @@
-"""Clinical test files written by the libraries that read them: DICOM with pydicom, Heidelberg
-.vol with eyepy's own format definition, multi-page TIFF with Pillow."""
+"""Helpers shared by test modules (fixtures live in conftest.py; tests import helpers only from here).
+
+- Tiny run settings: a micro ViT at 32 px on the CPU, short enough for the suite.
+- Clinical test files written by the libraries that read them: DICOM with pydicom, Heidelberg
+  .vol with eyepy's own format definition, multi-page TIFF with Pillow.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+from retinafm.settings import FinetuneSettings, PretrainSettings, RefineSettings
+
+
+def tiny_finetune_config(data: Path | None, out: Path, **overrides) -> FinetuneSettings:
+    settings = dict(
+        out=str(out), data_path=str(data) if data else None, model="vit_micro_patch8", weights="none", input_size=32,
+        epochs=2, warmup_epochs=1, batch_size=16, lr=1e-3, layer_decay=1.0, drop_path=0.0,
+        randaug_magnitude=0, reprob=0.0, crop_min_scale=0.5, num_workers=0, device="cpu",
+        bootstrap=0,  # tests that check confidence intervals ask for them
+    )
+    settings.update(overrides)
+    return FinetuneSettings(**settings)
+
+
+def tiny_manifest_config(manifest: Path, out: Path, **overrides) -> FinetuneSettings:
+    """A short run on a manifest at 64 px, where the synthetic findings are visible."""
+    settings = dict(data_path=None, manifest=str(manifest), input_size=64, epochs=20, warmup_epochs=1,
+                    batch_size=16, lr=1e-3, crop_min_scale=0.8, smoothing=0.0)
+    settings.update(overrides)
+    return tiny_finetune_config(None, out, **settings)
+
+
+def tiny_pretrain_config(images, out, **overrides) -> PretrainSettings:
+    settings = dict(out=str(out), images=str(images), model="vit_micro_patch8", input_size=32, epochs=2,
+                    warmup_epochs=1, batch_size=16, lr=1e-3, decoder_dim=32, decoder_depth=1, decoder_heads=4,
+                    reconstructions=2, num_workers=0, device="cpu", out_dim=32, local_crops=2)
+    settings.update(overrides)
+    return PretrainSettings(**settings)
+
+
+def tiny_refine_config(pairs, text_model, out, **overrides) -> RefineSettings:
+    settings = dict(out=str(out), pairs=str(pairs), model="vit_micro_patch8", weights="none", input_size=32,
+                    text_model=str(text_model), epochs=2, warmup_epochs=1, batch_size=8, lr=1e-3, embed_dim=16,
+                    max_length=32, num_workers=0, device="cpu", probe_bootstrap=0)
+    settings.update(overrides)
+    return RefineSettings(**settings)
+
 
 OPHTHALMIC_PHOTO_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
 OPHTHALMIC_TOMOGRAPHY = "1.2.840.10008.5.1.4.1.1.77.1.5.4"

@@ -5,22 +5,15 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import tiny_pretrain_config
 
 from retinafm.cli import main
 from retinafm.data.sources import DataSourceError
 from retinafm.models.registry import create_model, get_spec
 from retinafm.models.weights import WeightsError, load_backbone_weights
-from retinafm.settings import ConfigError, PretrainSettings
+from retinafm.settings import ConfigError
 from retinafm.workflows import pretrain as run_module
 from retinafm.workflows.pretrain import pretrain
-
-
-def tiny_pretrain_config(images, out, **overrides) -> PretrainSettings:
-    settings = dict(out=str(out), images=str(images), model="vit_micro_patch8", input_size=32, epochs=2,
-                    warmup_epochs=1, batch_size=16, lr=1e-3, decoder_dim=32, decoder_depth=1, decoder_heads=4,
-                    reconstructions=2, num_workers=0, device="cpu", out_dim=32, local_crops=2)
-    settings.update(overrides)
-    return PretrainSettings(**settings)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +37,7 @@ def test_mae_run_writes_a_retfound_mae_checkpoint_and_figures(mae_run):
 
 
 def test_checkpoint_is_weights_for_finetune_and_embed(mae_run, demo_data, tmp_path):
-    from conftest import tiny_finetune_config
+    from helpers import tiny_finetune_config
 
     from retinafm.engine.features import EmbedSettings
     from retinafm.workflows.embed import embed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from medical_files import (
+from helpers import (
     oct_bscans,
     write_dicom,
     write_heidelberg_vol,

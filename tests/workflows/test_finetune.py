@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_finetune_config
+from helpers import tiny_finetune_config
 from PIL import Image
 
 from retinafm.data.sources import DataSourceError

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_manifest_config
+from helpers import tiny_manifest_config
 from sklearn.metrics import roc_auc_score
 
 from retinafm.engine.checkpoint import load_checkpoint

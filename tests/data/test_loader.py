@@ -25,7 +25,7 @@ def test_unreadable_files_are_skipped_with_reasons(tmp_path):
     assert sorted(seen) == [0, 1, 3, 4]
     frame = log.frame()
     assert list(frame.columns) == ["path", "reason"]
-    assert dict(zip(frame["path"], frame["reason"])) == {
+    assert dict(zip(frame["path"], frame["reason"], strict=True)) == {
         str(tmp_path / "2.png"): "not a recognised image format", str(tmp_path / "missing.png"): "file not found"}
     log.add([(str(tmp_path / "2.png"), "again")])
     assert len(log) == 2  # each file once

@@ -56,7 +56,7 @@ def expected_box(disc_box) -> tuple[int, int, int, int]:
 
 def assert_box_close(box, expected, tol: int = TOL) -> None:
     assert box is not None
-    assert all(abs(a - b) <= tol for a, b in zip(box, expected)), (box, expected)
+    assert all(abs(a - b) <= tol for a, b in zip(box, expected, strict=True)), (box, expected)
 
 
 def darken(image: torch.Tensor, factor: float = 0.35) -> torch.Tensor:

@@ -19,7 +19,7 @@ def test_stratified_and_seeded():
     a = stratified_split(labels, (0.7, 0.15, 0.15), seed=1)
     assert a == stratified_split(labels, (0.7, 0.15, 0.15), seed=1)
     assert a != stratified_split(labels, (0.7, 0.15, 0.15), seed=2)
-    train = Counter(y for y, s in zip(labels, a) if s == "train")
+    train = Counter(y for y, s in zip(labels, a, strict=True) if s == "train")
     assert train == {0: 35, 1: 21, 2: 14}
     assert Counter(a) == {"train": 70, "val": 15, "test": 15}
 
@@ -29,7 +29,7 @@ def test_groups_never_straddle_splits():
     groups = [f"p{i // 3}" for i in range(60)]
     a = stratified_split(labels, (0.6, 0.2, 0.2), seed=0, groups=groups)
     by_group: dict[str, set] = {}
-    for g, s in zip(groups, a):
+    for g, s in zip(groups, a, strict=True):
         by_group.setdefault(g, set()).add(s)
     assert all(len(v) == 1 for v in by_group.values())
 
@@ -131,7 +131,7 @@ def test_split_manifest_respects_ratios_by_patient(ratios):
     out = split_manifest(frame, ratios=ratios, seed=0)
     patients = out.drop_duplicates("patient_id")["split"].value_counts(normalize=True)
     expected = parse_ratios(ratios) if isinstance(ratios, str) else ratios
-    for name, want in zip(("train", "val", "test"), expected):
+    for name, want in zip(("train", "val", "test"), expected, strict=True):
         assert abs(patients[name] - want) < 0.04, (name, patients.to_dict())
 
 

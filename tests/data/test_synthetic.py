@@ -55,5 +55,6 @@ def test_classes_are_learnable_at_64_px_and_labels_matter():
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, y_train)
     auroc = roc_auc_score(y_test, clf.predict_proba(x_test), multi_class="ovr")
     assert auroc >= 0.9
-    shuffled = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, np.random.default_rng(0).permutation(y_train))
+    shuffled = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(
+        x_train, np.random.default_rng(0).permutation(y_train))
     assert roc_auc_score(y_test, shuffled.predict_proba(x_test), multi_class="ovr") < 0.75

@@ -46,7 +46,8 @@ def test_schedule_is_warmup_then_cosine_and_honours_lr_scale():
     total, w = steps * epochs, steps * warm
     for t in [0, 5, 10, 30, 49, 50]:
         sched.step_update(t)
-        expected = base * t / w if t < w else min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * (t - w) / (total - w)))
+        cosine = 0.5 * (1 + math.cos(math.pi * (t - w) / (total - w)))
+        expected = base * t / w if t < w else min_lr + (base - min_lr) * cosine
         assert current_lr(opt) == pytest.approx(expected, rel=1e-6, abs=1e-12)
         for g in opt.param_groups:
             assert g["lr"] == pytest.approx(expected * g["lr_scale"], rel=1e-6, abs=1e-12)

@@ -25,7 +25,7 @@ def test_head_is_initialised_like_retfound():
 import pytest  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-from retinafm.models.heads import (
+from retinafm.models.heads import (  # noqa: E402
     HEAD_KINDS,
     HeadSettings,
     TransformerHead,

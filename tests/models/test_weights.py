@@ -165,14 +165,16 @@ def test_meta_dinov3_layout(tmp_path: Path):
             continue
         if k.endswith("attn.v_bias") or "rope" in k:
             continue
-        meta[k.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma").replace("reg_token", "storage_tokens")] = v
+        renamed = k.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
+        meta[renamed.replace("reg_token", "storage_tokens")] = v
     meta["mask_token"] = torch.zeros(1, 32)
     meta["rope_embed.periods"] = torch.ones(4)
     for i in range(2):
         meta[f"blocks.{i}.attn.qkv.bias_mask"] = torch.ones(96)
     path = tmp_path / "dinov3_vits16_pretrain.pth"
     torch.save(meta, path)
-    spec = ModelSpec(name="t", arch="vit_small_patch16_dinov3_qkvb", input_size=32, family="dinov3", arch_kwargs=kw)  # timm default pool, as src
+    # timm default pool, as src
+    spec = ModelSpec(name="t", arch="vit_small_patch16_dinov3_qkvb", input_size=32, family="dinov3", arch_kwargs=kw)
     model = create_model(spec, num_classes=3)
     report = load_backbone_weights(model, str(path), "dinov3")
     assert report.family == "dinov3"

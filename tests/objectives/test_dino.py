@@ -109,6 +109,7 @@ def test_head_output_shape_and_checkpoint_layout():
 
 
 def test_multicrop_gives_two_global_and_n_local_views():
-    views = MultiCrop(32, 16, (0.5,) * 3, (0.25,) * 3, local_crops=3)(torch.randint(0, 255, (3, 80, 90), dtype=torch.uint8))
+    image = torch.randint(0, 255, (3, 80, 90), dtype=torch.uint8)
+    views = MultiCrop(32, 16, (0.5,) * 3, (0.25,) * 3, local_crops=3)(image)
     assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
     assert all(v.dtype == torch.float32 for v in views)

@@ -116,5 +116,6 @@ def test_itc_spreads_the_target_over_copies_of_the_same_report():
     got = L.itc_loss(torch.tensor(img), torch.tensor(txt), 0.1, positives=torch.tensor(same)).item()
     assert math.isclose(got, expected, rel_tol=1e-9)
     # with distinct reports it is the one-positive InfoNCE
-    assert math.isclose(L.itc_loss(torch.tensor(img), torch.tensor(txt), 0.1, positives=torch.eye(4, dtype=torch.bool)).item(),
+    eye = torch.eye(4, dtype=torch.bool)
+    assert math.isclose(L.itc_loss(torch.tensor(img), torch.tensor(txt), 0.1, positives=eye).item(),
                         L.itc_loss(torch.tensor(img), torch.tensor(txt), 0.1).item(), rel_tol=1e-12)

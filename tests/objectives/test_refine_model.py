@@ -106,7 +106,8 @@ def test_a_real_minilm_loads_offline_and_runs_fused():
     with torch.no_grad():
         ours = model.text_hidden(enc["input_ids"], enc["attention_mask"])
         reference = text(**enc).last_hidden_state
-        fused = model.text_hidden(enc["input_ids"], enc["attention_mask"], model.image_tokens(torch.randn(1, 3, 32, 32))[0])
+        image_tokens = model.image_tokens(torch.randn(1, 3, 32, 32))[0]
+        fused = model.text_hidden(enc["input_ids"], enc["attention_mask"], image_tokens)
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
     assert fused.shape == ours.shape and torch.isfinite(fused).all()
 

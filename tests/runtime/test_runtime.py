@@ -72,7 +72,8 @@ def test_gpu_choice(monkeypatch):
 def test_precision_names_and_int8():
     assert [precision_name(d) for d in (None, torch.bfloat16, torch.float16)] == ["fp32", "bf16", "fp16"]
     assert inference_dtype(CPU, "auto", cpu_int8=True) is None and inference_dtype(CPU, "fp32", cpu_int8=True) is None
-    with pytest.raises(ValueError, match="--cpu-int8 runs in fp32 around its int8 Linear layers; drop --precision bf16"):
+    with pytest.raises(ValueError,
+                       match="--cpu-int8 runs in fp32 around its int8 Linear layers; drop --precision bf16"):
         inference_dtype(CPU, "bf16", cpu_int8=True)
 
 

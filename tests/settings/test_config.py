@@ -49,7 +49,8 @@ def test_yaml_round_trip_and_unknown_keys(tmp_path):
     ({"huber_beta": 0.0}, "--huber-beta must be positive"),
     ({"pos_weight": True}, "--pos-weight applies to --task multilabel"),
     ({"threshold": "0.3"}, "--threshold applies to --task multilabel"),
-    ({"data_path": None, "manifest": "m.csv", "task": "multilabel", "threshold": "1.5"}, r"--threshold must be in \(0, 1\)"),
+    ({"data_path": None, "manifest": "m.csv", "task": "multilabel", "threshold": "1.5"},
+     r"--threshold must be in \(0, 1\)"),
     ({"data_path": None, "manifest": "m.csv", "task": "multilabel", "threshold": "best"}, "or 'youden'"),
     ({"data_path": None, "manifest": "m.csv", "task": "regression", "mixup": 0.8}, "--mixup/--cutmix apply to"),
 ])

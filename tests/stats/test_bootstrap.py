@@ -12,7 +12,7 @@ def test_replicates_are_seeded_and_independent_of_how_they_are_drawn():
     samples = bootstrap_samples(50, 20, seed=7)
     assert len(samples) == 20
     first = [rows.copy() for rows in samples]
-    assert all(np.array_equal(a, b) for a, b in zip(first, bootstrap_samples(50, 20, seed=7)))
+    assert all(np.array_equal(a, b) for a, b in zip(first, bootstrap_samples(50, 20, seed=7), strict=True))
     assert np.array_equal(samples[3], first[3]) and np.array_equal(samples[-1], first[-1])
     assert not np.array_equal(first[0], bootstrap_samples(50, 20, seed=8)[0])
     assert not np.array_equal(first[0], first[1])

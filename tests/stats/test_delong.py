@@ -53,7 +53,8 @@ def test_published_rating_example_auc():
 
 def _definition(y, score):
     """DeLong et al.'s structural components straight from the kernel psi, in exact fractions."""
-    pos, neg = [Fraction(s) for s, t in zip(score, y) if t], [Fraction(s) for s, t in zip(score, y) if not t]
+    pos = [Fraction(s) for s, t in zip(score, y, strict=True) if t]
+    neg = [Fraction(s) for s, t in zip(score, y, strict=True) if not t]
 
     def psi(x, z):
         return Fraction(1) if x > z else Fraction(1, 2) if x == z else Fraction(0)
@@ -65,7 +66,7 @@ def _definition(y, score):
 
 def _cov(u, v):
     mu, mv = sum(u) / len(u), sum(v) / len(v)
-    return sum((a - mu) * (b - mv) for a, b in zip(u, v)) / (len(u) - 1)
+    return sum((a - mu) * (b - mv) for a, b in zip(u, v, strict=True)) / (len(u) - 1)
 
 
 def test_matches_the_quadratic_definition_with_ties():

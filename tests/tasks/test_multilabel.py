@@ -109,7 +109,7 @@ def test_predict_uses_the_saved_thresholds(multilabel_run, multilabel_manifest, 
     assert len(frame) == len(list(images.iterdir()))
     thresholds = load_checkpoint(multilabel_run.run_dir / "checkpoint-best.pth")["retinafm"]["task_state"]["thresholds"]
     # In memory: a Youden threshold is one of the validation probabilities, so compare unrounded values.
-    expected = [";".join(n for n, t in zip(NAMES, thresholds) if row[f"prob_{n}"] >= t)
+    expected = [";".join(n for n, t in zip(NAMES, thresholds, strict=True) if row[f"prob_{n}"] >= t)
                 for _, row in result.predictions.iterrows()]
     assert list(result.predictions["prediction"]) == expected == list(frame["prediction"])
     assert 0 < sum(map(bool, expected)) < len(expected)

@@ -144,8 +144,8 @@ def test_regression_runs_compare_r2(tmp_path):
     task = make_task("regression", ["age"], mean=[60.0], std=[10.0])
     truth = rng.normal(60, 10, (120, 1))
     close, far = truth + rng.normal(0, 3, (120, 1)), truth + rng.normal(0, 9, (120, 1))
-    rows = compare_runs([_write_run(tmp_path / "far", task, truth, far), _write_run(tmp_path / "close", task, truth, close)],
-                        tmp_path / "cmp", bootstrap=200).rows
+    runs = [_write_run(tmp_path / "far", task, truth, far), _write_run(tmp_path / "close", task, truth, close)]
+    rows = compare_runs(runs, tmp_path / "cmp", bootstrap=200).rows
     assert len(rows) == 1 and rows[0].metric == "r2_macro"  # no ROC curves, no DeLong
     assert rows[0].model_value == pytest.approx(r2_score(truth, close))
     assert rows[0].ci_low > 0

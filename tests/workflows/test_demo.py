@@ -23,7 +23,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert (out / "run_from_scratch" / "metrics_test.json").is_file() and summary.scratch_auroc is not None
     import yaml
 
-    assert yaml.safe_load((out / "run" / "config.yaml").read_text())["weights"] == str(out / "pretrain" / "checkpoint-last.pth")
+    settings = yaml.safe_load((out / "run" / "config.yaml").read_text())
+    assert settings["weights"] == str(out / "pretrain" / "checkpoint-last.pth")
     preds = pd.read_csv(out / "predictions.csv")
     names = {p.rsplit("/", 1)[-1] for p in preds["path"]}
     assert {"skimage_retina.jpg", "skimage_microaneurysms.png"} <= names

@@ -57,9 +57,9 @@ def test_a_finetuned_checkpoint_embeds_with_its_own_recipe(trained_run, demo_dat
     from retinafm.engine.checkpoint import load_checkpoint
     from retinafm.engine.inference import model_from_checkpoint
 
-    result = embed(demo_data / "test", tmp_path / "c.npy", EmbedSettings(checkpoint=str(trained_run / "checkpoint-best.pth"),
-                                                                       num_workers=0, device="cpu", dtype="float32"),
-                   progress=False)
+    settings = EmbedSettings(checkpoint=str(trained_run / "checkpoint-best.pth"), num_workers=0, device="cpu",
+                             dtype="float32")
+    result = embed(demo_data / "test", tmp_path / "c.npy", settings, progress=False)
     emb = read_embeddings(result.out)
     assert (tmp_path / "c.csv").is_file() and (tmp_path / "c.json").is_file()
     assert emb.info["class_names"] == ["diabetic_retinopathy", "glaucoma", "normal"]
@@ -105,7 +105,8 @@ def test_manifest_columns_travel_and_relative_paths_resolve(demo_data, tmp_path)
     images = sorted((demo_data / "val").rglob("*.png"))[:6]
     manifest = tmp_path / "m.csv"
     pd.DataFrame({"path": [str(p.relative_to(demo_data)) for p in images], "split": "test",
-                  "patient_id": [f"p{i // 2}" for i in range(6)], "cdr": np.linspace(0.2, 0.7, 6)}).to_csv(manifest, index=False)
+                  "patient_id": [f"p{i // 2}" for i in range(6)], "cdr": np.linspace(0.2, 0.7, 6)}
+                 ).to_csv(manifest, index=False)
     (tmp_path / "val").symlink_to(demo_data / "val")  # paths are relative to the manifest
     emb = read_embeddings(embed(manifest, tmp_path / "m.parquet", tiny(), progress=False).out)
     assert list(emb.frame.columns) == ["path", "split", "patient_id", "cdr"]

@@ -25,7 +25,8 @@ def test_evaluate_checkpoint_writes_metrics_that_match_sklearn(trained_run, demo
     classes = ["diabetic_retinopathy", "glaucoma", "normal"]
     y = preds["label"].map(classes.index).to_numpy()
     probs = preds[[f"prob_{c}" for c in classes]].to_numpy()
-    assert metrics["auroc_macro"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"), abs=1e-6)
+    expected = roc_auc_score(y, probs, multi_class="ovr", average="macro")
+    assert metrics["auroc_macro"] == pytest.approx(expected, abs=1e-6)
     assert metrics["accuracy"] == pytest.approx(accuracy_score(y, probs.argmax(1)))
     assert metrics["kappa"] == pytest.approx(cohen_kappa_score(y, probs.argmax(1)))
     assert ev.metrics["n"] == len(preds) == 24
@@ -39,7 +40,8 @@ def test_evaluate_checkpoint_writes_metrics_that_match_sklearn(trained_run, demo
     replicates = [roc_auc_score(y[rows], probs[rows], multi_class="ovr", average="macro")
                   for rows in bootstrap_samples(len(y), 200, 3, strata=y)]
     assert metrics["ci"]["auroc_macro"] == pytest.approx(list(np.percentile(replicates, [2.5, 97.5])), abs=1e-9)
-    accuracies = [accuracy_score(y[rows], probs[rows].argmax(1)) for rows in bootstrap_samples(len(y), 200, 3, strata=y)]
+    accuracies = [accuracy_score(y[rows], probs[rows].argmax(1))
+                  for rows in bootstrap_samples(len(y), 200, 3, strata=y)]
     assert metrics["ci"]["accuracy"] == pytest.approx(list(np.percentile(accuracies, [2.5, 97.5])), abs=1e-9)
     assert "n" not in metrics["ci"] and set(metrics["ci"]) >= {"kappa", "mcc", "f1_macro", "ece", "auroc_glaucoma"}
     table = pd.read_csv(out / "metrics_test.csv").set_index("metric")
@@ -57,7 +59,8 @@ def test_external_set_with_other_class_names_via_label_map(trained_run, demo_dat
     external = tmp_path / "external"
     shutil.copytree(demo_data / "test" / "normal", external / "healthy")
     shutil.copytree(demo_data / "test" / "diabetic_retinopathy", external / "DR")
-    with pytest.raises(DataSourceError, match=r"\['DR', 'healthy'\].*--label-map DR=<model class>,healthy=<model class>"):
+    with pytest.raises(DataSourceError,
+                       match=r"\['DR', 'healthy'\].*--label-map DR=<model class>,healthy=<model class>"):
         evaluate_checkpoint(trained_run / "checkpoint-best.pth", tmp_path / "e0", data_path=str(external), bootstrap=0)
     with pytest.raises(DataSourceError, match=r"--label-map names \['cataract'\]"):
         evaluate_checkpoint(trained_run / "checkpoint-best.pth", tmp_path / "e1", data_path=str(external), bootstrap=0,

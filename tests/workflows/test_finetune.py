@@ -176,7 +176,8 @@ def test_retfound_mae_vit_large_checkpoint_fine_tunes(tmp_path, capsys):
     result = finetune(cfg)
     printed = capsys.readouterr().out
     assert "retfound_mae layout" in printed
-    assert "newly initialised (not in the checkpoint): fc_norm.bias, fc_norm.weight, head.bias, head.weight\n" in printed
+    assert ("newly initialised (not in the checkpoint): fc_norm.bias, fc_norm.weight, head.bias, head.weight\n"
+            in printed)
     assert "decoder_blocks.7" not in printed.split("not used by this model:")[0]
     best = load_checkpoint(tmp_path / "run" / "checkpoint-best.pth")
     assert best["retinafm"]["arch"] == "vit_large_patch16_224" and best["model"]["pos_embed"].shape == (1, 5, 1024)

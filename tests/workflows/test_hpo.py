@@ -34,7 +34,8 @@ def test_three_trials_write_the_study_files_and_never_touch_test(demo_data, tmp_
     study = tmp_path / "study"
     result = tune(_tiny(demo_data, study), TuneSettings(trials=3, tune_epochs=2))
     best = json.loads((study / "optuna_best.json").read_text())
-    assert {"best_value", "best_params", "best_trial", "direction", "selection_metric", "trials", "command"} <= set(best)
+    keys = {"best_value", "best_params", "best_trial", "direction", "selection_metric", "trials", "command"}
+    assert keys <= set(best)
     trials = pd.read_csv(study / "trials.csv")
     assert len(trials) == 3 and best["best_trial"] == result.best_trial in set(trials["number"])
     assert best["best_value"] == trials.set_index("number").loc[best["best_trial"], "value"] == result.best_value
@@ -101,8 +102,9 @@ def test_the_printed_command_parses_back_to_the_same_settings(tmp_path):
     cfg = FinetuneSettings(out=str(tmp_path / "best dir"), manifest="m.csv", task="regression", targets="age,sbp",
                          head="transformer", head_num_heads=8, lr=0.00012345678901234, layer_decay=0.71,
                          huber_beta=1.5, pos_weight=False, epochs=30)
-    other = FinetuneSettings(out="o", data_path="it's here", task="multiclass", adaptation="lp", lp_mode="sgd", lr=0.1 + 0.2,
-                           weight_decay=1e-6 * 3, head="mlp", head_dropout=0.30000000000000004, warmup_epochs=3)
+    other = FinetuneSettings(out="o", data_path="it's here", task="multiclass", adaptation="lp", lp_mode="sgd",
+                             lr=0.1 + 0.2, weight_decay=1e-6 * 3, head="mlp", head_dropout=0.30000000000000004,
+                             warmup_epochs=3)
     labels = FinetuneSettings(out="o", manifest="m.csv", task="multilabel", labels="a,b", pos_weight=True,
                             threshold="youden", overwrite=True)
     for config in (cfg, other, labels):
@@ -156,7 +158,8 @@ def test_poor_trials_are_pruned_and_lose_their_weights(monkeypatch, tmp_path, ca
 
 def test_nan_trials_fail_and_the_search_goes_on(monkeypatch, tmp_path):
     nan = float("nan")
-    monkeypatch.setattr("retinafm.workflows.finetune.finetune", _fake_finetune(lambda n, e: nan if n == 0 else 0.5 + n / 10))
+    fake = _fake_finetune(lambda n, e: nan if n == 0 else 0.5 + n / 10)
+    monkeypatch.setattr("retinafm.workflows.finetune.finetune", fake)
     result = tune(_tiny(None, tmp_path / "s", data_path="unused"), TuneSettings(trials=3, tune_epochs=1))
     assert result.best_trial == 2 and result.best_value == pytest.approx(0.7)
     best = json.loads((tmp_path / "s" / "optuna_best.json").read_text())

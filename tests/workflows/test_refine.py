@@ -34,7 +34,8 @@ def test_run_directory_and_log(refined):
     assert list(log.columns) == ["epoch", "lr", "train_loss", "loss_itc", "loss_itm", "loss_mlm", "loss_gm",
                                  "val_loss", "seconds"]
     assert len(log) == 2 and log[["train_loss", "val_loss"]].notna().all().all()
-    for name in ("config.yaml", "checkpoint-last.pth", "checkpoint-best.pth", "backbone.safetensors", "plots/curves.png"):
+    for name in ("config.yaml", "checkpoint-last.pth", "checkpoint-best.pth", "backbone.safetensors",
+                 "plots/curves.png"):
         assert (run / name).is_file(), name
 
 
@@ -64,7 +65,8 @@ def test_probe_before_and_after_side_by_side(refined):
     auroc = table.set_index("metric").loc["auroc_macro"]
     assert auroc["split"] == "test" and 0 <= auroc["before"] <= 1 and 0 <= auroc["after"] <= 1
     assert auroc["change"] == pytest.approx(auroc["after"] - auroc["before"])
-    assert (refined.run_dir / "probe_before" / "checkpoint.pth").is_file() or any((refined.run_dir / "probe_before").iterdir())
+    probe_before = refined.run_dir / "probe_before"
+    assert (probe_before / "checkpoint.pth").is_file() or any(probe_before.iterdir())
 
 
 def test_resume_after_interruption_matches_the_uninterrupted_run(pairs, tiny_text_model, tmp_path, monkeypatch):

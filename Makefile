@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test install clean browser bench bench-gpu
+.PHONY: demo test test-fast install clean browser bench bench-gpu
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -n 2 -q
+
+# The developer loop: everything but the tests marked slow (long training runs, torchrun, the demo) or gpu.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q -m "not slow and not gpu"
 
 # Side-by-side timings on this machine (2-core CPU: 8-9 minutes); results go in benchmarks/RESULTS.md by hand.
 # ViT-B runs the fundus case only, on fewer images, to stay within 10 minutes (all rows: RESULTS.md). Its

@@ -202,6 +202,21 @@ def test_constructed_in_exactly_one_module(cls):
     assert len(where) == 1, f"{cls}(...) is constructed in {len(where)} modules, one wanted:\n  {listing}"
 
 
+def test_tests_take_helpers_from_helpers_py_only():
+    """Fixtures come from conftest.py by name, shared functions from tests/helpers.py; importing conftest or
+    another test module runs that module a second time under another name."""
+    tests = Path(__file__).resolve().parent
+    test_modules = {p.stem for p in tests.rglob("test_*.py")} | {"conftest"}
+    wrong = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            wrong += [f"{path.relative_to(tests.parent)}:{node.lineno} imports {name}" for name in names
+                      if name.split(".")[-1] in test_modules]
+    assert not wrong, "import shared helpers from tests/helpers.py instead:\n  " + "\n  ".join(wrong)
+
+
 def _constructions(path: Path, cls: str) -> list[int]:
     """Lines that call `cls`, by its name, an alias (`import ... as DDP`) or an attribute (torch.amp.GradScaler)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))

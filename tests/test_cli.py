@@ -38,6 +38,7 @@ def test_bad_input_gives_one_clear_line(args, message, demo_data, tmp_path):
     assert message in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.slow
 def test_config_file_and_flags(demo_data, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({
@@ -100,6 +101,7 @@ def test_regression_through_the_command_line(regression_manifest, tmp_path):
     assert bad.exit_code == 2 and "column 'cup_to_disc' must hold 0 or 1" in bad.output
 
 
+@pytest.mark.slow
 def test_evaluate_compare_and_report_verbs(trained_run, demo_data, tmp_path):
     import json
     import shutil

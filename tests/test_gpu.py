@@ -22,7 +22,7 @@ from retinafm.workflows.finetune import finetune
 from retinafm.workflows.predict import predict
 from retinafm.workflows.pretrain import pretrain
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from retinafm.runtime import distributed as dist_utils
 
@@ -19,6 +20,7 @@ def test_single_process_helpers_are_no_ops():
     assert dist_utils.mean_across_ranks(2.5) == 2.5
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(demo_data, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -47,6 +49,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_torchrun_predict_and_embed_merge_shards_in_input_order(trained_run, demo_data, tmp_path):
     from retinafm.data.embeddings import read_embeddings
     from retinafm.engine.features import EmbedSettings
@@ -78,6 +81,7 @@ def test_torchrun_predict_and_embed_merge_shards_in_input_order(trained_run, dem
     assert not (tmp_path / "ddp.parquet.parts").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_pretrain_mae_and_dino(demo_data, tmp_path):
     import torch
 
@@ -100,6 +104,7 @@ def test_torchrun_pretrain_mae_and_dino(demo_data, tmp_path):
     assert torch.isfinite(state["dino_loss"]["center"]).all()
 
 
+@pytest.mark.slow
 def test_torchrun_refine_gathers_negatives_across_ranks(tiny_text_model, tmp_path):
     import torch
 

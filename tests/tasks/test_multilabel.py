@@ -75,6 +75,7 @@ def multilabel_run(multilabel_manifest, tmp_path_factory):
     return finetune(cfg)
 
 
+@pytest.mark.slow
 def test_multilabel_training_learns_the_findings(multilabel_run, multilabel_manifest):
     run = multilabel_run.run_dir
     metrics = json.loads((run / "metrics_test.json").read_text())
@@ -100,6 +101,7 @@ def test_multilabel_training_learns_the_findings(multilabel_run, multilabel_mani
         log["val_auroc_macro"].max() == log.loc[multilabel_run.best_epoch, "val_auroc_macro"]
 
 
+@pytest.mark.slow
 def test_predict_uses_the_saved_thresholds(multilabel_run, multilabel_manifest, tmp_path):
     images = multilabel_manifest.parent / "images"
     result = predict(multilabel_run.run_dir / "checkpoint-best.pth", images, tmp_path / "p.csv", num_workers=0,

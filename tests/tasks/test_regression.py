@@ -53,6 +53,7 @@ def regression_run(regression_manifest, tmp_path_factory):
     return finetune(tiny_manifest_config(regression_manifest, run, task="regression"))
 
 
+@pytest.mark.slow
 def test_regression_training_learns_the_targets(regression_run, regression_manifest):
     run = regression_run.run_dir
     metrics = json.loads((run / "metrics_test.json").read_text())
@@ -73,6 +74,7 @@ def test_regression_training_learns_the_targets(regression_run, regression_manif
     assert (run / "plots" / "scatter.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_predict_writes_targets_in_original_units(regression_run, regression_manifest, tmp_path):
     predict(regression_run.run_dir / "checkpoint-best.pth", regression_manifest.parent / "images",
             tmp_path / "p.csv", num_workers=0, device="cpu", progress=False)
@@ -84,6 +86,7 @@ def test_predict_writes_targets_in_original_units(regression_run, regression_man
     assert 0.0 < frame["cup_to_disc"].mean() < 1.0 and frame["exudate_count"].mean() > 2  # original units
 
 
+@pytest.mark.slow
 def test_transformer_head_run_predicts_what_it_evaluated(regression_manifest, tmp_path):
     run = tmp_path / "run"
     finetune(tiny_manifest_config(regression_manifest, run, task="regression", targets="exudate_count,cup_to_disc",

@@ -47,6 +47,7 @@ def binary_runs(tmp_path):
             weak, strong)
 
 
+@pytest.mark.slow
 def test_better_model_has_a_positive_difference_with_ci_above_zero(binary_runs, tmp_path):
     weak_run, strong_run, y, weak, strong = binary_runs
     result = compare_runs([weak_run, strong_run], tmp_path / "cmp", bootstrap=300)
@@ -121,6 +122,7 @@ def test_mismatched_runs_and_bad_arguments_are_named(binary_runs, tmp_path):
         load_run(weak_run, "val")
 
 
+@pytest.mark.slow
 def test_multiclass_rows_per_class_and_patient_resampling(tmp_path):
     rng = np.random.default_rng(5)
     classes = ["grade_0", "grade_1", "grade_2"]
@@ -151,6 +153,7 @@ def test_regression_runs_compare_r2(tmp_path):
     assert rows[0].ci_low > 0
 
 
+@pytest.mark.slow
 def test_folders_of_runs_compare_per_task_and_wilcoxon_across_tasks(tmp_path):
     task = make_task("multiclass", CLASSES)
     gains = []

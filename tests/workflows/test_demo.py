@@ -14,6 +14,7 @@ from retinafm.workflows.demo import (
 )
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     summary = run_demo(out, epochs=1, pretrain_epochs=1)

@@ -13,6 +13,7 @@ from retinafm.stats.bootstrap import bootstrap_samples
 from retinafm.workflows.evaluate import evaluate_checkpoint
 
 
+@pytest.mark.slow
 def test_evaluate_checkpoint_writes_metrics_that_match_sklearn(trained_run, demo_data, tmp_path):
     out = tmp_path / "eval"
     ev = evaluate_checkpoint(trained_run / "checkpoint-best.pth", out, data_path=str(demo_data), num_workers=0,

@@ -140,6 +140,7 @@ def test_linear_probe_defaults_to_cached_features(tmp_path, demo_data):
         finetune(tiny_finetune_config(demo_data, tmp_path / "mlp", adaptation="lp", head="mlp"))
 
 
+@pytest.mark.slow
 def test_retfound_mae_vit_large_checkpoint_fine_tunes(tmp_path, capsys):
     """A RETFound-MAE file with real ViT-L/16 keys (decoder included) loads and fine-tunes a step."""
     import argparse
@@ -200,6 +201,7 @@ def test_finetune_on_oct_volumes_uses_every_bscan(oct_run):
     assert not (oct_run / "skipped.csv").exists()
 
 
+@pytest.mark.slow
 def test_run_killed_mid_training_resumes_to_the_same_result(tmp_path, demo_data):
     """kill -9 during training, then --resume: the final metrics equal an uninterrupted run's (CPU)."""
     import os

@@ -80,6 +80,7 @@ def test_python_dash_m_entry_point():
         assert verb in out.stdout
 
 
+@pytest.mark.slow
 def test_regression_through_the_command_line(regression_manifest, tmp_path):
     common = ["--manifest", str(regression_manifest), "--model", "vit_micro_patch8", "--weights", "none",
               "--input-size", "32", "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "0", "--device", "cpu"]
@@ -137,6 +138,7 @@ def test_evaluate_compare_and_report_verbs(trained_run, demo_data, tmp_path):
     assert res.exit_code == 0 and (run_copy / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_embed_probe_and_label_efficiency_verbs(demo_data, tmp_path):
     tiny = ["--model", "vit_micro_patch8", "--weights", "none", "--input-size", "32", "--num-workers", "0",
             "--device", "cpu"]

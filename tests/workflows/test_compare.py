@@ -72,6 +72,7 @@ def test_better_model_has_a_positive_difference_with_ci_above_zero(binary_runs, 
     assert (tmp_path / "cmp" / "forest.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_identical_models_do_not_differ(binary_runs, tmp_path):
     weak_run, *_ = binary_runs
     twin = tmp_path / "twin"
@@ -83,6 +84,7 @@ def test_identical_models_do_not_differ(binary_runs, tmp_path):
     assert curve.difference == 0 and curve.p_value == 1.0
 
 
+@pytest.mark.slow
 def test_runs_are_paired_on_shared_images_and_must_agree_on_truth(binary_runs, tmp_path):
     weak_run, strong_run, y, weak, strong = binary_runs
     task = make_task("multiclass", CLASSES)

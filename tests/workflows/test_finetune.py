@@ -240,6 +240,7 @@ def test_run_killed_mid_training_resumes_to_the_same_result(tmp_path, demo_data)
     np.testing.assert_allclose(log_resumed["train_loss"], log_whole["train_loss"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_trains_the_same_model(tmp_path, demo_data):
     """--grad-checkpointing trades compute for memory; the numbers must not change (CPU, same seed)."""
     plain = finetune(tiny_finetune_config(demo_data, tmp_path / "plain", epochs=1, warmup_epochs=0, drop_path=0.1))
@@ -250,6 +251,7 @@ def test_gradient_checkpointing_trains_the_same_model(tmp_path, demo_data):
     assert saved.test["auroc_macro"] == pytest.approx(plain.test["auroc_macro"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_on_a_cpu_trains_and_is_recorded(tmp_path, demo_data, capsys):
     """--precision bf16 is what auto picks on CPUs with AMX or AVX-512-BF16: the training step,
     validation and test run under CPU autocast, the weights stay fp32 and the run records it."""

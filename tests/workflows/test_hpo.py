@@ -30,6 +30,7 @@ def _tiny(data, out, **overrides):
     return tiny_finetune_config(data, out, **{"epochs": 4, "warmup_epochs": 1, **overrides})
 
 
+@pytest.mark.slow
 def test_three_trials_write_the_study_files_and_never_touch_test(demo_data, tmp_path, capsys):
     study = tmp_path / "study"
     result = tune(_tiny(demo_data, study), TuneSettings(trials=3, tune_epochs=2))
@@ -79,6 +80,7 @@ def test_trials_are_short_with_the_same_share_of_warmup(tmp_path):
     assert trial_config(base, {}, 1, tmp_path / "t").warmup_epochs == 0
 
 
+@pytest.mark.slow
 def test_a_stored_study_continues_where_it_stopped(demo_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = tmp_path / "study"

@@ -143,6 +143,7 @@ def test_bf16_on_a_cpu_stays_close_to_fp32_and_int8_refuses_it(trained_run, demo
     assert not (tmp_path / "c.csv").exists() and not (tmp_path / "d.csv").exists()
 
 
+@pytest.mark.slow
 def test_predict_does_not_load_matplotlib(trained_run, demo_data, tmp_path):
     """Start-up counts for every predict call: the plotting stack (~0.7 s to import) is not needed."""
     import subprocess

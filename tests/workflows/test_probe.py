@@ -41,6 +41,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+@pytest.mark.slow
 def test_probe_on_tiny_data_is_above_chance_and_writes_a_run(demo_embeddings, tmp_path):
     result = probe(demo_embeddings, tmp_path / "run", ProbeSettings(bootstrap=200), quiet=True)
     test = json.loads((tmp_path / "run" / "metrics_test.json").read_text())
@@ -151,6 +152,7 @@ def test_probe_on_a_finetuned_checkpoints_features(trained_run, demo_data, tmp_p
     np.testing.assert_allclose(got.filter(like="prob_").to_numpy(), expected.filter(like="prob_").to_numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_multilabel_and_regression_probes(multilabel_manifest, regression_manifest, tmp_path):
     labels = [c for c in pd.read_csv(multilabel_manifest).columns if c not in ("path", "split", "patient_id")]
     emb = embed(multilabel_manifest, tmp_path / "ml.parquet", tiny(input_size=64), progress=False).out
@@ -201,6 +203,7 @@ def test_label_only_outside_train_is_refused_and_existing_run_kept(demo_embeddin
         probe(demo_embeddings, tmp_path / "run", ProbeSettings(bootstrap=0), quiet=True)
 
 
+@pytest.mark.slow
 def test_probe_on_flip_averaged_embeddings_predicts_the_same_way(demo_data, tmp_path):
     emb = embed(demo_data, tmp_path / "e.parquet", tiny(tta_flip=True), progress=False).out
     probe(emb, tmp_path / "run", ProbeSettings(bootstrap=0), quiet=True)

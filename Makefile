@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test install clean browser bench bench-gpu docs
+.PHONY: demo test test-fast install clean browser bench bench-gpu docs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -n 2 -q
+
+# The developer loop: everything but the tests marked slow (long training runs, torchrun, the demo) or gpu.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q -m "not slow and not gpu"
 
 # The manual (docs/, MkDocs Material) as a website in site/; --strict fails on a broken link.
 docs: $(STAMP)

@@ -1,6 +1,7 @@
 """ViT-L/16 on one GPU: the plain fp32 way against retinafm's path, model-only and end to end.
 
-    python benchmarks/gpu.py [--model RETFound_mae_natureCFP] [--images 2048] [--sections inference,training,predict,compile]
+    python benchmarks/gpu.py [--model RETFound_mae_natureCFP] [--images 2048] \
+        [--sections inference,training,predict,compile]
 
 Sections (each prints images/s and peak GPU memory; a failing section is reported and skipped):
 - inference, model only: random 224 px batches already on the GPU. Plain: timm ViT in fp32 eager
@@ -183,7 +184,7 @@ class _SyntheticLoader:
 
         gen = torch.Generator().manual_seed(0)
         self.batches = []
-        for i in range(min(steps, 4)):
+        for _ in range(min(steps, 4)):
             images = torch.randn(batch, 3, size, size, generator=gen)
             targets = torch.randint(0, 5, (batch,), generator=gen)
             b = Batch(images, targets, torch.arange(batch))
@@ -348,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     unknown = set(args.sections.split(",")) - {*sections, "predict"}
     if unknown:
-        parser.error(f"--sections: unknown {', '.join(sorted(unknown))}; choose from inference,training,predict,compile")
+        parser.error(f"--sections: unknown {', '.join(sorted(unknown))}; "
+                     "choose from inference,training,predict,compile")
     with tempfile.TemporaryDirectory() as work:
         sections["predict"] = lambda: bench_predict(args, spec, device, Path(work))
         for name in args.sections.split(","):

@@ -8,8 +8,9 @@ in --lp-mode (sgd: RETFound's loop and recipe; features: ours), timed end to end
 same evaluation files, plots and report; test CIs are switched off in both. Prints
 each wall time, their ratio and the test AUROC of each, so the speed-up is not bought with accuracy.
 With the default random weights the backbone's features vary little between images (on this data
-their spread across images is about 1/7 of their magnitude): RETFound's recipe (no feature normalisation, head initialised at std 2e-5) barely moves from
-chance on them, while the probe standardises them first; with pretrained weights both learn.
+their spread across images is about 1/7 of their magnitude): RETFound's recipe (no feature normalisation,
+head initialised at std 2e-5) barely moves from chance on them, while the probe standardises them first; with
+pretrained weights both learn.
 Results are recorded in benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default="none")
     parser.add_argument("--input-size", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=50, help="epochs of the RETFound-style probe")
-    parser.add_argument("--per-class", type=int, default=400, help="training images per class (3 classes; val 1/4, test 1/3 of it)")
+    parser.add_argument("--per-class", type=int, default=400,
+                        help="training images per class (3 classes; val 1/4, test 1/3 of it)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-workers", type=int, default=2)

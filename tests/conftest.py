@@ -10,6 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    oct_bscans,
+    tiny_finetune_config,
+    write_dicom,
+    write_heidelberg_vol,
+    write_multipage_tiff,
+)
 
 torch.set_num_threads(1)
 
@@ -30,19 +37,6 @@ def demo_data(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("demo") / "data"
     return write_demo_dataset(root, n_train=24, n_val=8, n_test=8, size=64, seed=0)
-
-
-def tiny_finetune_config(data: Path, out: Path, **overrides):
-    from retinafm.settings import FinetuneSettings
-
-    settings = dict(
-        out=str(out), data_path=str(data) if data else None, model="vit_micro_patch8", weights="none", input_size=32,
-        epochs=2, warmup_epochs=1, batch_size=16, lr=1e-3, layer_decay=1.0, drop_path=0.0,
-        randaug_magnitude=0, reprob=0.0, crop_min_scale=0.5, num_workers=0, device="cpu",
-        bootstrap=0,  # tests that check confidence intervals ask for them
-    )
-    settings.update(overrides)
-    return FinetuneSettings(**settings)
 
 
 @pytest.fixture(scope="session")
@@ -73,25 +67,10 @@ def regression_manifest(tmp_path_factory) -> Path:
     return write_regression_dataset(root, n_train=120, n_val=40, n_test=40, size=64, seed=0)
 
 
-def tiny_manifest_config(manifest: Path, out: Path, **overrides):
-    """A short run on a manifest at 64 px, where the synthetic findings are visible."""
-    settings = dict(data_path=None, manifest=str(manifest), input_size=64, epochs=20, warmup_epochs=1,
-                    batch_size=16, lr=1e-3, crop_min_scale=0.8, smoothing=0.0)
-    settings.update(overrides)
-    return tiny_finetune_config(None, out, **settings)
-
-
 @pytest.fixture(scope="session")
 def oct_volume_data(tmp_path_factory) -> Path:
     """A labelled folder of OCT volumes: 5-frame DICOMs (amd: a bright band; normal: faint), and in
     test/ also a Heidelberg .vol and a multi-page TIFF."""
-    from medical_files import (
-        oct_bscans,
-        write_dicom,
-        write_heidelberg_vol,
-        write_multipage_tiff,
-    )
-
     root = tmp_path_factory.mktemp("oct") / "data"
     for split, count in (("train", 6), ("val", 2), ("test", 2)):
         for label, bright in (("amd", 1.0), ("normal", 0.2)):

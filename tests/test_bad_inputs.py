@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from medical_files import oct_bscans, write_dicom, write_dicom_without_pixels
+from helpers import oct_bscans, write_dicom, write_dicom_without_pixels
 from PIL import Image
 
 from retinafm.cli import main
@@ -41,7 +41,8 @@ def _png_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+            + chunk(b"IEND", b""))
 
 
 def _bad_image_folder(root: Path) -> dict[str, str]:
@@ -93,7 +94,7 @@ def test_unreadable_files_are_skipped_with_reasons_and_odd_ones_are_read(trained
     assert code == 0, output
     assert f"{len(expected_skips)} unreadable file(s) listed" in output
     skipped = pd.read_csv(tmp_path / "skipped.csv")
-    reasons = {Path(p).name: r for p, r in zip(skipped["path"], skipped["reason"])}
+    reasons = {Path(p).name: r for p, r in zip(skipped["path"], skipped["reason"], strict=True)}
     assert set(reasons) == set(expected_skips)
     for name, words in expected_skips.items():
         assert words in reasons[name], (name, reasons[name])
@@ -260,6 +261,6 @@ def test_manifest_rows_naming_missing_files_or_frames_are_skipped(trained_run, d
                        "--out", tmp_path / "ev", "--num-workers", "0", "--device", "cpu", "--bootstrap", "0")
     assert code == 0, output
     skipped = pd.read_csv(tmp_path / "ev" / "skipped.csv")
-    reasons = dict(zip(skipped["path"], skipped["reason"]))
+    reasons = dict(zip(skipped["path"], skipped["reason"], strict=True))
     assert reasons[str(tmp_path / "gone.png")] == "file not found"
     assert "frame 7 does not exist" in reasons[f"{volume}#frame=7"]

@@ -38,6 +38,7 @@ def test_bad_input_gives_one_clear_line(args, message, demo_data, tmp_path):
     assert message in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.slow
 def test_config_file_and_flags(demo_data, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({
@@ -79,6 +80,7 @@ def test_python_dash_m_entry_point():
         assert verb in out.stdout
 
 
+@pytest.mark.slow
 def test_regression_through_the_command_line(regression_manifest, tmp_path):
     common = ["--manifest", str(regression_manifest), "--model", "vit_micro_patch8", "--weights", "none",
               "--input-size", "32", "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "0", "--device", "cpu"]
@@ -101,6 +103,7 @@ def test_regression_through_the_command_line(regression_manifest, tmp_path):
     assert bad.exit_code == 2 and "column 'cup_to_disc' must hold 0 or 1" in bad.output
 
 
+@pytest.mark.slow
 def test_evaluate_compare_and_report_verbs(trained_run, demo_data, tmp_path):
     import json
     import shutil
@@ -136,6 +139,7 @@ def test_evaluate_compare_and_report_verbs(trained_run, demo_data, tmp_path):
     assert res.exit_code == 0 and (run_copy / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_embed_probe_and_label_efficiency_verbs(demo_data, tmp_path):
     tiny = ["--model", "vit_micro_patch8", "--weights", "none", "--input-size", "32", "--num-workers", "0",
             "--device", "cpu"]

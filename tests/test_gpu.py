@@ -10,9 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_finetune_config
-from test_pretrain import tiny_pretrain_config
-from test_refine import tiny_refine_config
+from helpers import tiny_finetune_config, tiny_pretrain_config, tiny_refine_config
 
 from retinafm.data.embeddings import read_embeddings
 from retinafm.data.synthetic import write_report_pairs
@@ -24,7 +22,7 @@ from retinafm.workflows.finetune import finetune
 from retinafm.workflows.predict import predict
 from retinafm.workflows.pretrain import pretrain
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ def load_onnx(path: str | Path) -> tuple[OnnxModel, CheckpointMeta]:
         meta = meta_of({"retinafm": json.loads(raw)})
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: its '{META_KEY}' metadata cannot be read ({exc}); export it again") from None
-    return OnnxModel(session, meta, path), meta
+    return OnnxModel(session, path, global_pool=meta.global_pool, tta_flip=meta.tta_flip), meta
 
 
 def _load_backbone_reference(model: nn.Module, reference: dict[str, Any]) -> None:

@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
-
-if TYPE_CHECKING:  # the checkpoint format lives above models/; only its type is named here
-    from retinafm.engine.checkpoint import CheckpointMeta
 
 INPUT, LOGITS, FEATURES = "images", "logits", "features"
 META_KEY = "retinafm"
@@ -19,11 +16,13 @@ class OnnxModel(nn.Module):
     """An exported model behind the interface `infer` and `embed` use: forward → logits and
     features → pooled features, torch tensors in and out (computed on the CPU by ONNX Runtime)."""
 
-    def __init__(self, session: Any, meta: CheckpointMeta, path: Path):
+    owns_threads = True  # ONNX Runtime has its own intra-op pool: inference does not split torch's threads for it
+
+    def __init__(self, session: Any, path: Path | None, *, global_pool: str, tta_flip: bool):
         super().__init__()
         self.session, self.path = session, path
-        self.global_pool = meta.global_pool  # embed reads str(model.global_pool) for its metadata
-        self.tta_flip = meta.tta_flip  # already inside the logits
+        self.global_pool = global_pool  # embed reads str(model.global_pool) for its metadata
+        self.tta_flip = tta_flip  # already inside the logits
 
     def _run(self, x: torch.Tensor, output: str) -> torch.Tensor:
         images = x.detach().to("cpu", torch.float32).contiguous().numpy()

@@ -57,11 +57,9 @@ def keep_freed_memory() -> None:
 def stream_threads(model: nn.Module, device: torch.device) -> list[int]:
     """The intra-op threads of each forward run side by side: torch's threads split between two on
     a CPU; none (one batch after another, all threads) on a GPU, with a single thread, or for an
-    ONNX Runtime model, which has its own thread pool."""
-    from retinafm.models.onnx import OnnxModel
-
+    model that runs on a thread pool of its own (`owns_threads`, e.g. ONNX Runtime's)."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads < 2 or any(isinstance(m, OnnxModel) for m in model.modules()):
+    if device.type != "cpu" or threads < 2 or any(getattr(m, "owns_threads", False) for m in model.modules()):
         return []
     return [threads - threads // 2, threads // 2]
 

@@ -1,0 +1,167 @@
+"""Helpers shared by test modules (fixtures live in conftest.py; tests import helpers only from here).
+
+- Tiny run settings: a micro ViT at 32 px on the CPU, short enough for the suite.
+- Clinical test files written by the libraries that read them: DICOM with pydicom, Heidelberg
+  .vol with eyepy's own format definition, multi-page TIFF with Pillow.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from retinafm.settings import FinetuneSettings, PretrainSettings, RefineSettings
+
+
+def tiny_finetune_config(data: Path | None, out: Path, **overrides) -> FinetuneSettings:
+    settings = dict(
+        out=str(out), data_path=str(data) if data else None, model="vit_micro_patch8", weights="none", input_size=32,
+        epochs=2, warmup_epochs=1, batch_size=16, lr=1e-3, layer_decay=1.0, drop_path=0.0,
+        randaug_magnitude=0, reprob=0.0, crop_min_scale=0.5, num_workers=0, device="cpu",
+        bootstrap=0,  # tests that check confidence intervals ask for them
+    )
+    settings.update(overrides)
+    return FinetuneSettings(**settings)
+
+
+def tiny_manifest_config(manifest: Path, out: Path, **overrides) -> FinetuneSettings:
+    """A short run on a manifest at 64 px, where the synthetic findings are visible."""
+    settings = dict(data_path=None, manifest=str(manifest), input_size=64, epochs=20, warmup_epochs=1,
+                    batch_size=16, lr=1e-3, crop_min_scale=0.8, smoothing=0.0)
+    settings.update(overrides)
+    return tiny_finetune_config(None, out, **settings)
+
+
+def tiny_pretrain_config(images, out, **overrides) -> PretrainSettings:
+    settings = dict(out=str(out), images=str(images), model="vit_micro_patch8", input_size=32, epochs=2,
+                    warmup_epochs=1, batch_size=16, lr=1e-3, decoder_dim=32, decoder_depth=1, decoder_heads=4,
+                    reconstructions=2, num_workers=0, device="cpu", out_dim=32, local_crops=2)
+    settings.update(overrides)
+    return PretrainSettings(**settings)
+
+
+def tiny_refine_config(pairs, text_model, out, **overrides) -> RefineSettings:
+    settings = dict(out=str(out), pairs=str(pairs), model="vit_micro_patch8", weights="none", input_size=32,
+                    text_model=str(text_model), epochs=2, warmup_epochs=1, batch_size=8, lr=1e-3, embed_dim=16,
+                    max_length=32, num_workers=0, device="cpu", probe_bootstrap=0)
+    settings.update(overrides)
+    return RefineSettings(**settings)
+
+
+OPHTHALMIC_PHOTO_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
+OPHTHALMIC_TOMOGRAPHY = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
+
+
+def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str | None = None, bits_stored: int | None = None,
+                sop_class: str | None = None, **elements) -> Path:
+    """`pixels`: (H, W) / (H, W, 3) for one frame, (F, H, W) / (F, H, W, 3) for several;
+    extra keyword elements (RescaleSlope=..., WindowCenter=...) are set on the dataset."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    pixels = np.asarray(pixels)
+    colour = pixels.shape[-1] == 3 and pixels.ndim in (3, 4)
+    frames = pixels.ndim == 4 or (pixels.ndim == 3 and not colour)
+    photometric = photometric or ("RGB" if colour else "MONOCHROME2")
+    bits_stored = bits_stored or (8 if pixels.dtype == np.uint8 else 16)
+    sop_class = sop_class or (OPHTHALMIC_TOMOGRAPHY if frames else OPHTHALMIC_PHOTO_8BIT)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.PatientID, ds.Modality = "P001", "OPT" if frames else "OP"
+    ds.set_pixel_data(pixels, photometric_interpretation=photometric, bits_stored=bits_stored)
+    for name, value in elements.items():
+        setattr(ds, name, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_dicom_without_pixels(path: Path) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR: a report, no image
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientID, ds.Modality = "P001", "SR"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def oct_bscans(frames: int, height: int = 48, width: int = 64, seed: int = 0, bright: float = 1.0) -> np.ndarray:
+    """(F, H, W) uint8 speckled layered B-scans; `bright` scales the retina's reflectivity."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(height)[:, None]
+    scans = []
+    for f in range(frames):
+        top = height // 3 + int(3 * np.sin(f / 2))
+        band = ((y > top) & (y < top + height // 4)).astype(float) * 170 * bright
+        speckle = rng.gamma(2.0, 20.0, size=(height, width))
+        scans.append(np.clip(band + speckle, 0, 255).astype(np.uint8))
+    return np.stack(scans)
+
+
+def write_heidelberg_vol(path: Path, bscans: np.ndarray, slo: np.ndarray | None = None) -> Path:
+    """A Heidelberg .vol built with eyepy's own `vol_format` (eyepy 0.21's HeVolWriter cannot
+    encode its dates, so the file is assembled here from the same format definition)."""
+    from eyepy.core.utils import to_vol_intensity
+    from eyepy.io.he.vol_reader import vol_format
+
+    _integer_dates(vol_format)
+    n, h, w = bscans.shape
+    slo = slo if slo is not None else np.full((96, 96), 90, np.uint8)
+    date = "2024-01-02T00:00:00"
+    values = bscans.astype(np.float32) / 255.0
+    scans = [dict(bscan_hdr_size=256 + 17 * 4 * w, start_x=0.0, start_y=i * 0.1, end_x=6.0, end_y=i * 0.1,
+                  num_seg=17, quality=30.0, shift=0, iv_transformation=[0] * 6,
+                  layer_segmentations=np.zeros((17, w), np.float32), data=to_vol_intensity(values[i]))
+             for i in range(n)]
+    payload = dict(size_x=w, size_y=h, n_bscans=n, scale_x=0.01, scale_y=0.004, distance=0.1,
+                   size_x_slo=slo.shape[1], size_y_slo=slo.shape[0], scale_x_slo=0.01, scale_y_slo=0.01,
+                   field_size_slo=30, scan_focus=0.0, scan_position="OD", exam_time=date, scan_pattern=0,
+                   id="unknown", reference_id="unknown", pid=1, patient_id="P001", dob=date, vid=0,
+                   visit_id="unknown", visit_date=date, grid_type=0, grid_offset=0, grid_type1=0, grid_offset1=0,
+                   prog_id="unknown", localizer=slo, bscans=scans)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(vol_format.build(payload))
+    return path
+
+
+def _integer_dates(con) -> None:
+    """eyepy 0.21's date adapters build floats where the file holds integers: round them (once)."""
+    import construct as cs
+
+    seen: set[int] = set()
+
+    def visit(c) -> None:
+        if id(c) in seen:
+            return
+        seen.add(id(c))
+        if isinstance(c, cs.Adapter) and type(c).__name__ == "DateAdapter" and not getattr(c, "_rounded", False):
+            original = c._encode
+            c._encode = lambda obj, ctx, path, _o=original: int(round(_o(obj, ctx, path)))
+            c._rounded = True
+        for child in list(getattr(c, "subcons", None) or []) + [getattr(c, "subcon", None)]:
+            if child is not None:
+                visit(child)
+
+    visit(con)
+
+
+def write_multipage_tiff(path: Path, pages: np.ndarray) -> Path:
+    from PIL import Image
+
+    images = [Image.fromarray(p) for p in pages]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:])
+    return path

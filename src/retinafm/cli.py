@@ -138,8 +138,8 @@ def field_option(cls: type, field: dataclasses.Field, **overrides: Any) -> Calla
 
     bool -> a flag (--x, or --x/--no-x when the default is on); Literal -> click.Choice; list ->
     comma-separated text parsed into a list; Optional[...] -> the same with no default. Metadata of
-    the field: `choices="tasks"` -> the task registry's names; `path` -> click.Path(**path); `flag` -> another spelling (compare's --on);
-    `required` -> the option must be given."""
+    the field: `choices="tasks"` -> the task registry's names; `path` -> click.Path(**path); `flag` ->
+    another spelling (compare's --on); `required` -> the option must be given."""
     annotation = field_types(cls)[field.name]
     inner, _ = unwrap_optional(annotation)
     default = field.default_factory() if field.default is dataclasses.MISSING else field.default  # type: ignore[misc]

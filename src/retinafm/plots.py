@@ -62,7 +62,7 @@ def plot_multilabel_confusion(cms: np.ndarray, names: Sequence[str], path: Path)
     if cms.shape != (len(names), 2, 2):
         raise ValueError(f"need one 2x2 matrix per label, shape ({len(names)}, 2, 2); got {cms.shape}")
     fig, axes = _panels(len(names), width=2.7, height=2.6)
-    for ax, name, cm in zip(axes, names, cms):
+    for ax, name, cm in zip(axes, names, cms, strict=True):
         _draw_matrix(ax, _row_fractions(cm), _cell_texts(cm, ".0f"), 1.0)
         ax.set_xticklabels(["neg", "pos"])
         ax.set_yticklabels(["neg", "pos"])
@@ -135,7 +135,7 @@ def plot_forest(rows: Sequence[dict], path: Path, *, metric: str, reference: str
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * max(n, 1)))
     ys = np.arange(n)[::-1]  # first row on top
     finite = [0.0]
-    for y, row in zip(ys, rows):
+    for y, row in zip(ys, rows, strict=True):
         diff, low, high = (_float(row.get(k)) for k in ("difference", "ci_low", "ci_high"))
         if math.isnan(diff):
             ax.text(0, y, "n/a", ha="center", va="center", fontsize=9, color="grey",
@@ -158,7 +158,7 @@ def plot_forest(rows: Sequence[dict], path: Path, *, metric: str, reference: str
     ax.text(1.02, max(n, 1) - 0.3, "difference (95% CI)", transform=right, ha="left", va="bottom",
             fontsize=9, weight="bold")
     ax.text(1.33, max(n, 1) - 0.3, "p", transform=right, ha="left", va="bottom", fontsize=9, weight="bold")
-    for y, row in zip(ys, rows):
+    for y, row in zip(ys, rows, strict=True):
         ax.text(1.02, y, _difference_text(row), transform=right, ha="left", va="center", fontsize=9)
         ax.text(1.33, y, _p_text(_float(row.get("p_value"))), transform=right, ha="left", va="center", fontsize=9)
     if not n:
@@ -197,7 +197,7 @@ def plot_regression_scatter(targets: np.ndarray, preds: np.ndarray, names: Seque
         warnings.simplefilter("ignore")  # undefined metrics were already reported with the metrics
         metrics = regression_metrics(targets, preds, names)
     fig, axes = _panels(len(names), width=3.6, height=3.6)
-    for i, (ax, name) in enumerate(zip(axes, names)):
+    for i, (ax, name) in enumerate(zip(axes, names, strict=True)):
         y, p = _known(targets, preds, i)
         ax.scatter(y, p, s=10, alpha=0.5, edgecolors="none")
         lo, hi = (min(y.min(), p.min()), max(y.max(), p.max())) if len(y) else (0.0, 1.0)
@@ -473,7 +473,7 @@ def plot_reconstructions(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray
     the visible patches pasted back), each an (H, W, 3) array in [0, 1]."""
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows) + 0.4), squeeze=False)
     for r, images in enumerate(rows):
-        for c, (image, name) in enumerate(zip(images, ("original", "masked", "reconstruction + visible"))):
+        for c, (image, name) in enumerate(zip(images, ("original", "masked", "reconstruction + visible"), strict=True)):
             axes[r, c].imshow(np.clip(image, 0, 1), interpolation="nearest")
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])

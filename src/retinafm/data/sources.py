@@ -205,7 +205,9 @@ def load_folder(
     """
     root = Path(root)
     if label_map:
-        folders = {d.name for split in [root, *(root / s for s in SPLITS)] if split.is_dir() for d in _class_dirs(split)}
+        folders = {
+            d.name for split in [root, *(root / s for s in SPLITS)] if split.is_dir() for d in _class_dirs(split)
+        }
         _check_label_map(label_map, folders, f"--data-path {root}", "class folders")
     if not root.is_dir():
         raise DataSourceError(f"--data-path {root} is not a folder")
@@ -236,7 +238,7 @@ def load_folder(
         paths += [str(p) for p in images]
         labels += [label] * len(images)
     splits = stratified_split(labels, parse_ratios(split_ratios), seed=seed)
-    samples = [Sample(p, y, s) for p, y, s in zip(paths, labels, splits)]
+    samples = [Sample(p, y, s) for p, y, s in zip(paths, labels, splits, strict=True)]
     return LabelledData(samples, class_names, auto_split=True, source=str(root))
 
 
@@ -318,7 +320,10 @@ def load_manifest(
     else:
         splits = list(frame["split"])
     patients = list(patient) if patient is not None else [None] * len(frame)
-    samples = [Sample(p, y, s, g, t) for p, y, s, g, t in zip(frame["path"], labels, splits, patients, values)]
+    samples = [
+        Sample(p, y, s, g, t)
+        for p, y, s, g, t in zip(frame["path"], labels, splits, patients, values, strict=True)
+    ]
     data = LabelledData(samples, names, auto_split=bool(split_ratios), source=str(csv_path), targets=targets)
     if class_names is None and not data.split("train"):
         raise DataSourceError(f"--manifest {csv_path} has no training rows")
@@ -422,7 +427,9 @@ def parse_label_map(text: str | None) -> dict[str, str]:
             continue
         old, sep, new = (part.strip() for part in item.partition("="))
         if not sep or not old or not new:
-            raise DataSourceError(f"--label-map: {item.strip()!r} is not old=new (e.g. --label-map no_dr=normal,dr=referable)")
+            raise DataSourceError(
+                f"--label-map: {item.strip()!r} is not old=new (e.g. --label-map no_dr=normal,dr=referable)"
+            )
         if old in mapping:
             raise DataSourceError(f"--label-map: {old!r} is mapped twice")
         mapping[old] = new

@@ -63,7 +63,7 @@ def stratified_split(
     train_u, rest_u, _, rest_y = _split(units, unit_labels, test_size=val_r + test_r, seed=seed)
     val_u, test_u, _, _ = _split(rest_u, rest_y, test_size=test_r / (val_r + test_r), seed=seed)
     assignment = [""] * n
-    for name, chosen in zip(SPLIT_NAMES, (train_u, val_u, test_u)):
+    for name, chosen in zip(SPLIT_NAMES, (train_u, val_u, test_u), strict=True):
         for u in chosen:
             for i in members[u]:
                 assignment[i] = name
@@ -73,7 +73,8 @@ def stratified_split(
 def _split(units: list, unit_labels: list, test_size: float, seed: int):
     counts = Counter(unit_labels)
     # Stratify only when every class can appear on both sides; tiny classes fall back to random.
-    stratify = unit_labels if min(counts.values()) >= 2 and len(units) * min(test_size, 1 - test_size) >= len(counts) else None
+    can_stratify = min(counts.values()) >= 2 and len(units) * min(test_size, 1 - test_size) >= len(counts)
+    stratify = unit_labels if can_stratify else None
     if len(units) < 2:
         raise ValueError(f"cannot split {len(units)} item(s) into train/val/test; add more images")
     from sklearn.model_selection import train_test_split  # here: predict and embed never split, nor pay for sklearn
@@ -166,7 +167,9 @@ def leakage_report(frame: pd.DataFrame, by: str = "patient_id") -> pd.DataFrame:
     ("train,test"), `images` in all and `images_<split>` per split. Empty (same columns) when clean.
     Rows with an empty id or an empty split are not counted."""
     if by not in frame.columns:
-        raise SplitError(f"column {by!r} (--by) is not in the manifest; its columns: {', '.join(map(str, frame.columns))}")
+        raise SplitError(
+            f"column {by!r} (--by) is not in the manifest; its columns: {', '.join(map(str, frame.columns))}"
+        )
     if "split" not in frame.columns:
         raise SplitError("the manifest has no split column to check; make one with `retinafm split` (without --check)")
     table = pd.DataFrame({"id": _clean_values(frame[by]), "split": _clean_values(frame["split"], lower=True)})
@@ -203,7 +206,8 @@ def split_summary(frame: pd.DataFrame, by: str | None = "patient_id", stratify: 
         values = pd.Series(_clean_values(frame[strata.columns[0]]), index=frame.index).fillna("(missing)")
         for value in sorted(values.unique()):
             name = value if value not in summary.columns else f"{strata.columns[0]}={value}"
-            summary[name] = [int(((splits == s) & (values == value)).sum()) for s in order] + [int((values == value).sum())]
+            is_value = values == value
+            summary[name] = [int(((splits == s) & is_value).sum()) for s in order] + [int(is_value.sum())]
     elif strata.kind == "positives":
         for column in strata.columns:
             positive = _numeric(frame[column]) == 1
@@ -231,7 +235,8 @@ def _clean_values(column: pd.Series, lower: bool = False) -> list[str | None]:
 
 def _group_ids(frame: pd.DataFrame, by: str) -> list[str | None]:
     if by not in frame.columns:
-        raise SplitError(f"column {by!r} (--by) is not in the manifest; its columns: {', '.join(map(str, frame.columns))}. "
+        raise SplitError(f"column {by!r} (--by) is not in the manifest; its columns: "
+                         f"{', '.join(map(str, frame.columns))}. "
                          "Name the patient id column with --by COLUMN, or split image by image with --by none")
     return _clean_values(frame[by])
 
@@ -287,6 +292,6 @@ def _strata(frame: pd.DataFrame, stratify: str | None, by: str | None) -> _Strat
     present = np.array([t is not None for t in text])
     if present.any() and (known == present).all() and numbers[known].nunique() > 10:
         edges = np.unique(np.quantile(numbers[known], [0.2, 0.4, 0.6, 0.8]))
-        bins = [int(np.searchsorted(edges, v)) if k else -1 for v, k in zip(numbers, known)]
+        bins = [int(np.searchsorted(edges, v)) if k else -1 for v, k in zip(numbers, known, strict=True)]
         return _Strata(bins, f"quintiles of {stratify}", "binned", [stratify])
     return _Strata([t if t is not None else "(missing)" for t in text], stratify, "column", [stratify])

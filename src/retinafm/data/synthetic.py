@@ -172,9 +172,9 @@ def write_multilabel_dataset(root: Path, n_train: int = 120, n_val: int = 40, n_
     of cells is left empty (unknown). Returns the manifest's path."""
     def row(rng: np.random.Generator):
         present = rng.random(len(MULTILABEL_LABELS)) < 0.4
-        image = render_findings(rng, size, **dict(zip(MULTILABEL_LABELS, map(bool, present))))
+        image = render_findings(rng, size, **dict(zip(MULTILABEL_LABELS, map(bool, present), strict=True)))
         unknown = rng.random(len(MULTILABEL_LABELS)) < missing
-        return image, {n: (None if u else int(p)) for n, p, u in zip(MULTILABEL_LABELS, present, unknown)}
+        return image, {n: (None if u else int(p)) for n, p, u in zip(MULTILABEL_LABELS, present, unknown, strict=True)}
 
     counts = {"train": n_train, "val": n_val, "test": n_test}
     return _write_manifest_dataset(root, counts, seed, row)
@@ -200,9 +200,11 @@ def findings_report(rng: np.random.Generator, large_cup: bool, haemorrhages: boo
     """A short clinical-style report naming exactly the findings drawn, in varied wording."""
     sentences = []
     if large_cup:
-        sentences.append(rng.choice([f"Large pale optic cup, cup-to-disc ratio about {cup_to_disc:.1f}; glaucoma suspected.",
-                                     "Enlarged cup with thin neuroretinal rim, suspicious for glaucoma.",
-                                     f"Glaucomatous cupping of the optic disc (CDR {cup_to_disc:.1f})."]))
+        sentences.append(rng.choice([
+            f"Large pale optic cup, cup-to-disc ratio about {cup_to_disc:.1f}; glaucoma suspected.",
+            "Enlarged cup with thin neuroretinal rim, suspicious for glaucoma.",
+            f"Glaucomatous cupping of the optic disc (CDR {cup_to_disc:.1f}).",
+        ]))
     if haemorrhages:
         sentences.append(rng.choice(["Scattered blot haemorrhages in the posterior pole.",
                                      "Multiple dot and blot haemorrhages.",

@@ -167,7 +167,8 @@ def _eyepy_volume(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, np.n
         localizer = np.asarray(volume.localizer.data) if volume.localizer is not None else None
     except Exception as exc:  # eyepy surfaces parser errors of several kinds (construct, struct, ValueError)
         text = str(exc).strip().splitlines()
-        raise VolumeError(f"not a readable Heidelberg {Path(path).suffix} file ({(text[0] if text else type(exc).__name__)[:160]})") from None
+        reason = (text[0] if text else type(exc).__name__)[:160]
+        raise VolumeError(f"not a readable Heidelberg {Path(path).suffix} file ({reason})") from None
     if bscans.ndim != 3 or bscans.shape[0] == 0:
         raise VolumeError(f"holds no B-scans (data of shape {bscans.shape})")
     return bscans, localizer

@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from retinafm.engine.infer import infer
 from retinafm.engine.inference import load_for_inference, prepare_for_inference
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".onnx")
-Inputs = Union[str, Path, Any, np.ndarray, Sequence[Any]]  # Any: a PIL image
+Inputs = str | Path | Any | np.ndarray | Sequence[Any]  # Any: a PIL image
 
 
 class RetinaModel:

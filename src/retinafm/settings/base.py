@@ -23,7 +23,7 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]  # runtime.device.amp_dtype 
 HEADS: tuple[str, ...] = typing.get_args(Head)
 MODALITIES: tuple[str, ...] = typing.get_args(Modality)
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
-OctFrames = Union[str, int]
+OctFrames = str | int
 
 OCT_FRAMES_HELP = ("B-scans of each OCT volume (multi-frame DICOM, .vol, .e2e, multi-page TIFF): middle, all, "
                    "or N evenly spread.")

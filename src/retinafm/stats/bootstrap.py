@@ -98,7 +98,7 @@ def _map(statistic: Callable, samples: Sequence[np.ndarray], n_jobs: int | None)
 
     bounds = np.linspace(0, total, jobs + 1).astype(int)
     parts = Parallel(n_jobs=jobs)(delayed(_evaluate)(statistic, samples, int(a), int(b))
-                                  for a, b in zip(bounds[:-1], bounds[1:]))
+                                  for a, b in zip(bounds[:-1], bounds[1:], strict=True))
     return [value for part in parts for value in part]
 
 

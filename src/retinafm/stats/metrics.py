@@ -73,7 +73,7 @@ def multiclass_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Seque
     # sklearn leaves it out of the macro average, as we do for AUROC/AUPRC.
     sensitivity = _sklearn.recall_score(y_true, y_pred, labels=labels, average=None, zero_division=np.nan)
     (tn, fp), _ = np.moveaxis(_sklearn.multilabel_confusion_matrix(y_true, y_pred, labels=labels), 0, -1)
-    specificity = [_ratio(a, a + b) for a, b in zip(tn, fp)]
+    specificity = [_ratio(a, a + b) for a, b in zip(tn, fp, strict=True)]
     aurocs, auprcs = [], []
     for c, name in enumerate(names):
         auroc, auprc = _ranking_scores(y_true == c, probs[:, c], name)
@@ -89,24 +89,24 @@ def multiclass_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Seque
     out: dict[str, float] = {
         "n": float(len(y_true)),
         "accuracy": float(_sklearn.accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": _quiet(lambda: _sklearn.balanced_accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": _quiet(_sklearn.balanced_accuracy_score, y_true, y_pred),
         "auroc_macro": auroc_macro,
         "auprc_macro": auprc_macro,
         "f1_macro": float(_sklearn.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=np.nan)),
         "sensitivity_macro": _nanmean(sensitivity),
         "specificity_macro": _nanmean(specificity),
-        "kappa": _quiet(lambda: _sklearn.cohen_kappa_score(y_true, y_pred, labels=labels)),
+        "kappa": _quiet(_sklearn.cohen_kappa_score, y_true, y_pred, labels=labels),
     }
     if grade_order is not None:
         order = _check_grade_order(grade_order, len(names))
         # cohen_kappa_score weights by position in `labels`, so the grade order goes there.
-        out["quadratic_kappa"] = _quiet(lambda: _sklearn.cohen_kappa_score(y_true, y_pred, labels=order,
-                                                                           weights="quadratic"))
-    out["mcc"] = _quiet(lambda: _sklearn.matthews_corrcoef(y_true, y_pred))
+        out["quadratic_kappa"] = _quiet(_sklearn.cohen_kappa_score, y_true, y_pred, labels=order,
+                                        weights="quadratic")
+    out["mcc"] = _quiet(_sklearn.matthews_corrcoef, y_true, y_pred)
     out["ece"] = expected_calibration_error((y_pred == y_true).astype(float), probs.max(axis=1))
     for prefix, values in (("auroc", aurocs), ("auprc", auprcs), ("sensitivity", sensitivity),
                            ("specificity", specificity)):
-        out.update({f"{prefix}_{name}": float(v) for name, v in zip(names, values)})
+        out.update({f"{prefix}_{name}": float(v) for name, v in zip(names, values, strict=True)})
     return out
 
 
@@ -172,7 +172,7 @@ def multilabel_metrics(targets: np.ndarray, probs: np.ndarray, names: Sequence[s
                 "sensitivity": _sklearn.recall_score(y, pred, pos_label=1, zero_division=np.nan),
                 "specificity": _sklearn.recall_score(y, pred, pos_label=0, zero_division=np.nan),
                 "f1": _sklearn.f1_score(y, pred, zero_division=np.nan),
-                "kappa": _quiet(lambda: _sklearn.cohen_kappa_score(y, pred, labels=[0, 1])),
+                "kappa": _quiet(_sklearn.cohen_kappa_score, y, pred, labels=[0, 1]),
                 "ece": expected_calibration_error(y, p),
                 "prevalence": np.mean(y),
             }
@@ -186,7 +186,7 @@ def multilabel_metrics(targets: np.ndarray, probs: np.ndarray, names: Sequence[s
     out: dict[str, float] = {"n": float(len(targets))}
     out.update({f"{key}_macro": _nanmean(per[key]) for key in _BINARY_METRICS})
     for key, values in per.items():
-        out.update({f"{key}_{name}": value for name, value in zip(names, values)})
+        out.update({f"{key}_{name}": value for name, value in zip(names, values, strict=True)})
     return out
 
 
@@ -218,6 +218,12 @@ def regression_metrics(targets: np.ndarray, preds: np.ndarray, names: Sequence[s
     if np.isinf(targets).any():
         raise ValueError("regression targets must be finite numbers or NaN (unknown)")
     per: dict[str, list[float]] = {key: [] for key in (*_REGRESSION_METRICS, "n")}
+    scores: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+        "r2": _sklearn.r2_score,
+        "mae": _sklearn.mean_absolute_error,
+        "rmse": _sklearn.root_mean_squared_error,
+        "pearson": lambda y, p: _scipy_stats.pearsonr(y, p).statistic,
+    }
     for i, name in enumerate(names):
         y, p = _known(targets, preds, i)
         if len(y) == 0:
@@ -235,20 +241,14 @@ def regression_metrics(targets: np.ndarray, preds: np.ndarray, names: Sequence[s
             listed = labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
             warnings.warn(f"target {name!r} has {reason} in this set; its {listed} "
                           f"{'is' if len(labels) == 1 else 'are'} undefined (NaN)", UserWarning, stacklevel=2)
-        scores = {
-            "r2": lambda: _sklearn.r2_score(y, p),
-            "mae": lambda: _sklearn.mean_absolute_error(y, p),
-            "rmse": lambda: _sklearn.root_mean_squared_error(y, p),
-            "pearson": lambda: _scipy_stats.pearsonr(y, p).statistic,
-        }
         for key, score in scores.items():
-            per[key].append(float("nan") if key in undefined else float(score()))
+            per[key].append(float("nan") if key in undefined else float(score(y, p)))
         per["n"].append(float(len(y)))
 
     out: dict[str, float] = {"n": float(len(targets))}
     out.update({f"{key}_macro": _nanmean(per[key]) for key in _REGRESSION_METRICS})
     for key, values in per.items():
-        out.update({f"{key}_{name}": value for name, value in zip(names, values)})
+        out.update({f"{key}_{name}": value for name, value in zip(names, values, strict=True)})
     return out
 
 
@@ -259,7 +259,8 @@ def metrics_to_frame(metrics: dict[str, float],
     ci = ci or {}
     nan = (float("nan"), float("nan"))
     return pd.DataFrame({"metric": list(metrics), "value": list(metrics.values()),
-                         "ci_low": [ci.get(k, nan)[0] for k in metrics], "ci_high": [ci.get(k, nan)[1] for k in metrics]})
+                         "ci_low": [ci.get(k, nan)[0] for k in metrics],
+                         "ci_high": [ci.get(k, nan)[1] for k in metrics]})
 
 
 def _check_inputs(y_true: np.ndarray, probs: np.ndarray, names: list[str]) -> None:
@@ -355,9 +356,9 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(defined)) if defined else float("nan")
 
 
-def _quiet(fn: Callable[[], float]) -> float:
+def _quiet(fn: Callable[..., float], *args: Any, **kwargs: Any) -> float:
     # On degenerate sets (one class, one sample) sklearn warns and returns its conventional value
     # (nan or 0); the value is the answer and the per-class warning already says why.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return float(fn())
+        return float(fn(*args, **kwargs))

@@ -8,7 +8,7 @@ the training loop is shared.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 from retinafm.settings import ConfigError
 from retinafm.tasks.base import TaskBase
@@ -16,7 +16,7 @@ from retinafm.tasks.multiclass import MulticlassTask, grade_order
 from retinafm.tasks.multilabel import MultilabelTask
 from retinafm.tasks.regression import RegressionTask
 
-Task = Union[MulticlassTask, MultilabelTask, RegressionTask]
+Task = MulticlassTask | MultilabelTask | RegressionTask
 TASKS: dict[str, type[TaskBase]] = {
     "multiclass": MulticlassTask,
     "multilabel": MultilabelTask,

@@ -198,7 +198,7 @@ class MulticlassTask(TaskBase):
 
     def probe_summary(self, split: str, targets: np.ndarray) -> dict[str, Any]:
         counts = np.bincount(targets, minlength=self.num_outputs)
-        return {"split": split, **dict(zip(self.output_names, counts.tolist()))}
+        return {"split": split, **dict(zip(self.output_names, counts.tolist(), strict=True))}
 
 
 def grade_order(class_names: Sequence[str], ordinal: bool) -> tuple[int, ...] | None:

@@ -90,14 +90,14 @@ class MultilabelTask(VectorTargetTask):
     def fit(self, train_targets: np.ndarray) -> MultilabelTask:
         positives = np.nansum(train_targets, axis=0)
         negatives = np.sum(train_targets == 0, axis=0)
-        for name, pos, neg in zip(self.output_names, positives, negatives):
+        for name, pos, neg in zip(self.output_names, positives, negatives, strict=True):
             if pos == 0 or neg == 0:
                 warnings.warn(f"label {name!r} has no {'positive' if pos == 0 else 'negative'} training images; "
                               "the model cannot learn it", UserWarning, stacklevel=2)
         if not self.use_pos_weight:
             return self
         # BCE's pos_weight: each positive counts as negatives/positives of them, balancing rare findings.
-        weights = tuple(float(n / p) if p > 0 and n > 0 else 1.0 for p, n in zip(positives, negatives))
+        weights = tuple(float(n / p) if p > 0 and n > 0 else 1.0 for p, n in zip(positives, negatives, strict=True))
         return replace(self, pos_weight=weights)
 
     def bootstrap_strata(self, targets: np.ndarray) -> np.ndarray:
@@ -124,7 +124,7 @@ class MultilabelTask(VectorTargetTask):
 
     def predicted_labels(self, probs: np.ndarray) -> list[str]:
         positive = probs >= np.asarray(self.decision_thresholds)
-        return [";".join(n for n, p in zip(self.output_names, row) if p) for row in positive]
+        return [";".join(n for n, p in zip(self.output_names, row, strict=True) if p) for row in positive]
 
     def prediction_frame(self, paths: Sequence[str], probs: np.ndarray,
                          targets: np.ndarray | None = None) -> pd.DataFrame:
@@ -167,7 +167,7 @@ class MultilabelTask(VectorTargetTask):
         """The wrong (image, label) decisions among the known labels, furthest from the truth first."""
         thresholds = _thresholds(metrics, len(outputs))
         found = []
-        for name, cut in zip(outputs, thresholds):
+        for name, cut in zip(outputs, thresholds, strict=True):
             truth = pd.to_numeric(frame[f"true_{name}"], errors="coerce").to_numpy(dtype=float)
             prob = pd.to_numeric(frame[f"prob_{name}"], errors="coerce").to_numpy(dtype=float)
             for i in np.flatnonzero(~np.isnan(truth) & ((prob >= cut) != (truth == 1))):

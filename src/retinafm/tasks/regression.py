@@ -34,7 +34,7 @@ def first_target_quintiles(values: np.ndarray) -> list[int]:
     first = values[:, 0]
     known = ~np.isnan(first)
     edges = np.unique(np.quantile(first[known], [0.2, 0.4, 0.6, 0.8]))
-    return [int(np.searchsorted(edges, v)) if k else -1 for v, k in zip(first, known)]
+    return [int(np.searchsorted(edges, v)) if k else -1 for v, k in zip(first, known, strict=True)]
 
 
 class MaskedRegressionLoss(nn.Module):

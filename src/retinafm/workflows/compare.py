@@ -249,7 +249,8 @@ def _wilcoxon_across_tasks(rows: list[ComparisonRow]) -> list[dict[str, Any]]:
             test = wilcoxon(differences)
             entry.update(statistic=float(test.statistic), p_value=float(test.pvalue))
             if len(pairs) < 6:
-                entry["note"] = f"with {len(pairs)} tasks the exact two-sided p cannot go below {2 / 2 ** len(pairs):.3g}"
+                floor = 2 / 2 ** len(pairs)
+                entry["note"] = f"with {len(pairs)} tasks the exact two-sided p cannot go below {floor:.3g}"
         out.append(entry)
     return out
 
@@ -260,7 +261,7 @@ def _task_folders(folders: list[Path], split: str) -> dict[str, list[Path]]:
     if all(is_run):
         return {"": folders}
     if any(is_run):
-        odd = [str(f) for f, r in zip(folders, is_run) if not r]
+        odd = [str(f) for f, r in zip(folders, is_run, strict=True) if not r]
         raise CompareError(f"{', '.join(odd)} hold(s) no predictions_{split}.csv while the other runs do; give runs "
                            "of one kind (run folders, or folders of runs with one sub-folder per task)")
     names = [{d.name for d in f.iterdir() if (d / f"predictions_{split}.csv").is_file()} for f in folders]
@@ -268,7 +269,7 @@ def _task_folders(folders: list[Path], split: str) -> dict[str, list[Path]]:
     if not common:
         raise CompareError(f"none of {', '.join(map(str, folders))} holds predictions_{split}.csv, nor sub-folders "
                            "with the same names that do (one per task)")
-    for folder, have in zip(folders, names):
+    for folder, have in zip(folders, names, strict=True):
         extra = sorted(have - set(common))
         if extra:
             warnings.warn(f"{folder}: task folder(s) {extra} have no counterpart in every run; left out",

@@ -162,6 +162,8 @@ def run_demo(out: Path, epochs: int | None = None, overwrite: bool = False,
     comparison = f"""
 Without MAE pretraining (from scratch): {scratch_auroc:.4f}{_ci_text(_test_ci(out / 'run_from_scratch'))}""" \
         if scratch_auroc is not None else ""
+    pretrained_note = " (MAE-pretrained, then fine-tuned)" if scratch else ""
+    verdict = "meets" if passed else "BELOW"
     print(f"""
 Demo finished in {elapsed / 60:.1f} min.
   data set           {out / 'data'}  (train/val/test/<class>/*.png){pretrained_lines}
@@ -171,8 +173,8 @@ Demo finished in {elapsed / 60:.1f} min.
   report             {run_dir / 'report.html'}  (open it in a browser)
   evaluation         {out / 'evaluation'}
   predictions        {out / 'predictions.csv'}  ({len(pred.predictions)} images)
-Held-out test macro AUROC{' (MAE-pretrained, then fine-tuned)' if scratch else ''}: \
-{auroc:.4f}{_ci_text(ev.ci.get("auroc_macro"))}  ({'meets' if passed else 'BELOW'} the {AUROC_TARGET} target){comparison}""",
+Held-out test macro AUROC{pretrained_note}: \
+{auroc:.4f}{_ci_text(ev.ci.get("auroc_macro"))}  ({verdict} the {AUROC_TARGET} target){comparison}""",
           flush=True)
     return DemoSummary(out, auroc, passed, elapsed, scratch_auroc)
 

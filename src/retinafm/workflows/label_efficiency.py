@@ -92,8 +92,8 @@ def label_efficiency(cfg: FinetuneSettings, fractions: Sequence[float], seeds: i
     write_csv(out / "label_efficiency.csv", summary)
     write_yaml(out / "config.yaml", {**dataclasses.asdict(cfg), "fractions": list(fractions), "seeds": seeds,
                                      "metric": metric})
-    plot = plot_label_efficiency(summary, metric, f"{cfg.model} ({'linear probe' if cfg.adaptation == 'lp' else 'fine-tuned'})",
-                                 out / "label_efficiency.png")
+    adaptation = "linear probe" if cfg.adaptation == "lp" else "fine-tuned"
+    plot = plot_label_efficiency(summary, metric, f"{cfg.model} ({adaptation})", out / "label_efficiency.png")
     if not quiet:
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         print(f"written: {out / 'label_efficiency.csv'}, {plot}")
@@ -138,7 +138,8 @@ def _probe_points(cfg, data, out: Path, fractions, seeds, metric, quiet):
             rows.append({"fraction": fraction, "seed": seed, "n_train": len(subset), "strength": strength,
                          **_reported(metric, metrics)})
             if not quiet:
-                print(f"fraction {fraction:g}, seed {seed}: {len(subset)} training images, {metric} {metrics[metric]:.4f}")
+                print(f"fraction {fraction:g}, seed {seed}: {len(subset)} training images, "
+                      f"{metric} {metrics[metric]:.4f}")
     return rows, metric
 
 

@@ -164,9 +164,11 @@ def knn_outputs(task, x_train: np.ndarray, y_train: np.ndarray, x: np.ndarray, k
 
 
 # --------------------------------------------------------------------------- the workflow
-def probe(embeddings: str | Path | Embeddings, out: str | Path, settings: ProbeSettings = ProbeSettings(), *,
+def probe(embeddings: str | Path | Embeddings, out: str | Path, settings: ProbeSettings | None = None, *,
           overwrite: bool = False, quiet: bool = False) -> ProbeResult:
-    """Fit, select, evaluate and save a linear probe (and evaluate kNN) on an embeddings file."""
+    """Fit, select, evaluate and save a linear probe (and evaluate kNN) on an embeddings file
+    (`settings`: the defaults of ProbeSettings when not given)."""
+    settings = settings if settings is not None else ProbeSettings()
     settings.check()
     emb = embeddings if isinstance(embeddings, Embeddings) else read_embeddings(embeddings)
     task, splits, targets = probe_data(emb, settings)

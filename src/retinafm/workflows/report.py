@@ -333,7 +333,7 @@ def _table(frame: pd.DataFrame, path_columns: tuple[str, ...] = ()) -> dict[str,
     rows = []
     for record in frame.itertuples(index=False):
         row = []
-        for column, value in zip(frame.columns, record):
+        for column, value in zip(frame.columns, record, strict=True):
             cls = "num" if column in numeric else ("path" if column in path_columns else "")
             row.append({"text": _cell(value), "cls": cls})
         rows.append(row)

@@ -42,7 +42,7 @@ def test_mae_run_writes_a_retfound_mae_checkpoint_and_figures(mae_run):
 def test_checkpoint_is_weights_for_finetune_and_embed(mae_run, demo_data, tmp_path):
     from helpers import tiny_finetune_config
 
-    from retinafm.engine.features import EmbedSettings
+    from retinafm.settings import EmbedSettings
     from retinafm.workflows.embed import embed
     from retinafm.workflows.finetune import finetune
 

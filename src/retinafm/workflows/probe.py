@@ -167,7 +167,7 @@ def knn_outputs(task, x_train: np.ndarray, y_train: np.ndarray, x: np.ndarray, k
 def probe(embeddings: str | Path | Embeddings, out: str | Path, settings: ProbeSettings = ProbeSettings(), *,
           overwrite: bool = False, quiet: bool = False) -> ProbeResult:
     """Fit, select, evaluate and save a linear probe (and evaluate kNN) on an embeddings file."""
-    settings.validate()
+    settings.check()
     emb = embeddings if isinstance(embeddings, Embeddings) else read_embeddings(embeddings)
     task, splits, targets = probe_data(emb, settings)
     run_dir = prepare_output_dir(out, overwrite=overwrite)

@@ -280,6 +280,7 @@ def _plain_predict(spec, folder: Path, device: torch.device, batch: int, workers
 def bench_predict(args, spec, device: torch.device, work: Path) -> None:
     from inference import _checkpoint, make_images
 
+    from retinafm.settings import PredictSettings
     from retinafm.workflows.predict import predict
 
     t0 = time.perf_counter()
@@ -298,8 +299,9 @@ def bench_predict(args, spec, device: torch.device, work: Path) -> None:
                 done = _plain_predict(spec, folder, device, args.batch_size, args.workers)
             else:
                 out = work / f"predictions_{n}.csv"
-                done = len(predict(checkpoint, folder, out, batch_size=args.batch_size, device=str(device),
-                                   num_workers=args.workers, progress=False).predictions)
+                done = len(predict(PredictSettings(checkpoint=checkpoint, images=folder, out=out,
+                                                   batch_size=args.batch_size, device=str(device),
+                                                   num_workers=args.workers), progress=False).predictions)
             _sync(device)
             seconds[pipeline, n] = time.perf_counter() - t0
             assert done == n, (pipeline, n, done)

@@ -162,24 +162,26 @@ def _reference(model_name: str, folder: Path, batch_size: int, workers: int, emb
 def _retinafm(model_name: str, folder: Path, batch_size: int, workers: int, embed: bool, out: Path,
               cpu_int8: bool = False, model_file: str = "model.pth") -> int:
     if embed and model_file.endswith(".onnx"):
-        from retinafm.engine.features import EmbedSettings
+        from retinafm.settings import EmbedSettings
         from retinafm.workflows.embed import embed as run_embed
 
         return run_embed(folder, out / "emb.parquet", EmbedSettings(checkpoint=str(out / model_file),
                                                                     batch_size=batch_size, num_workers=workers,
                                                                     device="cpu"), progress=False).count
     if embed:
-        from retinafm.engine.features import EmbedSettings
+        from retinafm.settings import EmbedSettings
         from retinafm.workflows.embed import embed as run_embed
 
         result = run_embed(folder, out / "emb.parquet", EmbedSettings(model=model_name, weights="none",
                                                                      batch_size=batch_size, num_workers=workers,
                                                                      device="cpu"), progress=False)
         return result.count
+    from retinafm.settings import PredictSettings
     from retinafm.workflows.predict import predict
 
-    return len(predict(out / model_file, folder, out / "p.csv", batch_size=batch_size, num_workers=workers,
-                       device="cpu", progress=False, cpu_int8=cpu_int8).predictions)
+    return len(predict(PredictSettings(checkpoint=out / model_file, images=folder, out=out / "p.csv",
+                                       batch_size=batch_size, num_workers=workers, device="cpu", cpu_int8=cpu_int8),
+                       progress=False).predictions)
 
 
 def _checkpoint(model_name: str, path: Path) -> None:
@@ -217,10 +219,12 @@ def one(args: argparse.Namespace) -> None:
         _checkpoint(args.model, out / "model.pth")
     if args.pipeline == "retinafm" and args.task in ONNX_TASKS:
         # `retinafm export` is a one-off step before deployment, so it is not timed (it prints its seconds).
-        from retinafm.workflows.export import export_onnx
+        from retinafm.settings import ExportSettings
+        from retinafm.workflows.export import export
 
         model_file = "model.onnx"
-        result = export_onnx(out / "model.pth", out / model_file, int8=args.task.endswith("int8"))
+        result = export(ExportSettings(checkpoint=out / "model.pth", out=out / model_file,
+                                       int8=args.task.endswith("int8")))
         print(f"export: {result.seconds:.1f}s", file=sys.stderr)
     baseline_mb = _rss_mb()
     sampler = _PeakRSS()

@@ -14,9 +14,9 @@ from helpers import tiny_finetune_config, tiny_pretrain_config, tiny_refine_conf
 
 from retinafm.data.embeddings import read_embeddings
 from retinafm.data.synthetic import write_report_pairs
-from retinafm.engine.features import EmbedSettings
 from retinafm.engine.optim import build_optimizer
 from retinafm.runtime.device import amp_dtype
+from retinafm.settings import EmbedSettings, PredictSettings
 from retinafm.workflows.embed import embed
 from retinafm.workflows.finetune import finetune
 from retinafm.workflows.predict import predict
@@ -47,10 +47,10 @@ def test_gpu_run_checkpoint_is_plain_and_predicts_on_cpu_like_on_gpu(gpu_run, de
     # torch.compile's wrapper is not saved: the keys stay RETFound's
     assert not any(k.startswith("_orig_mod.") for k in state["model"])
     assert np.isfinite(pd.read_csv(gpu_run.run_dir / "log.csv")["train_loss"]).all()
-    cpu = predict(checkpoint, demo_data / "test", tmp_path / "cpu.csv", device="cpu", num_workers=0,
-                  progress=False).predictions
-    gpu = predict(checkpoint, demo_data / "test", tmp_path / "gpu.csv", device="cuda", num_workers=2,
-                  progress=False).predictions
+    cpu = predict(PredictSettings(checkpoint=checkpoint, images=demo_data / "test", out=tmp_path / "cpu.csv",
+                                  device="cpu", num_workers=0), progress=False).predictions
+    gpu = predict(PredictSettings(checkpoint=checkpoint, images=demo_data / "test", out=tmp_path / "gpu.csv",
+                                  device="cuda", num_workers=2), progress=False).predictions
     assert list(cpu["path"]) == list(gpu["path"])
     probs = [c for c in cpu.columns if c.startswith("prob_")]
     # bf16 on the GPU against fp32 on the CPU: close, not equal

@@ -21,14 +21,14 @@ from typing import Any, Literal
 import click
 
 from retinafm.settings import (
-    MODALITIES,
-    OCT_FRAMES_HELP,
-    PRECISION_HELP,
-    PRECISIONS,
     CompareSettings,
     ConfigError,
+    EmbedSettings,
+    EvaluateSettings,
+    ExportSettings,
     FinetuneSettings,
     ImportSettings,
+    PredictSettings,
     PretrainSettings,
     RefineSettings,
     SplitSettings,
@@ -271,26 +271,6 @@ def make_settings(cls: type, options: dict[str, Any], resume: str | None = None)
     return cfg
 
 
-def cpu_int8_option() -> Callable:
-    return click.option("--cpu-int8", is_flag=True,
-                        help="Dynamic int8 Linear layers on CPU: ~1.5x faster on ViT-B, outputs change slightly.")
-
-
-def precision_option() -> Callable:
-    return click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-                        help=PRECISION_HELP)
-
-
-def modality_option() -> Callable:
-    return click.option("--modality", type=click.Choice(MODALITIES), default=None,
-                        help="What the images are, when the colour/grayscale check guesses wrong.")
-
-
-def oct_frames_option(default: str | None = "middle") -> Callable:
-    help = OCT_FRAMES_HELP if default else OCT_FRAMES_HELP[:-1] + "; default: as in training."
-    return click.option("--oct-frames", default=default, show_default=default is not None, help=help)
-
-
 def finetune_options(command: Callable) -> Callable:
     """The finetune flags, shared by `finetune`, `tune` (which searches some of them) and `label-efficiency`."""
     return settings_command(FinetuneSettings)(command)
@@ -362,49 +342,22 @@ def label_efficiency_cmd(resume: str | None, fractions: str, seeds: int, metric:
 
 
 @main.command("evaluate")
-@click.option("--checkpoint", required=True, type=click.Path(),
-              help="A run's checkpoint-best.pth (or an imported one).")
-@click.option("--data-path", type=click.Path(), help="Labelled folder (its own test split, or an external set).")
-@click.option("--manifest", type=click.Path(), help="Labelled CSV manifest.")
-@click.option("--split", "split_name", default="test", show_default=True, help="Which split to evaluate.")
-@click.option("--out", required=True, type=click.Path(), help="Folder for metrics, predictions, plots and report.html.")
-@click.option("--label-map", default=None,
-              help="External sets: rename their classes (or columns) to the model's, data=model,... e.g. "
-                   "'no_dr=normal,mild=dr,moderate=dr' (several may merge into one).")
-@click.option("--ordinal", is_flag=True, help="Treat the classes as ordered grades (quadratic-weighted kappa).")
-@click.option("--bootstrap", type=int, default=1000, show_default=True,
-              help="Bootstrap replicates for 95% CIs (patient-level when the manifest has patient_id); 0: none.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@precision_option()
-@click.option("--num-workers", type=int, default=2, show_default=True)
-@click.option("--overwrite", is_flag=True)
-@oct_frames_option(None)
-@modality_option()
-@cpu_int8_option()
-def evaluate_cmd(checkpoint: str, data_path: str | None, manifest: str | None, split_name: str, out: str,
-                 label_map: str | None, ordinal: bool, bootstrap: int, seed: int, batch_size: int, device: str,
-                 precision: str, num_workers: int, overwrite: bool, oct_frames: str | None, modality: str | None,
-                 cpu_int8: bool) -> None:
+@_apply(settings_options(EvaluateSettings))
+def evaluate_cmd(**options: Any) -> None:
     """Metrics with 95% CIs (AUROC, AUPRC, accuracy, sensitivity, specificity, F1, kappa, MCC, ECE),
     predictions, plots and report.html — on the run's test split or an external data set."""
-    from retinafm.data.sources import parse_label_map
-    from retinafm.workflows.evaluate import evaluate_checkpoint
+    from retinafm.workflows.evaluate import evaluate
 
-    if bool(data_path) == bool(manifest):
+    cfg = EvaluateSettings(**options)
+    if bool(cfg.data_path) == bool(cfg.manifest):
         raise click.UsageError("give exactly one of --data-path or --manifest")
-    ev = _run(lambda: evaluate_checkpoint(checkpoint, out, data_path=data_path, manifest=manifest, split=split_name,
-                                          label_map=parse_label_map(label_map), ordinal=ordinal, bootstrap=bootstrap,
-                                          seed=seed, batch_size=batch_size, device=device, num_workers=num_workers,
-                                          overwrite=overwrite, oct_frames=oct_frames, modality=modality,
-                                          cpu_int8=cpu_int8, precision=precision))
+    ev = _run(lambda: evaluate(cfg))
     if not _primary():
         return
-    click.echo(f"{split_name}: {len(ev.paths)} images  {ev.task.summary(ev.metrics, ev.ci)}")
+    click.echo(f"{cfg.split}: {len(ev.paths)} images  {ev.task.summary(ev.metrics, ev.ci)}")
     if ev.notes.get("absent_classes"):
         click.echo(f"not in this set (metrics undefined): {', '.join(ev.notes['absent_classes'])}")
-    click.echo(f"written to {out} (open {Path(out) / 'report.html'})")
+    click.echo(f"written to {cfg.out} (open {Path(cfg.out) / 'report.html'})")
 
 
 @main.command("compare")
@@ -460,28 +413,13 @@ def import_cmd(checkpoint: str, **options: Any) -> None:
 
 
 @main.command("predict")
-@click.option("--checkpoint", required=True, type=click.Path(),
-              help="A run's checkpoint-best.pth, or its .onnx export (ONNX Runtime on the CPU).")
-@click.option("--images", required=True, type=click.Path(), help="An image file or a folder (recursive).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions CSV to write.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@precision_option()
-@click.option("--num-workers", type=int, default=2, show_default=True)
-@click.option("--overwrite", is_flag=True)
-@oct_frames_option(None)
-@modality_option()
-@cpu_int8_option()
-def predict_cmd(checkpoint: str, images: str, out: str, batch_size: int, device: str, precision: str,
-                num_workers: int, overwrite: bool, oct_frames: str | None, modality: str | None,
-                cpu_int8: bool) -> None:
+@_apply(settings_options(PredictSettings))
+def predict_cmd(**options: Any) -> None:
     """Predictions for new images: path, then per-class probabilities (or one column per target).
     With --oct-frames all (or N), also one row per volume in <out>_volumes.csv."""
     from retinafm.workflows.predict import predict
 
-    res = _run(lambda: predict(checkpoint, images, out, batch_size=batch_size, device=device,
-                               num_workers=num_workers, overwrite=overwrite, oct_frames=oct_frames,
-                               modality=modality, cpu_int8=cpu_int8, precision=precision))
+    res = _run(lambda: predict(PredictSettings(**options)))
     if _primary():  # under torchrun every rank returns; one reports
         click.echo(f"{len(res.predictions)} predictions written to {res.out}")
         if res.volumes_path:
@@ -491,21 +429,16 @@ def predict_cmd(checkpoint: str, images: str, out: str, batch_size: int, device:
 
 
 @main.command("export")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="A retinafm checkpoint (.pth).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
-@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
-@click.option("--int8", is_flag=True,
-              help="ONNX Runtime's transformer fusions and int8 weights: smaller and faster on CPU, outputs change "
-                   "slightly.")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default 17).")
-@click.option("--overwrite", is_flag=True)
-def export_cmd(checkpoint: str, out: str, fmt: str, int8: bool, opset: int | None, overwrite: bool) -> None:
+@_apply(settings_options(ExportSettings))
+def export_cmd(**options: Any) -> None:
     """A checkpoint as one ONNX file (metadata inside) that `predict` and `embed --checkpoint` run
     with ONNX Runtime; checked against PyTorch before it is written."""
-    from retinafm.workflows.export import export_onnx
+    from retinafm.workflows.export import export
 
-    res = _run(lambda: export_onnx(checkpoint, out, int8=int8, opset=opset, overwrite=overwrite))
-    click.echo(f"{fmt}{' int8' if res.int8 else ''} (opset {res.opset}) written to {res.out} in {res.seconds:.1f}s; "
+    cfg = ExportSettings(**options)
+    res = _run(lambda: export(cfg))
+    click.echo(f"{cfg.format}{' int8' if res.int8 else ''} (opset {res.opset}) written to {res.out} in "
+               f"{res.seconds:.1f}s; "
                f"max |ONNX Runtime - PyTorch|: logits {res.max_abs_diff_logits:.2g}, "
                f"features {res.max_abs_diff_features:.2g}")
 
@@ -516,30 +449,11 @@ def export_cmd(checkpoint: str, out: str, fmt: str, int8: bool, opset: int | Non
                    "or an image.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="emb.parquet, or emb.npy (+ emb.csv index).")
-@click.option("--model", default=None, help="Zoo name or timm architecture (see `retinafm models`).")
-@click.option("--weights", default=None,
-              help="For --model: file, hf repo id, zoo name, or 'none' (default: the zoo entry's).")
-@click.option("--checkpoint", default=None, type=click.Path(), help="Instead of --model: a retinafm checkpoint.")
-@click.option("--pool", type=click.Choice(["cls", "avg"]), default=None,
-              help="Class token or average of patch tokens (default: the model's own; RETFound: avg).")
-@click.option("--tta-flip", is_flag=True, help="Average with the horizontally flipped image's embedding.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--input-size", type=int, default=None)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--shard-size", type=int, default=2048, show_default=True, help="Images per resumable shard.")
-@oct_frames_option()
-@click.option("--fundus-crop", is_flag=True, help="With --model: crop fundus photographs to their field of view.")
-@click.option("--oct-crop", type=float, default=None, help="With --model: keep this central fraction of each B-scan.")
-@modality_option()
-@cpu_int8_option()
-@click.option("--device", default="auto", show_default=True)
-@precision_option()
-@click.option("--num-workers", type=int, default=2, show_default=True)
+@_apply(settings_options(EmbedSettings))
 @click.option("--overwrite", is_flag=True)
 def embed_cmd(images: str, out: str, overwrite: bool, **options: Any) -> None:
     """One pooled feature vector per image, for probes and analysis. Interrupted? Run the same
     command again: finished shards are kept."""
-    from retinafm.engine.features import EmbedSettings
     from retinafm.workflows.embed import embed
 
     res = _run(lambda: embed(images, out, EmbedSettings(**options), overwrite=overwrite),

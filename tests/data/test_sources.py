@@ -150,7 +150,8 @@ def test_multilabel_manifest_columns_missing_cells_and_bad_values(tmp_path):
 def test_regression_manifest_numbers_and_auto_split(tmp_path):
     rows = "\n".join(f"{i}.png,{40 + i},{'' if i % 10 == 0 else 120 + i}" for i in range(60))
     csv = _write_manifest(tmp_path, "path,age,sbp\n" + rows + "\n")
-    data = load_manifest(csv, split_ratios="0.6,0.2,0.2", targets=get_task("regression").targets, class_names=["age", "sbp"])
+    data = load_manifest(csv, split_ratios="0.6,0.2,0.2", targets=get_task("regression").targets,
+                         class_names=["age", "sbp"])
     assert data.targets.task == "regression" and data.auto_split
     assert sorted(len(data.split(s)) for s in ("train", "val", "test")) == [12, 12, 36]
     ages = {s.split: [] for s in data.samples}
@@ -196,8 +197,10 @@ def test_label_map_renames_and_merges_an_external_sets_classes(tmp_path):
 
 def test_external_manifest_columns_renamed_and_absent_ones_unknown(tmp_path):
     csv = _write_manifest(tmp_path, "path,split,DRUSEN\na.png,test,1\nb.png,test,0\n")
-    data = load_manifest(csv, targets=get_task("multilabel").targets, class_names=["drusen", "srf"], label_map={"DRUSEN": "drusen"},
+    data = load_manifest(csv, targets=get_task("multilabel").targets, class_names=["drusen", "srf"],
+                         label_map={"DRUSEN": "drusen"},
                          absent_unknown=True)
     assert data.samples[0].targets[0] == 1.0 and np.isnan(data.samples[0].targets[1])
     with pytest.raises(DataSourceError, match=r"no column\(s\) \['srf'\]"):
-        load_manifest(csv, targets=get_task("multilabel").targets, class_names=["drusen", "srf"], label_map={"DRUSEN": "drusen"})
+        load_manifest(csv, targets=get_task("multilabel").targets, class_names=["drusen", "srf"],
+                      label_map={"DRUSEN": "drusen"})

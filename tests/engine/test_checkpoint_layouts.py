@@ -30,6 +30,8 @@ from retinafm.models.registry import create_model, get_spec
 from retinafm.models.weights import detect_family, load_backbone_weights, read_checkpoint
 from retinafm.settings import FinetuneSettings, PretrainSettings, RefineSettings
 
+pytestmark = pytest.mark.slow  # each case trains and resumes a tiny run (about 35 s for the file)
+
 
 def legacy(state: dict[str, Any]) -> dict[str, Any]:
     """A current checkpoint rewritten in the layout its kind had before format 2."""
@@ -103,7 +105,8 @@ def _classifier_meta() -> CheckpointMeta:
 
 
 def test_format_1_classifier_predicts_evaluates_exports_and_loads_as_weights(demo_data, tmp_path):
-    from retinafm.workflows.evaluate import evaluate_checkpoint
+    from retinafm.settings import EvaluateSettings, PredictSettings
+    from retinafm.workflows.evaluate import evaluate
     from retinafm.workflows.predict import predict
 
     torch.manual_seed(0)
@@ -120,21 +123,24 @@ def test_format_1_classifier_predicts_evaluates_exports_and_loads_as_weights(dem
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(rebuilt(x), model.eval()(x), rtol=0, atol=0)
 
-    kwargs = dict(device="cpu", num_workers=0, progress=False, precision="fp32")
-    a = predict(old, demo_data / "test", tmp_path / "old.csv", **kwargs)
-    b = predict(new, demo_data / "test", tmp_path / "new.csv", **kwargs)
+    kwargs = dict(device="cpu", num_workers=0, precision="fp32")
+    a = predict(PredictSettings(checkpoint=old, images=demo_data / "test", out=tmp_path / "old.csv", **kwargs),
+                progress=False)
+    b = predict(PredictSettings(checkpoint=new, images=demo_data / "test", out=tmp_path / "new.csv", **kwargs),
+                progress=False)
     assert a is not None and b is not None
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "old.csv"), pd.read_csv(tmp_path / "new.csv"),
                                   check_exact=True)
 
-    evaluate_checkpoint(old, tmp_path / "eval", data_path=str(demo_data), bootstrap=0, device="cpu", num_workers=0,
-                        report=False)
+    evaluate(EvaluateSettings(checkpoint=old, out=tmp_path / "eval", data_path=str(demo_data), bootstrap=0,
+                              device="cpu", num_workers=0), report=False)
     assert (tmp_path / "eval" / "metrics_test.json").is_file()
 
     pytest.importorskip("onnxruntime")
-    from retinafm.workflows.export import export_onnx
+    from retinafm.settings import ExportSettings
+    from retinafm.workflows.export import export
 
-    export_onnx(old, tmp_path / "old.onnx")
+    export(ExportSettings(checkpoint=old, out=tmp_path / "old.onnx"))
     assert (tmp_path / "old.onnx").stat().st_size > 0
 
     target = create_model(get_spec("vit_micro_patch8"), 3, input_size=32, global_pool="avg")

@@ -42,6 +42,7 @@ def _settings(case: str, demo_data: Path, text_model: Path, tmp_path: Path) -> t
                             decoder_depth=1, decoder_heads=4, reconstructions=0, out_dim=32, local_crops=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["mae", "dino", "refine"])
 def test_killed_run_resumes_to_the_uninterrupted_result(case, demo_data, tiny_text_model, tmp_path):
     kind, settings = _settings(case, demo_data, tiny_text_model, tmp_path)

@@ -91,7 +91,8 @@ def test_a_few_steps_lower_the_total_loss(tiny_text_model):
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses  # measured: 9.8 -> 7.4
     assert set(out) == {"loss", "loss_itc", "loss_itm", "loss_mlm", "loss_gm"}
-    torch.testing.assert_close(out["loss"].detach(), out["loss_itc"] + out["loss_itm"] + out["loss_mlm"] + out["loss_gm"])
+    parts = out["loss_itc"] + out["loss_itm"] + out["loss_mlm"] + out["loss_gm"]
+    torch.testing.assert_close(out["loss"].detach(), parts)
     # The language-model head is tied to the word embeddings, and the vision backbone learns.
     assert model.text.embeddings.word_embeddings.weight.grad is not None
     assert model.vision.blocks[0].attn.qkv.weight.grad.abs().sum() > 0

@@ -52,7 +52,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_torchrun_predict_and_embed_merge_shards_in_input_order(trained_run, demo_data, tmp_path):
     from retinafm.data.embeddings import read_embeddings
-    from retinafm.engine.features import EmbedSettings
+    from retinafm.settings import EmbedSettings, PredictSettings
     from retinafm.workflows.embed import embed
     from retinafm.workflows.predict import predict
 
@@ -65,8 +65,8 @@ def test_torchrun_predict_and_embed_merge_shards_in_input_order(trained_run, dem
                      "--out", str(tmp_path / "ddp.csv"), "--num-workers", "0", "--device", "cpu", "--precision", "fp32")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.count("predictions written") == 1  # rank 0 alone writes and reports
-    single = predict(checkpoint, demo_data / "test", tmp_path / "one.csv", num_workers=0, device="cpu",
-                     precision="fp32", progress=False).predictions
+    single = predict(PredictSettings(checkpoint=checkpoint, images=demo_data / "test", out=tmp_path / "one.csv",
+                                     num_workers=0, device="cpu", precision="fp32"), progress=False).predictions
     both = pd.read_csv(tmp_path / "ddp.csv")
     assert both["path"].tolist() == single["path"].tolist()  # every image once, in input order
     probs = [c for c in both.columns if c.startswith("prob_")]

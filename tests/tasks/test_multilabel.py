@@ -11,6 +11,7 @@ from helpers import tiny_manifest_config
 from sklearn.metrics import roc_auc_score
 
 from retinafm.engine.checkpoint import load_checkpoint
+from retinafm.settings import PredictSettings
 from retinafm.tasks import make_task
 from retinafm.tasks.multilabel import MultilabelTask
 from retinafm.workflows.finetune import finetune
@@ -104,8 +105,8 @@ def test_multilabel_training_learns_the_findings(multilabel_run, multilabel_mani
 @pytest.mark.slow
 def test_predict_uses_the_saved_thresholds(multilabel_run, multilabel_manifest, tmp_path):
     images = multilabel_manifest.parent / "images"
-    result = predict(multilabel_run.run_dir / "checkpoint-best.pth", images, tmp_path / "p.csv", num_workers=0,
-                     device="cpu", progress=False)
+    result = predict(PredictSettings(checkpoint=multilabel_run.run_dir / "checkpoint-best.pth", images=images,
+                                     out=tmp_path / "p.csv", num_workers=0, device="cpu"), progress=False)
     frame = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
     assert list(frame.columns) == ["path", "prediction", *[f"prob_{n}" for n in NAMES]]
     assert len(frame) == len(list(images.iterdir()))

@@ -12,6 +12,7 @@ from sklearn.metrics import r2_score
 
 from retinafm.data.sources import DataSourceError
 from retinafm.engine.checkpoint import load_checkpoint
+from retinafm.settings import PredictSettings
 from retinafm.tasks import make_task
 from retinafm.tasks.regression import RegressionTask
 from retinafm.workflows.finetune import finetune
@@ -76,8 +77,9 @@ def test_regression_training_learns_the_targets(regression_run, regression_manif
 
 @pytest.mark.slow
 def test_predict_writes_targets_in_original_units(regression_run, regression_manifest, tmp_path):
-    predict(regression_run.run_dir / "checkpoint-best.pth", regression_manifest.parent / "images",
-            tmp_path / "p.csv", num_workers=0, device="cpu", progress=False)
+    predict(PredictSettings(checkpoint=regression_run.run_dir / "checkpoint-best.pth",
+                            images=regression_manifest.parent / "images", out=tmp_path / "p.csv", num_workers=0,
+                            device="cpu"), progress=False)
     frame = pd.read_csv(tmp_path / "p.csv")
     assert list(frame.columns) == ["path", *TARGETS]
     evaluated = pd.read_csv(regression_run.run_dir / "predictions_test.csv").set_index("path")
@@ -94,8 +96,8 @@ def test_transformer_head_run_predicts_what_it_evaluated(regression_manifest, tm
     state = load_checkpoint(run / "checkpoint-best.pth")["retinafm"]
     assert state["head"] == {"kind": "transformer", "depth": 1, "num_heads": 2, "mlp_ratio": 2.0, "dropout": 0.1}
     assert state["class_names"] == ["exudate_count", "cup_to_disc"]  # --targets order
-    predict(run / "checkpoint-best.pth", regression_manifest.parent / "images", tmp_path / "p.csv", num_workers=0,
-            device="cpu", progress=False)
+    predict(PredictSettings(checkpoint=run / "checkpoint-best.pth", images=regression_manifest.parent / "images",
+                            out=tmp_path / "p.csv", num_workers=0, device="cpu"), progress=False)
     frame = pd.read_csv(tmp_path / "p.csv").set_index("path")
     evaluated = pd.read_csv(run / "predictions_test.csv").set_index("path")
     assert list(frame.columns) == ["exudate_count", "cup_to_disc"]

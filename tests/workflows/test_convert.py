@@ -16,6 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 from retinafm.cli import main
 from retinafm.engine.checkpoint import load_checkpoint
 from retinafm.engine.inference import model_from_checkpoint
+from retinafm.settings import PredictSettings
 from retinafm.workflows.import_ import (
     RetfoundImportError,
     _dinov2_layout,
@@ -163,7 +164,8 @@ def test_command_line_and_predict(retfound_checkpoint, demo_data, tmp_path):
                                       "AMD,DR,normal", "--out", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output
 
-    preds = predict(out, demo_data / "test", tmp_path / "p.csv", num_workers=0, progress=False).predictions
+    preds = predict(PredictSettings(checkpoint=out, images=demo_data / "test", out=tmp_path / "p.csv", num_workers=0),
+                                    progress=False).predictions
     assert list(preds.columns) == ["path", "prediction", "prob_AMD", "prob_DR", "prob_normal"]
     assert len(preds) == 24 and preds[["prob_AMD", "prob_DR", "prob_normal"]].sum(axis=1).round(5).eq(1).all()
     assert list(pd.read_csv(tmp_path / "p.csv").columns)[0] == "path"

@@ -53,4 +53,4 @@ def test_real_images_and_config(tmp_path):
     assert cfg.model == "vit_micro_patch8" and cfg.device == "cpu" and cfg.weights == "none"
     pre = demo_pretrain_config(tmp_path)
     pre.validate()
-    assert pre.method == "mae" and pre.splits == "train,val"  # the test images stay unseen
+    assert pre.method == "mae" and pre.splits == ["train", "val"]  # the test images stay unseen

@@ -13,8 +13,9 @@ from retinafm.data.embeddings import read_embeddings
 from retinafm.data.images import image_table
 from retinafm.data.sources import DataSourceError
 from retinafm.data.transforms import eval_transform
-from retinafm.engine.features import EmbedSettings, embedding_model
+from retinafm.engine.features import embedding_model
 from retinafm.files import OutputExistsError
+from retinafm.settings import ConfigError, EmbedSettings
 from retinafm.workflows.embed import embed
 
 
@@ -183,21 +184,21 @@ def test_existing_output_is_refused(demo_data, tmp_path):
         embed(demo_data / "val", out, tiny(), progress=False)
 
 
-@pytest.mark.parametrize("settings,images,out,message", [
-    (dict(model=None), "{data}", "e.parquet", "exactly one of --model"),
-    (dict(checkpoint="c.pth"), "{data}", "e.parquet", "exactly one of --model"),
-    (dict(pool="mean"), "{data}", "e.parquet", "--pool must be one of cls, avg"),
-    (dict(dtype="int8"), "{data}", "e.parquet", "--dtype must be one of"),
-    (dict(input_size=36), "{data}", "e.parquet", "multiple of vit_micro_patch8's patch size 8"),
-    ({}, "{data}", "e.h5", "write .parquet"),
-    ({}, "{tmp}/nowhere", "e.parquet", "no such file or folder"),
-    ({}, "{tmp}/empty", "e.parquet", "contains no image files"),
-    ({}, "{tmp}/nopath.csv", "e.parquet", "needs a 'path' column"),
+@pytest.mark.parametrize("settings,images,out,error,message", [
+    (dict(model=None), "{data}", "e.parquet", ConfigError, "exactly one of --model"),
+    (dict(checkpoint="c.pth"), "{data}", "e.parquet", ConfigError, "exactly one of --model"),
+    (dict(pool="mean"), "{data}", "e.parquet", ConfigError, "--pool must be one of cls, avg"),
+    (dict(dtype="int8"), "{data}", "e.parquet", ConfigError, "--dtype must be one of"),
+    (dict(input_size=36), "{data}", "e.parquet", DataSourceError, "multiple of vit_micro_patch8's patch size 8"),
+    ({}, "{data}", "e.h5", DataSourceError, "write .parquet"),
+    ({}, "{tmp}/nowhere", "e.parquet", DataSourceError, "no such file or folder"),
+    ({}, "{tmp}/empty", "e.parquet", DataSourceError, "contains no image files"),
+    ({}, "{tmp}/nopath.csv", "e.parquet", DataSourceError, "needs a 'path' column"),
 ])
-def test_bad_input_is_named(settings, images, out, message, demo_data, tmp_path):
+def test_bad_input_is_named(settings, images, out, error, message, demo_data, tmp_path):
     (tmp_path / "empty").mkdir()
     pd.DataFrame({"file": ["a.png"]}).to_csv(tmp_path / "nopath.csv", index=False)
-    with pytest.raises(DataSourceError, match=message):
+    with pytest.raises(error, match=message):
         embed(images.format(data=demo_data, tmp=tmp_path), tmp_path / out, tiny(**settings), progress=False)
 
 

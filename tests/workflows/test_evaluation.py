@@ -9,15 +9,16 @@ import pytest
 from sklearn.metrics import accuracy_score, cohen_kappa_score, roc_auc_score
 
 from retinafm.data.sources import DataSourceError
+from retinafm.settings import EvaluateSettings
 from retinafm.stats.bootstrap import bootstrap_samples
-from retinafm.workflows.evaluate import evaluate_checkpoint
+from retinafm.workflows.evaluate import evaluate
 
 
 @pytest.mark.slow
 def test_evaluate_checkpoint_writes_metrics_that_match_sklearn(trained_run, demo_data, tmp_path):
     out = tmp_path / "eval"
-    ev = evaluate_checkpoint(trained_run / "checkpoint-best.pth", out, data_path=str(demo_data), num_workers=0,
-                             bootstrap=200, seed=3)
+    ev = evaluate(EvaluateSettings(checkpoint=trained_run / "checkpoint-best.pth", out=out, data_path=str(demo_data),
+                                   num_workers=0, bootstrap=200, seed=3))
     assert {p.name for p in out.iterdir()} >= {"metrics_test.json", "metrics_test.csv", "predictions_test.csv", "plots",
                                                 "report.html"}
     assert {p.name for p in (out / "plots").iterdir()} >= {"confusion_matrix.png", "roc.png"}
@@ -62,14 +63,16 @@ def test_external_set_with_other_class_names_via_label_map(trained_run, demo_dat
     shutil.copytree(demo_data / "test" / "diabetic_retinopathy", external / "DR")
     with pytest.raises(DataSourceError,
                        match=r"\['DR', 'healthy'\].*--label-map DR=<model class>,healthy=<model class>"):
-        evaluate_checkpoint(trained_run / "checkpoint-best.pth", tmp_path / "e0", data_path=str(external), bootstrap=0)
+        evaluate(EvaluateSettings(checkpoint=trained_run / "checkpoint-best.pth", out=tmp_path / "e0",
+                                  data_path=str(external), bootstrap=0))
     with pytest.raises(DataSourceError, match=r"--label-map names \['cataract'\]"):
-        evaluate_checkpoint(trained_run / "checkpoint-best.pth", tmp_path / "e1", data_path=str(external), bootstrap=0,
-                            label_map={"cataract": "normal"})
+        evaluate(EvaluateSettings(checkpoint=trained_run / "checkpoint-best.pth", out=tmp_path / "e1",
+                                  data_path=str(external), bootstrap=0, label_map="cataract=normal"))
     label_map = {"healthy": "normal", "DR": "diabetic_retinopathy"}
     with pytest.warns(UserWarning, match="no examples of \\['glaucoma'\\]"):
-        ev = evaluate_checkpoint(trained_run / "checkpoint-best.pth", tmp_path / "e", data_path=str(external),
-                                 num_workers=0, label_map=label_map, bootstrap=0)
+        ev = evaluate(EvaluateSettings(checkpoint=trained_run / "checkpoint-best.pth", out=tmp_path / "e",
+                                       data_path=str(external), num_workers=0,
+                                       label_map="healthy=normal,DR=diabetic_retinopathy", bootstrap=0))
     metrics = json.loads((tmp_path / "e" / "metrics_test.json").read_text())
     assert metrics["absent_classes"] == ["glaucoma"] and metrics["label_map"] == label_map
     assert ev.metrics["n"] == 16 and np.isnan(ev.metrics["auroc_glaucoma"])
@@ -82,8 +85,8 @@ def test_patient_level_bootstrap_and_ordinal_kappa(trained_run, demo_data, tmp_p
     rows = [{"path": str(p), "split": "test", "label": p.parent.name, "patient_id": f"p{i // 2}"}
             for i, p in enumerate(images)]
     pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
-    ev = evaluate_checkpoint(trained_run / "checkpoint-best.pth", tmp_path / "e", manifest=str(tmp_path / "m.csv"),
-                             num_workers=0, bootstrap=100, ordinal=True)
+    ev = evaluate(EvaluateSettings(checkpoint=trained_run / "checkpoint-best.pth", out=tmp_path / "e",
+                                   manifest=str(tmp_path / "m.csv"), num_workers=0, bootstrap=100, ordinal=True))
     metrics = json.loads((tmp_path / "e" / "metrics_test.json").read_text())
     assert metrics["bootstrap"]["unit"] == "patient"
     preds = pd.read_csv(tmp_path / "e" / "predictions_test.csv")
@@ -100,8 +103,8 @@ def test_evaluate_on_a_manifest_with_a_subset_of_classes(trained_run, demo_data,
             for p in sorted((demo_data / "test").rglob("*.png")) if p.parent.name != "glaucoma"]
     pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
     with pytest.warns(UserWarning):
-        ev = evaluate_checkpoint(trained_run / "checkpoint-best.pth", tmp_path / "e", manifest=str(tmp_path / "m.csv"),
-                                 num_workers=0, bootstrap=0)
+        ev = evaluate(EvaluateSettings(checkpoint=trained_run / "checkpoint-best.pth", out=tmp_path / "e",
+                                       manifest=str(tmp_path / "m.csv"), num_workers=0, bootstrap=0))
     assert ev.metrics["n"] == 16 and np.isnan(ev.metrics["auroc_glaucoma"])
 
 
@@ -112,10 +115,11 @@ def test_unknown_classes_and_missing_split(trained_run, demo_data, tmp_path):
     shutil.copytree(demo_data, data)
     shutil.copytree(data / "train" / "normal", data / "train" / "cataract")
     with pytest.raises(DataSourceError, match="'cataract'.*not among the model's classes"):
-        evaluate_checkpoint(trained_run / "checkpoint-best.pth", tmp_path / "e", data_path=str(data), bootstrap=0)
+        evaluate(EvaluateSettings(checkpoint=trained_run / "checkpoint-best.pth", out=tmp_path / "e",
+                                  data_path=str(data), bootstrap=0))
     with pytest.raises(DataSourceError, match="no 'holdout' images"):
-        evaluate_checkpoint(trained_run / "checkpoint-best.pth", tmp_path / "e2", data_path=str(demo_data),
-                            split="holdout")
+        evaluate(EvaluateSettings(checkpoint=trained_run / "checkpoint-best.pth", out=tmp_path / "e2",
+                                  data_path=str(demo_data), split="holdout"))
 
 
 def test_external_folder_without_train_split_or_without_splits(trained_run, demo_data, tmp_path):
@@ -125,11 +129,11 @@ def test_external_folder_without_train_split_or_without_splits(trained_run, demo
     shutil.copytree(demo_data / "test" / "normal", external / "normal")
     shutil.copytree(demo_data / "test" / "glaucoma", external / "glaucoma")
     with pytest.warns(UserWarning, match="diabetic_retinopathy"):
-        ev = evaluate_checkpoint(trained_run / "checkpoint-best.pth", tmp_path / "e", data_path=str(external),
-                                 num_workers=0, bootstrap=0)
+        ev = evaluate(EvaluateSettings(checkpoint=trained_run / "checkpoint-best.pth", out=tmp_path / "e",
+                                       data_path=str(external), num_workers=0, bootstrap=0))
     assert ev.metrics["n"] == 16
     only_test = tmp_path / "only_test"
     shutil.copytree(demo_data / "test", only_test / "test")
-    ev = evaluate_checkpoint(trained_run / "checkpoint-best.pth", tmp_path / "e2", data_path=str(only_test),
-                             num_workers=0, bootstrap=0)
+    ev = evaluate(EvaluateSettings(checkpoint=trained_run / "checkpoint-best.pth", out=tmp_path / "e2",
+                                   data_path=str(only_test), num_workers=0, bootstrap=0))
     assert ev.metrics["n"] == 24

@@ -1,4 +1,4 @@
-"""`export_onnx`: an ONNX file that predict and embed run like the checkpoint it came from."""
+"""`export`: an ONNX file that predict and embed run like the checkpoint it came from."""
 from __future__ import annotations
 
 import json
@@ -18,15 +18,15 @@ from retinafm.engine.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from retinafm.engine.features import EmbedSettings
 from retinafm.engine.inference import load_onnx, model_from_checkpoint
 from retinafm.files import OutputExistsError
 from retinafm.models.heads import HeadSettings
 from retinafm.models.onnx import META_KEY, OnnxModel
 from retinafm.models.registry import create_model, get_spec
+from retinafm.settings import EmbedSettings, EvaluateSettings, ExportSettings, PredictSettings
 from retinafm.workflows.embed import embed
-from retinafm.workflows.evaluate import evaluate_checkpoint
-from retinafm.workflows.export import export_onnx
+from retinafm.workflows.evaluate import evaluate
+from retinafm.workflows.export import export
 from retinafm.workflows.predict import predict
 
 CLASSES = ["normal", "diabetic_retinopathy", "glaucoma"]
@@ -58,7 +58,8 @@ def exported(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("export")
     pth = _checkpoint(root / "checkpoint-best.pth")
-    fp32, int8 = export_onnx(pth, root / "model.onnx"), export_onnx(pth, root / "model-int8.onnx", int8=True)
+    fp32 = export(ExportSettings(checkpoint=pth, out=root / "model.onnx"))
+    int8 = export(ExportSettings(checkpoint=pth, out=root / "model-int8.onnx", int8=True))
     assert fp32.max_abs_diff_logits < 1e-4 and fp32.max_abs_diff_features < 1e-4 and not fp32.int8
     assert int8.int8 and int8.out.is_file()
     images = write_demo_dataset(root / "data", n_train=0, n_val=0, n_test=4, size=64, seed=0) / "test"
@@ -89,9 +90,11 @@ def test_the_file_carries_the_checkpoint_metadata_and_its_outputs(exported):
 
 
 def test_predict_and_embed_from_the_export_match_the_checkpoint(exported, tmp_path):
-    run = dict(num_workers=0, device="cpu", progress=False, batch_size=5)
-    ours = predict(exported["onnx"], exported["images"], tmp_path / "onnx.csv", **run).predictions
-    ref = predict(exported["pth"], exported["images"], tmp_path / "pth.csv", **run).predictions
+    run = dict(num_workers=0, device="cpu", batch_size=5)
+    ours = predict(PredictSettings(checkpoint=exported["onnx"], images=exported["images"], out=tmp_path / "onnx.csv",
+                                   **run), progress=False).predictions
+    ref = predict(PredictSettings(checkpoint=exported["pth"], images=exported["images"], out=tmp_path / "pth.csv",
+                                  **run), progress=False).predictions
     assert list(ours.columns) == list(ref.columns) == ["path", "prediction"] + [f"prob_{c}" for c in CLASSES]
     assert len(ours) == 12 and ours["path"].tolist() == ref["path"].tolist()
     np.testing.assert_allclose(_probs(ours), _probs(ref), atol=1e-4)
@@ -112,9 +115,9 @@ def test_predict_and_embed_from_the_export_match_the_checkpoint(exported, tmp_pa
 
 def test_evaluate_runs_the_export_with_the_checkpoint_s_metrics(exported, tmp_path):
     data = exported["images"]  # <class>/<image>, taken as the test split
-    run = dict(data_path=str(data), bootstrap=0, num_workers=0, device="cpu", batch_size=5, report=False)
-    ours = evaluate_checkpoint(exported["onnx"], tmp_path / "onnx", **run)
-    ref = evaluate_checkpoint(exported["pth"], tmp_path / "pth", **run)
+    run = dict(data_path=str(data), bootstrap=0, num_workers=0, device="cpu", batch_size=5)
+    ours = evaluate(EvaluateSettings(checkpoint=exported["onnx"], out=tmp_path / "onnx", **run), report=False)
+    ref = evaluate(EvaluateSettings(checkpoint=exported["pth"], out=tmp_path / "pth", **run), report=False)
     assert ours.paths == ref.paths and len(ours.paths) == 12
     np.testing.assert_array_equal(ours.targets, ref.targets)
     np.testing.assert_allclose(ours.outputs, ref.outputs, atol=1e-4)
@@ -125,15 +128,19 @@ def test_evaluate_runs_the_export_with_the_checkpoint_s_metrics(exported, tmp_pa
     saved = json.loads((tmp_path / "onnx" / "metrics_test.json").read_text())
     assert saved["accuracy"] == pytest.approx(ref.metrics["accuracy"])
     with pytest.raises(ValueError, match="--precision bf16: .* is an ONNX model"):
-        evaluate_checkpoint(exported["onnx"], tmp_path / "bf16", **{**run, "precision": "bf16"})
+        evaluate(EvaluateSettings(checkpoint=exported["onnx"], out=tmp_path / "bf16", **{**run, "precision": "bf16"}),
+                 report=False)
     with pytest.raises(ValueError, match="retinafm export --int8"):
-        evaluate_checkpoint(exported["onnx"], tmp_path / "int8", **{**run, "cpu_int8": True})
+        evaluate(EvaluateSettings(checkpoint=exported["onnx"], out=tmp_path / "int8", **{**run, "cpu_int8": True}),
+                 report=False)
 
 
 def test_int8_export_stays_close_to_fp32(exported, tmp_path):
-    run = dict(num_workers=0, device="cpu", progress=False)
-    fp32 = predict(exported["onnx"], exported["images"], tmp_path / "fp32.csv", **run).predictions
-    int8 = predict(exported["int8"], exported["images"], tmp_path / "int8.csv", **run).predictions
+    run = dict(num_workers=0, device="cpu")
+    fp32 = predict(PredictSettings(checkpoint=exported["onnx"], images=exported["images"], out=tmp_path / "fp32.csv",
+                                   **run), progress=False).predictions
+    int8 = predict(PredictSettings(checkpoint=exported["int8"], images=exported["images"], out=tmp_path / "int8.csv",
+                                   **run), progress=False).predictions
     assert list(int8.columns) == list(fp32.columns) and int8["path"].tolist() == fp32["path"].tolist()
     # Observed up to 0.022 on this model; a ViT-B/16 with random weights moved by up to 0.06.
     np.testing.assert_allclose(_probs(int8), _probs(fp32), atol=0.05)
@@ -143,7 +150,7 @@ def test_int8_export_stays_close_to_fp32(exported, tmp_path):
 
 def test_a_flip_averaged_probe_exports_its_averaged_logits(tmp_path):
     pth = _checkpoint(tmp_path / "probe.pth", tta_flip=True)
-    result = export_onnx(pth, tmp_path / "probe.onnx")
+    result = export(ExportSettings(checkpoint=pth, out=tmp_path / "probe.onnx"))
     assert result.max_abs_diff_logits < 1e-4
     model, meta = load_onnx(result.out)
     torch_model, _ = model_from_checkpoint(load_checkpoint(pth))
@@ -158,23 +165,24 @@ def test_a_flip_averaged_probe_exports_its_averaged_logits(tmp_path):
 def test_a_transformer_head_exports(tmp_path):
     """Under no_grad nn.TransformerEncoder takes a fused fast path that ONNX cannot express."""
     pth = _checkpoint(tmp_path / "head.pth", head=HeadSettings(kind="transformer", depth=1))
-    result = export_onnx(pth, tmp_path / "head.onnx")
+    result = export(ExportSettings(checkpoint=pth, out=tmp_path / "head.onnx"))
     assert result.max_abs_diff_logits < 1e-4 and result.max_abs_diff_features < 1e-4
     assert torch.backends.mha.get_fastpath_enabled()  # switched off for the export only
 
 
 def test_clear_errors(exported, tmp_path, monkeypatch):
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        export_onnx(exported["pth"], exported["onnx"])
+        export(ExportSettings(checkpoint=exported["pth"], out=exported["onnx"]))
     with pytest.raises(ValueError, match=r"\.onnx"):
-        export_onnx(exported["pth"], tmp_path / "model.pth")
+        export(ExportSettings(checkpoint=exported["pth"], out=tmp_path / "model.pth"))
     with pytest.raises(CheckpointError, match="already an ONNX model"):
-        export_onnx(exported["onnx"], tmp_path / "again.onnx")
+        export(ExportSettings(checkpoint=exported["onnx"], out=tmp_path / "again.onnx"))
 
     fake = tmp_path / "fake.onnx"
     fake.write_bytes(b"this is not a model")
     with pytest.raises(CheckpointError, match="cannot be opened as an ONNX model.*`retinafm export`"):
-        predict(fake, exported["images"], tmp_path / "p.csv", num_workers=0, device="cpu")
+        predict(PredictSettings(checkpoint=fake, images=exported["images"], out=tmp_path / "p.csv", num_workers=0,
+                                device="cpu"))
     foreign = tmp_path / "foreign.onnx"  # a valid ONNX model that retinafm did not write
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Identity", ["images"], ["logits"])], "g",
@@ -191,14 +199,17 @@ def test_clear_errors(exported, tmp_path, monkeypatch):
             load_onnx(exported["onnx"])
 
     with pytest.raises(ValueError, match="retinafm export --int8"):
-        predict(exported["onnx"], exported["images"], tmp_path / "p.csv", num_workers=0, cpu_int8=True)
+        predict(PredictSettings(checkpoint=exported["onnx"], images=exported["images"], out=tmp_path / "p.csv",
+                                num_workers=0, cpu_int8=True))
     with pytest.raises(ValueError, match="--device cpu"):
-        predict(exported["onnx"], exported["images"], tmp_path / "p.csv", num_workers=0, device="cuda")
+        predict(PredictSettings(checkpoint=exported["onnx"], images=exported["images"], out=tmp_path / "p.csv",
+                                num_workers=0, device="cuda"))
     with pytest.raises(ValueError, match="retinafm export --int8"):
         embed(exported["images"], tmp_path / "e.parquet",
               EmbedSettings(checkpoint=str(exported["onnx"]), cpu_int8=True, num_workers=0), progress=False)
     with pytest.raises(ValueError, match="--precision bf16: .* is an ONNX model"):
-        predict(exported["onnx"], exported["images"], tmp_path / "p.csv", num_workers=0, precision="bf16")
+        predict(PredictSettings(checkpoint=exported["onnx"], images=exported["images"], out=tmp_path / "p.csv",
+                                num_workers=0, precision="bf16"))
     with pytest.raises(ValueError, match="--precision bf16: .* is an ONNX model"):
         embed(exported["images"], tmp_path / "e.parquet",
               EmbedSettings(checkpoint=str(exported["onnx"]), precision="bf16", num_workers=0), progress=False)

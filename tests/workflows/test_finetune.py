@@ -123,6 +123,7 @@ def test_sgd_linear_probe_only_trains_the_head(tmp_path, demo_data):
 def test_linear_probe_defaults_to_cached_features(tmp_path, demo_data):
     """--adaptation lp embeds each image once and fits the scikit-learn probe into the run dir."""
     from retinafm.data.embeddings import read_embeddings
+    from retinafm.settings import PredictSettings
     from retinafm.workflows.predict import predict
 
     run = tmp_path / "lp"
@@ -133,8 +134,9 @@ def test_linear_probe_defaults_to_cached_features(tmp_path, demo_data):
     assert emb.vectors.dtype == np.float32
     assert json.loads((run / "metrics_test.json").read_text())["auroc_macro"] == result.test["auroc_macro"]
     expected = pd.read_csv(run / "predictions_test.csv").set_index("path")
-    got = pd.read_csv(predict(run / "checkpoint-best.pth", demo_data / "test", tmp_path / "p.csv", num_workers=0,
-                              device="cpu", progress=False).out).set_index("path").loc[expected.index]
+    predicted = predict(PredictSettings(checkpoint=run / "checkpoint-best.pth", images=demo_data / "test",
+                                        out=tmp_path / "p.csv", num_workers=0, device="cpu"), progress=False)
+    got = pd.read_csv(predicted.out).set_index("path").loc[expected.index]
     np.testing.assert_allclose(got.filter(like="prob_").to_numpy(), expected.filter(like="prob_").to_numpy(), atol=1e-4)
     with pytest.raises(ConfigError, match="--lp-mode sgd"):
         finetune(tiny_finetune_config(demo_data, tmp_path / "mlp", adaptation="lp", head="mlp"))

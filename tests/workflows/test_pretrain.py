@@ -42,7 +42,7 @@ def test_mae_run_writes_a_retfound_mae_checkpoint_and_figures(mae_run):
 def test_checkpoint_is_weights_for_finetune_and_embed(mae_run, demo_data, tmp_path):
     from helpers import tiny_finetune_config
 
-    from retinafm.engine.features import EmbedSettings
+    from retinafm.settings import EmbedSettings
     from retinafm.workflows.embed import embed
     from retinafm.workflows.finetune import finetune
 
@@ -124,7 +124,8 @@ def test_dino_run_saves_a_teacher_that_loads_as_weights(demo_data, tmp_path):
     model = create_model(get_spec("vit_micro_patch8"), 3, input_size=32, global_pool="avg")
     report = load_backbone_weights(model, str(result.checkpoint), "timm")
     assert set(report.missing) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
-    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, state["model"]["teacher.backbone.blocks.0.attn.qkv.weight"])
+    teacher_qkv = state["model"]["teacher.backbone.blocks.0.attn.qkv.weight"]
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, teacher_qkv)
 
 
 def test_cli_runs_and_refuses_an_existing_run(demo_data, tmp_path):

@@ -13,8 +13,8 @@ from sklearn.preprocessing import StandardScaler
 
 from retinafm.data.embeddings import Embeddings, read_embeddings
 from retinafm.data.sources import DataSourceError
-from retinafm.engine.features import EmbedSettings
 from retinafm.files import OutputExistsError
+from retinafm.settings import EmbedSettings, PredictSettings
 from retinafm.tasks import make_task
 from retinafm.workflows.embed import embed
 from retinafm.workflows.predict import predict
@@ -109,8 +109,8 @@ def test_without_validation_the_strength_is_chosen_by_k_fold(demo_embeddings, tm
 def test_probe_checkpoint_predicts_through_retinafm_predict(demo_embeddings, demo_data, tmp_path):
     probe(demo_embeddings, tmp_path / "run", ProbeSettings(bootstrap=0), quiet=True)
     expected = pd.read_csv(tmp_path / "run" / "predictions_test.csv").set_index("path")
-    result = predict(tmp_path / "run" / "checkpoint-best.pth", demo_data / "test", tmp_path / "p.csv",
-                     num_workers=0, device="cpu", progress=False)
+    result = predict(PredictSettings(checkpoint=tmp_path / "run" / "checkpoint-best.pth", images=demo_data / "test",
+                                     out=tmp_path / "p.csv", num_workers=0, device="cpu"), progress=False)
     got = pd.read_csv(result.out).set_index("path").loc[expected.index]
     columns = [f"prob_{c}" for c in CLASSES]
     np.testing.assert_allclose(got[columns].to_numpy(), expected[columns].to_numpy(), atol=1e-4)
@@ -130,13 +130,14 @@ def test_backbone_is_referenced_by_weights_file_not_copied(demo_data, tmp_path):
     assert sorted(state["model"]) == ["head.bias", "head.weight"]
     assert state["retinafm"]["backbone"]["weights_file"] == str(weights)
     expected = pd.read_csv(tmp_path / "run" / "predictions_test.csv").set_index("path")
-    got = pd.read_csv(predict(tmp_path / "run" / "checkpoint-best.pth", demo_data / "test", tmp_path / "p.csv",
-                              num_workers=0, device="cpu", progress=False).out).set_index("path").loc[expected.index]
+    got = pd.read_csv(predict(PredictSettings(checkpoint=tmp_path / "run" / "checkpoint-best.pth",
+                                              images=demo_data / "test", out=tmp_path / "p.csv", num_workers=0,
+                                              device="cpu"), progress=False).out).set_index("path").loc[expected.index]
     np.testing.assert_allclose(got.filter(like="prob_").to_numpy(), expected.filter(like="prob_").to_numpy(), atol=1e-4)
     weights.unlink()  # the reference is named when it is gone
     with pytest.raises(Exception, match="backbone.pth"):
-        predict(tmp_path / "run" / "checkpoint-best.pth", demo_data / "test", tmp_path / "q.csv", num_workers=0,
-                device="cpu", progress=False)
+        predict(PredictSettings(checkpoint=tmp_path / "run" / "checkpoint-best.pth", images=demo_data / "test",
+                                out=tmp_path / "q.csv", num_workers=0, device="cpu"), progress=False)
 
 
 def test_probe_on_a_finetuned_checkpoints_features(trained_run, demo_data, tmp_path):
@@ -147,8 +148,9 @@ def test_probe_on_a_finetuned_checkpoints_features(trained_run, demo_data, tmp_p
     state = torch.load(tmp_path / "run" / "checkpoint-best.pth", weights_only=True)
     assert state["retinafm"]["backbone"] == {"checkpoint": str((trained_run / "checkpoint-best.pth").resolve())}
     expected = pd.read_csv(tmp_path / "run" / "predictions_test.csv").set_index("path")
-    got = pd.read_csv(predict(tmp_path / "run" / "checkpoint-best.pth", demo_data / "test", tmp_path / "p.csv",
-                              num_workers=0, device="cpu", progress=False).out).set_index("path").loc[expected.index]
+    got = pd.read_csv(predict(PredictSettings(checkpoint=tmp_path / "run" / "checkpoint-best.pth",
+                                              images=demo_data / "test", out=tmp_path / "p.csv", num_workers=0,
+                                              device="cpu"), progress=False).out).set_index("path").loc[expected.index]
     np.testing.assert_allclose(got.filter(like="prob_").to_numpy(), expected.filter(like="prob_").to_numpy(), atol=1e-4)
 
 
@@ -209,6 +211,7 @@ def test_probe_on_flip_averaged_embeddings_predicts_the_same_way(demo_data, tmp_
     probe(emb, tmp_path / "run", ProbeSettings(bootstrap=0), quiet=True)
     assert torch.load(tmp_path / "run" / "checkpoint-best.pth", weights_only=True)["retinafm"]["tta_flip"] is True
     expected = pd.read_csv(tmp_path / "run" / "predictions_test.csv").set_index("path")
-    got = pd.read_csv(predict(tmp_path / "run" / "checkpoint-best.pth", demo_data / "test", tmp_path / "p.csv",
-                              num_workers=0, device="cpu", progress=False).out).set_index("path").loc[expected.index]
+    got = pd.read_csv(predict(PredictSettings(checkpoint=tmp_path / "run" / "checkpoint-best.pth",
+                                              images=demo_data / "test", out=tmp_path / "p.csv", num_workers=0,
+                                              device="cpu"), progress=False).out).set_index("path").loc[expected.index]
     np.testing.assert_allclose(got.filter(like="prob_").to_numpy(), expected.filter(like="prob_").to_numpy(), atol=1e-4)

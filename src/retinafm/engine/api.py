@@ -21,9 +21,10 @@ from retinafm.data.loader import ImageDataset
 from retinafm.data.sources import DataSourceError
 from retinafm.data.volumes import expand_frames
 from retinafm.engine.checkpoint import CheckpointError
-from retinafm.engine.features import EmbedSettings, PooledFeatures, embedding_model
+from retinafm.engine.features import PooledFeatures, embedding_model
 from retinafm.engine.infer import infer
 from retinafm.engine.inference import load_for_inference, prepare_for_inference
+from retinafm.settings import EmbedSettings
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".onnx")
 Inputs = str | Path | Any | np.ndarray | Sequence[Any]  # Any: a PIL image
@@ -141,7 +142,7 @@ def load(source: str | Path, *, device: str = "auto", precision: str = "auto", c
                              weights=weights, pool=pool, input_size=input_size, fundus_crop=fundus_crop,
                              oct_crop=oct_crop, tta_flip=tta_flip, device=device, precision=precision,
                              cpu_int8=cpu_int8, oct_frames=oct_frames or "middle")
-    settings.check()  # the CLI's refusals, in the same words
+    settings.validate()  # the CLI's refusals, in the same words
     if checkpoint:
         if pool is not None or input_size is not None:
             raise DataSourceError("pool / input_size go with a zoo name; a checkpoint keeps the ones it was "

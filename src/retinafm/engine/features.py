@@ -1,7 +1,6 @@
 """Pooled backbone features: the model `embed` runs and the backbone a probe checkpoint refers to."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,62 +11,12 @@ import torch.nn as nn
 from retinafm.data.sources import DataSourceError
 from retinafm.data.transforms import EVAL_CROP_PCT, Preprocessing
 from retinafm.engine.checkpoint import CheckpointError, load_checkpoint, meta_of
-from retinafm.engine.inference import check_onnx_options, is_onnx, load_model
+from retinafm.engine.inference import load_model
 from retinafm.models.onnx import OnnxModel
-from retinafm.settings import FinetuneSettings, check_preprocessing, parse_oct_frames
+from retinafm.settings import EmbedSettings
 
 POOLS = {"cls": "token", "avg": "avg"}  # --pool -> timm's global_pool
 DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-@dataclass
-class EmbedSettings:
-    model: str | None = None  # a zoo name or timm architecture ...
-    weights: str | None = None  # ... with these weights (None: the zoo entry's own)
-    checkpoint: str | None = None  # or a retinafm checkpoint (fine-tuned or imported), or its .onnx export
-    pool: str | None = None  # cls | avg; None: the model's own (RETFound: avg)
-    tta_flip: bool = False  # average the embeddings of the image and its horizontal flip
-    dtype: str = "float16"
-    input_size: int | None = None
-    batch_size: int = 64
-    num_workers: int = 2
-    device: str = "auto"
-    shard_size: int = 2048
-    oct_frames: str = "middle"  # B-scans of each volume: middle | all | N
-    fundus_crop: bool = False  # with --model: crop fundus photographs to their field of view first
-    oct_crop: float | None = None  # with --model: keep this central fraction of each B-scan
-    modality: str | None = None  # CFP | OCT: what the images are, instead of guessing
-    cpu_int8: bool = False  # dynamic int8 Linear layers (CPU only; embeddings change slightly)
-    precision: str = "auto"  # autocast: auto (per machine), fp32, bf16 or fp16
-
-    @classmethod
-    def for_run(cls, cfg: FinetuneSettings) -> EmbedSettings:
-        """The settings a linear-probe run (finetune --adaptation lp, label-efficiency) embeds with:
-        the run's model, image recipe and volumes, float32 for the probe."""
-        return cls(model=cfg.model, weights=cfg.weights, input_size=cfg.input_size,
-                   pool={"token": "cls", "avg": "avg"}.get(cfg.global_pool or ""), dtype="float32",
-                   batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision,
-                   oct_frames=cfg.oct_frames, fundus_crop=cfg.fundus_crop, oct_crop=cfg.oct_crop,
-                   modality=cfg.modality)
-
-    def check(self) -> None:
-        if (self.model is None) == (self.checkpoint is None):
-            raise DataSourceError("give exactly one of --model NAME (with --weights) or --checkpoint FILE")
-        if self.checkpoint is not None and self.weights is not None:
-            raise DataSourceError("--weights goes with --model; a --checkpoint already holds its weights")
-        if self.checkpoint is not None and (self.fundus_crop or self.oct_crop):
-            raise DataSourceError("--fundus-crop / --oct-crop go with --model; a --checkpoint applies the "
-                                  "preprocessing it was trained with")
-        if self.checkpoint is not None and is_onnx(self.checkpoint):
-            check_onnx_options(self.checkpoint, self.device, self.cpu_int8, self.precision)
-        check_preprocessing(self.oct_crop, self.modality)
-        if self.pool is not None and self.pool not in POOLS:
-            raise DataSourceError(f"--pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
-        if self.dtype not in DTYPES:
-            raise DataSourceError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        parse_oct_frames(self.oct_frames)
-        if self.shard_size < 1 or self.batch_size < 1:
-            raise DataSourceError("--shard-size and --batch-size must be at least 1")
 
 
 # --------------------------------------------------------------------------- which features
@@ -160,8 +109,6 @@ def backbone_fields(info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
                   tta_flip=bool(info.get("tta_flip")), preprocess=dict(info.get("preprocess") or {}))
     if info.get("weights_file"):
         return fields, {"model": spec.name, "weights": info.get("weights"), "weights_file": info["weights_file"]}, None
-    from retinafm.engine.features import EmbedSettings, embedding_model
-
     model, _ = embedding_model(EmbedSettings(model=spec.name, weights="none", pool=info["pool"],
                                              input_size=int(info["input_size"])))
     return fields, {}, {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}

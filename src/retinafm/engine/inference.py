@@ -21,26 +21,9 @@ from retinafm.models.onnx import FEATURES, INPUT, LOGITS, META_KEY, OnnxModel
 from retinafm.models.registry import create_model
 from retinafm.runtime.cpu import quantize_for_cpu
 from retinafm.runtime.device import inference_dtype, precision_name, resolve_device
+from retinafm.settings import check_onnx_options, is_onnx
 
 INSTALL_HINT = "pip install 'retinafm[onnx]' (onnx==1.23.2, onnxruntime==1.32.0)"
-
-
-def is_onnx(path: str | Path) -> bool:
-    """predict and embed treat a --checkpoint ending in .onnx as an exported model."""
-    return Path(path).suffix.lower() == ".onnx"
-
-
-def check_onnx_options(path: str | Path, device: str, cpu_int8: bool, precision: str = "auto") -> None:
-    """Refuse the options that do not apply to an exported model, before any work."""
-    if precision not in ("auto", "fp32"):
-        raise ValueError(f"--precision {precision}: {path} is an ONNX model, which runs in the precision it was "
-                         "exported in (fp32, or int8 with `retinafm export --int8`); drop --precision")
-    if cpu_int8:
-        raise ValueError(f"--cpu-int8 quantises a PyTorch checkpoint, and {path} is an ONNX model; export the "
-                         "checkpoint with `retinafm export --int8` for an int8 ONNX model instead")
-    if device != "auto" and not device.startswith("cpu"):
-        raise ValueError(f"--device {device}: {path} is an ONNX model, which runs on the CPU with ONNX Runtime; "
-                         "pass --device cpu, or give the .pth checkpoint to run on a GPU")
 
 
 def _onnxruntime(path: Path):

@@ -36,6 +36,14 @@ from retinafm.settings.base import (
     unwrap_optional,
 )
 from retinafm.settings.commands import CompareSettings, ImportSettings, SplitSettings
+from retinafm.settings.inference import (
+    EmbedSettings,
+    EvaluateSettings,
+    ExportSettings,
+    PredictSettings,
+    check_onnx_options,
+    is_onnx,
+)
 from retinafm.settings.training import (
     PRETRAIN_DEFAULTS,
     VISION_LANGUAGE_LOSSES,
@@ -51,4 +59,5 @@ __all__ = [
     "flag_text", "config_fields", "field_types", "unwrap_optional", "list_item_type", "comma_list", "fit_warmup",
     "read_yaml_settings", "to_dict", "FinetuneSettings", "PRETRAIN_DEFAULTS", "VISION_LANGUAGE_LOSSES",
     "PretrainSettings", "RefineSettings", "SplitSettings", "CompareSettings", "ImportSettings",
+    "PredictSettings", "EvaluateSettings", "ExportSettings", "EmbedSettings", "is_onnx", "check_onnx_options",
 ]

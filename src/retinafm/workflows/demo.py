@@ -106,7 +106,8 @@ def run_demo(out: Path, epochs: int | None = None, overwrite: bool = False,
              pretrain_epochs: int = PRETRAIN_EPOCHS) -> DemoSummary:
     """`pretrain_epochs` 0 skips MAE pretraining: the main run is then trained from scratch."""
     from retinafm.data.synthetic import write_demo_dataset
-    from retinafm.workflows.evaluate import evaluate_checkpoint
+    from retinafm.settings import EvaluateSettings, PredictSettings
+    from retinafm.workflows.evaluate import evaluate
     from retinafm.workflows.finetune import finetune
     from retinafm.workflows.predict import predict
     from retinafm.workflows.pretrain import pretrain
@@ -135,16 +136,17 @@ def run_demo(out: Path, epochs: int | None = None, overwrite: bool = False,
     run_dir = result.run_dir
 
     print("[4/5] evaluating the best checkpoint on the held-out test split", flush=True)
-    ev = evaluate_checkpoint(run_dir / "checkpoint-best.pth", out / "evaluation", data_path=cfg.data_path,
-                             split="test", device="cpu", num_workers=cfg.num_workers)
+    ev = evaluate(EvaluateSettings(checkpoint=run_dir / "checkpoint-best.pth", out=out / "evaluation",
+                                   data_path=cfg.data_path, split="test", device="cpu", num_workers=cfg.num_workers))
 
     print("[5/5] predicting on new images (test images + real fundus photographs)", flush=True)
     new_images = out / "new_images"
     real = write_real_images(new_images / "real")
     for src in sorted((out / "data" / "test").rglob("*.png"))[::10]:
         shutil.copy(src, new_images / src.name)
-    pred = predict(run_dir / "checkpoint-best.pth", new_images, out / "predictions.csv", device="cpu",
-                   num_workers=cfg.num_workers, progress=False)
+    pred = predict(PredictSettings(checkpoint=run_dir / "checkpoint-best.pth", images=new_images,
+                                   out=out / "predictions.csv", device="cpu", num_workers=cfg.num_workers),
+                   progress=False)
 
     auroc = float(ev.metrics["auroc_macro"])
     passed = auroc >= AUROC_TARGET

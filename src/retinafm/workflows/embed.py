@@ -71,7 +71,7 @@ def _parts_dir(out: Path) -> Path:
 def embed(images: str | Path | pd.DataFrame, out: str | Path, settings: EmbedSettings, *, overwrite: bool = False,
           progress: bool = True) -> EmbedResult:
     """Embed every image `images` names into `out` (.parquet, or .npy with a .csv index beside it)."""
-    settings.check()
+    settings.validate()
     out = Path(out)
     if out.suffix not in FORMATS:
         raise DataSourceError(f"--out {out}: write .parquet (one table) or .npy (+ a .csv index beside it)")

@@ -14,6 +14,7 @@ from retinafm.data.sources import (
     expand_volumes,
     load_folder,
     load_manifest,
+    parse_label_map,
 )
 from retinafm.engine.evaluation import (
     SplitEvaluation,
@@ -23,65 +24,45 @@ from retinafm.engine.evaluation import (
 from retinafm.engine.inference import load_for_inference
 from retinafm.files import prepare_output_dir, write_csv
 from retinafm.runtime import distributed as dist_utils
+from retinafm.settings import EvaluateSettings
 from retinafm.tasks import get_task, grade_order
 from retinafm.workflows.report import write_report
 
 
-def evaluate_checkpoint(
-    checkpoint: str | Path,
-    out: str | Path,
-    *,
-    data_path: str | None = None,
-    manifest: str | None = None,
-    split: str = "test",
-    label_map: dict[str, str] | None = None,
-    ordinal: bool = False,
-    bootstrap: int = 1000,
-    seed: int = 0,
-    batch_size: int = 32,
-    device: str = "auto",
-    num_workers: int = 2,
-    overwrite: bool = False,
-    report: bool = True,
-    oct_frames: str | int | None = None,  # None: as the model was trained
-    modality: str | None = None,  # what the images are (CFP / OCT), instead of guessing
-    cpu_int8: bool = False,  # dynamic int8 Linear layers (CPU only)
-    precision: str = "auto",  # autocast: auto (per machine), fp32, bf16 or fp16
-) -> SplitEvaluation:
+def evaluate(settings: EvaluateSettings, *, progress: bool = True, report: bool = True) -> SplitEvaluation:
     """`retinafm evaluate`: a fine-tuned checkpoint against a labelled folder or manifest split,
-    its own or an external data set (`label_map` renames that set's classes or columns to the
-    model's; model classes the set lacks are reported in the metrics, not an error)."""
-    loaded = load_for_inference(checkpoint, device=device, precision=precision, cpu_int8=cpu_int8)
+    its own or an external data set (`label_map`, "data=model,...", renames that set's classes or
+    columns to the model's; model classes the set lacks are reported in the metrics, not an error).
+    `report`: also write report.html."""
+    settings.validate()
+    cfg = settings
+    checkpoint, split, label_map = cfg.checkpoint, cfg.split, parse_label_map(cfg.label_map)
+    loaded = load_for_inference(checkpoint, device=cfg.device, precision=cfg.precision, cpu_int8=cfg.cpu_int8)
     meta = loaded.meta
-    if manifest:
-        data = load_manifest(manifest, class_names=meta.class_names, targets=get_task(meta.task).targets,
+    if cfg.manifest:
+        data = load_manifest(cfg.manifest, class_names=meta.class_names, targets=get_task(meta.task).targets,
                              label_map=label_map, absent_unknown=True)
     elif not get_task(meta.task).targets.from_folders:
         raise DataSourceError(f"this {meta.task} checkpoint is evaluated on a --manifest CSV with columns "
                               f"{', '.join(meta.class_names)}")
-    elif data_path:
-        data = load_folder(data_path, class_names=meta.class_names, flat_split=split, label_map=label_map)
     else:
-        raise DataSourceError("give --data-path DIR or --manifest FILE.csv to evaluate on")
-    samples = expand_volumes(data, oct_frames or meta.settings.get("oct_frames") or "middle").split(split)
+        data = load_folder(cfg.data_path, class_names=meta.class_names, flat_split=split, label_map=label_map)
+    samples = expand_volumes(data, cfg.oct_frames or meta.settings.get("oct_frames") or "middle").split(split)
     if not samples:
         raise DataSourceError(f"{data.source} has no {split!r} images")
-    if bootstrap < 0 or 0 < bootstrap < 100:
-        raise DataSourceError(f"--bootstrap must be 0 (no confidence intervals) or at least 100 replicates, "
-                              f"got {bootstrap}")
-    out_dir = Path(out)
+    out_dir = Path(cfg.out)
     if dist_utils.is_primary():
-        prepare_output_dir(out_dir, overwrite=overwrite)
+        prepare_output_dir(out_dir, overwrite=cfg.overwrite)
     task = loaded.task
-    if ordinal and not task.one_class_per_image:
+    if cfg.ordinal and not task.one_class_per_image:
         raise DataSourceError("--ordinal applies to multi-class checkpoints (graded classes such as DR 0-4)")
-    if ordinal and not task.ordinal:
+    if cfg.ordinal and not task.ordinal:
         task = dataclasses.replace(task, grade_order=grade_order(task.output_names, ordinal=True))
     if dist_utils.is_primary():
-        loaded.check_modality([s.path for s in samples], modality)
+        loaded.check_modality([s.path for s in samples], cfg.modality)
     ev = evaluate_samples(loaded.model, task, samples, loaded.transform, loaded.device,
-                          split=split, batch_size=batch_size, num_workers=num_workers, bootstrap=bootstrap, seed=seed,
-                          autocast_dtype=loaded.autocast_dtype)
+                          split=split, batch_size=cfg.batch_size, num_workers=cfg.num_workers, bootstrap=cfg.bootstrap,
+                          seed=cfg.seed, autocast_dtype=loaded.autocast_dtype, progress=progress)
     ev.notes = _external_notes(task, ev.targets, label_map)
     if dist_utils.is_primary():
         write_evaluation(out_dir, task, ev)

@@ -37,12 +37,12 @@ from retinafm.engine.checkpoint import (
 )
 from retinafm.engine.inference import (
     INSTALL_HINT,
-    is_onnx,
     load_onnx,
     model_from_checkpoint,
 )
 from retinafm.files import atomic_path, refuse_existing_file
 from retinafm.models.onnx import FEATURES, INPUT, LOGITS, META_KEY
+from retinafm.settings import ExportSettings, is_onnx
 
 DEFAULT_OPSET = 17  # LayerNormalization as one op; what ONNX Runtime's transformer fusions are written against
 FP32_TOLERANCE = 1e-3  # max |ONNX Runtime - PyTorch| on the parity inputs before an fp32 export is refused
@@ -149,22 +149,17 @@ def _parity(model: nn.Module, path: Path, input_size: int) -> tuple[float, float
     return float(np.abs(onnx_logits - logits.numpy()).max()), float(np.abs(onnx_features - features.numpy()).max())
 
 
-def export_onnx(
-    checkpoint: str | Path,
-    out: str | Path,
-    *,
-    int8: bool = False,
-    opset: int | None = None,
-    overwrite: bool = False,
-) -> ExportResult:
-    """Write `out` (.onnx): the checkpoint's model with its metadata, fp32 or (int8) with
+def export(settings: ExportSettings) -> ExportResult:
+    """Write `settings.out` (.onnx): the checkpoint's model with its metadata, fp32 or (int8) with
     ONNX Runtime's transformer fusions and int8 weights. The file is checked against PyTorch before
     it is put in place; an fp32 export that differs by more than 1e-3 is refused."""
+    settings.validate()
+    int8, opset = settings.int8, settings.opset
     start = time.perf_counter()
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = Path(settings.checkpoint), Path(settings.out)
     if out.suffix.lower() != ".onnx":
         raise ValueError(f"--out {out}: name it *.onnx, which is how predict and embed recognise an exported model")
-    refuse_existing_file(out, overwrite=overwrite)
+    refuse_existing_file(out, overwrite=settings.overwrite)
     if is_onnx(checkpoint):
         raise CheckpointError(f"{checkpoint} is already an ONNX model; export the .pth checkpoint it came from")
     if any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime")):  # ORT: parity and int8

@@ -94,7 +94,7 @@ def samples_table(data: LabelledData, include_test: bool = True) -> pd.DataFrame
 
 def _feature_probe(cfg: FinetuneSettings, data: LabelledData, run_dir: Path, evaluate_test: bool) -> FinetuneResult:
     """--adaptation lp: every image through the frozen backbone once, then the scikit-learn probe."""
-    from retinafm.engine.features import EmbedSettings
+    from retinafm.settings import EmbedSettings
     from retinafm.workflows.embed import embed
     from retinafm.workflows.probe import ProbeSettings, probe
 

@@ -102,7 +102,7 @@ def label_efficiency(cfg: FinetuneSettings, fractions: Sequence[float], seeds: i
 
 def _probe_points(cfg, data, out: Path, fractions, seeds, metric, quiet):
     from retinafm.data.embeddings import read_embeddings
-    from retinafm.engine.features import EmbedSettings
+    from retinafm.settings import EmbedSettings
     from retinafm.workflows.embed import embed
     from retinafm.workflows.finetune import samples_table
     from retinafm.workflows.probe import (

@@ -15,6 +15,7 @@ from retinafm.engine.infer import infer
 from retinafm.engine.inference import load_for_inference
 from retinafm.files import refuse_existing_file, write_csv
 from retinafm.runtime import distributed as dist_utils
+from retinafm.settings import PredictSettings
 
 
 @dataclass
@@ -52,38 +53,26 @@ def volume_table(frame: pd.DataFrame, multiclass: bool) -> pd.DataFrame | None:
     return table
 
 
-def predict(
-    checkpoint: str | Path,
-    images: str | Path,
-    out: str | Path,
-    *,
-    batch_size: int = 32,
-    device: str = "auto",
-    num_workers: int = 2,
-    overwrite: bool = False,
-    progress: bool = True,
-    oct_frames: str | int | None = None,
-    modality: str | None = None,
-    cpu_int8: bool = False,
-    precision: str = "auto",
-) -> PredictResult:
-    """Write `out`: path first, then the task's columns (multiclass: prediction, prob_<class>...;
-    multilabel: prediction, prob_<label>...; regression: one column per target in original
-    units). Unreadable files go to skipped.csv beside it. When several B-scans of a volume are
-    predicted (`oct_frames` all or N; None: as the model was trained), `<out>_volumes.csv` has one
-    row per volume (mean and max). A `checkpoint` ending in .onnx (`retinafm export`) runs with
+def predict(settings: PredictSettings, *, progress: bool = True) -> PredictResult:
+    """Write `settings.out`: path first, then the task's columns (multiclass: prediction,
+    prob_<class>...; multilabel: prediction, prob_<label>...; regression: one column per target in
+    original units). Unreadable files go to skipped.csv beside it. When several B-scans of a volume
+    are predicted (`oct_frames` all or N; None: as the model was trained), `<out>_volumes.csv` has
+    one row per volume (mean and max). A `checkpoint` ending in .onnx (`retinafm export`) runs with
     ONNX Runtime on the CPU."""
-    out = Path(out)
-    refuse_existing_file(out, overwrite=overwrite)
-    loaded = load_for_inference(checkpoint, device=device, precision=precision, cpu_int8=cpu_int8)
-    paths = collect_images(images, oct_frames or loaded.meta.settings.get("oct_frames") or "middle")
+    settings.validate()
+    s = settings
+    out = Path(s.out)
+    refuse_existing_file(out, overwrite=s.overwrite)
+    loaded = load_for_inference(s.checkpoint, device=s.device, precision=s.precision, cpu_int8=s.cpu_int8)
+    paths = collect_images(s.images, s.oct_frames or loaded.meta.settings.get("oct_frames") or "middle")
     if dist_utils.is_primary():
-        loaded.check_modality(paths, modality)
+        loaded.check_modality(paths, s.modality)
     dataset = ImageDataset(paths, [None] * len(paths), loaded.transform)
-    result = infer(loaded.model, dataset, loaded.device, batch_size=batch_size, num_workers=num_workers,
+    result = infer(loaded.model, dataset, loaded.device, batch_size=s.batch_size, num_workers=s.num_workers,
                    amp_dtype=loaded.autocast_dtype, desc="predict", progress=progress)
     if len(result.indices) == 0:
-        raise DataSourceError(f"none of the {len(paths)} images under {images} could be read: {result.skipped[:3]}")
+        raise DataSourceError(f"none of the {len(paths)} images under {s.images} could be read: {result.skipped[:3]}")
     task = loaded.task
     outputs = task.activate(torch.from_numpy(result.logits))
     frame = task.prediction_frame([paths[i] for i in result.indices], outputs)

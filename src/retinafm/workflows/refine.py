@@ -243,7 +243,7 @@ def probe_before_after(cfg: RefineSettings, model_name: str, original: str | Non
                        run_dir: Path) -> pd.DataFrame:
     """Linear probes on `cfg.probe_on` with the backbone before and after refinement, as RetFiner's
     table compares them: test metrics (validation when there is no test split) side by side."""
-    from retinafm.engine.features import EmbedSettings
+    from retinafm.settings import EmbedSettings
     from retinafm.workflows.embed import embed
     from retinafm.workflows.probe import ProbeSettings, probe
 

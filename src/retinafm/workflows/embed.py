@@ -117,6 +117,7 @@ def embed(images: str | Path | pd.DataFrame, out: str | Path, settings: EmbedSet
     vectors, kept, skipped = _gather_shards(parts, n_shards)
     if len(kept) == 0:
         raise DataSourceError(f"none of the {len(paths)} images could be read; e.g. {skipped[:3]}")
+    dist_utils.barrier()  # every rank has read the shards before rank 0 removes them
     if dist_utils.is_primary():
         frame = table.iloc[kept].reset_index(drop=True)
         info.update(dim=int(vectors.shape[1]), count=len(kept), skipped=len(skipped))

@@ -218,6 +218,7 @@ def _ours_training(spec, batch: int, device: torch.device, args, checkpointing: 
     """Seconds for an epoch of `train_one_epoch` (after a warm-up epoch), as a finetune run trains."""
     from retinafm.engine.loop import StepSettings, train_one_epoch
     from retinafm.engine.optim import build_optimizer, build_scheduler
+    from retinafm.objectives.supervised import Supervised
     from retinafm.runtime.device import amp_dtype
 
     model = _build(spec, 5, device, plain=False, drop_path=0.2)
@@ -230,8 +231,8 @@ def _ours_training(spec, batch: int, device: torch.device, args, checkpointing: 
         loader = _SyntheticLoader(batch, spec.input_size, steps, pinned=device.type == "cuda")
         _sync(device)
         t0 = time.perf_counter()
-        train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), optimizer, scheduler, device, epoch=epoch,
-                        settings=settings, scaler=scaler, progress=False)
+        train_one_epoch(Supervised(model, torch.nn.CrossEntropyLoss()), loader, optimizer, scheduler, device,
+                        epoch=epoch, settings=settings, scaler=scaler, progress=False)
         _sync(device)
         seconds = time.perf_counter() - t0
     return seconds, bool(optimizer.defaults.get("fused"))

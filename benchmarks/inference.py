@@ -105,6 +105,7 @@ def _retinafm_epoch(model_name: str, folder: Path, batch_size: int, workers: int
     from retinafm.engine.loop import StepSettings, train_one_epoch
     from retinafm.engine.optim import build_optimizer, build_scheduler
     from retinafm.models.registry import create_model, get_spec
+    from retinafm.objectives.supervised import Supervised
 
     spec = get_spec(model_name)
     torch.manual_seed(0)
@@ -115,8 +116,8 @@ def _retinafm_epoch(model_name: str, folder: Path, batch_size: int, workers: int
     loader = make_loader(dataset, batch_size, num_workers=workers, shuffle=True)
     optimizer = build_optimizer(model, 1e-4, 0.05, 0.65)
     scheduler = build_scheduler(optimizer, steps_per_epoch=len(loader), epochs=1, warmup_epochs=0, min_lr=1e-6)
-    train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), optimizer, scheduler, torch.device("cpu"), epoch=0,
-                    settings=StepSettings(1, None, None), progress=False)
+    train_one_epoch(Supervised(model, torch.nn.CrossEntropyLoss()), loader, optimizer, scheduler, torch.device("cpu"),
+                    epoch=0, settings=StepSettings(1, None, None), progress=False)
     return len(paths)
 
 

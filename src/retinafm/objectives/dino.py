@@ -3,7 +3,7 @@
 A student sees every crop (2 global + N local), a momentum teacher (an exponential moving average
 of the student) sees the global crops; the student learns to match the teacher's centred,
 sharpened distribution over `out_dim` prototypes. Compact and tested against a direct
-computation in tests/test_dino.py: no SSL library fits this project's dependencies (lightly
+computation in tests/objectives/test_dino.py: no SSL library fits this project's dependencies (lightly
 pulls in PyTorch Lightning for one loss).
 
 The checkpoint keeps DINO's names (`student.` / `teacher.` with `backbone.` and `head.`), so the

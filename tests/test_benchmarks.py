@@ -1,0 +1,33 @@
+"""The benchmark scripts still run against the library's current API (make bench is never run by CI):
+each on a handful of images, timings ignored."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_inference_benchmark_runs_every_row_kind():
+    out = _run("benchmarks/inference.py", "--images", "4", "--models", "vit_tiny_patch16", "--cases",
+               "fundus_jpeg_2000", "--tasks", "predict,embed,train,predict_int8", "--workers", "0", "--batch-size", "2")
+    rows = [line.split()[2] for line in out.splitlines() if line.startswith("fundus_jpeg_2000")]
+    assert rows == ["predict", "embed", "train", "predict_int8"]
+
+
+@pytest.mark.slow
+def test_probe_benchmark_runs():
+    out = _run("benchmarks/probe.py", "--per-class", "8", "--epochs", "2", "--batch-size", "8", "--num-workers", "0")
+    assert "speed-up:" in out

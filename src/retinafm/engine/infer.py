@@ -29,11 +29,10 @@ class InferenceResult:
 
 @contextlib.contextmanager
 def _heap_frozen() -> Iterator[None]:
-    """The objects alive now (the model, the imported libraries: ~400k) left out of garbage collection
-    while the loop runs. Otherwise, whenever the collector's counters happen to reach a full collection
-    during inference, the main process and every DataLoader worker (which inherit the counters and the
-    heap at fork) walk all of them, and the workers copy the pages they touch: ~0.5 s of CPU taken from
-    a 64-image predict on 2 cores. Left as it is when the caller froze objects itself."""
+    """The objects alive now (the model, the imported libraries) left out of garbage collection while
+    the loop runs: a full collection falling due mid-inference would otherwise walk all of them in the
+    main process and in every DataLoader worker, which inherit the heap at fork and copy the pages the
+    walk touches. Left as it is when the caller froze objects itself (see benchmarks/RESULTS.md)."""
     if gc.get_freeze_count():
         yield
         return

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from retinafm.models.heads import HeadSettings, attach_head
+from retinafm.settings.base import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,6 +56,15 @@ class ModelSpec:
     # Weights published outside the Hugging Face Hub: where to download the file, which is then
     # passed with --weights PATH (the model is never silently left at random initialisation).
     weights_url: str | None = None
+
+    def input_size_for(self, requested: int | None) -> int:
+        """The input size a run uses: `requested` (--input-size) or the model's own; a ViT needs a
+        whole number of patches across."""
+        size = requested or self.input_size
+        if size % self.patch_size:
+            raise ConfigError(f"--input-size {size} must be a multiple of the patch size {self.patch_size} "
+                              f"of {self.name}")
+        return size
 
     @property
     def weight_source(self) -> str:

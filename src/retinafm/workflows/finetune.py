@@ -176,10 +176,7 @@ def _finetune(cfg: FinetuneSettings, on_epoch: EpochCallback | None, evaluate_te
     if cfg.adaptation == "lp" and cfg.lp_mode == "features":
         return _feature_probe(cfg, data, run_dir, evaluate_test)
     spec = get_spec(cfg.model)
-    input_size = cfg.input_size or spec.input_size
-    if input_size % spec.patch_size:
-        raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} "
-                          f"of {spec.name}")
+    input_size = spec.input_size_for(cfg.input_size)
     task = task_from_config(cfg, data.class_names)
     task = task.fit(task.target_array(train_samples))  # e.g. target statistics from train only
     head = HeadSettings(cfg.head, cfg.head_depth, cfg.head_num_heads, cfg.head_mlp_ratio, cfg.head_dropout)

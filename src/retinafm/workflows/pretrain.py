@@ -69,10 +69,7 @@ def pretrain(cfg: PretrainSettings, *, progress: bool = True) -> PretrainResult:
 
     paths = pretraining_images(cfg)
     spec = get_spec(cfg.model)
-    input_size = cfg.input_size or spec.input_size
-    if input_size % spec.patch_size:
-        raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} "
-                          f"of {spec.name}")
+    input_size = spec.input_size_for(cfg.input_size)
     if trainer.resume_state is not None:
         _check_resume_fits(trainer.resume_state, cfg, spec)
     encoder = build_encoder(spec, input_size, dynamic_size=cfg.method == "dino")

@@ -146,10 +146,7 @@ def refine(cfg: RefineSettings, *, progress: bool = True) -> RefineResult:
     trainer.settings.find_unused_parameters = len(weights) < 4
     pairs = read_pairs(cfg.pairs, cfg.oct_frames)
     spec = get_spec(cfg.model)
-    input_size = cfg.input_size or spec.input_size
-    if input_size % spec.patch_size:
-        raise ConfigError(f"--input-size {input_size} must be a multiple of the patch size {spec.patch_size} "
-                          f"of {spec.name}")
+    input_size = spec.input_size_for(cfg.input_size)
 
     text, tokenizer = load_text_model(cfg.text_model)
     vision = create_model(spec, 0, input_size=input_size)

@@ -3,9 +3,18 @@
 - Tiny run settings: a micro ViT at 32 px on the CPU, short enough for the suite.
 - Clinical test files written by the libraries that read them: DICOM with pydicom, Heidelberg
   .vol with eyepy's own format definition, multi-page TIFF with Pillow.
+- The hostile-input harness: the CLI in a child process under a timeout and an address-space limit
+  (`run_bounded`), the one-line-error check (`assert_one_line_error`) and file fingerprints that
+  prove nothing the user gave was changed (`fingerprint`).
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +174,51 @@ def write_multipage_tiff(path: Path, pages: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     images[0].save(path, save_all=True, append_images=images[1:])
     return path
+
+
+# --------------------------------------------------------------------------- hostile-input harness
+# The address space a CLI run may take: torch, timm and a tiny model need about 3 GiB of it; a guard
+# that is missing (a 12 GB read, a 40 GB tensor) then ends in a MemoryError instead of taking the host down.
+BOUNDED_MEMORY = 6 * 2**30
+
+
+@dataclass
+class Outcome:
+    code: int
+    output: str  # stdout and stderr together
+
+    def __str__(self) -> str:
+        return f"exit {self.code}:\n{self.output}"
+
+
+def run_bounded(*args, timeout: float = 120, memory: int = BOUNDED_MEMORY, cwd: Path | None = None,
+                env: dict[str, str] | None = None, stdin: int | None = subprocess.DEVNULL) -> Outcome:
+    """`retinafm ARGS` in a child process that must finish within `timeout` seconds and `memory` bytes
+    of address space (a hang fails the test through subprocess.TimeoutExpired, after killing the child)."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "RETINAFM_DEBUG": "", "PYTHONWARNINGS": "default", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "retinafm", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=limit, cwd=cwd, env=full_env, stdin=stdin)
+    return Outcome(proc.returncode, proc.stdout + proc.stderr)
+
+
+def assert_one_line_error(outcome: Outcome, *words: str) -> None:
+    """Exit 2 with an `error:` line holding every one of `words`, and no traceback."""
+    assert outcome.code == 2, outcome
+    assert "Traceback" not in outcome.output and "MemoryError" not in outcome.output, outcome
+    errors = [line for line in outcome.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, outcome
+    for word in words:
+        assert word in errors[0], (word, outcome)
+
+
+def fingerprint(*roots: Path) -> dict[str, tuple[int, str]]:
+    """Every regular file under `roots` (or the file itself): size and sha256, to compare before and after."""
+    prints = {}
+    for root in roots:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+        for path in files:
+            prints[str(path)] = (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+    return prints

@@ -93,7 +93,7 @@ def test_unreadable_files_are_skipped_with_reasons_and_odd_ones_are_read(trained
                            "--out", tmp_path / "p.csv", "--num-workers", "0", "--device", "cpu")
     assert code == 0, output
     assert f"{len(expected_skips)} unreadable file(s) listed" in output
-    skipped = pd.read_csv(tmp_path / "skipped.csv")
+    skipped = pd.read_csv(tmp_path / "p_skipped.csv")
     reasons = {Path(p).name: r for p, r in zip(skipped["path"], skipped["reason"], strict=True)}
     assert set(reasons) == set(expected_skips)
     for name, words in expected_skips.items():

@@ -36,10 +36,10 @@ def test_predicts_a_folder_recursively_and_lists_unreadable_files(trained_run, d
     probs = frame[[f"prob_{c}" for c in CLASSES]].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     assert (frame["prediction"] == [CLASSES[i] for i in probs.argmax(1)]).all()
-    skipped = pd.read_csv(out.with_name("skipped.csv"))
+    skipped = pd.read_csv(out.with_name(out.stem + "_skipped.csv"))
     assert skipped.to_dict("records") == [{"path": str(images / "clinic_b" / "corrupt.png"),
                                            "reason": "not a recognised image format"}]
-    assert res.skipped_path == out.with_name("skipped.csv")
+    assert res.skipped_path == out.with_name(out.stem + "_skipped.csv")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         predict(PredictSettings(checkpoint=trained_run / "checkpoint-best.pth", images=images, out=out, num_workers=0))
 

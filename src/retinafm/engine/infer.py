@@ -18,6 +18,10 @@ from retinafm.runtime.cpu import batch_runner
 from retinafm.runtime.device import autocast
 
 
+class NonFiniteOutputError(ValueError):
+    """The model gave NaN or infinite outputs; they are never written as predictions or embeddings."""
+
+
 @dataclass
 class InferenceResult:
     """Outputs for the readable items of a dataset, in dataset order."""
@@ -90,4 +94,17 @@ def infer(
     width = next((p[1].shape[1] for p in parts if p[1] is not None), 0)
     all_out = np.concatenate([p[1] if p[1] is not None else np.zeros((0, width), np.float32) for p in parts])
     order = np.argsort(all_idx, kind="stable")
-    return InferenceResult(all_idx[order], all_out[order], [s for p in parts for s in p[2]])
+    result = InferenceResult(all_idx[order], all_out[order], [s for p in parts for s in p[2]])
+    _check_finite(result, dataset)
+    return result
+
+
+def _check_finite(result: InferenceResult, dataset: ImageDataset) -> None:
+    """NaN probabilities would be written as an empty row and argmax as the first class: refuse instead."""
+    bad = ~np.isfinite(result.logits).all(axis=1) if result.logits.size else np.zeros(0, bool)
+    if bad.any():
+        examples = ", ".join(str(dataset.paths[i]) for i in result.indices[bad][:3])
+        raise NonFiniteOutputError(
+            f"the model gave NaN or infinite outputs for {int(bad.sum())} of {len(bad)} image(s) (e.g. {examples}); "
+            "nothing was written. Its weights may be corrupt or overflow in reduced precision: try --precision fp32, "
+            "or the checkpoint of an earlier epoch")

@@ -5,9 +5,13 @@ inputs: user-given files opened safely (regular files only, size limits, bounded
 cells: the text cells of the CSVs people open in spreadsheets.
 """
 from retinafm.files.outputs import (
+    Claim,
     OutputExistsError,
+    OutputInUseError,
     OutputPathError,
     atomic_path,
+    claim_dir,
+    claim_file,
     prepare_output_dir,
     refuse_existing_file,
     save_torch,
@@ -18,6 +22,6 @@ from retinafm.files.outputs import (
 )
 
 __all__ = [
-    "OutputExistsError", "OutputPathError", "atomic_path", "prepare_output_dir", "refuse_existing_file", "save_torch",
-    "write_csv", "write_json", "write_text", "write_yaml",
+    "Claim", "OutputExistsError", "OutputInUseError", "OutputPathError", "atomic_path", "claim_dir", "claim_file",
+    "prepare_output_dir", "refuse_existing_file", "save_torch", "write_csv", "write_json", "write_text", "write_yaml",
 ]

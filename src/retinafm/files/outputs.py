@@ -1,15 +1,27 @@
-"""Atomic output writing and run-directory safety.
+"""Atomic output writing, and outputs claimed before any work.
 
 Every file the toolkit writes goes to a temporary name in the same folder and is renamed into
 place, so an interrupted run never leaves a half-written file where a good one was.
+
+A command claims what it will write before it starts (`claim_file`, `claim_dir`): an exclusive lock,
+so two runs into one output cannot both proceed; every file it may write (its side files too:
+`<out>_skipped.csv`, an .npy's .csv index) refused if it exists, unless --overwrite; none of them one
+of the command's inputs; a run folder never inside an input folder. A fresh folder that a failed run
+leaves without a checkpoint is removed, so the corrected rerun is not blocked by it.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import fnmatch
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +29,30 @@ import pandas as pd
 import torch
 import yaml
 
+from retinafm.files.cells import protect_frame
+
 
 class OutputExistsError(FileExistsError):
     """An output already exists and the user did not ask to overwrite or resume it."""
 
 
 class OutputPathError(ValueError):
-    """An output path that cannot be created."""
+    """An output path that cannot be created, or one that is also an input."""
+
+
+class OutputInUseError(OutputExistsError):
+    """Another run holds the output's lock."""
+
+
+LOCK_NAME = ".retinafm.lock"  # inside a claimed run folder; a file output's lock is .<name>.lock beside it
+# The files a run folder's --overwrite replaces: a run writes some of them only sometimes (skipped.csv
+# when files were unreadable, split.csv on an automatic split, test results when there is a test split),
+# and an earlier run's copy left beside the new results would be read as this run's. Other files in the
+# folder are the user's and are never removed.
+RUN_OUTPUTS = ("skipped.csv", "split.csv", "log.csv", "config.yaml", "data_summary.csv", "report.html",
+               "predictions_*.csv", "metrics_*.csv", "metrics_*.json", "probe_comparison.csv", "comparison.csv",
+               "comparison.json", "trials.csv", "optuna_best.json", "label_efficiency*.csv", "plots/*.png",
+               "subsets/*.csv", "checkpoint-*.pth")
 
 
 @contextlib.contextmanager
@@ -65,8 +94,9 @@ def write_yaml(path: str | os.PathLike, data: Any) -> Path:
 
 
 def write_csv(path: str | os.PathLike, frame: pd.DataFrame) -> Path:
+    """`frame` as CSV, its text cells protected from spreadsheets running them as formulas (files.cells)."""
     with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
+        protect_frame(frame).to_csv(tmp, index=False)
     return Path(path)
 
 
@@ -84,7 +114,7 @@ def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resu
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"--out {path} exists and is a file; give a folder path.")
-    if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
+    if path.is_dir() and _entries(path) and not (overwrite or resume):
         raise OutputExistsError(
             f"--out {path} already exists and is not empty. Use --resume to continue that run, "
             "--overwrite to replace it, or choose another --out."
@@ -105,3 +135,198 @@ def refuse_existing_file(path: str | os.PathLike, *, overwrite: bool, option: st
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{option} {path} already exists; pass --overwrite to replace it.")
     return path
+
+
+def _entries(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name != LOCK_NAME]
+
+
+def _primary() -> bool:
+    """Under torchrun only rank 0 claims and writes (files cannot import runtime; RANK is torchrun's)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b) or a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _inside(child: Path, folder: Path) -> bool:
+    try:
+        child.resolve().relative_to(folder.resolve())
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def _present(inputs: Iterable[tuple[str, str | os.PathLike | None]]) -> list[tuple[str, Path]]:
+    return [(option, Path(path)) for option, path in inputs if path not in (None, "")]
+
+
+@dataclass
+class Claim:
+    """What a command holds while it runs: the lock, and the paths it may write."""
+
+    path: Path
+    outputs: list[Path]
+    overwrite: bool
+    lock: Path
+    _fd: int = -1
+    fresh: bool = False  # a folder that did not exist or was empty: the run owns everything in it
+    created: bool = False
+    before: dict[Path, tuple[int, int]] = field(default_factory=dict)  # overwrite: (inode, mtime) of old files
+
+    def remove_stale(self, written: Iterable[str | os.PathLike | None] = ()) -> list[Path]:
+        """After success under --overwrite: delete the outputs an earlier run left that this run did not
+        write again (a file claim: its side files; a folder: RUN_OUTPUTS files not rewritten)."""
+        if not self.overwrite:
+            return []
+        keep = {Path(p).resolve() for p in written if p is not None}
+        # An output this run wrote was replaced by a rename (a new inode); one with the old inode and time is stale.
+        stale = [old for old, stamp in self.before.items()
+                 if old.is_file() and _fingerprint(old) == stamp and old.resolve() not in keep]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
+    def _acquire(self) -> None:
+        while True:
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = _read_holder(self.lock)
+                raise OutputInUseError(f"--out {self.path} is in use by another retinafm run{holder}; wait for "
+                                       "it to finish or choose another --out") from None
+            # The previous holder may have removed the lock file between our open and flock: then we locked
+            # a file no longer at that name, which a third run could create and lock too. Retry on the new one.
+            try:
+                if os.stat(self.lock).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self._fd = fd
+
+    def _release(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self.lock)  # unlinked while still locked, so no other run locks the stale file
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _read_holder(lock: Path) -> str:
+    try:
+        pid, _, started = lock.read_text(encoding="utf-8").strip().partition(" ")
+    except OSError:
+        return ""
+    return f" (process {pid}, started {started})" if pid.isdigit() else ""
+
+
+def _fingerprint(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _check_not_inputs(outputs: list[Path], inputs: list[tuple[str, Path]], option: str) -> None:
+    for out in outputs:
+        for input_option, given in inputs:
+            if _same(out, given):
+                what = "" if out.name == Path(option).name else f" (it would write {out.name} there)"
+                raise OutputPathError(f"{option} would overwrite {input_option} {given}{what}; choose another "
+                                      f"{option}")
+
+
+@contextlib.contextmanager
+def claim_file(path: str | os.PathLike, *, side_files: Iterable[str | os.PathLike] = (), overwrite: bool = False,
+               inputs: Iterable[tuple[str, str | os.PathLike | None]] = (), option: str = "--out") -> Iterator[Claim]:
+    """Hold `path` and its `side_files` (the other files the command may write, named after it) while the
+    block runs. Refused: another run holding them (a lock file .<name>.lock beside `path`); any of them
+    existing without `overwrite`; any of them being one of `inputs` ((option, path) pairs) or a folder."""
+    path = Path(path)
+    outputs = [path, *(Path(p) for p in side_files)]
+    _check_not_inputs(outputs, _present(inputs), option)
+    for out in outputs:
+        if out.is_dir():
+            raise OutputPathError(f"{option} {path}: {out} is a folder; give a file path")
+    if not _primary():
+        yield Claim(path, outputs, overwrite, path)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)  # an OSError names the path (the CLI prints it as one line)
+    claim = Claim(path, outputs, overwrite, path.with_name(f".{path.name}.lock"))
+    claim._acquire()
+    try:
+        existing = [p for p in outputs if p.exists()]
+        if existing and not overwrite:
+            first = existing[0]
+            which = "" if first == path else f" (its {first.name}, from an earlier run)"
+            raise OutputExistsError(f"{option} {path}{which} already exists; pass --overwrite to replace it, or "
+                                    f"choose another {option}")
+        claim.before = {p: _fingerprint(p) for p in existing}
+        yield claim
+    finally:
+        claim._release()
+
+
+@contextlib.contextmanager
+def claim_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
+              inputs: Iterable[tuple[str, str | os.PathLike | None]] = (), option: str = "--out",
+              results: tuple[str, ...] = ("checkpoint-*.pth",)) -> Iterator[Claim]:
+    """Hold the run folder `path` while the block runs: created if needed, locked (.retinafm.lock inside),
+    refused when another run holds it, when it is not empty (unless `overwrite` or `resume`), or when it
+    lies inside an input folder (a run in a class folder would become a class; a pretraining run in its
+    --images folder would train on its own plots). If the block fails in a folder that was fresh and holds
+    none of its `results` (files worth keeping: a checkpoint to resume, a study's trials), the folder is
+    removed again, so that the corrected command can be rerun as it is."""
+    path = Path(path)
+    given = _present(inputs)
+    for input_option, folder in given:
+        if folder.is_dir() and _inside(path, folder):
+            raise OutputPathError(f"{option} {path} is inside {input_option} {folder}; a run folder there would be "
+                                  f"read as data. Choose an {option} outside it")
+    _check_not_inputs([path], [(o, p) for o, p in given if p.is_file()], option)
+    if not _primary():
+        yield Claim(path, [path], overwrite, path / LOCK_NAME)
+        return
+    created = not path.exists()
+    prepare_output_dir(path, overwrite=True, resume=resume)  # create (clear messages for bad paths); checked below
+    claim = Claim(path, [path], overwrite, path / LOCK_NAME, created=created)
+    claim._acquire()
+    try:
+        entries = _entries(path)
+        if entries and not (overwrite or resume):
+            raise OutputExistsError(f"{option} {path} already exists and is not empty. Use --resume to continue "
+                                    f"that run, --overwrite to replace it, or choose another {option}.")
+        claim.fresh = not entries
+        if overwrite:
+            claim.before = {p: _fingerprint(p) for p in path.rglob("*")
+                            if p.is_file() and any(fnmatch.fnmatch(p.relative_to(path).as_posix(), pattern)
+                                                   for pattern in RUN_OUTPUTS)}
+        try:
+            yield claim
+        except BaseException:
+            if claim.fresh and not any(any(path.glob(pattern)) for pattern in results):
+                _empty(path, remove_folder=created)
+            raise
+    finally:
+        claim._release()
+
+
+def _empty(folder: Path, *, remove_folder: bool) -> None:
+    for entry in _entries(folder):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    if remove_folder:
+        with contextlib.suppress(OSError):
+            (folder / LOCK_NAME).unlink(missing_ok=True)
+            folder.rmdir()

@@ -28,7 +28,7 @@ import pandas as pd
 from scipy.stats import wilcoxon
 
 from retinafm.engine.evaluation import CI_LEVEL, PARALLEL_REPLICATES
-from retinafm.files import prepare_output_dir, write_csv, write_json
+from retinafm.files import claim_dir, write_csv, write_json
 from retinafm.plots import plot_forest
 from retinafm.stats.bootstrap import bootstrap_samples, paired_bootstrap
 from retinafm.stats.delong import delong_test
@@ -99,8 +99,14 @@ def compare_runs(
             raise CompareError(f"{folder} is not a folder; give run directories or `retinafm evaluate` outputs")
     per_task = _task_folders(folders, split)
     out_dir = Path(out)
-    prepare_output_dir(out_dir, overwrite=overwrite)
+    with claim_dir(out_dir, overwrite=overwrite, inputs=[("run", f) for f in folders]) as claim:
+        result = _compare(per_task, folders, out_dir, split, metric, bootstrap, seed)
+        claim.remove_stale()
+    return result
 
+
+def _compare(per_task: dict[str, list[Path]], folders: list[Path], out_dir: Path, split: str, metric: str | None,
+             bootstrap: int, seed: int) -> CompareResult:
     rows: list[ComparisonRow] = []
     for task_name, task_runs in per_task.items():
         loaded = [load_run(f, split, name=_label(f, folders, task_name)) for f in task_runs]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from retinafm.engine.inference import prepare_for_inference
 from retinafm.files import (
     OutputExistsError,
     atomic_path,
-    refuse_existing_file,
+    claim_file,
     write_csv,
     write_json,
 )
@@ -54,6 +54,7 @@ class EmbedResult:
     dim: int
     skipped: list[tuple[str, str]]
     shards_reused: int
+    written: list[Path] = field(default_factory=list)  # the files beside `out` (index, metadata, skip list)
 
 
 # --------------------------------------------------------------------------- the work
@@ -75,11 +76,25 @@ def embed(images: str | Path | pd.DataFrame, out: str | Path, settings: EmbedSet
     out = Path(out)
     if out.suffix not in FORMATS:
         raise DataSourceError(f"--out {out}: write .parquet (one table) or .npy (+ a .csv index beside it)")
+    inputs = [("--images", None if isinstance(images, pd.DataFrame) else images),
+              ("--checkpoint", settings.checkpoint), ("--weights", settings.weights)]
+    with claim_file(out, side_files=side_files(out), overwrite=overwrite, inputs=inputs) as claim:
+        result = _embed(images, out, settings, overwrite, progress)
+        claim.remove_stale([out, *result.written])
+    return result
+
+
+def side_files(out: Path) -> list[Path]:
+    """The files embed may write beside `out`, named after it: a .npy's index and metadata, the skip list."""
+    index = [out.with_suffix(".csv"), out.with_suffix(".json")] if out.suffix == ".npy" else []
+    return [*index, out.with_name(out.stem + "_skipped.csv")]
+
+
+def _embed(images: str | Path | pd.DataFrame, out: Path, settings: EmbedSettings, overwrite: bool,
+           progress: bool) -> EmbedResult:
     parts = _parts_dir(out)
     if overwrite and parts.exists() and dist_utils.is_primary():
         shutil.rmtree(parts)
-    if not parts.exists():  # an unfinished run's output does not exist yet
-        refuse_existing_file(out, overwrite=overwrite)
     table = image_table(images, settings.oct_frames)
     model, info = embedding_model(settings)
     model, dev, autocast_dtype, info["precision"] = prepare_for_inference(  # recorded; resumed shards must match it
@@ -117,17 +132,22 @@ def embed(images: str | Path | pd.DataFrame, out: str | Path, settings: EmbedSet
     vectors, kept, skipped = _gather_shards(parts, n_shards)
     if len(kept) == 0:
         raise DataSourceError(f"none of the {len(paths)} images could be read; e.g. {skipped[:3]}")
+    if not np.isfinite(vectors).all():  # float16 shards: an fp32 vector beyond 65504 becomes inf
+        raise DataSourceError(f"some embeddings are beyond the range of --dtype {settings.dtype}; nothing was "
+                              f"written. Use --dtype float32 (and --overwrite to recompute the shards in {parts})")
     dist_utils.barrier()  # every rank has read the shards before rank 0 removes them
+    written: list[Path] = []
     if dist_utils.is_primary():
         frame = table.iloc[kept].reset_index(drop=True)
         info.update(dim=int(vectors.shape[1]), count=len(kept), skipped=len(skipped))
         write_embeddings(out, frame, vectors, info)
+        written += side_files(out)[:-1]
         if skipped:
             log = SkipLog()
             log.add(skipped)
-            write_csv(out.with_name(out.stem + "_skipped.csv"), log.frame())
+            written.append(write_csv(side_files(out)[-1], log.frame()))
         shutil.rmtree(parts)
-    return EmbedResult(out, len(kept), int(vectors.shape[1]), skipped, reused)
+    return EmbedResult(out, len(kept), int(vectors.shape[1]), skipped, reused, written)
 
 
 def _claim_parts(parts: Path, key: dict[str, Any]) -> None:

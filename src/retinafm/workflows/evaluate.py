@@ -22,7 +22,7 @@ from retinafm.engine.evaluation import (
     write_evaluation,
 )
 from retinafm.engine.inference import load_for_inference
-from retinafm.files import prepare_output_dir, write_csv
+from retinafm.files import claim_dir, write_csv
 from retinafm.runtime import distributed as dist_utils
 from retinafm.settings import EvaluateSettings
 from retinafm.tasks import get_task, grade_order
@@ -35,7 +35,15 @@ def evaluate(settings: EvaluateSettings, *, progress: bool = True, report: bool 
     columns to the model's; model classes the set lacks are reported in the metrics, not an error).
     `report`: also write report.html."""
     settings.validate()
-    cfg = settings
+    inputs = [("--checkpoint", settings.checkpoint), ("--data-path", settings.data_path),
+              ("--manifest", settings.manifest)]
+    with claim_dir(settings.out, overwrite=settings.overwrite, inputs=inputs) as claim:
+        ev = _evaluate(settings, progress, report)
+        claim.remove_stale()
+    return ev
+
+
+def _evaluate(cfg: EvaluateSettings, progress: bool, report: bool) -> SplitEvaluation:
     checkpoint, split, label_map = cfg.checkpoint, cfg.split, parse_label_map(cfg.label_map)
     loaded = load_for_inference(checkpoint, device=cfg.device, precision=cfg.precision, cpu_int8=cfg.cpu_int8)
     meta = loaded.meta
@@ -51,8 +59,6 @@ def evaluate(settings: EvaluateSettings, *, progress: bool = True, report: bool 
     if not samples:
         raise DataSourceError(f"{data.source} has no {split!r} images")
     out_dir = Path(cfg.out)
-    if dist_utils.is_primary():
-        prepare_output_dir(out_dir, overwrite=cfg.overwrite)
     task = loaded.task
     if cfg.ordinal and not task.one_class_per_image:
         raise DataSourceError("--ordinal applies to multi-class checkpoints (graded classes such as DR 0-4)")

@@ -40,7 +40,7 @@ from retinafm.engine.inference import (
     load_onnx,
     model_from_checkpoint,
 )
-from retinafm.files import atomic_path, refuse_existing_file
+from retinafm.files import atomic_path, claim_file
 from retinafm.models.onnx import FEATURES, INPUT, LOGITS, META_KEY
 from retinafm.settings import ExportSettings, is_onnx
 
@@ -146,6 +146,11 @@ def _parity(model: nn.Module, path: Path, input_size: int) -> tuple[float, float
         logits = model(x)  # the checkpoint's own forward, flip averaging included
         features = model.forward_head(model.forward_features(x), pre_logits=True)
     onnx_logits, onnx_features = onnx_model.session.run([LOGITS, FEATURES], {INPUT: x.numpy()})
+    for name, values in (("PyTorch", logits.numpy()), ("PyTorch", features.numpy()), ("ONNX Runtime", onnx_logits),
+                         ("ONNX Runtime", onnx_features)):
+        if not np.isfinite(values).all():  # NaN compares false with any tolerance: it would pass unseen
+            raise CheckpointError(f"the model gives NaN or infinite outputs under {name} on a test batch; its "
+                                  "weights are unusable, so nothing was exported")
     return float(np.abs(onnx_logits - logits.numpy()).max()), float(np.abs(onnx_features - features.numpy()).max())
 
 
@@ -159,7 +164,12 @@ def export(settings: ExportSettings) -> ExportResult:
     checkpoint, out = Path(settings.checkpoint), Path(settings.out)
     if out.suffix.lower() != ".onnx":
         raise ValueError(f"--out {out}: name it *.onnx, which is how predict and embed recognise an exported model")
-    refuse_existing_file(out, overwrite=settings.overwrite)
+    with claim_file(out, overwrite=settings.overwrite, inputs=[("--checkpoint", checkpoint)]):
+        return _export(checkpoint, out, int8, opset, start)
+
+
+def _export(checkpoint: Path, out: Path, int8: bool, opset: int | None,
+            start: float) -> ExportResult:
     if is_onnx(checkpoint):
         raise CheckpointError(f"{checkpoint} is already an ONNX model; export the .pth checkpoint it came from")
     if any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime")):  # ORT: parity and int8

@@ -29,7 +29,7 @@ from retinafm.engine.checkpoint import CheckpointMeta, load_checkpoint, meta_of
 from retinafm.engine.evaluation import evaluate_samples, write_evaluation
 from retinafm.engine.inference import task_of
 from retinafm.engine.trainer import Hooks, Trainer, TrainerSettings
-from retinafm.files import write_csv, write_yaml
+from retinafm.files import claim_dir, write_csv, write_yaml
 from retinafm.models.heads import HeadSettings, init_head
 from retinafm.models.registry import ModelSpec, create_model, get_spec
 from retinafm.models.weights import load_backbone_weights, resolve_weights
@@ -70,9 +70,16 @@ def finetune(cfg: FinetuneSettings, *, on_epoch: EpochCallback | None = None,
     cfg.validate()
     check_settings(cfg)
     # No barrier on failure: a rank that raised must exit so torchrun stops the others.
-    result = _finetune(cfg, on_epoch, evaluate_test)
+    with claim_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=training_inputs(cfg)) as claim:
+        result = _finetune(cfg, on_epoch, evaluate_test)
+        claim.remove_stale()
     dist_utils.barrier()
     return result
+
+
+def training_inputs(cfg: FinetuneSettings) -> list[tuple[str, str | None]]:
+    """The paths a fine-tune reads, which its run folder must not be (or be inside)."""
+    return [("--data-path", cfg.data_path), ("--manifest", cfg.manifest), ("--weights", cfg.weights)]
 
 
 def samples_table(data: LabelledData, include_test: bool = True) -> pd.DataFrame:

@@ -27,7 +27,7 @@ import torch
 
 from retinafm.engine.checkpoint import CheckpointError, CheckpointMeta, save_checkpoint
 from retinafm.engine.inference import model_from_checkpoint
-from retinafm.files import refuse_existing_file
+from retinafm.files import claim_file
 from retinafm.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from retinafm.models.weights import WeightsError, read_checkpoint
 from retinafm.tasks import MulticlassTask
@@ -56,7 +56,11 @@ def import_retfound(checkpoint: str | Path, class_names: Sequence[str], out: str
                     overwrite: bool = False) -> ImportResult:
     """Write `out`, a retinafm checkpoint with the forward pass of RETFound's fine-tuned `checkpoint`."""
     checkpoint, out = Path(checkpoint), Path(out)
-    refuse_existing_file(out, overwrite=overwrite)
+    with claim_file(out, overwrite=overwrite, inputs=[("CHECKPOINT", checkpoint)], option="--out"):
+        return _import(checkpoint, class_names, out)
+
+
+def _import(checkpoint: Path, class_names: Sequence[str], out: Path) -> ImportResult:
     try:
         raw = read_checkpoint(checkpoint)
     except WeightsError as exc:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from retinafm.data.sources import DataSourceError, load_labelled
-from retinafm.files import prepare_output_dir, write_csv, write_yaml
+from retinafm.files import claim_dir, write_csv, write_yaml
 from retinafm.plots import plot_label_efficiency
 from retinafm.settings import ConfigError, FinetuneSettings
 from retinafm.tasks import check_settings, get_task
@@ -70,7 +70,16 @@ def label_efficiency(cfg: FinetuneSettings, fractions: Sequence[float], seeds: i
     check_settings(cfg)
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
-    out = prepare_output_dir(cfg.out, overwrite=cfg.overwrite)
+    from retinafm.workflows.finetune import training_inputs
+
+    with claim_dir(cfg.out, overwrite=cfg.overwrite, inputs=training_inputs(cfg)) as claim:
+        result = _label_efficiency(cfg, Path(cfg.out), fractions, seeds, metric, quiet)
+        claim.remove_stale()
+    return result
+
+
+def _label_efficiency(cfg: FinetuneSettings, out: Path, fractions: Sequence[float], seeds: int, metric: str | None,
+                      quiet: bool) -> LabelEfficiencyResult:
     data = load_labelled(cfg.data_path, cfg.manifest, cfg.split, seed=cfg.seed,
                          targets=get_task(cfg.task).targets,
                          columns=cfg.names_list(), oct_frames=cfg.oct_frames)

@@ -13,7 +13,7 @@ from retinafm.data.sources import DataSourceError
 from retinafm.data.volumes import split_address
 from retinafm.engine.infer import infer
 from retinafm.engine.inference import load_for_inference
-from retinafm.files import refuse_existing_file, write_csv
+from retinafm.files import claim_file, write_csv
 from retinafm.runtime import distributed as dist_utils
 from retinafm.settings import PredictSettings
 
@@ -56,14 +56,27 @@ def volume_table(frame: pd.DataFrame, multiclass: bool) -> pd.DataFrame | None:
 def predict(settings: PredictSettings, *, progress: bool = True) -> PredictResult:
     """Write `settings.out`: path first, then the task's columns (multiclass: prediction,
     prob_<class>...; multilabel: prediction, prob_<label>...; regression: one column per target in
-    original units). Unreadable files go to skipped.csv beside it. When several B-scans of a volume
+    original units). Unreadable files go to `<out>_skipped.csv` beside it. When several B-scans of a volume
     are predicted (`oct_frames` all or N; None: as the model was trained), `<out>_volumes.csv` has
     one row per volume (mean and max). A `checkpoint` ending in .onnx (`retinafm export`) runs with
     ONNX Runtime on the CPU."""
     settings.validate()
     s = settings
     out = Path(s.out)
-    refuse_existing_file(out, overwrite=s.overwrite)
+    skipped_file, volumes_file = side_files(out)
+    with claim_file(out, side_files=(skipped_file, volumes_file), overwrite=s.overwrite,
+                    inputs=[("--checkpoint", s.checkpoint), ("--images", s.images)]) as claim:
+        result = _predict(s, out, skipped_file, volumes_file, progress)
+        claim.remove_stale([result.out, result.skipped_path, result.volumes_path])
+    return result
+
+
+def side_files(out: Path) -> tuple[Path, Path]:
+    """The files predict may write beside `out`, named after it: the unreadable files, the volumes' rows."""
+    return out.with_name(out.stem + "_skipped.csv"), out.with_name(out.stem + "_volumes.csv")
+
+
+def _predict(s: PredictSettings, out: Path, skipped_file: Path, volumes_file: Path, progress: bool) -> PredictResult:
     loaded = load_for_inference(s.checkpoint, device=s.device, precision=s.precision, cpu_int8=s.cpu_int8)
     paths = collect_images(s.images, s.oct_frames or loaded.meta.settings.get("oct_frames") or "middle")
     if dist_utils.is_primary():
@@ -83,7 +96,7 @@ def predict(settings: PredictSettings, *, progress: bool = True) -> PredictResul
     if dist_utils.is_primary():
         write_csv(out, frame)
         if len(skip_log):
-            skipped_path = write_csv(out.with_name("skipped.csv"), skip_log.frame())
+            skipped_path = write_csv(skipped_file, skip_log.frame())
         if volumes is not None:
-            volumes_path = write_csv(out.with_name(out.stem + "_volumes.csv"), volumes)
+            volumes_path = write_csv(volumes_file, volumes)
     return PredictResult(frame, out, skip_log.frame(), skipped_path, volumes, volumes_path)

@@ -28,7 +28,7 @@ from retinafm.data.transforms import (
 )
 from retinafm.engine.checkpoint import versions
 from retinafm.engine.trainer import Hooks, Trainer, TrainerSettings, final_loss
-from retinafm.files import write_yaml
+from retinafm.files import claim_dir, write_yaml
 from retinafm.models.registry import ModelSpec, get_spec
 from retinafm.models.weights import (
     WeightsError,
@@ -59,6 +59,14 @@ def _say(msg: str) -> None:
 
 def pretrain(cfg: PretrainSettings, *, progress: bool = True) -> PretrainResult:
     cfg.validate()
+    inputs = [("--images", cfg.images), ("--init", cfg.init)]
+    with claim_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=inputs) as claim:
+        result = _pretrain(cfg, progress)
+        claim.remove_stale()
+    return result
+
+
+def _pretrain(cfg: PretrainSettings, progress: bool) -> PretrainResult:
     trainer = Trainer(TrainerSettings(
         out=cfg.out, kind="pretrain", device=cfg.device, precision=cfg.precision, seed=cfg.seed, resume=cfg.resume,
         overwrite=cfg.overwrite, epochs=cfg.epochs, batch_size=cfg.batch_size, num_workers=cfg.num_workers,

@@ -24,7 +24,7 @@ from retinafm.data.sources import SPLITS, DataSourceError
 from retinafm.data.transforms import Preprocessing, eval_transform, pretrain_transform
 from retinafm.engine.checkpoint import open_checkpoint, versions
 from retinafm.engine.trainer import Hooks, Trainer, TrainerSettings, final_loss
-from retinafm.files import atomic_path, write_csv, write_yaml
+from retinafm.files import atomic_path, claim_dir, write_csv, write_yaml
 from retinafm.models.registry import create_model, get_spec
 from retinafm.models.weights import (
     load_backbone_weights,
@@ -135,6 +135,14 @@ def _describe(epochs: int) -> Callable[[dict[str, Any], bool], str]:
 
 def refine(cfg: RefineSettings, *, progress: bool = True) -> RefineResult:
     cfg.validate()
+    inputs = [("--pairs", cfg.pairs), ("--weights", cfg.weights), ("--text-model", cfg.text_model)]
+    with claim_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=inputs) as claim:
+        result = _refine(cfg, progress)
+        claim.remove_stale()
+    return result
+
+
+def _refine(cfg: RefineSettings, progress: bool) -> RefineResult:
     trainer = Trainer(TrainerSettings(
         out=cfg.out, kind="refine", device=cfg.device, precision=cfg.precision, seed=cfg.seed, resume=cfg.resume,
         overwrite=cfg.overwrite, epochs=cfg.epochs, batch_size=cfg.batch_size, num_workers=cfg.num_workers,

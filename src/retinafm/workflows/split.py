@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from retinafm.data import splits as sp
-from retinafm.files import refuse_existing_file, write_csv
+from retinafm.files import claim_file, write_csv
 from retinafm.settings import ConfigError, SplitSettings
 
 
@@ -35,8 +35,12 @@ def split(settings: SplitSettings) -> SplitResult:
     settings.validate()
     if settings.check:
         raise ConfigError("--check looks for leakage (check_leakage); it does not split")
+    with claim_file(settings.out, overwrite=settings.overwrite, inputs=[("--manifest", settings.manifest)]):
+        return _split(settings)
+
+
+def _split(settings: SplitSettings) -> SplitResult:
     manifest, out, by = settings.manifest, str(settings.out), settings.group_by
-    refuse_existing_file(out, overwrite=settings.overwrite)
     frame = sp.read_manifest_table(manifest)
     if sp.has_split(frame) and not settings.resplit:
         counts = sp.split_summary(frame, by=None, stratify="none")["images"].drop("total")
@@ -55,11 +59,10 @@ def check_leakage(settings: SplitSettings) -> LeakageResult:
     settings = dataclasses.replace(settings, check=True)
     settings.validate()
     out, by = settings.out, str(settings.group_by)
-    if out:
-        refuse_existing_file(out, overwrite=settings.overwrite)
     frame = sp.read_manifest_table(settings.manifest)
     report = sp.leakage_report(frame, by=by)
     summary = sp.split_summary(frame, by=by)
     if out:
-        write_csv(out, report)
+        with claim_file(out, overwrite=settings.overwrite, inputs=[("--manifest", settings.manifest)]):
+            write_csv(out, report)
     return LeakageResult(report, summary, Path(out) if out else None)

@@ -20,7 +20,7 @@ import optuna
 import pandas as pd
 
 from retinafm.engine.loop import NonFiniteLossError
-from retinafm.files import atomic_path, prepare_output_dir, write_csv, write_json
+from retinafm.files import atomic_path, claim_dir, write_csv, write_json
 from retinafm.settings import ConfigError, FinetuneSettings, flag_text
 from retinafm.tasks import check_settings, get_task
 
@@ -85,7 +85,7 @@ def trial_config(base: FinetuneSettings, params: dict[str, Any], epochs: int, ou
 
 def tune(base: FinetuneSettings, settings: TuneSettings) -> TuneResult:
     """Run (or continue, with storage) a study; write its summary files into `base.out`."""
-    from retinafm.workflows.finetune import finetune
+    from retinafm.workflows.finetune import training_inputs
 
     base.validate()
     check_settings(base)
@@ -94,9 +94,22 @@ def tune(base: FinetuneSettings, settings: TuneSettings) -> TuneResult:
     if settings.direction not in ("maximize", "minimize"):
         raise ConfigError(f"--direction must be maximize or minimize, not {settings.direction!r}")
     out = Path(base.out)
+    name = settings.study_name or out.resolve().name
+    # A study already in --storage is continued in its folder; anything else needs an empty --out.
+    continued = out.is_dir() and any(out.iterdir()) and _study_exists(name, settings.storage)
+    with claim_dir(out, overwrite=base.overwrite, resume=continued, inputs=training_inputs(base),
+                   results=("trials.csv",)) as claim:
+        result = _tune(base, settings, out, name)
+        claim.remove_stale()
+    return result
+
+
+def _tune(base: FinetuneSettings, settings: TuneSettings, out: Path, name: str) -> TuneResult:
+    from retinafm.workflows.finetune import finetune
+
     metric = selection_metric(base.task)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed instead
-    study = _open_study(out, base, settings)
+    study = _open_study(out, name, base, settings)
     finished = [t for t in study.trials if t.state.is_finished()]
     remaining = settings.trials - len(finished)
     if finished:
@@ -129,11 +142,7 @@ def tune(base: FinetuneSettings, settings: TuneSettings) -> TuneResult:
     return _write_summary(study, base, settings, metric)
 
 
-def _open_study(out: Path, base: FinetuneSettings, settings: TuneSettings) -> optuna.Study:
-    name = settings.study_name or out.resolve().name
-    # A study already in --storage is continued in its folder; anything else needs an empty --out.
-    in_use = out.is_dir() and any(out.iterdir())
-    prepare_output_dir(out, overwrite=base.overwrite, resume=in_use and _study_exists(name, settings.storage))
+def _open_study(out: Path, name: str, base: FinetuneSettings, settings: TuneSettings) -> optuna.Study:
     # Pruning waits for 3 complete trials (the median of 2 is their mean, one lucky trial would set
     # the bar) and never judges a trial during its lr warmup or the first third of its epochs, when
     # every setting still looks poor. With 3 trials x 2 epochs nothing is pruned, and that is right.

@@ -45,14 +45,17 @@ class OutputInUseError(OutputExistsError):
 
 
 LOCK_NAME = ".retinafm.lock"  # inside a claimed run folder; a file output's lock is .<name>.lock beside it
-# The files a run folder's --overwrite replaces: a run writes some of them only sometimes (skipped.csv
-# when files were unreadable, split.csv on an automatic split, test results when there is a test split),
-# and an earlier run's copy left beside the new results would be read as this run's. Other files in the
-# folder are the user's and are never removed.
-RUN_OUTPUTS = ("skipped.csv", "split.csv", "log.csv", "config.yaml", "data_summary.csv", "report.html",
-               "predictions_*.csv", "metrics_*.csv", "metrics_*.json", "probe_comparison.csv", "comparison.csv",
-               "comparison.json", "trials.csv", "optuna_best.json", "label_efficiency*.csv", "plots/*.png",
-               "subsets/*.csv", "checkpoint-*.pth")
+# The files of an earlier run that --overwrite removes from its folder: a run writes some of them only
+# sometimes (skipped.csv when files were unreadable, split.csv on an automatic split, test results when
+# there is a test split), and an earlier run's copy left beside the new results would be read as this
+# run's. Other files in the folder are the user's and are never removed.
+RUN_OUTPUTS: tuple[str, ...] = (
+    "config.yaml", "log.csv", "data_summary.csv", "split.csv", "skipped.csv", "report.html", "checkpoint-*.pth",
+    "predictions_*.csv", "metrics_*.csv", "metrics_*.json", "plots/*.png", "knn/*.csv", "knn/*.json",
+    "probe_grid.csv", "probe_comparison.csv", "comparison.csv", "comparison.json", "forest.png", "trials.csv",
+    "optuna_best.json", "label_efficiency*.csv", "label_efficiency.png", "subsets/*.csv", "backbone.safetensors",
+    "probe_*/*",
+)
 
 
 @contextlib.contextmanager
@@ -137,6 +140,11 @@ def refuse_existing_file(path: str | os.PathLike, *, overwrite: bool, option: st
     return path
 
 
+# The folders this process holds: a workflow that runs another inside its own folder (finetune --adaptation lp
+# probes into its run folder) must not be refused by its own lock.
+_HELD: dict[str, Claim] = {}
+
+
 def _entries(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.name != LOCK_NAME]
 
@@ -176,11 +184,12 @@ class Claim:
     _fd: int = -1
     fresh: bool = False  # a folder that did not exist or was empty: the run owns everything in it
     created: bool = False
-    before: dict[Path, tuple[int, int]] = field(default_factory=dict)  # overwrite: (inode, mtime) of old files
+    before: dict[Path, tuple[int, int]] = field(default_factory=dict)  # a file's side files: (inode, mtime)
 
     def remove_stale(self, written: Iterable[str | os.PathLike | None] = ()) -> list[Path]:
-        """After success under --overwrite: delete the outputs an earlier run left that this run did not
-        write again (a file claim: its side files; a folder: RUN_OUTPUTS files not rewritten)."""
+        """After success under --overwrite: delete the side files an earlier run left that this run did not
+        write again (p_skipped.csv of a run that had unreadable files, when this one had none). A claimed
+        folder's earlier outputs were removed when it was claimed, so there is nothing left to do for it."""
         if not self.overwrite:
             return []
         keep = {Path(p).resolve() for p in written if p is not None}
@@ -293,23 +302,28 @@ def claim_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool 
             raise OutputPathError(f"{option} {path} is inside {input_option} {folder}; a run folder there would be "
                                   f"read as data. Choose an {option} outside it")
     _check_not_inputs([path], [(o, p) for o, p in given if p.is_file()], option)
-    if not _primary():
-        yield Claim(path, [path], overwrite, path / LOCK_NAME)
+    held = _HELD.get(str(path.resolve()))
+    if held is not None or not _primary():  # a step of this process's own run (finetune's probe), or rank > 0
+        yield held or Claim(path, [path], overwrite, path / LOCK_NAME)
         return
     created = not path.exists()
     prepare_output_dir(path, overwrite=True, resume=resume)  # create (clear messages for bad paths); checked below
     claim = Claim(path, [path], overwrite, path / LOCK_NAME, created=created)
     claim._acquire()
+    _HELD[str(path.resolve())] = claim
     try:
         entries = _entries(path)
         if entries and not (overwrite or resume):
             raise OutputExistsError(f"{option} {path} already exists and is not empty. Use --resume to continue "
                                     f"that run, --overwrite to replace it, or choose another {option}.")
         claim.fresh = not entries
-        if overwrite:
-            claim.before = {p: _fingerprint(p) for p in path.rglob("*")
-                            if p.is_file() and any(fnmatch.fnmatch(p.relative_to(path).as_posix(), pattern)
-                                                   for pattern in RUN_OUTPUTS)}
+        if overwrite and not resume:
+            # The earlier run's outputs go now, not as the new run rewrites them: a report written by the new
+            # run must not list the old run's skipped files, nor a figure of a split this run has not got.
+            for old in path.rglob("*"):
+                if old.is_file() and any(fnmatch.fnmatch(old.relative_to(path).as_posix(), pattern)
+                                         for pattern in RUN_OUTPUTS):
+                    old.unlink()
         try:
             yield claim
         except BaseException:
@@ -317,6 +331,7 @@ def claim_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool 
                 _empty(path, remove_folder=created)
             raise
     finally:
+        _HELD.pop(str(path.resolve()), None)
         claim._release()
 
 

@@ -33,7 +33,7 @@ from retinafm.engine.evaluation import (
     confidence_intervals,
     write_evaluation,
 )
-from retinafm.files import prepare_output_dir, write_csv, write_yaml
+from retinafm.files import claim_dir, write_csv, write_yaml
 from retinafm.plots import plot_probe_grid
 from retinafm.settings import FinetuneSettings
 from retinafm.tasks import TASKS
@@ -172,7 +172,15 @@ def probe(embeddings: str | Path | Embeddings, out: str | Path, settings: ProbeS
     settings.check()
     emb = embeddings if isinstance(embeddings, Embeddings) else read_embeddings(embeddings)
     task, splits, targets = probe_data(emb, settings)
-    run_dir = prepare_output_dir(out, overwrite=overwrite)
+    source = None if isinstance(embeddings, Embeddings) else embeddings
+    with claim_dir(out, overwrite=overwrite, inputs=[("--embeddings", source)]) as claim:
+        result = _probe(emb, task, splits, targets, Path(out), settings, quiet)
+        claim.remove_stale()
+    return result
+
+
+def _probe(emb: Embeddings, task, splits: dict[str, np.ndarray], targets: np.ndarray, run_dir: Path,
+           settings: ProbeSettings, quiet: bool) -> ProbeResult:
     x = emb.vectors.astype(np.float64)
     train = splits["train"]
     task = task.fit(targets[train])

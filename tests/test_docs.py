@@ -45,3 +45,14 @@ def test_readme_is_a_short_front_door_with_the_two_commands_first():
     assert {"docs/index.md", "docs/python.md", "ARCHITECTURE.md"} <= set(local), local
     missing = [t for t in local if not (REPO / t).exists()]
     assert not missing, f"README links to missing files: {missing}"
+
+
+def test_the_documented_prediction_columns_are_the_ones_written(trained_run):
+    """README and docs/training.md give predictions_test.csv's column order; a run writes exactly that."""
+    header = (trained_run / "predictions_test.csv").read_text().splitlines()[0].split(",")
+    classes = [c for c in header if c.startswith("prob_")]
+    written = ", ".join([*header[:-len(classes)], "prob_<class>…"])
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"`predictions_test.csv` (`{written}`)" in readme
+    table = (REPO / "docs" / "training.md").read_text().replace("&lt;", "<").replace("&gt;", ">")
+    assert f"| `predictions_test.csv` | {written.replace('path, ', 'path, [patient_id,] ')} |" in table

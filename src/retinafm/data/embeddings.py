@@ -12,6 +12,7 @@ import pandas as pd
 from retinafm.data.sources import DataSourceError
 from retinafm.files import (
     atomic_path,
+    read_table,
     write_csv,
     write_json,
 )
@@ -58,7 +59,7 @@ def read_embeddings(path: str | Path) -> Embeddings:
         if not index.is_file():
             raise DataSourceError(f"--embeddings {path}: its index {index.name} is missing beside it")
         vectors = np.load(path, allow_pickle=False).astype(np.float32)
-        frame = pd.read_csv(index, dtype={"path": str, "split": str, "label": str, "patient_id": str})
+        frame = read_table(index, what="--embeddings index")  # class names such as "NA" stay text
         info = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq

@@ -209,7 +209,7 @@ def open_checkpoint(path: str | Path, option: str = "--checkpoint") -> dict[str,
             "checkpoints are the checkpoint-best.pth / checkpoint-last.pth files of a run directory."
         ) from None
     state = upgrade(state) if isinstance(state, dict) else state
-    if not isinstance(state, dict) or "retinafm" not in state or "model" not in state:
+    if not isinstance(state, dict) or not isinstance(state.get("retinafm"), dict) or "model" not in state:
         raise CheckpointError(
             f"{path} is not a retinafm checkpoint (no 'retinafm' metadata). For pretrained backbones "
             "use `retinafm finetune --weights`."

@@ -70,8 +70,8 @@ def resolve_weights(spec: ModelSpec, weights: str | None) -> str | None:
             return None
         return hub_download(spec.hf_repo, spec.hf_filename)
     path = Path(weights).expanduser()
-    if path.is_file():
-        return str(path)
+    if path.is_file() or (path.exists() and not path.is_dir()):
+        return str(path)  # a FIFO or device too: read_checkpoint refuses it, saying what it is
     if weights in ZOO:  # another zoo entry's weights, e.g. --model vit_large_patch16 --weights RETFound_mae_meh
         other = ZOO[weights]
         if not other.hf_repo:

@@ -13,6 +13,7 @@ from retinafm.data.sources import DataSourceError
 from retinafm.files import (
     atomic_path,
     read_table,
+    regular_file_problem,
     write_csv,
     write_json,
 )
@@ -53,7 +54,7 @@ def read_embeddings(path: str | Path) -> Embeddings:
     """An `embed` output (.parquet, or .npy with its .csv/.json) as table, float32 vectors and metadata."""
     path = Path(path)
     if not path.is_file():
-        raise DataSourceError(f"--embeddings {path}: no such file")
+        raise DataSourceError(f"--embeddings {path}: {regular_file_problem(path) or 'no such file'}")
     if path.suffix == ".npy":
         index, meta = path.with_suffix(".csv"), path.with_suffix(".json")
         if not index.is_file():

@@ -87,11 +87,11 @@ def describe_size(size: int) -> str:
 
 
 def file_kind(mode: int) -> str:
-    """What a non-regular file is, in words ('a FIFO (named pipe)')."""
+    """What a non-regular file is, in words ('a FIFO', 'a character device')."""
     if stat.S_ISDIR(mode):
         return "a folder"
     if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
+        return "a FIFO"
     if stat.S_ISCHR(mode):
         return "a character device"
     if stat.S_ISBLK(mode):

@@ -223,6 +223,15 @@ def test_checkpoints_with_non_finite_weights_are_refused_naming_the_tensors(tmp_
     assert "blocks.7.w" not in message
 
 
+def test_finite_weights_whose_sum_overflows_are_not_taken_for_non_finite_ones():
+    from retinafm.models.weights import non_finite_tensors
+
+    weights = {"half": torch.full((100,), 60000.0, dtype=torch.float16),  # sums to inf in fp16, each value finite
+               "nan": torch.tensor([1.0, float("nan")]), "infs": torch.tensor([float("inf"), -float("inf")]),
+               "fine": torch.ones(3), "ints": torch.tensor([1, 2])}
+    assert non_finite_tensors(weights) == ["nan", "infs"]
+
+
 def test_weights_files_with_non_finite_backbone_tensors_are_refused(tmp_path):
     import timm
 

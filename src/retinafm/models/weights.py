@@ -182,11 +182,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def non_finite_tensors(weights: Mapping[str, Any]) -> list[str]:
-    """Names of the floating-point tensors holding NaN or ±inf (one isfinite pass per tensor: a
-    fraction of a second for a ViT-L, small beside reading the file)."""
+    """Names of the floating-point tensors holding NaN or ±inf.
+
+    A sum screens each tensor (NaN and inf survive it; ~0.1 s for a ViT-L's 300M weights on one
+    thread, where isfinite().all() takes ~1 s); only a non-finite sum, which may also be an fp16
+    overflow of finite values, is confirmed element by element."""
     return [name for name, tensor in weights.items()
             if isinstance(tensor, torch.Tensor) and (tensor.is_floating_point() or tensor.is_complex())
-            and not bool(torch.isfinite(tensor).all())]
+            and not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all())]
 
 
 def non_finite_message(names: list[str], shown: int = 5) -> str:

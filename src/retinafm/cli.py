@@ -235,10 +235,21 @@ def _apply(options: list[Callable]) -> Callable:
 
 
 def read_yaml_settings_lenient(path: Path, cls: type = FinetuneSettings) -> dict[str, Any]:
-    """A run's saved config.yaml also records derived values (class names); keep only settings."""
+    """A run's saved config.yaml also records derived values (class names); keep only settings.
+    Read like --config (a regular file, size-limited, no alias bombs); a bad one is a --resume error."""
     import yaml
 
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    from retinafm.files.inputs import InputFileError, load_yaml
+
+    try:
+        data = load_yaml(path, what="--resume") or {}
+    except InputFileError as exc:
+        raise click.BadParameter(str(exc), param_hint="--resume") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise click.BadParameter(f"{path} cannot be read as YAML ({str(exc).splitlines()[0][:200]})",
+                                 param_hint="--resume") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path} must hold a mapping of setting: value", param_hint="--resume")
     return {k: v for k, v in data.items() if k in config_fields(cls)}
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retinafm.files.inputs import DICOM_MAX_BYTES, InputFileError, check_regular, open_regular
+
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 _PREAMBLE = 128  # a DICOM file: 128-byte preamble, then b"DICM"
 
@@ -32,9 +34,10 @@ def looks_like_dicom(path: str | Path, head: bytes | None = None) -> bool:
     """By content, not name: many exports have no .dcm suffix."""
     if head is None:
         try:
-            with open(path, "rb") as fh:
+            # Only the header is read, so any size will do; a FIFO or device is refused unread.
+            with open_regular(path, what="", max_bytes=2**63 - 1) as fh:
                 head = fh.read(_PREAMBLE + 4)
-        except OSError:
+        except (OSError, InputFileError):
             return False
     return head[_PREAMBLE:_PREAMBLE + 4] == b"DICM" or Path(path).suffix.lower() in DICOM_SUFFIXES
 
@@ -44,6 +47,10 @@ def dicom_frame_count(path: str | Path) -> int:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    try:
+        check_regular(path, what="", max_bytes=DICOM_MAX_BYTES, kind="DICOM files")  # before pydicom opens it
+    except InputFileError as exc:
+        raise DicomError(exc.reason) from None
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError as exc:

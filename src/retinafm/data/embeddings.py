@@ -12,6 +12,8 @@ import pandas as pd
 from retinafm.data.sources import DataSourceError
 from retinafm.files import (
     atomic_path,
+    read_table,
+    regular_file_problem,
     write_csv,
     write_json,
 )
@@ -52,13 +54,13 @@ def read_embeddings(path: str | Path) -> Embeddings:
     """An `embed` output (.parquet, or .npy with its .csv/.json) as table, float32 vectors and metadata."""
     path = Path(path)
     if not path.is_file():
-        raise DataSourceError(f"--embeddings {path}: no such file")
+        raise DataSourceError(f"--embeddings {path}: {regular_file_problem(path) or 'no such file'}")
     if path.suffix == ".npy":
         index, meta = path.with_suffix(".csv"), path.with_suffix(".json")
         if not index.is_file():
             raise DataSourceError(f"--embeddings {path}: its index {index.name} is missing beside it")
         vectors = np.load(path, allow_pickle=False).astype(np.float32)
-        frame = pd.read_csv(index, dtype={"path": str, "split": str, "label": str, "patient_id": str})
+        frame = read_table(index, what="--embeddings index")  # class names such as "NA" stay text
         info = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq

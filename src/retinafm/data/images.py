@@ -8,6 +8,7 @@ import pandas as pd
 from retinafm.data.io import is_image_file
 from retinafm.data.sources import SPLITS, DataSourceError, _class_dirs, list_images
 from retinafm.data.volumes import expand_frames, is_volume_candidate
+from retinafm.files.inputs import read_table, regular_file_problem
 
 
 # --------------------------------------------------------------------------- which images
@@ -25,7 +26,7 @@ def collect_images(images: str | Path, oct_frames: str | int = "middle") -> list
             raise DataSourceError(f"--images {images} contains no image files (png, jpg, tif, bmp, gif, webp, "
                                   "dcm, vol, e2e)")
     else:
-        raise DataSourceError(f"--images {images}: no such file or folder")
+        raise DataSourceError(f"--images {images}: {regular_file_problem(images) or 'no such file or folder'}")
     return [address for address, _ in expand_frames(found, oct_frames)]
 
 
@@ -59,7 +60,7 @@ def _listed(images: str | Path | pd.DataFrame) -> pd.DataFrame:
         return images.reset_index(drop=True)
     images = Path(images)
     if images.is_file() and images.suffix.lower() == ".csv":
-        frame = pd.read_csv(images, dtype={"path": str, "split": str, "label": str, "patient_id": str})
+        frame = read_table(images, what="--images")  # class names such as "NA" or "None" stay text
         if "path" not in frame.columns:
             raise DataSourceError(f"--images {images}: a manifest needs a 'path' column (has {list(frame.columns)})")
         if frame["path"].isna().any():
@@ -80,4 +81,4 @@ def _listed(images: str | Path | pd.DataFrame) -> pd.DataFrame:
         return frame
     if images.is_file():
         return pd.DataFrame({"path": [str(images)]})
-    raise DataSourceError(f"--images {images}: no such file or folder")
+    raise DataSourceError(f"--images {images}: {regular_file_problem(images) or 'no such file or folder'}")

@@ -17,8 +17,9 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from retinafm.data.io import is_image_file
+from retinafm.data.io import IMAGE_SUFFIXES, is_image_file
 from retinafm.data.splits import parse_ratios, stratified_split
+from retinafm.files.inputs import read_table, regular_file_problem
 
 SPLITS = ("train", "val", "test")
 # Manifest columns that are never labels or targets.
@@ -163,18 +164,27 @@ def list_images(folder: Path) -> list[Path]:
     """Image files under `folder`, recursively, in a stable order.
 
     A file whose name is not valid UTF-8 (old scanners, network shares) is left out with a warning
-    naming it: the CSVs every command writes (pandas' Arrow strings) cannot hold such a name."""
+    naming it: the CSVs every command writes (pandas' Arrow strings) cannot hold such a name. So is
+    a FIFO, socket or device (or a symlink to one) named like an image: it is never opened."""
     found = []
     for path in sorted(folder.rglob("*")):
-        if not (path.is_file() and is_image_file(path)):
+        if not path.is_file():
+            problem = regular_file_problem(path) if path.suffix.lower() in IMAGE_SUFFIXES else None
+            if problem and not path.is_dir():
+                warnings.warn(f"skipping {_shown(path)}: {problem}", stacklevel=2)
+            continue
+        if not is_image_file(path):
             continue
         if not _utf8_name(path):
-            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-            warnings.warn(f"skipping {shown}: its file name is not valid UTF-8; rename the file to use it",
+            warnings.warn(f"skipping {_shown(path)}: its file name is not valid UTF-8; rename the file to use it",
                           stacklevel=2)
             continue
         found.append(path)
     return found
+
+
+def _shown(path: Path) -> str:
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _utf8_name(path: Path) -> bool:
@@ -332,7 +342,7 @@ def load_manifest(
 
 def _read_manifest(csv_path: Path, split_ratios: str | None, targets: TargetReader) -> pd.DataFrame:
     try:
-        frame = pd.read_csv(csv_path, dtype={"path": str, "split": str, "label": str, "patient_id": str})
+        frame = read_table(csv_path, what="--manifest")  # class names such as "NA" or "None" stay text
     except FileNotFoundError:
         raise DataSourceError(f"--manifest {csv_path} does not exist") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

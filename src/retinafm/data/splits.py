@@ -8,6 +8,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from retinafm.files.inputs import read_table
+
 
 def rarest_positive(values: np.ndarray) -> np.ndarray:
     """For 0/1/NaN label rows (N, L): the index of each row's rarest positive label (rarity counted
@@ -104,11 +106,9 @@ def read_manifest_table(path: str | Path) -> pd.DataFrame:
     their spelling), only empty cells missing, so writing it back changes nothing but the split."""
     path = Path(path)
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        frame = read_table(path, what="--manifest", text=True)
     except FileNotFoundError:
         raise SplitError(f"--manifest {path} does not exist") from None
-    except IsADirectoryError:
-        raise SplitError(f"--manifest {path} is a folder; give a CSV file") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise SplitError(f"--manifest {path} is not a readable CSV: {exc}") from None
     frame.columns = [str(c).strip() for c in frame.columns]

@@ -21,6 +21,14 @@ from retinafm.data.dicom import (
     read_dicom_frame,
     stretch_to_uint8,
 )
+from retinafm.files.inputs import (
+    HEIDELBERG_MAX_BYTES,
+    TIFF_MAX_BYTES,
+    InputFileError,
+    check_regular,
+    open_regular,
+    regular_file_problem,
+)
 from retinafm.settings import OctFrames, parse_oct_frames
 
 EYEPY_SUFFIXES = frozenset({".vol", ".e2e"})
@@ -75,6 +83,8 @@ def is_volume_candidate(path: str | Path) -> bool:
 def frame_count(path: str | Path) -> int:
     """Frames (B-scans) in the file; 1 for an ordinary image. Reads headers, not pixels, where it can."""
     suffix = Path(path).suffix.lower()
+    if regular_file_problem(path):
+        return 1  # a FIFO, device or folder is never opened here; reading it reports the skip
     try:
         if suffix in EYEPY_SUFFIXES:
             return int(_eyepy_volume(str(path), *_stamp(path))[0].shape[0])
@@ -83,9 +93,9 @@ def frame_count(path: str | Path) -> int:
         if suffix in TIFF_SUFFIXES:
             from PIL import Image
 
-            with Image.open(path) as img:
+            with open_regular(path, what="", max_bytes=TIFF_MAX_BYTES, kind="TIFF stacks") as fh, Image.open(fh) as img:
                 return int(getattr(img, "n_frames", 1))
-    except (DicomError, VolumeError):
+    except (DicomError, VolumeError, InputFileError):
         return 1  # unreadable: listed once, and reported as skipped when it is read
     except (OSError, ValueError, SyntaxError):
         return 1
@@ -142,13 +152,16 @@ def _tiff_page(path: str, frame: int) -> np.ndarray:
 
     from retinafm.data.pixels import to_rgb_array
 
-    with Image.open(path) as img:
-        pages = int(getattr(img, "n_frames", 1))
-        if frame >= pages:
-            raise VolumeError(f"has {pages} page(s); frame {frame} does not exist")
-        img.seek(frame)
-        img.load()
-        return to_rgb_array(img)
+    try:
+        with open_regular(path, what="", max_bytes=TIFF_MAX_BYTES, kind="TIFF stacks") as fh, Image.open(fh) as img:
+            pages = int(getattr(img, "n_frames", 1))
+            if frame >= pages:
+                raise VolumeError(f"has {pages} page(s); frame {frame} does not exist")
+            img.seek(frame)
+            img.load()
+            return to_rgb_array(img)
+    except InputFileError as exc:
+        raise VolumeError(exc.reason) from None
 
 
 def _stamp(path: str | Path) -> tuple[int, int]:
@@ -160,6 +173,10 @@ def _stamp(path: str | Path) -> tuple[int, int]:
 def _eyepy_volume(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, np.ndarray | None]:
     import eyepy
 
+    try:  # eyepy opens the path itself and parses the whole file: regular files within the limit only
+        check_regular(path, what="", max_bytes=HEIDELBERG_MAX_BYTES, kind="Heidelberg volumes")
+    except InputFileError as exc:
+        raise VolumeError(exc.reason) from None
     reader = eyepy.import_heyex_e2e if path.lower().endswith(".e2e") else eyepy.import_heyex_vol
     try:
         volume = reader(path)

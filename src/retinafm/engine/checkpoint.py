@@ -20,6 +20,7 @@ memory by `upgrade`, so they keep loading everywhere.
 from __future__ import annotations
 
 import platform
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,9 @@ import torch.nn as nn
 
 from retinafm.data.transforms import EVAL_CROP_PCT
 from retinafm.files import save_torch
+from retinafm.files.inputs import CHECKPOINT_MAX_BYTES, InputFileError, check_torch_zip, open_regular
 from retinafm.models.registry import ModelSpec
+from retinafm.models.weights import non_finite_message, non_finite_tensors
 
 FORMAT_VERSION = 2
 KINDS = ("classifier", "probe", "pretrain", "refine")
@@ -187,21 +190,36 @@ def upgrade(state: dict[str, Any]) -> dict[str, Any]:
 def open_checkpoint(path: str | Path, option: str = "--checkpoint") -> dict[str, Any]:
     """Any retinafm checkpoint (every kind, every format), upgraded to the current layout."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{option} {path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # A regular file within the size limit; a zip whose members would inflate far beyond the
+        # file is refused from its central directory before torch.load decompresses anything.
+        with open_regular(path, what=option, max_bytes=CHECKPOINT_MAX_BYTES, kind="checkpoints",
+                          hint="give a checkpoint-best.pth / checkpoint-last.pth file of a run directory") as fh:
+            check_torch_zip(fh, what=option, path=path)
+            state = torch.load(fh, map_location="cpu", weights_only=True)
+    except InputFileError as exc:
+        raise CheckpointError(str(exc)) from None
+    except OSError as exc:
+        raise CheckpointError(f"{option} {path} cannot be read ({exc.strerror or exc})") from None
     except Exception as exc:
         raise CheckpointError(
             f"{path} cannot be opened as a retinafm checkpoint ({str(exc).splitlines()[0][:200]}); "
             "checkpoints are the checkpoint-best.pth / checkpoint-last.pth files of a run directory."
         ) from None
     state = upgrade(state) if isinstance(state, dict) else state
-    if not isinstance(state, dict) or "retinafm" not in state or "model" not in state:
+    if not isinstance(state, dict) or not isinstance(state.get("retinafm"), dict) or "model" not in state:
         raise CheckpointError(
             f"{path} is not a retinafm checkpoint (no 'retinafm' metadata). For pretrained backbones "
             "use `retinafm finetune --weights`."
         )
+    check_class_names(state["retinafm"].get("class_names"), f"{option} {path}")
+    weights = state["model"] if isinstance(state["model"], dict) else {}
+    bad = non_finite_tensors(weights)
+    if bad:
+        raise CheckpointError(f"{option} {path}: {non_finite_message(bad)}; its model would predict NaN. The run "
+                              "that wrote it diverged: retrain (e.g. a lower --lr) or use an earlier checkpoint.")
     return state
 
 
@@ -219,5 +237,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def meta_of(state: dict[str, Any]) -> CheckpointMeta:
+    """The metadata of an (upgraded) checkpoint or exported model. Output names must be distinct:
+    two classes of one name would become one column of every table (and one bar of every plot)."""
     info = {k: v for k, v in state["retinafm"].items() if k in CheckpointMeta.__dataclass_fields__}
+    check_class_names(info.get("class_names"), "the model's metadata")
     return CheckpointMeta(**info)
+
+
+def check_class_names(names: Any, where: str) -> None:
+    """Refuse output names that are not a list, or that repeat (two classes of one name would
+    collapse into one column of every table the model's predictions go to)."""
+    if names is None:
+        return
+    if not isinstance(names, (list, tuple)):
+        raise CheckpointError(f"{where} holds class names that are not a list ({type(names).__name__})")
+    repeated = [n for n, c in Counter(str(n) for n in names).items() if c > 1]
+    if repeated:
+        raise CheckpointError(f"{where} names class(es) {repeated[:5]} more than once ({len(names)} outputs); "
+                              "each output needs its own name")

@@ -34,6 +34,7 @@ from retinafm.engine.checkpoint import model_weights, open_checkpoint, write_che
 from retinafm.engine.loop import StepSettings, train_one_epoch
 from retinafm.engine.optim import build_optimizer, build_scheduler, current_lr, effective_lr
 from retinafm.files import prepare_output_dir, write_csv
+from retinafm.files.inputs import read_table
 from retinafm.runtime import distributed as dist_utils
 from retinafm.runtime.device import amp_dtype, resolve_device
 from retinafm.runtime.rng import restore_rng_state, rng_state, seed_everything
@@ -234,7 +235,7 @@ class Trainer:
             validate.load_state(state)
         log = self.run_dir / "log.csv"
         # The resumed run rewrites the rows of the epochs it repeats.
-        self.rows = pd.read_csv(log).query("epoch < @start_epoch").to_dict("records") if log.is_file() else []
+        self.rows = read_table(log, what="").query("epoch < @start_epoch").to_dict("records") if log.is_file() else []
         _say(f"resuming {self.run_dir} at epoch {start_epoch}")
         return start_epoch
 

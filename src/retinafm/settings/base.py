@@ -180,11 +180,20 @@ def config_fields(cls: type) -> set[str]:
 
 def read_yaml_settings(path: str | Path, cls: type) -> dict[str, Any]:
     """Read a YAML settings file; keys may use dashes or underscores. Unknown keys are an error."""
+    from retinafm.files.inputs import InputFileError, load_yaml  # here: this function is all of base that reads files
+
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        # Regular files of at most 1 MiB, and no alias bombs (see files.inputs.load_yaml).
+        data = load_yaml(path, what="--config") or {}
     except FileNotFoundError:
         raise ConfigError(f"--config {path} does not exist") from None
+    except InputFileError as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path} cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path} is not a text file (not UTF-8); give a YAML file of settings") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

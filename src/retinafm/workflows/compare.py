@@ -29,6 +29,7 @@ from scipy.stats import wilcoxon
 
 from retinafm.engine.evaluation import CI_LEVEL, PARALLEL_REPLICATES
 from retinafm.files import claim_dir, write_csv, write_json
+from retinafm.files.inputs import read_table
 from retinafm.plots import plot_forest
 from retinafm.stats.bootstrap import bootstrap_samples, paired_bootstrap
 from retinafm.stats.delong import delong_test
@@ -178,8 +179,7 @@ def load_run(folder: str | Path, split: str = "test", name: str | None = None) -
     if not info:
         raise CompareError(f"{metrics_file} predates task records; re-create it with `retinafm evaluate`")
     task = make_task(info["name"], info["outputs"], **info.get("state", {}))
-    frame = pd.read_csv(predictions, dtype={"path": str, "label": str, "patient_id": str}, keep_default_na=False,
-                        na_values=[""])
+    frame = read_table(predictions, what="compare input", text=("path", "label", "patient_id", "prediction"))
     try:
         targets, outputs = task.from_prediction_frame(frame)
     except ValueError as exc:

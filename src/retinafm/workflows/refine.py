@@ -25,6 +25,7 @@ from retinafm.data.transforms import Preprocessing, eval_transform, pretrain_tra
 from retinafm.engine.checkpoint import open_checkpoint, versions
 from retinafm.engine.trainer import Hooks, Trainer, TrainerSettings, final_loss
 from retinafm.files import atomic_path, claim_dir, write_csv, write_yaml
+from retinafm.files.inputs import read_table
 from retinafm.models.registry import create_model, get_spec
 from retinafm.models.weights import (
     load_backbone_weights,
@@ -64,7 +65,7 @@ def read_pairs(path: str | Path, oct_frames: str | int = "middle") -> pd.DataFra
     if not path.is_file():
         raise DataSourceError(f"--pairs {path}: no such file")
     try:
-        frame = pd.read_csv(path, dtype={"path": str, "report": str, "split": str})
+        frame = read_table(path, what="--pairs", text=("path", "report", "split"))
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise DataSourceError(f"--pairs {path} is not a readable CSV: {str(exc).splitlines()[0]}") from None
     missing = [c for c in ("path", "report") if c not in frame.columns]

@@ -21,6 +21,7 @@ import pandas as pd
 import yaml
 
 from retinafm.files import write_text
+from retinafm.files.inputs import load_yaml, read_table
 from retinafm.tasks import DEFAULT_TASK, TASKS
 from retinafm.tasks.report_cells import NA
 from retinafm.tasks.report_cells import fmt as _fmt
@@ -90,7 +91,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path, what="the run's config")
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
     return data if isinstance(data, dict) else {}
@@ -112,7 +113,7 @@ def _read_csv(path: Path, *, as_text: bool = False) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False) if as_text else pd.read_csv(path)
+        return read_table(path, what="report input", text=True, na_values=()) if as_text else read_table(path, what="")
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
         return None
 

@@ -141,7 +141,7 @@ def test_a_folder_with_a_fifo_a_device_and_a_huge_image_predicts_the_rest(traine
     assert warnings == [f"warning: skipping {images / 'pipe.png'}: not a regular file (a FIFO)",
                         f"warning: skipping {images / 'zero.jpg'}: not a regular file (a character device)"], outcome
     assert sorted(pd.read_csv(tmp_path / "p.csv")["path"]) == good
-    assert pd.read_csv(tmp_path / "skipped.csv").to_dict("records") == [
+    assert pd.read_csv(tmp_path / "p_skipped.csv").to_dict("records") == [
         {"path": str(images / "huge.png"), "reason": "file is 12 GiB, over the 1 GiB limit for images"}]
 
 

@@ -276,7 +276,7 @@ def check_bounds(cfg: Any) -> None:
             continue
         flag, why = option_flag(field), field.metadata.get("why")
         if lo is not None and hi is not None:
-            rule = f"between {lo:,} and {hi:,}" if max(abs(lo), abs(hi)) >= 10_000 else f"between {lo} and {hi}"
+            rule = f"between {lo:,} and {hi:,}"
         else:
             rule = f"at least {lo}" if lo is not None else f"at most {hi:,}"
         raise ConfigError(f"{flag} must be {rule}, got {value:,}" + (f" ({why})" if why else ""))

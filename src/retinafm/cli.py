@@ -610,8 +610,8 @@ def probe_cmd(embeddings: str, out: str, task: str, label_column: str, label_col
 
 @main.command("demo")
 @click.option("--out", default="demo_output", show_default=True, type=click.Path(), help="Folder for everything.")
-@click.option("--epochs", type=int, default=None, help="Override the demo's number of epochs.")
-@click.option("--pretrain-epochs", type=int, default=None,
+@click.option("--epochs", type=click.IntRange(1, 100_000), default=None, help="Override the demo's number of epochs.")
+@click.option("--pretrain-epochs", type=click.IntRange(0, 100_000), default=None,
               help="MAE pretraining epochs before fine-tuning (default 60; 0 skips it).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier demo in --out.")
 def demo_cmd(out: str, epochs: int | None, pretrain_epochs: int | None, overwrite: bool) -> None:

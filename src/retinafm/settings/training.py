@@ -230,7 +230,7 @@ class PretrainSettings(Settings):
     # DINO
     out_dim: int = setting(65536, "DINO: prototypes.", bounds=(1, 1_048_576))
     local_crops: int = setting(6, "DINO.", bounds=(0, 64))
-    local_size: int | None = setting(None, "DINO (default: 96/224 of the input size).", bounds=(1, None))
+    local_size: int | None = setting(None, "DINO (default: 96/224 of the input size).", bounds=(1, 4096))
     teacher_temp: float = setting(0.04, "DINO.", **NON_NEGATIVE)
     warmup_teacher_temp: float = setting(0.04, "DINO.", **NON_NEGATIVE)
     warmup_teacher_epochs: int = setting(0, "DINO.", **WARMUP)

@@ -27,7 +27,7 @@ def test_models_lists_the_zoo():
     (["finetune", "--data-path", "/nonexistent", "--out", "{tmp}/r"], "--data-path /nonexistent is not a folder"),
     (["finetune", "--data-path", "{data}", "--out", "{tmp}/r", "--model", "vit_huge_nonsense"], "unknown model"),
     (["finetune", "--data-path", "{data}", "--out", "{tmp}/r", "--weights", "{tmp}/missing.pth"], "no such file"),
-    (["finetune", "--data-path", "{data}", "--out", "{tmp}/r", "--split", "0.5,0.5"], "already has split folders"),
+    (["finetune", "--data-path", "{data}", "--out", "{tmp}/r", "--split", "0.8,0.1,0.1"], "already has split folders"),
     (["finetune", "--out", "{tmp}/r"], "exactly one of --data-path"),
     (["predict", "--checkpoint", "{tmp}/nope.pth", "--images", "{data}", "--out", "{tmp}/p.csv"], "no such file"),
 ])

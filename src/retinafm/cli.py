@@ -32,14 +32,43 @@ from retinafm.settings import (
     PretrainSettings,
     RefineSettings,
     SplitSettings,
+    check_bounds,
+    check_types,
+    check_value,
     comma_list,
     config_fields,
     field_types,
+    fit_workers,
     flag_name,
     list_item_type,
     read_yaml_settings,
     unwrap_optional,
 )
+
+
+class SettingError(click.ClickException):
+    """A setting's value refused while the command line is read (a flag, --config, the config.yaml of
+    the run --resume continues): one `error:` line and exit 2, like the errors `_run` reports."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class StrictNumber(click.ParamType):
+    """An int or float setting: click's INT would take 2.9 as 2 and `true` as 1 from a --config file;
+    this one refuses what is not a whole number (or a finite number), in words naming the flag."""
+
+    def __init__(self, kind: type, flag: str) -> None:
+        self.kind, self.flag = kind, flag
+        self.name = "integer" if kind is int else "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return check_value(self.flag, self.kind, value, text=isinstance(value, str))
+        except ConfigError as exc:
+            raise SettingError(str(exc)) from None
 
 
 class _TaskChoice(click.Choice):
@@ -59,13 +88,15 @@ class _TaskChoice(click.Choice):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from retinafm.data.sources import DataSourceError
     from retinafm.engine.checkpoint import CheckpointError
+    from retinafm.engine.loop import NonFiniteLossError
     from retinafm.files import OutputExistsError
     from retinafm.models.registry import UnknownModelError
     from retinafm.models.weights import WeightsError
 
     # OSError: unwritable or missing paths, read-only folders, a full disk; the message names the path.
+    # NonFiniteLossError: a diverging run, reported with what to change (learning rate, precision).
     return (ConfigError, DataSourceError, OutputExistsError, UnknownModelError, WeightsError, CheckpointError,
-            OSError, ValueError)
+            NonFiniteLossError, OSError, ValueError)
 
 
 def _run(fn: Callable[[], Any],
@@ -80,7 +111,10 @@ def _run(fn: Callable[[], Any],
         if os.environ.get("RETINAFM_DEBUG"):
             raise
         message = str(exc)
-        if isinstance(exc, OSError) and exc.filename:  # "[Errno 30] ..." into the path and the reason
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # files.outputs words it with the free space
+            message = exc.strerror if exc.strerror and exc.strerror.startswith("no space") else \
+                f"no space left on device writing {exc.filename or 'an output'}; free space or choose another --out"
+        elif isinstance(exc, OSError) and exc.filename:  # "[Errno 30] ..." into the path and the reason
             hint = "; choose a folder you can write to" if exc.errno in (errno.EACCES, errno.EROFS) else ""
             message = f"cannot use {exc.filename}: {exc.strerror or exc}{hint}"
         click.echo(f"error: {message}", err=True)
@@ -163,8 +197,10 @@ def field_option(cls: type, field: dataclasses.Field, **overrides: Any) -> Calla
             default = None if default is None else ",".join(map(str, default))
         elif "path" in field.metadata:
             kind = click.Path(**field.metadata["path"])
+        elif inner in (int, float):
+            kind = StrictNumber(inner, flag)
         else:
-            kind = inner if inner in (int, float) else str
+            kind = str
         kwargs.update(type=kind, default=default, show_default=default not in (None, ""))
         if field.metadata.get("required"):  # no default to show: the command line must give it
             kwargs.update(required=True, default=None, show_default=False)
@@ -198,14 +234,16 @@ def _config_loader(cls: type) -> Callable:
                 raise click.BadParameter(f"{config} does not exist; is {resume_dir} a retinafm run directory?",
                                          param_hint="--resume")
             saved = read_yaml_settings_lenient(config, cls)
-            settings.update({k: v for k, v in saved.items() if k not in ("resume", "overwrite", "out")})
+            saved = {k: v for k, v in saved.items() if k not in ("resume", "overwrite", "out")}
+            settings.update(_checked(cls, saved, f"{config}, the run --resume continues"))
             # The run's own settings are not defaults to adapt: a continued run keeps its schedule.
             ctx.meta.setdefault(CHOSEN_KEYS, set()).update(settings)
         if value:
             try:
                 chosen = read_yaml_settings(value, cls)
             except ConfigError as exc:
-                raise click.BadParameter(str(exc), param_hint="--config") from None
+                raise SettingError(str(exc)) from None
+            chosen = _checked(cls, chosen, f"--config {value}")
             settings.update(chosen)
             ctx.meta.setdefault(CHOSEN_KEYS, set()).update(chosen)
         if settings:
@@ -213,6 +251,14 @@ def _config_loader(cls: type) -> Callable:
         return value
 
     return load
+
+
+def _checked(cls: type, values: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Values read from a settings file, type-checked before they become click defaults."""
+    try:
+        return check_types(cls, values, origin)
+    except ConfigError as exc:
+        raise SettingError(str(exc)) from None
 
 
 def run_options(cls: type) -> list[Callable]:
@@ -270,12 +316,30 @@ def given_settings(options: dict[str, Any]) -> set[str]:
     return chosen
 
 
+def build_settings(cls: type, options: dict[str, Any]) -> Any:
+    """`cls(**options)` with every value checked on its own (types, declared bounds) before any work:
+    a refusal is one `error:` line, exit 2. --num-workers above this machine's CPUs is lowered, with
+    a note."""
+    try:
+        cfg = cls(**options)
+        if hasattr(cfg, "check_values"):  # a Settings class: bounds and its own per-value checks
+            cfg.check_values()
+        else:  # a plain dataclass with declared bounds (ProbeSettings, TuneSettings)
+            check_bounds(cfg)
+    except ConfigError as exc:
+        raise SettingError(str(exc)) from None
+    for note in fit_workers(cfg):
+        if _primary():
+            click.echo(note, err=True)
+    return cfg
+
+
 def make_settings(cls: type, options: dict[str, Any], resume: str | None = None) -> Any:
     """The settings of this command line; defaults that do not fit the run (a warmup longer than a
     short run) adapt, with a one-line note, while values the user chose are left to validate()."""
     if resume:
         options = {**options, "out": resume, "resume": True}
-    cfg = cls(**options)
+    cfg = build_settings(cls, options)
     for note in cfg.fit_defaults(given_settings(options)):
         if _primary():
             click.echo(note, err=True)
@@ -325,8 +389,8 @@ def tune_cmd(resume: str | None, trials: int, tune_epochs: int, direction: str, 
     if resume:
         raise click.UsageError("tune has no --resume; give --storage to continue a study")
     cfg = make_settings(FinetuneSettings, options)
-    settings = TuneSettings(trials=trials, tune_epochs=tune_epochs, direction=direction, storage=storage,
-                            study_name=study_name, timeout=timeout)
+    settings = build_settings(TuneSettings, dict(trials=trials, tune_epochs=tune_epochs, direction=direction,
+                                                 storage=storage, study_name=study_name, timeout=timeout))
     result = _run(lambda: tune(cfg, settings),
                   on_interrupt="A study run with --storage continues when the same command is run again.")
     click.echo(f"best trial {result.best_trial}: {result.best_value:.4f}  {result.best_params}")
@@ -359,7 +423,7 @@ def evaluate_cmd(**options: Any) -> None:
     predictions, plots and report.html — on the run's test split or an external data set."""
     from retinafm.workflows.evaluate import evaluate
 
-    cfg = EvaluateSettings(**options)
+    cfg = build_settings(EvaluateSettings, options)
     if bool(cfg.data_path) == bool(cfg.manifest):
         raise click.UsageError("give exactly one of --data-path or --manifest")
     ev = _run(lambda: evaluate(cfg))
@@ -380,7 +444,7 @@ def compare_cmd(runs: tuple[str, ...], **options: Any) -> None:
     sub-folder per task) for a Wilcoxon signed-rank test across tasks."""
     from retinafm.workflows.compare import compare_runs
 
-    cfg = CompareSettings(**options)
+    cfg = build_settings(CompareSettings, options)
     result = _run(lambda: compare_runs(runs, cfg.out, split=cfg.split, metric=cfg.metric, bootstrap=cfg.bootstrap,
                                        seed=cfg.seed, overwrite=cfg.overwrite))
     table = result.table()
@@ -417,7 +481,7 @@ def import_cmd(checkpoint: str, **options: Any) -> None:
     with the identical forward, for `evaluate`, `predict` and `compare`."""
     from retinafm.workflows.import_ import import_retfound
 
-    cfg = ImportSettings(**options)
+    cfg = build_settings(ImportSettings, options)
     result = _run(lambda: import_retfound(checkpoint, cfg.classes, cfg.out, overwrite=cfg.overwrite))
     click.echo(f"wrote {result.out}: {result.variant} as timm {result.arch}, {len(result.class_names)} classes: "
                f"{', '.join(result.class_names)}; input {result.input_size}px")
@@ -430,7 +494,8 @@ def predict_cmd(**options: Any) -> None:
     With --oct-frames all (or N), also one row per volume in <out>_volumes.csv."""
     from retinafm.workflows.predict import predict
 
-    res = _run(lambda: predict(PredictSettings(**options)))
+    cfg = build_settings(PredictSettings, options)
+    res = _run(lambda: predict(cfg))
     if _primary():  # under torchrun every rank returns; one reports
         click.echo(f"{len(res.predictions)} predictions written to {res.out}")
         if res.volumes_path:
@@ -446,7 +511,7 @@ def export_cmd(**options: Any) -> None:
     with ONNX Runtime; checked against PyTorch before it is written."""
     from retinafm.workflows.export import export
 
-    cfg = ExportSettings(**options)
+    cfg = build_settings(ExportSettings, options)
     res = _run(lambda: export(cfg))
     click.echo(f"{cfg.format}{' int8' if res.int8 else ''} (opset {res.opset}) written to {res.out} in "
                f"{res.seconds:.1f}s; "
@@ -467,7 +532,8 @@ def embed_cmd(images: str, out: str, overwrite: bool, **options: Any) -> None:
     command again: finished shards are kept."""
     from retinafm.workflows.embed import embed
 
-    res = _run(lambda: embed(images, out, EmbedSettings(**options), overwrite=overwrite),
+    cfg = build_settings(EmbedSettings, options)
+    res = _run(lambda: embed(images, out, cfg, overwrite=overwrite),
                on_interrupt="Run the same command again to continue from the finished shards.")
     reused = f" ({res.shards_reused} shard(s) reused)" if res.shards_reused else ""
     if _primary():
@@ -546,6 +612,7 @@ def probe_cmd(embeddings: str, out: str, task: str, label_column: str, label_col
             value = None
         settings = ProbeSettings(task=task, label_column=label_column, columns=label_columns or target_columns,
                                  knn_k=knn_k, folds=folds, threshold=value, bootstrap=bootstrap, seed=seed)
+        check_bounds(settings)
         return probe(embeddings, out, settings, overwrite=overwrite)
 
     result = _run(run_probe)
@@ -554,8 +621,8 @@ def probe_cmd(embeddings: str, out: str, task: str, label_column: str, label_col
 
 @main.command("demo")
 @click.option("--out", default="demo_output", show_default=True, type=click.Path(), help="Folder for everything.")
-@click.option("--epochs", type=int, default=None, help="Override the demo's number of epochs.")
-@click.option("--pretrain-epochs", type=int, default=None,
+@click.option("--epochs", type=click.IntRange(1, 100_000), default=None, help="Override the demo's number of epochs.")
+@click.option("--pretrain-epochs", type=click.IntRange(0, 100_000), default=None,
               help="MAE pretraining epochs before fine-tuning (default 60; 0 skips it).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier demo in --out.")
 def demo_cmd(out: str, epochs: int | None, pretrain_epochs: int | None, overwrite: bool) -> None:
@@ -576,7 +643,7 @@ def split_cmd(**options: Any) -> None:
     with --check a patient-leakage report on the split it already has."""
     from retinafm.workflows.split import check_leakage, split
 
-    cfg = SplitSettings(**options)
+    cfg = build_settings(SplitSettings, options)
     try:
         cfg.validate()
     except ConfigError as exc:  # which flags go together: a usage error, shown with the usage line

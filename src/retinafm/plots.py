@@ -31,6 +31,11 @@ from retinafm.files import atomic_path
 from retinafm.stats.calibration import calibration_bins, expected_calibration_error
 from retinafm.stats.metrics import _known, _missing_outcome, regression_metrics
 
+# Text in our figures is data (class names, column names, file names), never TeX: a class named "$x",
+# "a$b$" or "\\frac" would otherwise be parsed as mathtext, and a parse error fails the figure (and
+# the report after training). Set at import, for every figure this module draws.
+matplotlib.rcParams["text.parse_math"] = False
+
 DPI = 120
 # Validation metrics drawn in the training-curves figure, in this order, when the log has them.
 CURVE_METRICS = {"val_auroc_macro": "AUROC (macro)", "val_accuracy": "accuracy", "val_kappa": "kappa",

@@ -14,6 +14,7 @@ from retinafm.runtime.device import (
     resolve_device,
 )
 from retinafm.runtime.rng import seed_everything
+from retinafm.settings import ConfigError
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 CPU_HAS_NATIVE_BF16 = runtime.cpu_has_native_bf16  # taken before conftest pins the suite to fp32
@@ -80,7 +81,7 @@ def test_precision_names_and_int8():
 def test_auto_and_missing_cuda():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
             resolve_device("cuda")
 
 

@@ -174,10 +174,17 @@ def prepare_for_inference(model: nn.Module, *, onnx: bool, device: str = "auto",
 
 
 def load_model(checkpoint: str | Path) -> tuple[nn.Module, CheckpointMeta]:
-    """The model (on the CPU, eval mode) and metadata of a .pth checkpoint or its .onnx export."""
+    """The model (on the CPU, eval mode) and metadata of a .pth checkpoint or its .onnx export.
+    The input size its metadata gives passes the one input-size check (ModelSpec.input_size_for)
+    before a model is built or an image resized to it."""
     if is_onnx(checkpoint):
-        return load_onnx(checkpoint)
-    return model_from_checkpoint(load_checkpoint(checkpoint))  # the loaded tensors are not kept twice
+        model, meta = load_onnx(checkpoint)
+        meta.spec().input_size_for(meta.input_size, f"{checkpoint}: its input size")
+        return model, meta
+    state = load_checkpoint(checkpoint)
+    meta = meta_of(state)
+    meta.spec().input_size_for(meta.input_size, f"{checkpoint}: its input size")
+    return model_from_checkpoint(state)  # the loaded tensors are not kept twice
 
 
 def load_for_inference(checkpoint: str | Path, *, device: str = "auto", precision: str = "auto",

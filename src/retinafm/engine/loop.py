@@ -20,7 +20,18 @@ from retinafm.runtime.device import autocast
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """Training diverged (the loss became nan or inf). A user error: the CLI reports it in one line
+    with what to change; `tune` prunes the trial instead."""
+
+
+def _diverged(loss_value: float, epoch: int, step: int, amp_dtype: torch.dtype | None) -> NonFiniteLossError:
+    if amp_dtype == torch.float16:
+        precision = "--precision fp16 overflows easily: use bf16 or fp32"
+    else:
+        precision = "fp32 (--precision fp32) is the most robust"
+    return NonFiniteLossError(
+        f"training diverged: the loss became {loss_value} at epoch {epoch}, step {step}. Lower the learning rate "
+        f"(--lr / --blr), add --clip-grad 1.0, check the targets for extreme values; {precision}")
 
 
 @dataclass
@@ -64,9 +75,7 @@ def train_one_epoch(
         loss = outputs["loss"]
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"training loss became {loss_value} at epoch {epoch}, step {step}; lower --blr/--lr or use --clip-grad"
-            )
+            raise _diverged(loss_value, epoch, step, settings.amp_dtype)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(loss / settings.accum_iter).backward()
         else:

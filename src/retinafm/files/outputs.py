@@ -71,9 +71,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as exc:
+        full = disk_full_error(path, tmp_path, exc)
+        if full is None:
+            raise
+        raise full from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+# A write that fails with less than this left on its disk failed for want of space.
+LOW_SPACE = 64 * 2**20
+
+
+def disk_full_error(path: Path, tmp_path: Path, exc: BaseException) -> OSError | None:
+    """A full disk while writing `path` as one OSError(ENOSPC) naming the file and the space left
+    (the CLI prints it as one line), or None for any other failure. torch.save writes through C++
+    streams, so a full disk reaches Python as a RuntimeError without an errno ("PytorchStreamWriter
+    failed writing file", "unexpected pos"): it is recognised by the disk having (almost) nothing left."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return None
+    if not ((isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
+            or (isinstance(exc, RuntimeError) and (free < LOW_SPACE or "No space left" in str(exc)))):
+        return None
+    tmp_path.unlink(missing_ok=True)  # the partial file is not part of what the user has left
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(path.parent).free
+    left = f"{free / 2**20:.1f} MB" if free >= 2**20 else f"{free // 1024} KB"
+    return OSError(errno.ENOSPC, f"no space left on device writing {path} ({left} free on that disk)", str(path))
 
 
 def _current_umask() -> int:

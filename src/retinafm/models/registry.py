@@ -6,6 +6,7 @@ Any timm ViT name also works as --model, with no weights unless --weights names 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RETFOUND_LICENCE = "CC-BY-NC-4.0, gated"
 DINOV3_LICENCE = "DINOv3 License, gated"
 CC_BY_NC = "CC-BY-NC-4.0"
+
+# Patch tokens per image. Attention holds tokens² numbers per head and image, and the position
+# embedding grows with the tokens too: above MAX_TOKENS (a 2048 px image at patch 16, 1 GiB per
+# attention map) the model is refused before anything is allocated; above WARN_TOKENS (1024 px at
+# patch 16, RETFound's 224 px is 196 tokens) it runs, with a warning about memory and time.
+MAX_TOKENS = 16_384
+WARN_TOKENS = 4_096
 
 # VisionFM normalises each modality with its own statistics (utils.get_stats in ABILab-CUHK/VisionFM).
 VISIONFM_STATS = {
@@ -57,13 +65,29 @@ class ModelSpec:
     # passed with --weights PATH (the model is never silently left at random initialisation).
     weights_url: str | None = None
 
-    def input_size_for(self, requested: int | None) -> int:
-        """The input size a run uses: `requested` (--input-size) or the model's own; a ViT needs a
-        whole number of patches across."""
-        size = requested or self.input_size
+    def input_size_for(self, requested: int | None, source: str = "--input-size") -> int:
+        """The input size a run uses: `requested` (--input-size) or the model's own (None; 0 is
+        refused, not taken as the default). The one input-size check: a whole number of patches
+        across, and a token count (hence memory) within MAX_TOKENS, a warning above WARN_TOKENS.
+        `source` names where the size came from (a flag, a checkpoint's metadata)."""
+        size = self.input_size if requested is None else requested
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"{source} {size!r}: the input size must be a whole number of pixels, at least 1; "
+                              "omit --input-size for the model's default")
         if size % self.patch_size:
-            raise ConfigError(f"--input-size {size} must be a multiple of the patch size {self.patch_size} "
+            raise ConfigError(f"{source} {size} must be a multiple of the patch size {self.patch_size} "
                               f"of {self.name}")
+        tokens = (size // self.patch_size) ** 2
+        if tokens > MAX_TOKENS:
+            largest = int(MAX_TOKENS**0.5) * self.patch_size
+            raise ConfigError(f"{source} {size} means {tokens:,} patch tokens per image at patch size "
+                              f"{self.patch_size}; one attention map alone would take {_bytes(tokens**2 * 4)} "
+                              f"per head and image. The limit is {MAX_TOKENS:,} tokens ({largest} px for "
+                              f"{self.name})")
+        if tokens > WARN_TOKENS:
+            warnings.warn(f"{source} {size} means {tokens:,} patch tokens per image ({self.name} was made for "
+                          f"{self.input_size} px); attention takes {_bytes(tokens**2 * 4)} per head and image, and "
+                          "time grows with the square of the tokens", UserWarning, stacklevel=1)
         return size
 
     @property
@@ -207,6 +231,16 @@ def repeat_fc_norm(model: nn.Module, repeats: int) -> None:
     model.fc_norm = repeated
 
 
+def _bytes(count: int) -> str:
+    """A byte count in the largest unit that keeps it above 1 (4.0 GiB, 5.3 PiB)."""
+    value, unit = float(count), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024 or unit == "EiB":
+            break
+        value /= 1024
+    return f"{value:,.1f} {unit}"
+
+
 class UnknownModelError(KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
@@ -255,7 +289,8 @@ def create_model(
     otherwise); weights are loaded separately. `fc_norm_repeats` reproduces RETFound-trained
     models (see RepeatedLayerNorm)."""
     kwargs = dict(spec.arch_kwargs)
-    kwargs.update(pretrained=False, num_classes=num_classes, img_size=input_size or spec.input_size,
+    # Every model is built here, from flags or from a checkpoint's metadata: the size is checked once more.
+    kwargs.update(pretrained=False, num_classes=num_classes, img_size=spec.input_size_for(input_size, "input size"),
                   drop_path_rate=drop_path)
     pool = global_pool or spec.global_pool
     if pool:

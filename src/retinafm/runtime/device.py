@@ -7,17 +7,24 @@ import warnings
 import torch
 
 from retinafm.runtime.distributed import local_rank
-from retinafm.settings import check_precision
+from retinafm.settings import ConfigError, check_device, check_precision
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device of --device (auto, cpu, cuda, cuda:N). A device this machine lacks is a
+    ConfigError (one line from the CLI), raised before anything is loaded onto it."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(name)  # mps, xpu, typos: refused in the words validate() uses
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+            raise ConfigError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu "
+                              "(or auto)")
         if name == "cuda":
             return torch.device("cuda", local_rank())
+        if int(name[5:]) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                              f"numbered from 0")
     return torch.device(name)
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
+import os
 import types
 import typing
 from collections.abc import Collection
@@ -76,8 +79,8 @@ def _check_crop_scale(value: float) -> None:
 
 
 def check_device(device: str) -> None:
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
 
 
 def check_precision(precision: str) -> None:
@@ -86,8 +89,14 @@ def check_precision(precision: str) -> None:
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
-            **metadata: Any) -> Any:
-    """A dataclass field with its help text (and any CLI hints, e.g. `flag`, `metavar`) as metadata."""
+            bounds: tuple[float | None, float | None] | None = None, **metadata: Any) -> Any:
+    """A dataclass field with its help text (and any CLI hints, e.g. `flag`, `metavar`) as metadata.
+
+    `bounds=(lo, hi)` (inclusive; None: open) are checked by `check_bounds` before any work, so a
+    value that would mean an unbounded allocation or an overflow deep inside a library is refused
+    up front, in words naming the flag; `why=` adds the reason to that message."""
+    if bounds is not None:
+        metadata["bounds"] = bounds
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata={"help": help, **metadata})
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
@@ -130,11 +139,193 @@ def list_item_type(annotation: Any) -> type | None:
     return None
 
 
+# --------------------------------------------------------------------------- strict value types
+# Every setting value that does not come from typed command-line text (a --config YAML file, the
+# config.yaml of the run --resume continues, a Python caller) passes `check_value`, driven by the
+# field's annotation: Python's own conversions would read `epochs: 2.9` as 2 and `true` as 1 (bool
+# is an int), and turn a YAML list into its repr.
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a yes/no value)"
+    if isinstance(value, str):
+        return f"{value!r} (text)"
+    if isinstance(value, (list, tuple)):
+        return f"a list {list(value)!r}"[:80]
+    if isinstance(value, dict):
+        return "a mapping"
+    return repr(value)[:80]
+
+
+def _whole_number(value: Any) -> int | None:
+    """`value` as an int when it is one (3, 3.0, "3" from typed text), else None (2.9, True, [1], "x")."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):  # numpy integers too
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return int(value) if math.isfinite(value) and value.is_integer() else None
+    return None
+
+
+def check_value(flag: str, annotation: Any, value: Any, origin: str | None = None, *, text: bool = False) -> Any:
+    """`value` of the setting `flag` checked (and converted where nothing is lost) against its type.
+
+    int: whole numbers only (3.0 becomes 3; 2.9, true, a list or text are refused); float: finite
+    numbers (an int becomes a float); str: text (a YAML number is taken as its text, e.g.
+    `threshold: 0.5`, but a yes/no, list or mapping is refused); bool: true/false only; list[...]:
+    a list of plain values or comma-separated text. `text=True`: the value was typed after the flag,
+    so numbers arrive as text to parse. `origin` ("--config x.yaml") is named in the message."""
+    inner, optional = unwrap_optional(annotation)
+    where = f" (from {origin})" if origin else ""
+    if value is None:
+        if optional or inner is Any:
+            return None
+        raise ConfigError(f"{flag} needs a value{where}")
+    if inner is int:
+        if text and isinstance(value, str):
+            try:
+                number: Any = float(value.strip()) if "." in value or "e" in value.lower() else int(value.strip())
+            except ValueError:
+                raise ConfigError(f"{flag} must be a whole number, got {value!r}{where}") from None
+            value = number
+        whole = _whole_number(value)
+        if whole is None:
+            raise ConfigError(f"{flag} must be a whole number, got {_shown(value)}{where}")
+        return whole
+    if inner is float:
+        if text and isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{flag} must be a number, got {value!r}{where}") from None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"{flag} must be a number, got {_shown(value)}{where}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value}{where}")
+        return float(value)
+    if inner is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{flag} is a yes/no setting (true or false), got {_shown(value)}{where}")
+        return value
+    if inner is str or typing.get_origin(inner) is Literal:
+        if isinstance(value, bool) or isinstance(value, (list, tuple, dict, set)):
+            hint = "; quote it if you mean the text" if isinstance(value, bool) else ""
+            raise ConfigError(f"{flag} takes one value, got {_shown(value)}{where}{hint}")
+        return value  # numbers stay as given (--oct-frames 3, --threshold 0.5); choices are checked by validate()
+    if typing.get_origin(inner) is list:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if isinstance(value, dict) or any(isinstance(v, (list, tuple, dict, set, bool)) for v in items):
+            raise ConfigError(f"{flag} takes a list of plain values or comma-separated text, got "
+                              f"{_shown(value)}{where}")
+        return value
+    if inner is OctFrames or typing.get_origin(inner) in (Union, types.UnionType):
+        if isinstance(value, (bool, list, tuple, dict, set)):
+            raise ConfigError(f"{flag} takes one value, got {_shown(value)}{where}")
+    return value
+
+
+def check_types(cls: type, values: dict[str, Any], origin: str | None = None) -> dict[str, Any]:
+    """Settings read from a file (--config, a resumed run's config.yaml) checked against `cls`'s
+    field types, before they reach click (whose INT type would truncate 2.9 and take true as 1)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = field_types(cls)
+    return {name: check_value(option_flag(fields[name]), hints[name], value, origin) if name in fields else value
+            for name, value in values.items()}
+
+
+def option_flag(field: dataclasses.Field) -> str:
+    """The flag a field is given with on the command line (its `flag` metadata, else --its-name)."""
+    return field.metadata.get("flag", flag_name(field.name))
+
+
+# --------------------------------------------------------------------------- bounds, before any work
+# Declared with `setting(..., **BOUNDS)`. Upper bounds sit where a larger value would be an
+# allocation no machine holds (or an overflow inside NumPy / torch), far above any real use.
+# The seed range is NumPy's (np.random.seed takes 0..2**32-1); torch and Python take it too.
+SEED = {"bounds": (0, 2**32 - 1), "why": "NumPy's seed range"}
+# DataLoader workers: each is a process holding its own copy of the dataset; values above the
+# machine's CPUs are lowered to them (see fit_workers), absurd ones refused.
+MAX_WORKERS = 256
+WORKERS = {"bounds": (0, MAX_WORKERS)}
+BATCH = {"bounds": (1, 4096), "why": "a batch is held in memory at once"}
+ACCUMULATION = {"bounds": (1, 4096)}
+EPOCHS = {"bounds": (1, 100_000)}
+WARMUP = {"bounds": (0, 100_000)}
+# Each replicate's metrics are kept (and computed: time grows with them too).
+BOOTSTRAP = {"bounds": (0, 100_000), "why": "1,000 to 10,000 replicates are usual"}
+# The upper limit is the token count the size implies, checked by ModelSpec.input_size_for.
+INPUT_SIZE = {"bounds": (1, None), "why": "omit it for the model's default"}
+NON_NEGATIVE = {"bounds": (0, None)}
+
+
+def check_bounds(cfg: Any) -> None:
+    """Every field's declared `bounds` (see `setting`), for any settings dataclass; None values
+    (\"the default\") pass. Also refuses non-finite floats given from Python."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{option_flag(field)} must be a finite number, got {value}")
+        bounds = field.metadata.get("bounds")
+        if bounds is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        lo, hi = bounds
+        if (lo is None or value >= lo) and (hi is None or value <= hi):
+            continue
+        flag, why = option_flag(field), field.metadata.get("why")
+        if lo is not None and hi is not None:
+            rule = f"between {lo:,} and {hi:,}"
+        else:
+            rule = f"at least {lo}" if lo is not None else f"at most {hi:,}"
+        raise ConfigError(f"{flag} must be {rule}, got {value:,}" + (f" ({why})" if why else ""))
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. under a scheduler), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def fit_workers(cfg: Any) -> list[str]:
+    """--num-workers above this machine's CPUs is lowered to them (more processes than CPUs only
+    compete for them and each holds its own copy of the dataset); one note when it is."""
+    workers = getattr(cfg, "num_workers", None)
+    cpus = available_cpus()
+    if not isinstance(workers, int) or workers <= cpus:
+        return []
+    cfg.num_workers = cpus
+    return [f"note: --num-workers {workers} is more than the {cpus} CPU(s) this process may use; using {cpus}"]
+
+
+def check_ratios(text: str | None, flag: str = "--split") -> tuple[float, float, float] | None:
+    """train,val,test fractions: three finite numbers in (0, 1] summing to 1 (nan compares false with
+    everything, so a range check alone would let it through)."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected three numbers like 0.7,0.15,0.15") from None
+    if len(values) != 3 or not all(math.isfinite(v) and 0 < v <= 1 for v in values) \
+            or abs(sum(values) - 1.0) > 1e-6:
+        raise ConfigError(f"{flag} {text!r}: expected three fractions (train,val,test), each above 0, summing to 1")
+    return values[0], values[1], values[2]
+
+
 class Settings:
-    """Base of every verb's settings dataclass: list fields also accept comma-separated text (the form
-    flags and older config.yaml files give them), and defaults that do not fit a short run adapt."""
+    """Base of every verb's settings dataclass: values are checked against the field types (no
+    silent truncation), list fields also accept comma-separated text (the form flags and older
+    config.yaml files give them), and defaults that do not fit a short run adapt."""
 
     def __post_init__(self) -> None:
+        hints = field_types(type(self))
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            setattr(self, field.name, check_value(option_flag(field), hints[field.name], getattr(self, field.name)))
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
             item = list_item_type(field_types(type(self))[field.name])
             value = getattr(self, field.name)
@@ -155,6 +346,11 @@ class Settings:
         """Adapt defaults that do not fit this run; one note per change. Settings named in `given` were
         chosen by the user (a flag or --config) and are left as they are, for validate() to refuse."""
         return fit_warmup(self, given)
+
+    def check_values(self) -> None:
+        """Each value on its own (declared bounds, ratio texts), before any check of how settings go
+        together; validate() starts with this, and the CLI runs it as soon as the settings exist."""
+        check_bounds(self)
 
 
 def fit_warmup(cfg: Any, given: Collection[str]) -> list[str]:

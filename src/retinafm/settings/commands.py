@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from retinafm.settings.base import ConfigError, Settings, setting
+from retinafm.settings.base import BOOTSTRAP, SEED, ConfigError, Settings, check_ratios, setting
 
 ImportSource = Literal["retfound"]
 
@@ -20,7 +20,7 @@ class SplitSettings(Settings):
     by: str = setting("patient_id", "Column whose rows stay in one split (the patient id); 'none' splits image by "
                                     "image.")
     ratios: str = setting("0.7,0.15,0.15", "train,val,test fractions of the patients.")
-    seed: int = setting(0, "Seed of the split.")
+    seed: int = setting(0, "Seed of the split.", **SEED)
     stratify: str | None = setting(None, "Column to stratify on (default: label; else each row's rarest positive "
                                             "0/1 label column; 'none': no stratification). Numeric columns with many "
                                             "values go by quintile.")
@@ -35,6 +35,7 @@ class SplitSettings(Settings):
         return None if self.by.strip().lower() == "none" else self.by.strip()
 
     def validate(self) -> None:
+        self.check_values()
         if not self.manifest:
             raise ConfigError("--manifest is required: the CSV to split or check.")
         if self.check:
@@ -45,6 +46,10 @@ class SplitSettings(Settings):
         elif not self.out:
             raise ConfigError("give --out FILE.csv for the split manifest (or --check to look for leakage)")
 
+    def check_values(self) -> None:
+        super().check_values()
+        check_ratios(self.ratios, "--ratios")
+
 
 @dataclass
 class CompareSettings(Settings):
@@ -53,8 +58,8 @@ class CompareSettings(Settings):
     split: str = setting("test", "Which split's predictions to compare.", flag="--on")
     out: str = setting("comparison", "Folder for comparison.csv/.json and forest.png.", path={})
     metric: str | None = setting(None, "Headline metric (default: the task's, e.g. auroc_macro or r2_macro).")
-    bootstrap: int = setting(1000, "Paired bootstrap replicates.")
-    seed: int = setting(0, "Seed of the bootstrap.")
+    bootstrap: int = setting(1000, "Paired bootstrap replicates.", **BOOTSTRAP)
+    seed: int = setting(0, "Seed of the bootstrap.", **SEED)
     overwrite: bool = setting(False, "Replace an existing --out.")
 
 

@@ -7,8 +7,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from retinafm.settings.base import (
+    BATCH,
+    BOOTSTRAP,
+    INPUT_SIZE,
     OCT_FRAMES_HELP,
     PRECISION_HELP,
+    SEED,
+    WORKERS,
     ConfigError,
     Modality,
     Precision,
@@ -77,16 +82,17 @@ class PredictSettings(Settings):
                               required=True, path={})
     images: str = setting("", "An image file or a folder (recursive).", required=True, path={})
     out: str = setting("", "Predictions CSV to write.", required=True, path={"dir_okay": False})
-    batch_size: int = setting(32)
+    batch_size: int = setting(32, **BATCH)
     device: str = setting("auto")
     precision: Precision = setting("auto", PRECISION_HELP)
-    num_workers: int = setting(2)
+    num_workers: int = setting(2, **WORKERS)
     overwrite: bool = setting(False)
     oct_frames: str | None = setting(None, _AS_TRAINED)  # None: as the model was trained
     modality: Modality | None = setting(None, _MODALITY_HELP)
     cpu_int8: bool = setting(False, _CPU_INT8_HELP)
 
     def validate(self) -> None:
+        self.check_values()
         _required(self, "checkpoint", "images", "out")
         _check_run(self)
 
@@ -105,18 +111,19 @@ class EvaluateSettings(Settings):
                                           "merge into one).")
     ordinal: bool = setting(False, "Treat the classes as ordered grades (quadratic-weighted kappa).")
     bootstrap: int = setting(1000, "Bootstrap replicates for 95% CIs (patient-level when the manifest has "
-                                   "patient_id); 0: none.")
-    seed: int = setting(0, "Seed of the bootstrap.")
-    batch_size: int = setting(32)
+                                   "patient_id); 0: none.", **BOOTSTRAP)
+    seed: int = setting(0, "Seed of the bootstrap.", **SEED)
+    batch_size: int = setting(32, **BATCH)
     device: str = setting("auto")
     precision: Precision = setting("auto", PRECISION_HELP)
-    num_workers: int = setting(2)
+    num_workers: int = setting(2, **WORKERS)
     overwrite: bool = setting(False)
     oct_frames: str | None = setting(None, _AS_TRAINED)  # None: as the model was trained
     modality: Modality | None = setting(None, _MODALITY_HELP)
     cpu_int8: bool = setting(False, _CPU_INT8_HELP)
 
     def validate(self) -> None:
+        self.check_values()
         _required(self, "checkpoint", "out")
         if bool(self.data_path) == bool(self.manifest):
             raise ConfigError("give exactly one of --data-path or --manifest")
@@ -135,10 +142,11 @@ class ExportSettings(Settings):
     format: ExportFormat = setting("onnx")
     int8: bool = setting(False, "ONNX Runtime's transformer fusions and int8 weights: smaller and faster on CPU, "
                                 "outputs change slightly.")
-    opset: int | None = setting(None, "ONNX opset (default 17).")
+    opset: int | None = setting(None, "ONNX opset (default 17).", bounds=(7, 30))
     overwrite: bool = setting(False)
 
     def validate(self) -> None:
+        self.check_values()
         _required(self, "checkpoint", "out")
         if self.format != "onnx":
             raise ConfigError(f"--format must be onnx, got {self.format!r}")
@@ -156,9 +164,9 @@ class EmbedSettings(Settings):
                                       "RETFound: avg).")
     tta_flip: bool = setting(False, "Average with the horizontally flipped image's embedding.")
     dtype: EmbeddingDtype = setting("float16")
-    input_size: int | None = setting(None)
-    batch_size: int = setting(64)
-    shard_size: int = setting(2048, "Images per resumable shard.")
+    input_size: int | None = setting(None, **INPUT_SIZE)
+    batch_size: int = setting(64, **BATCH)
+    shard_size: int = setting(2048, "Images per resumable shard.", bounds=(1, 65_536))
     oct_frames: str = setting("middle", OCT_FRAMES_HELP)
     fundus_crop: bool = setting(False, "With --model: crop fundus photographs to their field of view.")
     oct_crop: float | None = setting(None, "With --model: keep this central fraction of each B-scan.")
@@ -166,7 +174,7 @@ class EmbedSettings(Settings):
     cpu_int8: bool = setting(False, _CPU_INT8_HELP)
     device: str = setting("auto")
     precision: Precision = setting("auto", PRECISION_HELP)
-    num_workers: int = setting(2)
+    num_workers: int = setting(2, **WORKERS)
 
     @classmethod
     def for_run(cls, cfg: Any) -> EmbedSettings:
@@ -179,6 +187,7 @@ class EmbedSettings(Settings):
                    modality=cfg.modality)
 
     def validate(self) -> None:
+        self.check_values()
         if (self.model is None) == (self.checkpoint is None):
             raise ConfigError("give exactly one of --model NAME (with --weights) or --checkpoint FILE")
         if self.checkpoint is not None and self.weights is not None:
@@ -194,6 +203,8 @@ class EmbedSettings(Settings):
         if self.dtype not in ("float16", "float32"):
             raise ConfigError(f"--dtype must be one of float16, float32, got {self.dtype!r}")
         parse_oct_frames(self.oct_frames)
+        check_device(self.device)
+        check_precision(self.precision)
         if self.shard_size < 1 or self.batch_size < 1:
             raise ConfigError("--shard-size and --batch-size must be at least 1")
 

@@ -5,9 +5,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 from retinafm.settings.base import (
+    ACCUMULATION,
+    BATCH,
+    BOOTSTRAP,
+    EPOCHS,
     HEADS,
+    INPUT_SIZE,
+    NON_NEGATIVE,
     OCT_FRAMES_HELP,
     PRECISION_HELP,
+    SEED,
+    WARMUP,
+    WORKERS,
     ConfigError,
     Head,
     Modality,
@@ -19,6 +28,7 @@ from retinafm.settings.base import (
     check_device,
     check_precision,
     check_preprocessing,
+    check_ratios,
     comma_list,
     parse_oct_frames,
     setting,
@@ -64,10 +74,10 @@ class FinetuneSettings(Settings):
                                                  "every non-reserved column).")
     head: Head = setting("linear", "Task head on the pooled feature: linear, mlp, or transformer (one token per "
                                    "output).")
-    head_depth: int = setting(2, "mlp: hidden layers; transformer: encoder layers.")
-    head_num_heads: int = setting(4, "Attention heads of the transformer head.")
+    head_depth: int = setting(2, "mlp: hidden layers; transformer: encoder layers.", bounds=(1, 64))
+    head_num_heads: int = setting(4, "Attention heads of the transformer head.", bounds=(1, 256))
     head_mlp_ratio: float = setting(2.0, "Hidden width of the mlp/transformer head as a multiple of the backbone "
-                                         "width.")
+                                         "width.", bounds=(None, 64))
     head_dropout: float = setting(0.1, "Dropout inside the mlp/transformer head.")
     loss: RegressionLoss | None = setting(None, "regression loss on standardised targets (default huber).")
     huber_beta: float = setting(1.0, "regression: where the Huber (SmoothL1) loss turns from quadratic to linear.")
@@ -78,40 +88,41 @@ class FinetuneSettings(Settings):
     ordinal: bool = setting(False, "multiclass: the classes are ordered grades (adds quadratic-weighted kappa); "
                                    "classes named with grade numbers (0..4, DR0.., 0_none..) are detected without it.")
     bootstrap: int = setting(1000, "Bootstrap replicates for the test metrics' 95% CIs (patient-level with "
-                                   "patient_id); 0: none.")
-    epochs: int = setting(50, "Training epochs.")
-    batch_size: int = setting(16, "Per process.")
-    accum_iter: int = setting(1, "Accumulate gradients over this many batches per optimizer step.")
-    lr: float | None = setting(None, "Absolute lr (default: blr × effective batch / 256).")
-    blr: float = setting(5e-3, "Base learning rate, scaled by the effective batch / 256.")
-    min_lr: float = setting(1e-6, "Floor of the cosine learning-rate schedule.")
+                                   "patient_id); 0: none.", **BOOTSTRAP)
+    epochs: int = setting(50, "Training epochs.", **EPOCHS)
+    batch_size: int = setting(16, "Per process.", **BATCH)
+    accum_iter: int = setting(1, "Accumulate gradients over this many batches per optimizer step.", **ACCUMULATION)
+    lr: float | None = setting(None, "Absolute lr (default: blr × effective batch / 256).", **NON_NEGATIVE)
+    blr: float = setting(5e-3, "Base learning rate, scaled by the effective batch / 256.", **NON_NEGATIVE)
+    min_lr: float = setting(1e-6, "Floor of the cosine learning-rate schedule.", **NON_NEGATIVE)
     layer_decay: float = setting(0.65, "Layer-wise learning-rate decay towards the input (1: none).")
-    weight_decay: float = setting(0.05, "AdamW weight decay.")
+    weight_decay: float = setting(0.05, "AdamW weight decay.", **NON_NEGATIVE)
     drop_path: float = setting(0.2, "Stochastic depth rate of the backbone.")
     warmup_epochs: int = setting(10, "Epochs of linear learning-rate warmup (a default longer than --epochs "
-                                     "shrinks to it).")
+                                     "shrinks to it).", **WARMUP)
     smoothing: float = setting(0.1, "Label smoothing (multiclass; multilabel smooths towards 0.5).")
-    mixup: float = setting(0.0, "Mixup alpha (multiclass; 0: off).")
-    cutmix: float = setting(0.0, "CutMix alpha (multiclass; 0: off).")
-    clip_grad: float | None = setting(None, "Clip gradient norm to this value.")
+    mixup: float = setting(0.0, "Mixup alpha (multiclass; 0: off).", **NON_NEGATIVE)
+    cutmix: float = setting(0.0, "CutMix alpha (multiclass; 0: off).", **NON_NEGATIVE)
+    clip_grad: float | None = setting(None, "Clip gradient norm to this value.", **NON_NEGATIVE)
     grad_checkpointing: bool = setting(False, "Recompute block activations in backward: far less GPU memory, about "
                                               "a third more compute.")
     compile: bool = setting(False, "torch.compile the model for training (GPU; pays a compile time up front).")
-    input_size: int | None = setting(None, "Default: the model's input size.")
+    input_size: int | None = setting(None, "Default: the model's input size.", **INPUT_SIZE)
     global_pool: GlobalPool | None = setting(None, "avg (RETFound: mean of patch tokens + fc_norm) or token "
                                                       "(CLS); default per model.")
     crop_min_scale: float = setting(0.08, "Smallest area fraction of the random resized crop.")
-    randaug_magnitude: int = setting(9, "RandAugment magnitude; 0 turns RandAugment off.")
+    randaug_magnitude: int = setting(9, "RandAugment magnitude; 0 turns RandAugment off.", bounds=(0, 100))
     reprob: float = setting(0.25, "Random erasing probability.")
-    seed: int = setting(0, "Random seed (data order, augmentation, initialisation).")
+    seed: int = setting(0, "Random seed (data order, augmentation, initialisation).", **SEED)
     device: str = setting("auto", "auto, cpu or cuda.")
     precision: Precision = setting("auto", PRECISION_HELP)
-    num_workers: int = setting(2, "Data-loading worker processes.")
+    num_workers: int = setting(2, "Data-loading worker processes.", **WORKERS)
     resume: bool = setting(False, "Continue the run in --out from its checkpoint-last.pth (the CLI takes "
                                   "--resume RUN_DIR).", cli=False)
     overwrite: bool = setting(False, "Allow writing into an existing non-empty --out.")
 
     def validate(self) -> None:
+        self.check_values()
         if not self.out:
             raise ConfigError("--out is required: the run directory to write.")
         if bool(self.data_path) == bool(self.manifest):
@@ -150,6 +161,10 @@ class FinetuneSettings(Settings):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
         _check_crop_scale(self.crop_min_scale)
+
+    def check_values(self) -> None:
+        super().check_values()
+        check_ratios(self.split, "--split")
 
     def threshold_value(self) -> float | None:
         """The fixed multilabel threshold, or None for thresholds chosen on validation (youden)."""
@@ -192,46 +207,48 @@ class PretrainSettings(Settings):
     model: str = setting("vit_large_patch16", "Zoo name or timm ViT architecture.")
     init: str | None = setting(None, "Continue from these weights (zoo name, org/repo[:file], local file; an MAE "
                                         "file's decoder too). Default: random.")
-    input_size: int | None = setting(None, "Default: the model's own.")
+    input_size: int | None = setting(None, "Default: the model's own.", **INPUT_SIZE)
     oct_frames: str = setting("middle", OCT_FRAMES_HELP)
     fundus_crop: bool = setting(False, "Crop fundus photographs to their field of view first.")
     oct_crop: float | None = setting(None, "Keep this central fraction of each OCT B-scan.")
-    epochs: int = setting(800, "Pretraining epochs.")
-    warmup_epochs: int | None = setting(None, "Default: mae 40, dino 10 (at most --epochs).")
-    batch_size: int = setting(64, "Per process.")
-    accum_iter: int = setting(1, "Accumulate gradients over this many batches per optimizer step.")
-    lr: float | None = setting(None, "Absolute learning rate (default: blr x batch / 256).")
-    blr: float | None = setting(None, "Base learning rate. Default: mae 1.5e-4, dino 5e-4.")
-    min_lr: float = setting(0.0, "Floor of the cosine learning-rate schedule.")
-    weight_decay: float | None = setting(None, "Default: mae 0.05, dino 0.04.")
-    clip_grad: float | None = setting(None, "Clip gradient norm to this value.")
+    epochs: int = setting(800, "Pretraining epochs.", **EPOCHS)
+    warmup_epochs: int | None = setting(None, "Default: mae 40, dino 10 (at most --epochs).", **WARMUP)
+    batch_size: int = setting(64, "Per process.", **BATCH)
+    accum_iter: int = setting(1, "Accumulate gradients over this many batches per optimizer step.", **ACCUMULATION)
+    lr: float | None = setting(None, "Absolute learning rate (default: blr x batch / 256).", **NON_NEGATIVE)
+    blr: float | None = setting(None, "Base learning rate. Default: mae 1.5e-4, dino 5e-4.", **NON_NEGATIVE)
+    min_lr: float = setting(0.0, "Floor of the cosine learning-rate schedule.", **NON_NEGATIVE)
+    weight_decay: float | None = setting(None, "Default: mae 0.05, dino 0.04.", **NON_NEGATIVE)
+    clip_grad: float | None = setting(None, "Clip gradient norm to this value.", **NON_NEGATIVE)
     # MAE
     mask_ratio: float = setting(0.75, "MAE.")
     norm_pix_loss: bool = setting(True, "MAE.")
-    decoder_dim: int = setting(512, "MAE.")
-    decoder_depth: int = setting(8, "MAE.")
-    decoder_heads: int = setting(16, "MAE.")
+    decoder_dim: int = setting(512, "MAE.", bounds=(1, 16_384))
+    decoder_depth: int = setting(8, "MAE.", bounds=(1, 64))
+    decoder_heads: int = setting(16, "MAE.", bounds=(1, 256))
     crop_min_scale: float = setting(0.2, "MAE.")
     # DINO
-    out_dim: int = setting(65536, "DINO: prototypes.")
-    local_crops: int = setting(6, "DINO.")
-    local_size: int | None = setting(None, "DINO (default: 96/224 of the input size).")
-    teacher_temp: float = setting(0.04, "DINO.")
-    warmup_teacher_temp: float = setting(0.04, "DINO.")
-    warmup_teacher_epochs: int = setting(0, "DINO.")
+    out_dim: int = setting(65536, "DINO: prototypes.", bounds=(1, 1_048_576))
+    local_crops: int = setting(6, "DINO.", bounds=(0, 64))
+    local_size: int | None = setting(None, "DINO (default: 96/224 of the input size).", bounds=(1, 4096))
+    teacher_temp: float = setting(0.04, "DINO.", **NON_NEGATIVE)
+    warmup_teacher_temp: float = setting(0.04, "DINO.", **NON_NEGATIVE)
+    warmup_teacher_epochs: int = setting(0, "DINO.", **WARMUP)
     momentum_teacher: float = setting(0.996, "DINO.")
     # both
-    reconstructions: int = setting(4, "MAE: images drawn after every epoch (plots/reconstructions_*.png); 0: none.")
+    reconstructions: int = setting(4, "MAE: images drawn after every epoch (plots/reconstructions_*.png); 0: none.",
+                                   bounds=(0, 256))
     grad_checkpointing: bool = setting(False, "Recompute block activations in backward: far less GPU memory, about "
                                               "a third more compute.")
-    seed: int = setting(0, "Random seed.")
+    seed: int = setting(0, "Random seed.", **SEED)
     device: str = setting("auto", "auto, cpu or cuda.")
     precision: Precision = setting("auto", PRECISION_HELP)
-    num_workers: int = setting(2, "Data-loading worker processes.")
+    num_workers: int = setting(2, "Data-loading worker processes.", **WORKERS)
     resume: bool = setting(False, "Continue the run in --out (the CLI takes --resume RUN_DIR).", cli=False)
     overwrite: bool = setting(False, "Allow writing into an existing non-empty --out.")
 
     def validate(self) -> None:
+        self.check_values()
         if not self.out:
             raise ConfigError("--out is required: the run directory to write.")
         if not self.images:
@@ -275,7 +292,7 @@ class RefineSettings(Settings):
     weights: str | None = setting(None, "File, hf repo id, zoo name, or 'none' (default: the zoo entry's).")
     text_model: str = setting("", "BERT-family text encoder: Hugging Face repo id or local folder (e.g. "
                                   "emilyalsentzer/Bio_ClinicalBERT).")
-    input_size: int | None = setting(None, "Default: the model's own.")
+    input_size: int | None = setting(None, "Default: the model's own.", **INPUT_SIZE)
     oct_frames: str = setting("middle", OCT_FRAMES_HELP)
     fundus_crop: bool = setting(False, "Crop fundus photographs to their field of view first.")
     oct_crop: float | None = setting(None, "Keep this central fraction of each OCT B-scan.")
@@ -284,30 +301,31 @@ class RefineSettings(Settings):
     loss_weights: list[float] | None = setting(None, "One weight per --losses entry, e.g. 1,1,0.5,0.5 (default "
                                                         "all 1).")
     fusion_layers: int | None = setting(None, "Upper text layers that cross-attend to the image (default: half "
-                                                 "of them).")
-    embed_dim: int = setting(256, "Contrastive space width.")
-    max_length: int = setting(128, "Report tokens kept.")
+                                                 "of them).", bounds=(1, 256))
+    embed_dim: int = setting(256, "Contrastive space width.", bounds=(1, 16_384))
+    max_length: int = setting(128, "Report tokens kept.", bounds=(1, 8192))
     mlm_probability: float = setting(0.15, "Share of report tokens masked for mlm.")
-    epochs: int = setting(10, "Refinement epochs.")
+    epochs: int = setting(10, "Refinement epochs.", **EPOCHS)
     warmup_epochs: int = setting(1, "Epochs of linear learning-rate warmup (a default longer than --epochs "
-                                    "shrinks to it).")
-    batch_size: int = setting(32, "Per process.")
-    lr: float = setting(2e-5, "Learning rate.")
-    min_lr: float = setting(1e-6, "Floor of the cosine learning-rate schedule.")
-    weight_decay: float = setting(0.05, "AdamW weight decay.")
+                                    "shrinks to it).", **WARMUP)
+    batch_size: int = setting(32, "Per process.", **BATCH)
+    lr: float = setting(2e-5, "Learning rate.", **NON_NEGATIVE)
+    min_lr: float = setting(1e-6, "Floor of the cosine learning-rate schedule.", **NON_NEGATIVE)
+    weight_decay: float = setting(0.05, "AdamW weight decay.", **NON_NEGATIVE)
     crop_min_scale: float = setting(0.5, "Smallest area fraction of the random resized crop.")
-    clip_grad: float | None = setting(None, "Clip gradient norm to this value.")
+    clip_grad: float | None = setting(None, "Clip gradient norm to this value.", **NON_NEGATIVE)
     probe_on: str | None = setting(None, "A labelled folder or manifest: linear probes before and after "
                                             "refinement, side by side.", path={})
-    probe_bootstrap: int = setting(1000, "Bootstrap replicates of the probes' test CIs (0: none).")
-    seed: int = setting(0, "Random seed.")
+    probe_bootstrap: int = setting(1000, "Bootstrap replicates of the probes' test CIs (0: none).", **BOOTSTRAP)
+    seed: int = setting(0, "Random seed.", **SEED)
     device: str = setting("auto", "auto, cpu or cuda.")
     precision: Precision = setting("auto", PRECISION_HELP)
-    num_workers: int = setting(2, "Data-loading worker processes.")
+    num_workers: int = setting(2, "Data-loading worker processes.", **WORKERS)
     resume: bool = setting(False, "Continue the run in --out (the CLI takes --resume RUN_DIR).", cli=False)
     overwrite: bool = setting(False, "Allow writing into an existing non-empty --out.")
 
     def validate(self) -> None:
+        self.check_values()
         if not self.out:
             raise ConfigError("--out is required: the run directory to write.")
         if not self.pairs:

@@ -35,7 +35,8 @@ from retinafm.engine.evaluation import (
 )
 from retinafm.files import claim_dir, write_csv, write_yaml
 from retinafm.plots import plot_probe_grid
-from retinafm.settings import FinetuneSettings
+from retinafm.settings import FinetuneSettings, setting
+from retinafm.settings.base import BOOTSTRAP, SEED
 from retinafm.tasks import TASKS
 
 
@@ -44,12 +45,12 @@ class ProbeSettings:
     task: str = FinetuneSettings.task
     label_column: str = "label"  # multi-class labels
     columns: str | None = None  # multi-label labels / regression targets, comma-separated
-    knn_k: int = 20
-    folds: int = 5  # for choosing the regularisation when there is no validation split
-    max_iter: int = 2000
+    knn_k: int = setting(20, bounds=(1, 100_000))
+    folds: int = setting(5, bounds=(2, 100))  # for choosing the regularisation when there is no validation split
+    max_iter: int = setting(2000, bounds=(1, 1_000_000))
     threshold: float | None = 0.5  # multi-label decision threshold; None: Youden's J on validation
-    bootstrap: int = 1000
-    seed: int = 0
+    bootstrap: int = setting(1000, **BOOTSTRAP)
+    seed: int = setting(0, **SEED)
 
     def check(self) -> None:
         if self.task not in TASKS:

@@ -21,7 +21,8 @@ import pandas as pd
 
 from retinafm.engine.loop import NonFiniteLossError
 from retinafm.files import atomic_path, claim_dir, write_csv, write_json
-from retinafm.settings import ConfigError, FinetuneSettings, flag_text
+from retinafm.settings import ConfigError, FinetuneSettings, flag_text, setting
+from retinafm.settings.base import EPOCHS
 from retinafm.tasks import check_settings, get_task
 
 
@@ -38,12 +39,12 @@ class TuneError(ValueError):
 
 @dataclass
 class TuneSettings:
-    trials: int = 20
-    tune_epochs: int = 10
+    trials: int = setting(20, bounds=(1, 100_000))
+    tune_epochs: int = setting(10, **EPOCHS)
     direction: str = "maximize"
     storage: str | None = None  # e.g. sqlite:///study.db: the study can be continued
     study_name: str | None = None  # default: the study folder's name
-    timeout: float | None = None  # seconds after which no new trial starts
+    timeout: float | None = setting(None, bounds=(0, None))  # seconds after which no new trial starts
 
 
 @dataclass

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
         values = tuple(float(x) for x in str(text).split(","))
     except ValueError:
         raise ValueError(f"--split {text!r}: expected three numbers like 0.7,0.15,0.15") from None
-    if len(values) != 3 or any(v <= 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
         raise ValueError(f"--split {text!r}: expected three positive ratios (train,val,test) summing to 1")
     return values  # type: ignore[return-value]
 

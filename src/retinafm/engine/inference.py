@@ -16,6 +16,7 @@ from retinafm.engine.checkpoint import (
     load_checkpoint,
     meta_of,
 )
+from retinafm.files import CHECKPOINT_MAX_BYTES, InputFileError, check_regular
 from retinafm.models.heads import HeadSettings
 from retinafm.models.onnx import FEATURES, INPUT, LOGITS, META_KEY, OnnxModel
 from retinafm.models.registry import create_model
@@ -51,8 +52,12 @@ def _session(path: Path):
 def load_onnx(path: str | Path) -> tuple[OnnxModel, CheckpointMeta]:
     """An exported model and the checkpoint metadata stored in it."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"--checkpoint {path}: no such file")
+    try:  # a FIFO, a device or an oversized file is refused before ONNX Runtime opens it
+        check_regular(path, what="--checkpoint", max_bytes=CHECKPOINT_MAX_BYTES, kind="checkpoints")
+    except InputFileError as exc:
+        raise CheckpointError(str(exc)) from None
     session = _session(path)
     raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
     names = {i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()}

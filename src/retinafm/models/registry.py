@@ -73,7 +73,7 @@ class ModelSpec:
         size = self.input_size if requested is None else requested
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"{source} {size!r}: the input size must be a whole number of pixels, at least 1; "
-                              "omit --input-size for the model's default")
+                              f"omit {source} for the default")
         if size % self.patch_size:
             raise ConfigError(f"{source} {size} must be a multiple of the patch size {self.patch_size} "
                               f"of {self.name}")
@@ -266,6 +266,14 @@ def get_spec(name: str) -> ModelSpec:
     raise UnknownModelError(
         f"unknown model {name!r}: not in the zoo (see `retinafm models`) nor a timm architecture.{hint}"
     )
+
+
+def check_input_size(model: str, requested: int | None) -> None:
+    """The model and input-size checks of a training run, before it claims its folder or reads data
+    (the run repeats them when it builds the model, and warns about a large size then)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_spec(model).input_size_for(requested)
 
 
 def _patch_size_of(arch: str) -> int:

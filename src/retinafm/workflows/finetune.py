@@ -31,7 +31,7 @@ from retinafm.engine.inference import task_of
 from retinafm.engine.trainer import Hooks, Trainer, TrainerSettings
 from retinafm.files import claim_dir, write_csv, write_yaml
 from retinafm.models.heads import HeadSettings, init_head
-from retinafm.models.registry import ModelSpec, create_model, get_spec
+from retinafm.models.registry import ModelSpec, check_input_size, create_model, get_spec
 from retinafm.models.weights import load_backbone_weights, resolve_weights
 from retinafm.objectives.supervised import Supervised
 from retinafm.runtime import distributed as dist_utils
@@ -69,6 +69,7 @@ def finetune(cfg: FinetuneSettings, *, on_epoch: EpochCallback | None = None,
     """
     cfg.validate()
     check_settings(cfg)
+    check_input_size(cfg.model, cfg.input_size)
     # No barrier on failure: a rank that raised must exit so torchrun stops the others.
     with claim_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=training_inputs(cfg)) as claim:
         result = _finetune(cfg, on_epoch, evaluate_test)

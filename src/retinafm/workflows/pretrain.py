@@ -29,7 +29,7 @@ from retinafm.data.transforms import (
 from retinafm.engine.checkpoint import versions
 from retinafm.engine.trainer import Hooks, Trainer, TrainerSettings, final_loss
 from retinafm.files import claim_dir, write_yaml
-from retinafm.models.registry import ModelSpec, get_spec
+from retinafm.models.registry import ModelSpec, check_input_size, get_spec
 from retinafm.models.weights import (
     WeightsError,
     load_backbone_weights,
@@ -59,6 +59,7 @@ def _say(msg: str) -> None:
 
 def pretrain(cfg: PretrainSettings, *, progress: bool = True) -> PretrainResult:
     cfg.validate()
+    check_input_size(cfg.model, cfg.input_size)
     inputs = [("--images", cfg.images), ("--init", cfg.init)]
     with claim_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=inputs) as claim:
         result = _pretrain(cfg, progress)
@@ -110,9 +111,8 @@ def _pretrain(cfg: PretrainSettings, progress: bool) -> PretrainResult:
 
             hooks.after_epoch = draw
     else:
-        local_size = cfg.local_size or max(2, round(input_size * 96 / 224 / spec.patch_size)) * spec.patch_size
-        if local_size % spec.patch_size:
-            raise ConfigError(f"--local-size {local_size} must be a multiple of the patch size {spec.patch_size}")
+        local_size = (spec.input_size_for(cfg.local_size, "--local-size") if cfg.local_size  # patches, tokens
+                      else max(2, round(input_size * 96 / 224 / spec.patch_size)) * spec.patch_size)
         dino = Dino(encoder, out_dim=cfg.out_dim, teacher_temp=cfg.teacher_temp,
                     warmup_teacher_temp=cfg.warmup_teacher_temp, warmup_teacher_epochs=cfg.warmup_teacher_epochs,
                     momentum=cfg.momentum_teacher)

@@ -26,7 +26,7 @@ from retinafm.engine.checkpoint import open_checkpoint, versions
 from retinafm.engine.trainer import Hooks, Trainer, TrainerSettings, final_loss
 from retinafm.files import atomic_path, claim_dir, write_csv, write_yaml
 from retinafm.files.inputs import read_table
-from retinafm.models.registry import create_model, get_spec
+from retinafm.models.registry import check_input_size, create_model, get_spec
 from retinafm.models.weights import (
     load_backbone_weights,
     resolve_weights,
@@ -62,7 +62,7 @@ def read_pairs(path: str | Path, oct_frames: str | int = "middle") -> pd.DataFra
     """path (relative to the CSV or absolute), report, split ('train' when absent); volumes become
     the B-scans `oct_frames` picks, each with its volume's report."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataSourceError(f"--pairs {path}: no such file")
     try:
         frame = read_table(path, what="--pairs", text=("path", "report", "split"))
@@ -136,6 +136,7 @@ def _describe(epochs: int) -> Callable[[dict[str, Any], bool], str]:
 
 def refine(cfg: RefineSettings, *, progress: bool = True) -> RefineResult:
     cfg.validate()
+    check_input_size(cfg.model, cfg.input_size)
     inputs = [("--pairs", cfg.pairs), ("--weights", cfg.weights), ("--text-model", cfg.text_model)]
     with claim_dir(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=inputs) as claim:
         result = _refine(cfg, progress)

@@ -263,7 +263,7 @@ def test_input_size_is_checked_once_for_flags_and_checkpoints():
     spec = get_spec("vit_micro_patch8")
     assert spec.input_size_for(None) == spec.input_size and spec.input_size_for(32) == 32
     for bad in (0, -8):
-        with pytest.raises(ConfigError, match="at least 1; omit --input-size for the model's default"):
+        with pytest.raises(ConfigError, match="at least 1; omit --input-size for the default"):
             spec.input_size_for(bad)
     with pytest.raises(ConfigError, match="multiple of the patch size 8"):
         spec.input_size_for(30)

@@ -168,3 +168,20 @@ def _number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+@pytest.mark.parametrize("verb", ["predict", "embed", "export"])
+def test_a_model_whose_outputs_overflow_writes_nothing(verb, trained_run, demo_data, tmp_path):
+    """Finite weights (so the load check passes) that overflow to inf in the forward pass: nothing is
+    written, rather than NaN probabilities, the first class as the prediction or NaN embeddings."""
+    import torch
+
+    state = torch.load(trained_run / "checkpoint-best.pth", weights_only=True)
+    state["model"]["fc_norm.weight"].fill_(3e38)  # the largest fp32 values: the pooled features become inf
+    torch.save(state, tmp_path / "overflow.pth")
+    out = tmp_path / {"predict": "p.csv", "embed": "e.parquet", "export": "m.onnx"}[verb]
+    args = {"predict": ["--images", demo_data / "test" / "glaucoma", *RUN],
+            "embed": ["--images", demo_data / "test" / "glaucoma", *RUN], "export": []}[verb]
+    outcome = run_bounded(verb, "--checkpoint", tmp_path / "overflow.pth", "--out", out, *args)
+    assert_one_line_error(outcome, "NaN or infinite outputs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overflow.pth"]

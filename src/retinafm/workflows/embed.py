@@ -79,7 +79,13 @@ def embed(images: str | Path | pd.DataFrame, out: str | Path, settings: EmbedSet
     inputs = [("--images", None if isinstance(images, pd.DataFrame) else images),
               ("--checkpoint", settings.checkpoint), ("--weights", settings.weights)]
     with claim_file(out, side_files=side_files(out), overwrite=overwrite, inputs=inputs) as claim:
-        result = _embed(images, out, settings, overwrite, progress)
+        try:
+            result = _embed(images, out, settings, overwrite, progress)
+        except BaseException:
+            parts = _parts_dir(out)  # kept for a rerun only when it holds finished work
+            if dist_utils.is_primary() and parts.is_dir() and not any(parts.glob("shard-*.npz")):
+                shutil.rmtree(parts, ignore_errors=True)
+            raise
         claim.remove_stale([out, *result.written])
     return result
 

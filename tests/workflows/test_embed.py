@@ -164,6 +164,25 @@ def test_interrupted_run_resumes_without_recomputing_finished_shards(demo_data, 
 
 def test_unfinished_run_with_other_settings_is_not_mixed_in(demo_data, tmp_path, monkeypatch):
     out = tmp_path / "x.parquet"
+    real_infer, calls = embed_module.infer, []
+
+    def stop_after_one_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real_infer(*args, **kwargs)
+
+    monkeypatch.setattr(embed_module, "infer", stop_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        embed(demo_data, out, tiny(shard_size=50), progress=False)
+    monkeypatch.undo()
+    with pytest.raises(OutputExistsError, match=r"pool differ.*--overwrite"):
+        embed(demo_data, out, tiny(pool="cls", shard_size=50), progress=False)
+    assert embed(demo_data, out, tiny(pool="cls", shard_size=50), overwrite=True, progress=False).count == 120
+
+
+def test_a_run_stopped_before_its_first_shard_leaves_nothing_to_resume(demo_data, tmp_path, monkeypatch):
+    out = tmp_path / "x.parquet"
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
@@ -172,9 +191,8 @@ def test_unfinished_run_with_other_settings_is_not_mixed_in(demo_data, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         embed(demo_data, out, tiny(), progress=False)
     monkeypatch.undo()
-    with pytest.raises(OutputExistsError, match=r"pool differ.*--overwrite"):
-        embed(demo_data, out, tiny(pool="cls"), progress=False)
-    assert embed(demo_data, out, tiny(pool="cls"), overwrite=True, progress=False).count == 120
+    assert list(tmp_path.iterdir()) == []  # so other settings are not refused as "mixed in"
+    assert embed(demo_data, out, tiny(pool="cls"), progress=False).count == 120
 
 
 def test_existing_output_is_refused(demo_data, tmp_path):

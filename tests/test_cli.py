@@ -161,3 +161,8 @@ def test_embed_probe_and_label_efficiency_verbs(demo_data, tmp_path):
     assert pd.read_csv(tmp_path / "le" / "label_efficiency.csv")["n_train"].tolist() == [36, 72]
     bad = run("label-efficiency", "--data-path", str(demo_data), "--out", str(tmp_path / "le2"), "--fractions", "2")
     assert bad.exit_code == 2 and "--fractions" in bad.output
+
+
+def test_bounded_options_give_their_range_in_help():
+    result = CliRunner().invoke(main, ["finetune", "--help"], terminal_width=200)
+    assert "Range: 0 to 4,294,967,295." in result.output and "Range: 1 to 4,096." in result.output

@@ -167,6 +167,18 @@ class CommaList(click.ParamType):
             self.fail(f"{value!r} is not a comma-separated list of {self.item.__name__} values", param, ctx)
 
 
+def _with_bounds(help_text: str, bounds: tuple[Any, Any] | None) -> str | None:
+    """A bounded setting's help says its range (the same bounds check_bounds enforces)."""
+    if not bounds:
+        return help_text or None
+    low, high = bounds
+    if low is not None and high is not None:
+        text = f"{low:,} to {high:,}"
+    else:
+        text = f"at least {low:,}" if low is not None else f"at most {high:,}"
+    return f"{help_text} Range: {text}.".strip()
+
+
 def field_option(cls: type, field: dataclasses.Field, **overrides: Any) -> Callable:
     """The click option of one settings field: its flag, type, default and help come from the field.
 
@@ -179,7 +191,7 @@ def field_option(cls: type, field: dataclasses.Field, **overrides: Any) -> Calla
     default = field.default_factory() if field.default is dataclasses.MISSING else field.default  # type: ignore[misc]
     flag = field.metadata.get("flag", flag_name(field.name))
     decls = [flag]
-    kwargs: dict[str, Any] = {"help": field.metadata.get("help") or None}
+    kwargs: dict[str, Any] = {"help": _with_bounds(field.metadata.get("help") or "", field.metadata.get("bounds"))}
     if inner is bool:
         if default:
             decls = [f"{flag}/--no-{flag[2:]}"]

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from retinafm.cli import main
+from retinafm.cli import _with_bounds, main
 from retinafm.settings import (
     ConfigError,
     FinetuneSettings,
@@ -56,7 +56,7 @@ def test_every_field_has_a_flag_with_its_default_and_help(verb, captured):
             continue
         assert field.name in params, f"{verb} has no flag for {field.name}"
         assert params[field.name].opts[0] == "--" + field.name.replace("_", "-")
-        assert params[field.name].help == field.metadata["help"]
+        assert params[field.name].help == _with_bounds(field.metadata["help"], field.metadata.get("bounds"))
     result, cfg = captured(verb)
     assert result.exit_code == 0, result.output
     assert cfg == cls(), f"{verb} with no flags differs from {cls.__name__}()"
@@ -185,7 +185,8 @@ def test_smaller_verbs_take_their_options_from_settings(verb, cls):
     assert set(params) == {f.name for f in dataclasses.fields(cls)}
     for field in dataclasses.fields(cls):
         param = params[field.name]
-        assert param.help == field.metadata["help"] and param.required == bool(field.metadata.get("required"))
+        assert param.help == _with_bounds(field.metadata["help"], field.metadata.get("bounds"))
+        assert param.required == bool(field.metadata.get("required"))
         if not param.required:
             assert param.default == field.default
 

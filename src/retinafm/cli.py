@@ -243,8 +243,7 @@ def _config_loader(cls: type) -> Callable:
         if resume_dir:
             config = Path(resume_dir) / "config.yaml"
             if not config.is_file():
-                raise click.BadParameter(f"{config} does not exist; is {resume_dir} a retinafm run directory?",
-                                         param_hint="--resume")
+                raise SettingError(f"--resume: {config} does not exist; is {resume_dir} a retinafm run directory?")
             saved = read_yaml_settings_lenient(config, cls)
             saved = {k: v for k, v in saved.items() if k not in ("resume", "overwrite", "out")}
             settings.update(_checked(cls, saved, f"{config}, the run --resume continues"))
@@ -302,12 +301,11 @@ def read_yaml_settings_lenient(path: Path, cls: type = FinetuneSettings) -> dict
     try:
         data = load_yaml(path, what="--resume") or {}
     except InputFileError as exc:
-        raise click.BadParameter(str(exc), param_hint="--resume") from None
+        raise SettingError(str(exc)) from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise click.BadParameter(f"{path} cannot be read as YAML ({str(exc).splitlines()[0][:200]})",
-                                 param_hint="--resume") from None
+        raise SettingError(f"--resume: {path} cannot be read as YAML ({str(exc).splitlines()[0][:200]})") from None
     if not isinstance(data, dict):
-        raise click.BadParameter(f"{path} must hold a mapping of setting: value", param_hint="--resume")
+        raise SettingError(f"--resume: {path} must hold a mapping of setting: value")
     return {k: v for k, v in data.items() if k in config_fields(cls)}
 
 

@@ -222,3 +222,53 @@ def fingerprint(*roots: Path) -> dict[str, tuple[int, str]]:
         for path in files:
             prints[str(path)] = (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
     return prints
+
+
+# The generated hostile files, made where the test needs them.
+def make_fifo(path: Path) -> Path:
+    """A named pipe: opening it for reading blocks until a writer comes, which none will."""
+    os.mkfifo(path)
+    return path
+
+
+def make_device(path: Path) -> Path:
+    """A symlink to /dev/zero: an endless file for anything that reads it whole."""
+    path.symlink_to("/dev/zero")
+    return path
+
+
+def make_sparse(path: Path, size: int = 12 * 2**30) -> Path:
+    """A file of `size` zero bytes that takes no disk (sparse)."""
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    return path
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """A YAML document whose aliases expand to 10**levels strings under a valid key, in about 1 KB."""
+    lines = ["epochs:", "  - &l0 [" + ", ".join(['"lol"'] * 10) + "]"]
+    lines += [f"  - &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def zip_bomb(source: Path | bytes, out: Path, inflated: int = 2**30) -> Path:
+    """A real torch.save file (a path or its bytes) whose largest member is replaced by `inflated` zero
+    bytes, deflated (~1 MB per GiB), written 16 MiB at a time so that building it stays bounded."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as original, \
+            zipfile.ZipFile(out, "w") as bomb:
+        members = original.infolist()
+        largest = max(members, key=lambda m: m.file_size)
+        for member in members:
+            if member is not largest:
+                bomb.writestr(member, original.read(member))
+                continue
+            info = zipfile.ZipInfo(member.filename)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with bomb.open(info, "w", force_zip64=True) as fh:
+                chunk = bytes(16 * 2**20)
+                for _ in range(max(1, inflated // len(chunk))):
+                    fh.write(chunk)
+    return out

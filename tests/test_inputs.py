@@ -5,15 +5,14 @@ tests/hostile/test_hostile_inputs.py."""
 from __future__ import annotations
 
 import io
-import os
 import signal
-import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers import billion_laughs, make_device, make_fifo, make_sparse, zip_bomb
 from PIL import Image
 
 from retinafm.data.io import ImageReadError, read_image
@@ -47,20 +46,10 @@ def _no_hang():
     signal.signal(signal.SIGALRM, previous)
 
 
-def _fifo(path: Path) -> Path:
-    os.mkfifo(path)
-    return path
 
 
-def _device(path: Path) -> Path:
-    path.symlink_to("/dev/zero")
-    return path
 
 
-def _sparse(path: Path, size: int = 12 * GiB) -> Path:
-    with open(path, "wb") as fh:
-        fh.truncate(size)  # sparse: no disk used
-    return path
 
 
 def _png(path: Path) -> Path:
@@ -69,7 +58,7 @@ def _png(path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- open_regular
-@pytest.mark.parametrize("make,kind", [(_fifo, "a FIFO"), (_device, "a character device"),
+@pytest.mark.parametrize("make,kind", [(make_fifo, "a FIFO"), (make_device, "a character device"),
                                        (lambda p: (p.mkdir(), p)[1], "a folder")])
 def test_open_regular_refuses_what_is_not_a_regular_file_without_blocking(make, kind, tmp_path):
     path = make(tmp_path / "settings.yaml")
@@ -80,7 +69,7 @@ def test_open_regular_refuses_what_is_not_a_regular_file_without_blocking(make, 
 
 
 def test_open_regular_refuses_files_over_the_limit_before_reading_and_reads_the_rest(tmp_path):
-    big = _sparse(tmp_path / "big.csv")
+    big = make_sparse(tmp_path / "big.csv")
     with pytest.raises(InputFileError, match=r"file is 12 GiB, over the 1 GiB limit for CSV tables"), \
             open_regular(big, what="--manifest", max_bytes=GiB, kind="CSV tables"):
         pass
@@ -115,22 +104,17 @@ def test_class_names_pandas_calls_missing_stay_text_while_empty_cells_and_number
 
 
 def test_tables_on_fifos_and_devices_are_refused(tmp_path):
-    for path in (_fifo(tmp_path / "fifo.csv"), _device(tmp_path / "zero.csv")):
+    for path in (make_fifo(tmp_path / "fifo.csv"), make_device(tmp_path / "zero.csv")):
         with pytest.raises(InputFileError, match="not a regular file"):
             read_table(path, what="--manifest")
 
 
 # --------------------------------------------------------------------------- YAML
-def _laughs(levels: int = 9) -> str:
-    lines = ["epochs:", '  - &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
-    for i in range(1, levels):
-        lines.append(f"  - &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]")
-    return "\n".join(lines) + "\n"
 
 
 def test_yaml_alias_bomb_is_measured_without_expanding_and_refused(tmp_path):
     bomb = tmp_path / "bomb.yaml"
-    bomb.write_text(_laughs())
+    bomb.write_text(billion_laughs())
     with pytest.raises(InputFileError, match=r"aliases expand to more than 100,000 values"):
         load_yaml(bomb, what="--config")
     node = yaml.compose(bomb.read_text())
@@ -174,7 +158,7 @@ def test_zip_checkpoint_that_inflates_is_refused_from_its_directory_before_decom
     legacy.write_bytes(_torch_bytes({"w": torch.ones(3)}, _use_new_zipfile_serialization=False))
     with open(legacy, "rb") as fh:
         check_torch_zip(fh, what="--weights", path=legacy)  # not a zip: torch.load decides
-    bomb = _bomb(source, tmp_path / "bomb.pth", inflated=256 * 2**20)
+    bomb = zip_bomb(source, tmp_path / "bomb.pth", inflated=256 * 2**20)
     with open(bomb, "rb") as fh, pytest.raises(InputFileError) as info:
         check_torch_zip(fh, what="--checkpoint", path=bomb)
     message = str(info.value)
@@ -187,21 +171,6 @@ def test_zip_checkpoint_that_inflates_is_refused_from_its_directory_before_decom
     assert "Python objects" not in str(weights.value)
 
 
-def _bomb(source: bytes, out: Path, inflated: int) -> Path:
-    with zipfile.ZipFile(io.BytesIO(source)) as original, zipfile.ZipFile(out, "w") as bomb:
-        members = original.infolist()
-        largest = max(members, key=lambda m: m.file_size)
-        for member in members:
-            if member is largest:
-                info = zipfile.ZipInfo(member.filename)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                with bomb.open(info, "w", force_zip64=True) as fh:
-                    chunk = bytes(16 * 2**20)
-                    for _ in range(max(1, inflated // len(chunk))):
-                        fh.write(chunk)
-            else:
-                bomb.writestr(member, original.read(member))
-    return out
 
 
 def _checkpoint(tmp_path: Path, weights: dict, class_names: list[str]) -> Path:
@@ -254,7 +223,7 @@ def test_repeated_class_names_are_refused_naming_them(tmp_path):
         meta_of({"retinafm": {"class_names": ["a", "a"]}})  # exported models' metadata too
 
 
-@pytest.mark.parametrize("make", [_fifo, _device])
+@pytest.mark.parametrize("make", [make_fifo, make_device])
 def test_checkpoints_and_weights_that_are_not_regular_files_are_refused(make, tmp_path):
     path = make(tmp_path / "model.pth")
     with pytest.raises(CheckpointError, match="not a regular file"):
@@ -272,13 +241,13 @@ def test_safetensors_header_claiming_more_than_the_file_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------- images
 @pytest.mark.parametrize("name,make,reason", [
-    ("pipe.png", _fifo, "not a regular file (a FIFO)"),
-    ("zero.png", _device, "not a regular file (a character device)"),
-    ("zero.dcm", _device, "not a regular file (a character device)"),
-    ("huge.png", _sparse, "file is 12 GiB, over the 1 GiB limit for images"),
-    ("huge.jpg", _sparse, "file is 12 GiB, over the 1 GiB limit for images"),
-    ("huge.vol", _sparse, "file is 12 GiB, over the 4 GiB limit for Heidelberg volumes"),
-    ("huge.dcm", _sparse, "not a valid DICOM file"),  # within the DICOM limit: pydicom reads its header only
+    ("pipe.png", make_fifo, "not a regular file (a FIFO)"),
+    ("zero.png", make_device, "not a regular file (a character device)"),
+    ("zero.dcm", make_device, "not a regular file (a character device)"),
+    ("huge.png", make_sparse, "file is 12 GiB, over the 1 GiB limit for images"),
+    ("huge.jpg", make_sparse, "file is 12 GiB, over the 1 GiB limit for images"),
+    ("huge.vol", make_sparse, "file is 12 GiB, over the 4 GiB limit for Heidelberg volumes"),
+    ("huge.dcm", make_sparse, "not a valid DICOM file"),  # within the DICOM limit: pydicom reads its header only
 ])
 def test_images_that_cannot_be_read_whole_are_skipped_with_their_reason(name, make, reason, tmp_path):
     path = make(tmp_path / name)
@@ -296,9 +265,9 @@ def test_ordinary_images_still_read(tmp_path):
 
 def test_folder_listing_leaves_out_fifos_and_devices_with_a_warning(tmp_path):
     _png(tmp_path / "good.png")
-    _fifo(tmp_path / "pipe.png")
-    _device(tmp_path / "zero.jpg")
-    _fifo(tmp_path / "notes")  # not named like an image: left out silently, as before
+    make_fifo(tmp_path / "pipe.png")
+    make_device(tmp_path / "zero.jpg")
+    make_fifo(tmp_path / "notes")  # not named like an image: left out silently, as before
     with pytest.warns(UserWarning) as caught:
         found = list_images(tmp_path)
     assert found == [tmp_path / "good.png"]

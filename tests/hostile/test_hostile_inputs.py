@@ -9,36 +9,33 @@ hang, a traceback or a MemoryError; and the files the user gave are unchanged. T
 """
 from __future__ import annotations
 
-import os
 import shutil
-import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from helpers import Outcome, assert_one_line_error, fingerprint, run_bounded
+from helpers import (
+    Outcome,
+    assert_one_line_error,
+    billion_laughs,
+    fingerprint,
+    make_device,
+    make_fifo,
+    make_sparse,
+    run_bounded,
+    zip_bomb,
+)
 
-GiB = 2**30
 TIMEOUT = 90  # a child that blocks on a FIFO fails here instead of hanging the suite
 TINY = ["--model", "vit_micro_patch8", "--weights", "none", "--input-size", "32", "--epochs", "1",
         "--warmup-epochs", "0", "--batch-size", "16", "--num-workers", "0", "--device", "cpu", "--bootstrap", "0"]
 
 
-def fifo(path: Path) -> Path:
-    os.mkfifo(path)
-    return path
 
 
-def device(path: Path) -> Path:
-    path.symlink_to("/dev/zero")
-    return path
 
 
-def sparse(path: Path, size: int = 12 * GiB) -> Path:
-    with open(path, "wb") as fh:
-        fh.truncate(size)  # takes no disk
-    return path
 
 
 def folder(path: Path) -> Path:
@@ -46,23 +43,6 @@ def folder(path: Path) -> Path:
     return path
 
 
-def zip_bomb(source: Path, out: Path, inflated: int = GiB) -> Path:
-    """A real torch.save file whose largest member is replaced by `inflated` zero bytes, deflated
-    (~1 MB per GiB), written 16 MiB at a time so that building it stays bounded."""
-    with zipfile.ZipFile(source) as original, zipfile.ZipFile(out, "w") as bomb:
-        members = original.infolist()
-        largest = max(members, key=lambda m: m.file_size)
-        for member in members:
-            if member is not largest:
-                bomb.writestr(member, original.read(member))
-                continue
-            info = zipfile.ZipInfo(member.filename)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            with bomb.open(info, "w", force_zip64=True) as fh:
-                chunk = bytes(16 * 2**20)
-                for _ in range(inflated // len(chunk)):
-                    fh.write(chunk)
-    return out
 
 
 def one_line_usage_error(outcome: Outcome, *words: str) -> None:
@@ -105,11 +85,11 @@ def bad_checkpoints(trained_run, tmp_path_factory) -> dict[str, Path]:
 # --------------------------------------------------------------------------- images: a skip with its reason
 def test_manifest_rows_that_are_devices_fifos_or_huge_files_are_skipped_with_their_reason(
         trained_run, demo_data, tmp_path):
-    odd = {fifo(tmp_path / "pipe.png"): "not a regular file (a FIFO",
-           device(tmp_path / "zero.png"): "not a regular file (a character device)",
-           device(tmp_path / "zero.dcm"): "not a regular file (a character device)",
-           sparse(tmp_path / "huge.jpg"): "file is 12 GiB, over the 1 GiB limit for images",
-           sparse(tmp_path / "huge.dcm"): "not a valid DICOM file"}
+    odd = {make_fifo(tmp_path / "pipe.png"): "not a regular file (a FIFO",
+           make_device(tmp_path / "zero.png"): "not a regular file (a character device)",
+           make_device(tmp_path / "zero.dcm"): "not a regular file (a character device)",
+           make_sparse(tmp_path / "huge.jpg"): "file is 12 GiB, over the 1 GiB limit for images",
+           make_sparse(tmp_path / "huge.dcm"): "not a valid DICOM file"}
     manifest = demo_manifest(demo_data, tmp_path / "m.csv")
     frame = pd.read_csv(manifest)
     rows = pd.DataFrame([(str(p), "test", "normal") for p in odd], columns=frame.columns)
@@ -131,9 +111,9 @@ def test_a_folder_with_a_fifo_a_device_and_a_huge_image_predicts_the_rest(traine
     images = tmp_path / "images"
     shutil.copytree(demo_data / "test" / "normal", images)
     good = sorted(str(p) for p in images.iterdir())
-    fifo(images / "pipe.png")
-    device(images / "zero.jpg")
-    sparse(images / "huge.png")
+    make_fifo(images / "pipe.png")
+    make_device(images / "zero.jpg")
+    make_sparse(images / "huge.png")
     outcome = run_bounded("predict", "--checkpoint", trained_run / "checkpoint-best.pth", "--images", images,
                           "--out", tmp_path / "p.csv", "--num-workers", "0", "--device", "cpu", timeout=TIMEOUT)
     assert outcome.code == 0 and "Traceback" not in outcome.output, outcome
@@ -148,16 +128,11 @@ def test_a_folder_with_a_fifo_a_device_and_a_huge_image_predicts_the_rest(traine
 # --------------------------------------------------------------------------- options: one line, exit 2
 def test_manifest_that_is_a_fifo_is_one_line_not_a_hang(tmp_path):
     """(Size limits and devices for tables: tests/test_inputs.py, through the same reader.)"""
-    manifest = fifo(tmp_path / "m.csv")
+    manifest = make_fifo(tmp_path / "m.csv")
     outcome = run_bounded("finetune", *TINY, "--manifest", manifest, "--out", tmp_path / "run", timeout=TIMEOUT)
     assert_one_line_error(outcome, "--manifest", str(manifest), "not a regular file (a FIFO")
 
 
-def _laughs() -> str:
-    """A billion laughs (10**9 strings) under a valid key, in 1 KB."""
-    lines = ["epochs:", "  - &l0 [" + ", ".join(['"lol"'] * 10) + "]"]
-    lines += [f"  - &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 9)]
-    return "\n".join(lines) + "\n"
 
 
 @pytest.mark.parametrize("case,words", [
@@ -169,9 +144,9 @@ def _laughs() -> str:
 def test_config_that_is_a_device_fifo_folder_or_alias_bomb_is_one_line(case, words, demo_data, tmp_path):
     config = tmp_path / "settings.yaml"
     if case == "bomb":
-        config.write_text(_laughs())
+        config.write_text(billion_laughs())
     else:
-        {"fifo": fifo, "device": device, "folder": folder}[case](config)
+        {"fifo": make_fifo, "device": make_device, "folder": folder}[case](config)
     outcome = run_bounded("finetune", *TINY, "--data-path", demo_data, "--config", config, "--out", tmp_path / "run",
                           timeout=TIMEOUT)
     one_line_usage_error(outcome, *words)
@@ -186,7 +161,7 @@ def test_config_that_is_a_device_fifo_folder_or_alias_bomb_is_one_line(case, wor
 ])
 def test_checkpoints_that_are_devices_bombs_or_garbage_are_one_line(case, words, bad_checkpoints, demo_data,
                                                                      tmp_path):
-    checkpoint = device(tmp_path / "model.pth") if case == "device" else bad_checkpoints[case]
+    checkpoint = make_device(tmp_path / "model.pth") if case == "device" else bad_checkpoints[case]
     outcome = run_bounded("predict", "--checkpoint", checkpoint, "--images", demo_data / "test", "--out",
                           tmp_path / "p.csv", "--num-workers", "0", "--device", "cpu", timeout=TIMEOUT)
     assert_one_line_error(outcome, *words)
@@ -201,7 +176,7 @@ def test_checkpoints_that_are_devices_bombs_or_garbage_are_one_line(case, words,
 
 def test_weights_that_are_a_fifo_are_one_line_not_a_hang(demo_data, tmp_path):
     """(The zip bomb as --weights goes through the same check as --checkpoint: tests/test_inputs.py.)"""
-    weights = fifo(tmp_path / "backbone.pth")
+    weights = make_fifo(tmp_path / "backbone.pth")
     args = list(TINY)
     args[args.index("none")] = str(weights)
     outcome = run_bounded("finetune", *args, "--data-path", demo_data, "--out", tmp_path / "run", timeout=TIMEOUT)

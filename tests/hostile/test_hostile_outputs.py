@@ -185,3 +185,28 @@ def test_a_model_whose_outputs_overflow_writes_nothing(verb, trained_run, demo_d
     outcome = run_bounded(verb, "--checkpoint", tmp_path / "overflow.pth", "--out", out, *args)
     assert_one_line_error(outcome, "NaN or infinite outputs")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["overflow.pth"]
+
+
+def test_overwrite_never_deletes_what_the_command_reads(trained_run, demo_data, tmp_path):
+    """evaluate into the folder of the training run whose checkpoint it evaluates, with --overwrite: the
+    evaluation files are replaced; the checkpoint it reads, and the training run's other files (not
+    evaluate's to remove), stay."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    kept = fingerprint(run / "checkpoint-best.pth", run / "checkpoint-last.pth", run / "log.csv",
+                       run / "config.yaml")
+    old_metrics = (run / "metrics_test.json").read_text()
+    outcome = run_bounded("evaluate", "--checkpoint", run / "checkpoint-best.pth", "--data-path", demo_data,
+                          "--out", run, "--overwrite", "--bootstrap", "0", *RUN)
+    assert outcome.code == 0, outcome
+    assert fingerprint(*(Path(p) for p in kept)) == kept
+    assert (run / "metrics_test.json").read_text() != old_metrics  # this evaluation's (no bootstrap CIs now)
+    assert (run / "report.html").is_file()
+
+
+def test_predictions_are_never_written_under_an_images_name(trained_run, images, tmp_path):
+    before = fingerprint(images)
+    outcome = run_bounded("predict", "--checkpoint", trained_run / "checkpoint-best.pth", "--images", images,
+                          "--out", sorted(images.glob("*.png"))[0], "--overwrite", *RUN)
+    assert_one_line_error(outcome, "the predictions are a CSV table")
+    assert fingerprint(images) == before

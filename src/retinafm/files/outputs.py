@@ -45,16 +45,26 @@ class OutputInUseError(OutputExistsError):
 
 
 LOCK_NAME = ".retinafm.lock"  # inside a claimed run folder; a file output's lock is .<name>.lock beside it
-# The files of an earlier run that --overwrite removes from its folder: a run writes some of them only
-# sometimes (skipped.csv when files were unreadable, split.csv on an automatic split, test results when
-# there is a test split), and an earlier run's copy left beside the new results would be read as this
-# run's. Other files in the folder are the user's and are never removed.
-RUN_OUTPUTS: tuple[str, ...] = (
-    "config.yaml", "log.csv", "data_summary.csv", "split.csv", "skipped.csv", "report.html", "checkpoint-*.pth",
-    "predictions_*.csv", "metrics_*.csv", "metrics_*.json", "plots/*.png", "knn/*.csv", "knn/*.json",
-    "probe_grid.csv", "probe_comparison.csv", "comparison.csv", "comparison.json", "forest.png", "trials.csv",
-    "optuna_best.json", "label_efficiency*.csv", "label_efficiency.png", "subsets/*.csv", "backbone.safetensors",
-    "probe_*/*",
+# The files of an earlier run that --overwrite removes from its folder, by the kind of command that
+# wrote them: a run writes some only sometimes (skipped.csv when files were unreadable, split.csv on an
+# automatic split, test results when there is a test split), and an earlier run's copy left beside the
+# new results would be read as this run's. Other files in the folder, the user's or another command's
+# (an evaluation written into a training run's folder leaves its checkpoints and log), are never removed.
+EVALUATION_OUTPUTS: tuple[str, ...] = (
+    "skipped.csv", "report.html", "predictions_*.csv", "metrics_*.csv", "metrics_*.json", "plots/*.png",
+)
+PROBE_OUTPUTS: tuple[str, ...] = (
+    *EVALUATION_OUTPUTS, "config.yaml", "data_summary.csv", "checkpoint-best.pth", "probe_grid.csv",
+    "knn/*.csv", "knn/*.json",
+)
+RUN_OUTPUTS: tuple[str, ...] = (  # finetune, pretrain, refine (and a feature probe's files in finetune's folder)
+    *PROBE_OUTPUTS, "log.csv", "split.csv", "checkpoint-*.pth", "embeddings.parquet", "backbone.safetensors",
+    "probe_comparison.csv", "probe_before/*", "probe_after/*",
+)
+COMPARISON_OUTPUTS: tuple[str, ...] = ("comparison.csv", "comparison.json", "forest.png")
+STUDY_OUTPUTS: tuple[str, ...] = ("trials.csv", "optuna_best.json", "plots/*.png", "trials/*")
+LABEL_EFFICIENCY_OUTPUTS: tuple[str, ...] = (
+    "config.yaml", "label_efficiency*.csv", "label_efficiency.png", "subsets/*.csv", "embeddings.parquet",
 )
 
 
@@ -316,13 +326,15 @@ def claim_file(path: str | os.PathLike, *, side_files: Iterable[str | os.PathLik
 @contextlib.contextmanager
 def claim_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
               inputs: Iterable[tuple[str, str | os.PathLike | None]] = (), option: str = "--out",
-              results: tuple[str, ...] = ("checkpoint-*.pth",)) -> Iterator[Claim]:
+              results: tuple[str, ...] = ("checkpoint-*.pth",),
+              outputs: tuple[str, ...] = RUN_OUTPUTS) -> Iterator[Claim]:
     """Hold the run folder `path` while the block runs: created if needed, locked (.retinafm.lock inside),
     refused when another run holds it, when it is not empty (unless `overwrite` or `resume`), or when it
     lies inside an input folder (a run in a class folder would become a class; a pretraining run in its
     --images folder would train on its own plots). If the block fails in a folder that was fresh and holds
     none of its `results` (files worth keeping: a checkpoint to resume, a study's trials), the folder is
-    removed again, so that the corrected command can be rerun as it is."""
+    removed again, so that the corrected command can be rerun as it is. `overwrite` removes the files
+    matching `outputs` (what this kind of command writes) when the folder is claimed, never an input."""
     path = Path(path)
     given = _present(inputs)
     for input_option, folder in given:
@@ -348,9 +360,12 @@ def claim_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool 
         if overwrite and not resume:
             # The earlier run's outputs go now, not as the new run rewrites them: a report written by the new
             # run must not list the old run's skipped files, nor a figure of a split this run has not got.
+            # What this command reads stays, even where it looks like an output (evaluate --checkpoint RUN/
+            # checkpoint-best.pth --out RUN --overwrite must not delete the checkpoint it is about to load).
             for old in path.rglob("*"):
                 if old.is_file() and any(fnmatch.fnmatch(old.relative_to(path).as_posix(), pattern)
-                                         for pattern in RUN_OUTPUTS):
+                                         for pattern in outputs) \
+                        and not any(_same(old, given_path) or _inside(old, given_path) for _, given_path in given):
                     old.unlink()
         try:
             yield claim

@@ -30,6 +30,7 @@ from scipy.stats import wilcoxon
 from retinafm.engine.evaluation import CI_LEVEL, PARALLEL_REPLICATES
 from retinafm.files import claim_dir, write_csv, write_json
 from retinafm.files.inputs import read_table
+from retinafm.files.outputs import COMPARISON_OUTPUTS
 from retinafm.plots import plot_forest
 from retinafm.stats.bootstrap import bootstrap_samples, paired_bootstrap
 from retinafm.stats.delong import delong_test
@@ -100,7 +101,8 @@ def compare_runs(
             raise CompareError(f"{folder} is not a folder; give run directories or `retinafm evaluate` outputs")
     per_task = _task_folders(folders, split)
     out_dir = Path(out)
-    with claim_dir(out_dir, overwrite=overwrite, inputs=[("run", f) for f in folders]) as claim:
+    with claim_dir(out_dir, overwrite=overwrite, inputs=[("run", f) for f in folders],
+                   outputs=COMPARISON_OUTPUTS) as claim:
         result = _compare(per_task, folders, out_dir, split, metric, bootstrap, seed)
         claim.remove_stale()
     return result

@@ -23,6 +23,7 @@ from retinafm.engine.evaluation import (
 )
 from retinafm.engine.inference import load_for_inference
 from retinafm.files import claim_dir, write_csv
+from retinafm.files.outputs import EVALUATION_OUTPUTS
 from retinafm.runtime import distributed as dist_utils
 from retinafm.settings import EvaluateSettings
 from retinafm.tasks import get_task, grade_order
@@ -37,7 +38,7 @@ def evaluate(settings: EvaluateSettings, *, progress: bool = True, report: bool 
     settings.validate()
     inputs = [("--checkpoint", settings.checkpoint), ("--data-path", settings.data_path),
               ("--manifest", settings.manifest)]
-    with claim_dir(settings.out, overwrite=settings.overwrite, inputs=inputs) as claim:
+    with claim_dir(settings.out, overwrite=settings.overwrite, inputs=inputs, outputs=EVALUATION_OUTPUTS) as claim:
         ev = _evaluate(settings, progress, report)
         claim.remove_stale()
     return ev

@@ -19,6 +19,7 @@ import pandas as pd
 
 from retinafm.data.sources import DataSourceError, load_labelled
 from retinafm.files import claim_dir, write_csv, write_yaml
+from retinafm.files.outputs import LABEL_EFFICIENCY_OUTPUTS
 from retinafm.plots import plot_label_efficiency
 from retinafm.settings import ConfigError, FinetuneSettings
 from retinafm.tasks import check_settings, get_task
@@ -72,7 +73,8 @@ def label_efficiency(cfg: FinetuneSettings, fractions: Sequence[float], seeds: i
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     from retinafm.workflows.finetune import training_inputs
 
-    with claim_dir(cfg.out, overwrite=cfg.overwrite, inputs=training_inputs(cfg)) as claim:
+    with claim_dir(cfg.out, overwrite=cfg.overwrite, inputs=training_inputs(cfg),
+                   outputs=LABEL_EFFICIENCY_OUTPUTS) as claim:
         result = _label_efficiency(cfg, Path(cfg.out), fractions, seeds, metric, quiet)
         claim.remove_stale()
     return result

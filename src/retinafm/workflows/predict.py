@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 
 from retinafm.data.images import collect_images
+from retinafm.data.io import IMAGE_SUFFIXES
 from retinafm.data.loader import ImageDataset, SkipLog
 from retinafm.data.sources import DataSourceError
 from retinafm.data.volumes import split_address
@@ -15,7 +16,7 @@ from retinafm.engine.infer import infer
 from retinafm.engine.inference import load_for_inference
 from retinafm.files import claim_file, write_csv
 from retinafm.runtime import distributed as dist_utils
-from retinafm.settings import PredictSettings
+from retinafm.settings import ConfigError, PredictSettings
 
 
 @dataclass
@@ -63,6 +64,8 @@ def predict(settings: PredictSettings, *, progress: bool = True) -> PredictResul
     settings.validate()
     s = settings
     out = Path(s.out)
+    if out.suffix.lower() in IMAGE_SUFFIXES:  # a CSV under an image's name could replace one of the images
+        raise ConfigError(f"--out {out}: the predictions are a CSV table; give a name ending in .csv")
     skipped_file, volumes_file = side_files(out)
     with claim_file(out, side_files=(skipped_file, volumes_file), overwrite=s.overwrite,
                     inputs=[("--checkpoint", s.checkpoint), ("--images", s.images)]) as claim:

@@ -34,6 +34,7 @@ from retinafm.engine.evaluation import (
     write_evaluation,
 )
 from retinafm.files import claim_dir, write_csv, write_yaml
+from retinafm.files.outputs import PROBE_OUTPUTS
 from retinafm.plots import plot_probe_grid
 from retinafm.settings import FinetuneSettings, setting
 from retinafm.settings.base import BOOTSTRAP, SEED
@@ -174,7 +175,7 @@ def probe(embeddings: str | Path | Embeddings, out: str | Path, settings: ProbeS
     emb = embeddings if isinstance(embeddings, Embeddings) else read_embeddings(embeddings)
     task, splits, targets = probe_data(emb, settings)
     source = None if isinstance(embeddings, Embeddings) else embeddings
-    with claim_dir(out, overwrite=overwrite, inputs=[("--embeddings", source)]) as claim:
+    with claim_dir(out, overwrite=overwrite, inputs=[("--embeddings", source)], outputs=PROBE_OUTPUTS) as claim:
         result = _probe(emb, task, splits, targets, Path(out), settings, quiet)
         claim.remove_stale()
     return result

@@ -21,6 +21,7 @@ import pandas as pd
 
 from retinafm.engine.loop import NonFiniteLossError
 from retinafm.files import atomic_path, claim_dir, write_csv, write_json
+from retinafm.files.outputs import STUDY_OUTPUTS
 from retinafm.settings import ConfigError, FinetuneSettings, flag_text, setting
 from retinafm.settings.base import EPOCHS
 from retinafm.tasks import check_settings, get_task
@@ -99,7 +100,7 @@ def tune(base: FinetuneSettings, settings: TuneSettings) -> TuneResult:
     # A study already in --storage is continued in its folder; anything else needs an empty --out.
     continued = out.is_dir() and any(out.iterdir()) and _study_exists(name, settings.storage)
     with claim_dir(out, overwrite=base.overwrite, resume=continued, inputs=training_inputs(base),
-                   results=("trials.csv",)) as claim:
+                   results=("trials.csv",), outputs=STUDY_OUTPUTS) as claim:
         result = _tune(base, settings, out, name)
         claim.remove_stale()
     return result

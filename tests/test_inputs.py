@@ -5,9 +5,11 @@ tests/hostile/test_hostile_inputs.py."""
 from __future__ import annotations
 
 import io
+import re
 import signal
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -274,3 +276,22 @@ def test_folder_listing_leaves_out_fifos_and_devices_with_a_warning(tmp_path):
     messages = sorted(str(w.message) for w in caught)
     assert messages == [f"skipping {tmp_path / 'pipe.png'}: not a regular file (a FIFO)",
                         f"skipping {tmp_path / 'zero.jpg'}: not a regular file (a character device)"]
+
+
+@pytest.mark.parametrize("elements,reason", [
+    ({"Rows": 60000, "Columns": 60000}, "too large to decode safely (its header claims 60000 x 60000 pixels"),
+    ({"NumberOfFrames": 10**9}, "its header claims 1,000,000,000 frames, more than its"),
+])
+def test_dicom_headers_that_claim_more_than_the_file_holds_are_skipped_before_any_allocation(elements, reason,
+                                                                                            tmp_path):
+    """A few hundred bytes whose header claims a 3.6 GB frame, or a billion frames (a billion paths
+    when every B-scan is listed): a skip with the reason, not a MemoryError."""
+    from helpers import write_dicom
+
+    from retinafm.data.dicom import DicomError, dicom_frame_count
+
+    path = write_dicom(tmp_path / "claims.dcm", np.zeros((3, 8, 8), np.uint8), **elements)
+    with pytest.raises(DicomError, match=re.escape(reason)):
+        dicom_frame_count(path)
+    with pytest.raises(ImageReadError, match=re.escape(reason)):
+        read_image(path)

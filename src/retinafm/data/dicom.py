@@ -23,6 +23,9 @@ import numpy as np
 from retinafm.files.inputs import DICOM_MAX_BYTES, InputFileError, check_regular, open_regular
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+# Pillow's decompression-bomb limit (twice MAX_IMAGE_PIXELS), so a DICOM frame is held to what any other
+# image is: ~179 M pixels, far above a wide-field photograph (4000 x 4000) or an OCT B-scan.
+MAX_FRAME_PIXELS = 2 * 89_478_485
 _PREAMBLE = 128  # a DICOM file: 128-byte preamble, then b"DICM"
 
 
@@ -43,7 +46,31 @@ def looks_like_dicom(path: str | Path, head: bytes | None = None) -> bool:
 
 
 def dicom_frame_count(path: str | Path) -> int:
-    """Number of frames, from the header alone."""
+    """Number of frames, from the header alone, refused when the file is too small to hold them (each
+    frame is listed once per volume, so a header claiming 10**9 frames would be a list of 10**9 paths)."""
+    ds = _header(path)
+    frames = _dimension(ds, "NumberOfFrames") or 1
+    size = Path(path).stat().st_size
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    # An encapsulated frame takes at least an 8-byte item header; a native one its full pixel bytes
+    # (a deflated file holds native pixels in fewer bytes: one byte a frame is all that can be said).
+    if getattr(syntax, "is_deflated", False):
+        per_frame = 1
+    elif getattr(syntax, "is_compressed", False):
+        per_frame = 8
+    else:
+        bits = (_dimension(ds, "Rows") * _dimension(ds, "Columns") * (_dimension(ds, "SamplesPerPixel") or 1)
+                * (_dimension(ds, "BitsAllocated") or 8))
+        per_frame = max(1, bits // 8)
+    if frames * per_frame > size:
+        raise DicomError(f"its header claims {frames:,} frames, more than its {size:,} bytes can hold")
+    return frames
+
+
+def _header(path: str | Path):
+    """The dataset up to its pixel data, refused when its frames claim more pixels than an image may
+    have: pydicom allocates a frame from Rows x Columns before it finds the data short (a 12 KB file
+    claiming 60000 x 60000 pixels is a MemoryError, not a skip)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -57,7 +84,18 @@ def dicom_frame_count(path: str | Path) -> int:
         raise DicomError(f"not a valid DICOM file ({_first_line(exc)})") from None
     except (EOFError, OSError, ValueError, KeyError) as exc:
         raise DicomError(f"not a readable DICOM file ({_first_line(exc)})") from None
-    return int(ds.get("NumberOfFrames", 1) or 1)
+    rows, columns = _dimension(ds, "Rows"), _dimension(ds, "Columns")
+    if rows * columns > MAX_FRAME_PIXELS:
+        raise DicomError(f"image too large to decode safely (its header claims {rows} x {columns} pixels per frame, "
+                         f"over {MAX_FRAME_PIXELS:,})")
+    return ds
+
+
+def _dimension(ds, name: str) -> int:
+    try:
+        return max(0, int(ds.get(name, 0) or 0))
+    except (TypeError, ValueError):
+        raise DicomError(f"its header's {name} is not a number") from None
 
 
 def read_dicom_frame(path: str | Path, frame: int = 0) -> np.ndarray:

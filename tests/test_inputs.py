@@ -295,3 +295,17 @@ def test_dicom_headers_that_claim_more_than_the_file_holds_are_skipped_before_an
         dicom_frame_count(path)
     with pytest.raises(ImageReadError, match=re.escape(reason)):
         read_image(path)
+
+
+def test_an_npy_whose_header_claims_more_rows_than_the_file_holds_is_refused_unallocated(tmp_path):
+    from numpy.lib import format as npy
+
+    from retinafm.data.embeddings import read_embeddings
+    from retinafm.data.sources import DataSourceError
+
+    with open(tmp_path / "e.npy", "wb") as fh:  # 4 TB claimed, 64 bytes held
+        npy.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (10**9, 1024)})
+        fh.write(bytes(64))
+    (tmp_path / "e.csv").write_text("path\na.png\n")
+    with pytest.raises(DataSourceError, match="is not a readable .npy file"):
+        read_embeddings(tmp_path / "e.npy")

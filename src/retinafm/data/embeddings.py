@@ -59,7 +59,10 @@ def read_embeddings(path: str | Path) -> Embeddings:
         index, meta = path.with_suffix(".csv"), path.with_suffix(".json")
         if not index.is_file():
             raise DataSourceError(f"--embeddings {path}: its index {index.name} is missing beside it")
-        vectors = np.load(path, allow_pickle=False).astype(np.float32)
+        try:  # memory-mapped first: a header claiming more rows than the file holds fails here, unallocated
+            vectors = np.load(path, mmap_mode="r", allow_pickle=False).astype(np.float32)
+        except ValueError as exc:
+            raise DataSourceError(f"--embeddings {path} is not a readable .npy file ({exc})") from None
         frame = read_table(index, what="--embeddings index")  # class names such as "NA" stay text
         info = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
     elif path.suffix == ".parquet":

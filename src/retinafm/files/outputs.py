@@ -304,6 +304,8 @@ def claim_file(path: str | os.PathLike, *, side_files: Iterable[str | os.PathLik
     for out in outputs:
         if out.is_dir():
             raise OutputPathError(f"{option} {path}: {out} is a folder; give a file path")
+        if out.exists() and not out.is_file():  # /dev/null, a FIFO: a rename onto it would replace the device
+            raise OutputPathError(f"{option} {path}: {out} is not a regular file; give the path of a file to write")
     if not _primary():
         yield Claim(path, outputs, overwrite, path)
         return

@@ -167,3 +167,14 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def test_an_output_that_is_a_device_or_fifo_is_refused_even_with_overwrite(tmp_path):
+    from retinafm.files import claim_file
+
+    os.mkfifo(tmp_path / "pipe.csv")
+    for out in (tmp_path / "pipe.csv", "/dev/null"):
+        with pytest.raises(OutputPathError, match="is not a regular file; give the path of a file to write"):
+            with claim_file(out, overwrite=True):
+                pass
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")

@@ -225,6 +225,16 @@ def test_repeated_class_names_are_refused_naming_them(tmp_path):
         meta_of({"retinafm": {"class_names": ["a", "a"]}})  # exported models' metadata too
 
 
+def test_a_task_state_with_nan_statistics_is_refused():
+    """A regression checkpoint whose target mean is NaN would predict NaN for every image."""
+    state = {"class_names": ["age"], "task": "regression", "task_state": {"mean": [float("nan")], "std": [2.0]}}
+    with pytest.raises(CheckpointError, match=r"task state holds NaN or infinite values \(task_state.mean\[0\]\)"):
+        meta_of({"retinafm": state})
+    state["task_state"]["mean"] = [50.0]
+    with pytest.raises(TypeError, match="missing 9 required"):  # past the check: the fields left out here
+        meta_of({"retinafm": state})
+
+
 @pytest.mark.parametrize("make", [make_fifo, make_device])
 def test_checkpoints_and_weights_that_are_not_regular_files_are_refused(make, tmp_path):
     path = make(tmp_path / "model.pth")

@@ -19,6 +19,7 @@ memory by `upgrade`, so they keep loading everywhere.
 """
 from __future__ import annotations
 
+import math
 import platform
 from collections import Counter
 from dataclasses import dataclass, field
@@ -241,7 +242,24 @@ def meta_of(state: dict[str, Any]) -> CheckpointMeta:
     two classes of one name would become one column of every table (and one bar of every plot)."""
     info = {k: v for k, v in state["retinafm"].items() if k in CheckpointMeta.__dataclass_fields__}
     check_class_names(info.get("class_names"), "the model's metadata")
+    bad = _non_finite(info.get("task_state"))
+    if bad:  # NaN target statistics or thresholds would turn every prediction into NaN, or the wrong label
+        raise CheckpointError(f"the model's task state holds NaN or infinite values ({', '.join(bad[:5])}); "
+                              "the checkpoint is damaged: use another one, or train again")
     return CheckpointMeta(**info)
+
+
+def _non_finite(value: Any, where: str = "task_state") -> list[str]:
+    """The places in a (nested) task state whose numbers are NaN or infinite."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [] if math.isfinite(value) else [where]
+    if isinstance(value, dict):
+        return [p for key, item in value.items() for p in _non_finite(item, f"{where}.{key}")]
+    if isinstance(value, (list, tuple)):
+        return [p for i, item in enumerate(value) for p in _non_finite(item, f"{where}[{i}]")]
+    return []
 
 
 def check_class_names(names: Any, where: str) -> None:

@@ -100,7 +100,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _run(fn: Callable[[], Any],
-         on_interrupt: str = "A fine-tune can be continued with --resume RUN_DIR.") -> Any:
+         on_interrupt: str = ("A run that has saved a checkpoint continues with --resume RUN_DIR; one stopped "
+                               "before its first checkpoint leaves nothing behind.")) -> Any:
     """Turn the errors a user can cause into one clear line and a non-zero exit, not a traceback."""
     try:
         return fn()

@@ -37,6 +37,8 @@ def test_yaml_round_trip_and_unknown_keys(tmp_path):
     ({"epochs": 0}, "--epochs must be between 1 and 100,000, got 0"),
     ({"warmup_epochs": 99}, "--warmup-epochs"),
     ({"smoothing": 1.5}, "--smoothing"),
+    ({"layer_decay": -1.0}, r"--layer-decay must be in \(0, 1\]"),
+    ({"layer_decay": 0.0}, r"--layer-decay must be in \(0, 1\]"),
     ({"global_pool": "max"}, "--global-pool"),
     ({"device": "tpu"}, "--device"),
     ({"task": "segmentation"}, "--task must be one of multiclass, multilabel, regression"),

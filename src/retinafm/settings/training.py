@@ -160,6 +160,8 @@ class FinetuneSettings(Settings):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+        if not 0.0 < self.layer_decay <= 1.0:  # lr x decay**depth: 0 freezes, a negative one flips signs
+            raise ConfigError(f"--layer-decay must be in (0, 1] (1: one lr for every layer), got {self.layer_decay}")
         _check_crop_scale(self.crop_min_scale)
 
     def check_values(self) -> None:

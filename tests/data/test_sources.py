@@ -165,6 +165,10 @@ def test_regression_manifest_numbers_and_auto_split(tmp_path):
     bad = _write_manifest(tmp_path, "path,split,age\na.png,train,forty\n")
     with pytest.raises(DataSourceError, match="'age' must hold a number"):
         load_manifest(bad, targets=get_task("regression").targets)
+    for value in ("inf", "-inf", "1e999"):  # a target no loss can use: refused with its line, not trained on
+        bad = _write_manifest(tmp_path, f"path,split,age\na.png,train,40\nb.png,train,{value}\n")
+        with pytest.raises(DataSourceError, match=r"'age' must hold a number.*line\(s\) 3 \(value -?inf\)"):
+            load_manifest(bad, targets=get_task("regression").targets)
 
 
 def test_tasks_other_than_multiclass_need_a_manifest(tmp_path):

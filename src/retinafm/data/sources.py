@@ -415,18 +415,23 @@ def _target_values(frame: pd.DataFrame, csv_path: Path, names: list[str], reader
         raw = frame[name]
         values = pd.to_numeric(raw, errors="coerce")
         bad = raw.notna() & values.isna()
+        bad |= values.notna() & ~np.isfinite(values.to_numpy(dtype=np.float64))  # "inf", 1e999: no target
         if reader.allowed is not None:
             bad |= values.notna() & ~values.isin(list(reader.allowed))
         if bad.any():
             lines = ", ".join(str(j + 2) for j in np.flatnonzero(bad.to_numpy())[:10])  # +2: header, 1-based
             raise DataSourceError(
                 f"--manifest {csv_path}: column {name!r} must hold {reader.want}; see line(s) {lines} "
-                f"(value {raw[bad].iloc[0]!r}). Choose the columns with {flag}."
+                f"(value {_cell(raw[bad].iloc[0])}). Choose the columns with {flag}."
             )
         if values.isna().all() and name not in may_be_empty:
             raise DataSourceError(f"--manifest {csv_path}: column {name!r} has no values")
         out[:, i] = values.to_numpy(dtype=np.float64)
     return out
+
+
+def _cell(value: object) -> str:
+    return repr(value) if isinstance(value, str) else str(value)  # inf, not np.float64(inf)
 
 
 def parse_label_map(text: str | None) -> dict[str, str]:

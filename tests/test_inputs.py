@@ -319,3 +319,19 @@ def test_an_npy_whose_header_claims_more_rows_than_the_file_holds_is_refused_una
     (tmp_path / "e.csv").write_text("path\na.png\n")
     with pytest.raises(DataSourceError, match="is not a readable .npy file"):
         read_embeddings(tmp_path / "e.npy")
+
+
+@pytest.mark.parametrize("offset", [12, 16, 20], ids=["size_x", "n_bscans", "size_y"])
+def test_heidelberg_headers_that_claim_huge_sizes_are_skipped_with_their_reason(offset, tmp_path):
+    """A .vol whose header claims 2**31 - 1 A-scans, B-scans or rows (eyepy's format reads them from
+    the header): a skip naming the format, not an allocation of that size."""
+    import struct
+
+    from helpers import oct_bscans, write_heidelberg_vol
+
+    data = bytearray(write_heidelberg_vol(tmp_path / "good.vol", oct_bscans(3)).read_bytes())
+    data[offset:offset + 4] = struct.pack("<I", 2**31 - 1)
+    (tmp_path / "claims.vol").write_bytes(bytes(data))
+    for address in (tmp_path / "claims.vol", f"{tmp_path / 'claims.vol'}#frame=1"):
+        with pytest.raises(ImageReadError, match="not a readable Heidelberg .vol file"):
+            read_image(address)

@@ -1,0 +1,97 @@
+"""engine.heatmaps against cases with a known answer: attention that all flows to one patch, gradients
+that are positive on one patch only, a model whose input is zero but for one patch."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from retinafm.engine.heatmaps import (
+    METHODS,
+    HeatmapError,
+    attention_rollout,
+    explain_batch,
+    gradient_rollout,
+    recorded_attention,
+)
+
+PATCH, SIDE = 8, 32  # a 4 x 4 grid of patches
+GRID = SIDE // PATCH
+
+
+def _vit(global_pool: str = "token", **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIDE, patch_size=PATCH, depth=2,
+                             num_classes=3, global_pool=global_pool, **kwargs).eval()
+
+
+def _towards(token: int, batch: int = 2, tokens: int = 1 + GRID * GRID, heads: int = 3) -> torch.Tensor:
+    """Attention in which every token attends to `token` alone."""
+    attention = torch.zeros(batch, heads, tokens, tokens)
+    attention[..., token] = 1.0
+    return attention
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_rollout_finds_the_patch_all_attention_flows_to(pool):
+    patch = 9
+    relevance = attention_rollout([_towards(1 + patch)] * 3, prefix_tokens=1, pool=pool)
+    assert relevance.shape == (2, GRID * GRID)
+    assert (relevance.argmax(1) == patch).all()
+
+
+def test_gradient_rollout_follows_the_gradient_not_the_attention():
+    """Uniform attention everywhere; the target's gradient is positive on one patch's column only."""
+    tokens, patch = 1 + GRID * GRID, 5
+    uniform = torch.full((2, 3, tokens, tokens), 1 / tokens)
+    gradient = -torch.ones_like(uniform)
+    gradient[..., 1 + patch] = 1.0
+    relevance = gradient_rollout([uniform] * 2, [gradient] * 2, prefix_tokens=1)
+    assert (relevance.argmax(1) == patch).all()
+    assert (relevance.clamp(min=0).sum(1) > 0).all()
+
+
+def test_recorded_attention_is_timms_softmax_and_fused_attention_comes_back():
+    model = _vit()
+    images = torch.randn(2, 3, SIDE, SIDE)
+    with torch.no_grad():
+        expected = model(images)
+        with recorded_attention(model) as attentions:
+            again = model(images)
+    torch.testing.assert_close(again, expected, atol=1e-5, rtol=1e-5)  # same outputs on the unfused path
+    assert len(attentions) == 2 and attentions[0].shape == (2, 3, 17, 17)
+    torch.testing.assert_close(attentions[0].sum(-1), torch.ones(2, 3, 17))
+    block = model.blocks[0]
+    with torch.no_grad():
+        x = block.norm1(model._pos_embed(model.patch_embed(images)))
+        q, k, _ = block.attn.qkv(x).reshape(2, 17, 3, 3, 64).permute(2, 0, 3, 1, 4).unbind(0)
+    torch.testing.assert_close(attentions[0], ((q * block.attn.scale) @ k.transpose(-2, -1)).softmax(-1))
+    assert all(b.attn.fused_attn == timm.layers.use_fused_attn() for b in model.blocks)
+
+
+def test_integrated_gradients_credit_only_the_patch_that_differs_from_the_baseline():
+    model = _vit()
+    images = torch.zeros(1, 3, SIDE, SIDE)
+    images[..., 16:24, 8:16] = torch.rand(3, 8, 8) + 0.5  # patch (row 2, column 1)
+    heatmap = explain_batch(model, images, torch.tensor([1]), "integrated-gradients", steps=16)
+    row, column = divmod(int(heatmap[0].argmax()), SIDE)
+    assert (row // PATCH, column // PATCH) == (2, 1)
+    assert heatmap[0][:16].max() == 0 and heatmap[0][24:].max() == 0  # a black pixel earns nothing
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_every_method_gives_one_unit_map_per_image_at_the_input_size(method, pool):
+    model = _vit(pool)
+    images = torch.randn(2, 3, SIDE, SIDE)
+    heatmaps = explain_batch(model, images, torch.tensor([0, 2]), method, steps=4)
+    assert heatmaps.shape == (2, SIDE, SIDE) and heatmaps.dtype == torch.float32
+    assert torch.isfinite(heatmaps).all() and heatmaps.min() >= 0 and heatmaps.max() <= 1
+    assert all(b.attn.fused_attn == timm.layers.use_fused_attn() for b in model.blocks)
+
+
+def test_unknown_methods_and_models_without_vit_blocks_are_refused():
+    with pytest.raises(HeatmapError, match="--method must be one of grad-rollout"):
+        explain_batch(_vit(), torch.zeros(1, 3, SIDE, SIDE), torch.tensor([0]), "lime")
+    with pytest.raises(HeatmapError, match="no timm ViT blocks"):
+        explain_batch(torch.nn.Conv2d(3, 3, 1), torch.zeros(1, 3, SIDE, SIDE), torch.tensor([0]), "rollout")

@@ -95,3 +95,15 @@ def test_unknown_methods_and_models_without_vit_blocks_are_refused():
         explain_batch(_vit(), torch.zeros(1, 3, SIDE, SIDE), torch.tensor([0]), "lime")
     with pytest.raises(HeatmapError, match="no timm ViT blocks"):
         explain_batch(torch.nn.Conv2d(3, 3, 1), torch.zeros(1, 3, SIDE, SIDE), torch.tensor([0]), "rollout")
+
+
+def test_register_tokens_rope_and_tiny_layer_scales_still_give_maps():
+    """DINOv2 with registers (5 prefix tokens) and DINOv3 (RoPE, layer scale 1e-5, avg pooling) in timm:
+    the rollouts read past the prefix tokens and keep the blocks' small contributions."""
+    for name, side in (("vit_small_patch14_reg4_dinov2", 56), ("vit_small_patch16_dinov3", 64)):
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, num_classes=3, img_size=side).eval()
+        for method in ("grad-rollout", "rollout"):
+            heatmaps = explain_batch(model, torch.randn(2, 3, side, side), torch.tensor([0, 1]), method)
+            assert heatmaps.shape == (2, side, side)
+            assert (heatmaps.flatten(1).max(1).values == 1).all(), (name, method)  # not a flat, all-zero map

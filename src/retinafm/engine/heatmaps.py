@@ -89,11 +89,14 @@ def gradient_rollout(attentions: Sequence[torch.Tensor], gradients: Sequence[tor
                      pool: str = "token") -> torch.Tensor:
     """Chefer et al.'s gradient-weighted rollout -> (B, patches)."""
     first = attentions[0]
-    relevance = torch.eye(first.shape[-1], device=first.device, dtype=torch.float32).expand(first.shape[0], -1, -1)
+    eye = torch.eye(first.shape[-1], device=first.device, dtype=torch.float32).expand(first.shape[0], -1, -1)
+    relevance = eye
     for attention, gradient in zip(attentions, gradients, strict=True):
         weighted = (gradient.float() * attention.float()).clamp(min=0).mean(1)
         relevance = relevance + weighted @ relevance
-    return pooled_relevance(relevance, prefix_tokens, pool)
+    # Read out what the blocks added: the identity gives every patch the same share under avg pooling, and
+    # beside its 1.0 the additions of a model with tiny layer scales (DINOv3's 1e-5) vanish in float32.
+    return pooled_relevance(relevance - eye, prefix_tokens, pool)
 
 
 def _scores(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ from retinafm.files import (
     OutputExistsError,
     OutputPathError,
     atomic_path,
+    claim_file,
     prepare_output_dir,
-    refuse_existing_file,
     write_csv,
     write_json,
     write_text,
@@ -44,8 +44,8 @@ def test_existing_run_is_never_silently_overwritten(tmp_path):
     assert prepare_output_dir(run, overwrite=True) == run
     with pytest.raises(OutputExistsError, match="is a file"):
         prepare_output_dir(run / "log.csv")
-    with pytest.raises(OutputExistsError, match="--overwrite"):
-        refuse_existing_file(run / "log.csv", overwrite=False)
+    with pytest.raises(OutputExistsError, match="--overwrite"), claim_file(run / "log.csv"):
+        pass
 
 
 def test_unusable_output_folders(tmp_path):

@@ -85,8 +85,9 @@ def read_image(path: str | Path, decode_size: int | None = None) -> torch.Tensor
             head = fh.read(132)
             if not head:
                 raise ImageReadError(address, "empty file (0 bytes)")
-            volume = frame is not None or slo or path.suffix.lower() in EYEPY_SUFFIXES or looks_like_dicom(path, head)
-            limit, kind = image_size_limit(path, head, volume)
+            dicom = looks_like_dicom(path, head)
+            volume = frame is not None or slo or dicom or path.suffix.lower() in EYEPY_SUFFIXES
+            limit, kind = image_size_limit(path, dicom)
             if size > limit:
                 raise ImageReadError(address, too_large_reason(size, limit, kind))
             image = _decode(address, path, fh, head, frame, slo, volume, decode_size)
@@ -101,13 +102,13 @@ def read_image(path: str | Path, decode_size: int | None = None) -> torch.Tensor
     return image
 
 
-def image_size_limit(path: Path, head: bytes, volume: bool) -> tuple[int, str]:
+def image_size_limit(path: Path, dicom: bool) -> tuple[int, str]:
     """(bytes, what the limit is for): files read a frame at a time (DICOM, multi-page TIFF) may be
     far larger than a 2-D image, which is read whole; eyepy reads a Heidelberg file whole."""
     suffix = path.suffix.lower()
     if suffix in EYEPY_SUFFIXES:
         return HEIDELBERG_MAX_BYTES, "Heidelberg volumes"
-    if volume and looks_like_dicom(path, head):
+    if dicom:
         return DICOM_MAX_BYTES, "DICOM files"
     if suffix in TIFF_SUFFIXES:
         return TIFF_MAX_BYTES, "TIFF stacks"

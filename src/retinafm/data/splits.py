@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from retinafm.files.inputs import read_table
+from retinafm.settings import check_ratios
 
 
 def rarest_positive(values: np.ndarray) -> np.ndarray:
@@ -29,14 +29,12 @@ SPLIT_NAMES = ("train", "val", "test")
 
 
 def parse_ratios(text: str) -> tuple[float, float, float]:
-    """Parse '--split 0.7,0.15,0.15' (train, val, test); they must be positive and sum to 1."""
-    try:
-        values = tuple(float(x) for x in str(text).split(","))
-    except ValueError:
-        raise ValueError(f"--split {text!r}: expected three numbers like 0.7,0.15,0.15") from None
-    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
-        raise ValueError(f"--split {text!r}: expected three positive ratios (train,val,test) summing to 1")
-    return values  # type: ignore[return-value]
+    """Parse '--split 0.7,0.15,0.15' (train, val, test) by the settings' one rule (settings.check_ratios):
+    three finite fractions above 0 summing to 1."""
+    ratios = check_ratios(text, "--split")
+    if ratios is None:
+        raise ValueError("--split: expected three numbers like 0.7,0.15,0.15")
+    return ratios
 
 
 def stratified_split(

@@ -32,7 +32,6 @@ from retinafm.files.outputs import (
     claim_dir,
     claim_file,
     prepare_output_dir,
-    refuse_existing_file,
     save_torch,
     write_csv,
     write_json,
@@ -42,7 +41,7 @@ from retinafm.files.outputs import (
 
 __all__ = [
     "Claim", "OutputExistsError", "OutputInUseError", "OutputPathError", "atomic_path", "claim_dir", "claim_file",
-    "prepare_output_dir", "refuse_existing_file", "save_torch", "write_csv", "write_json", "write_text", "write_yaml",
+    "prepare_output_dir", "save_torch", "write_csv", "write_json", "write_text", "write_yaml",
     # inputs
     "CHECKPOINT_MAX_BYTES", "CONFIG_MAX_BYTES", "DICOM_MAX_BYTES", "HEIDELBERG_MAX_BYTES", "IMAGE_MAX_BYTES",
     "TABLE_MAX_BYTES", "TIFF_MAX_BYTES", "YAML_MAX_NODES", "InputFileError", "check_regular",

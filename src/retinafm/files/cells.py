@@ -19,6 +19,7 @@ these CSVs see the apostrophe and can strip it the same way (a text cell `'` + o
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pandas as pd
 
@@ -52,38 +53,30 @@ def restore_cell(value: object) -> object:
 def protect_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """A copy of `frame` whose text cells and column names a spreadsheet will not run (the frame itself
     is returned when nothing needs protecting, the usual case)."""
-    columns = [protect_cell(c) if isinstance(c, str) else c for c in frame.columns]
-    changed = {}
-    for name in frame.columns:
-        column = frame[name]
-        if column.dtype != object and not pd.api.types.is_string_dtype(column.dtype):
-            continue
-        risky = column.map(lambda v: isinstance(v, str) and v.startswith(TRIGGERS))
-        if risky.any():
-            path = is_path_column(name)
-            changed[name] = column.map(lambda v, path=path: protect_cell(v, path=path))
-    if not changed and columns == list(frame.columns):
-        return frame
-    out = frame.copy()
-    for name, values in changed.items():
-        out[name] = values
-    out.columns = columns
-    return out
+    return _map_text(frame, lambda v: isinstance(v, str) and v.startswith(TRIGGERS),
+                     lambda v, column: protect_cell(v, path=is_path_column(column)))
 
 
 def restore_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """A CSV the toolkit wrote, read back: the apostrophes protect_frame added taken off again."""
-    columns = [restore_cell(c) for c in frame.columns]
-    restored = {}
+    return _map_text(frame, lambda v: isinstance(v, str) and bool(_PROTECTED.match(v)),
+                     lambda v, _column: restore_cell(v))
+
+
+def _map_text(frame: pd.DataFrame, risky: Callable[[object], bool],
+              convert: Callable[[object, object], object]) -> pd.DataFrame:
+    """`convert(value, column)` applied to the column names and to the text columns holding a `risky`
+    cell; `frame` itself when nothing changes (no copy of a frame with nothing to protect)."""
+    columns = [convert(c, None) if risky(c) else c for c in frame.columns]
+    changed = {}
     for name in frame.columns:
         column = frame[name]
-        if column.dtype == object or pd.api.types.is_string_dtype(column.dtype):
-            if column.map(lambda v: isinstance(v, str) and bool(_PROTECTED.match(v))).any():
-                restored[name] = column.map(restore_cell)
-    if not restored and columns == list(frame.columns):
+        if (column.dtype == object or pd.api.types.is_string_dtype(column.dtype)) and column.map(risky).any():
+            changed[name] = column.map(lambda v, name=name: convert(v, name) if risky(v) else v)
+    if not changed and columns == list(frame.columns):
         return frame
     out = frame.copy()
-    for name, values in restored.items():
+    for name, values in changed.items():
         out[name] = values
     out.columns = columns
     return out

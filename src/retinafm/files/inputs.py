@@ -81,8 +81,9 @@ class InputFileError(ValueError):
 
 
 def describe_size(size: int) -> str:
-    """12 * 2**30 -> '12 GiB'; 1536 -> '1.5 KiB'; 500 -> '500 bytes'."""
-    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+    """12 * 2**30 -> '12 GiB'; 1536 -> '1.5 KiB'; 500 -> '500 bytes'; up to EiB (what an attention map
+    of an absurd input size would take)."""
+    for unit, scale in (("EiB", 2**60), ("PiB", 2**50), ("TiB", 2**40), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if size >= scale:
             return f"{size // scale} {unit}" if size % scale == 0 else f"{size / scale:.1f} {unit}"
     return f"{size} bytes"

@@ -148,10 +148,8 @@ def save_torch(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create `path`, refusing a non-empty existing folder unless resuming or overwriting.
-
-    Overwrite does not delete anything: files are replaced one by one as the new run writes them.
-    """
+    """Create `path`, refusing a non-empty existing folder unless resuming or overwriting (the lock file
+    of a claim does not count). Deletes nothing: what --overwrite removes is claim_dir's business."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"--out {path} exists and is a file; give a folder path.")
@@ -168,13 +166,6 @@ def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resu
         raise OutputPathError(f"cannot create output folder {path}: {exc.strerror or exc}") from exc
     if not os.access(path, os.W_OK):
         raise PermissionError(f"output folder {path} is not writable; choose another --out.")
-    return path
-
-
-def refuse_existing_file(path: str | os.PathLike, *, overwrite: bool, option: str = "--out") -> Path:
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{option} {path} already exists; pass --overwrite to replace it.")
     return path
 
 
@@ -216,12 +207,10 @@ class Claim:
     """What a command holds while it runs: the lock, and the paths it may write."""
 
     path: Path
-    outputs: list[Path]
     overwrite: bool
     lock: Path
     _fd: int = -1
     fresh: bool = False  # a folder that did not exist or was empty: the run owns everything in it
-    created: bool = False
     before: dict[Path, tuple[int, int]] = field(default_factory=dict)  # a file's side files: (inode, mtime)
 
     def remove_stale(self, written: Iterable[str | os.PathLike | None] = ()) -> list[Path]:
@@ -307,10 +296,10 @@ def claim_file(path: str | os.PathLike, *, side_files: Iterable[str | os.PathLik
         if out.exists() and not out.is_file():  # /dev/null, a FIFO: a rename onto it would replace the device
             raise OutputPathError(f"{option} {path}: {out} is not a regular file; give the path of a file to write")
     if not _primary():
-        yield Claim(path, outputs, overwrite, path)
+        yield Claim(path, overwrite, path)
         return
     path.parent.mkdir(parents=True, exist_ok=True)  # an OSError names the path (the CLI prints it as one line)
-    claim = Claim(path, outputs, overwrite, path.with_name(f".{path.name}.lock"))
+    claim = Claim(path, overwrite, path.with_name(f".{path.name}.lock"))
     claim._acquire()
     try:
         existing = [p for p in outputs if p.exists()]
@@ -346,11 +335,11 @@ def claim_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool 
     _check_not_inputs([path], [(o, p) for o, p in given if p.is_file()], option)
     held = _HELD.get(str(path.resolve()))
     if held is not None or not _primary():  # a step of this process's own run (finetune's probe), or rank > 0
-        yield held or Claim(path, [path], overwrite, path / LOCK_NAME)
+        yield held or Claim(path, overwrite, path / LOCK_NAME)
         return
     created = not path.exists()
     prepare_output_dir(path, overwrite=True, resume=resume)  # create (clear messages for bad paths); checked below
-    claim = Claim(path, [path], overwrite, path / LOCK_NAME, created=created)
+    claim = Claim(path, overwrite, path / LOCK_NAME)
     claim._acquire()
     _HELD[str(path.resolve())] = claim
     try:

@@ -14,6 +14,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from retinafm.files.inputs import describe_size
 from retinafm.models.heads import HeadSettings, attach_head
 from retinafm.settings.base import ConfigError
 
@@ -81,13 +82,14 @@ class ModelSpec:
         if tokens > MAX_TOKENS:
             largest = int(MAX_TOKENS**0.5) * self.patch_size
             raise ConfigError(f"{source} {size} means {tokens:,} patch tokens per image at patch size "
-                              f"{self.patch_size}; one attention map alone would take {_bytes(tokens**2 * 4)} "
+                              f"{self.patch_size}; one attention map alone would take {describe_size(tokens**2 * 4)} "
                               f"per head and image. The limit is {MAX_TOKENS:,} tokens ({largest} px for "
                               f"{self.name})")
         if tokens > WARN_TOKENS:
+            attention = describe_size(tokens**2 * 4)
             warnings.warn(f"{source} {size} means {tokens:,} patch tokens per image ({self.name} was made for "
-                          f"{self.input_size} px); attention takes {_bytes(tokens**2 * 4)} per head and image, and "
-                          "time grows with the square of the tokens", UserWarning, stacklevel=1)
+                          f"{self.input_size} px); attention takes {attention} per head and image, and time grows "
+                          "with the square of the tokens", UserWarning, stacklevel=1)
         return size
 
     @property
@@ -229,16 +231,6 @@ def repeat_fc_norm(model: nn.Module, repeats: int) -> None:
     repeated.load_state_dict(norm.state_dict())
     repeated.repeats = repeats
     model.fc_norm = repeated
-
-
-def _bytes(count: int) -> str:
-    """A byte count in the largest unit that keeps it above 1 (4.0 GiB, 5.3 PiB)."""
-    value, unit = float(count), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-        if value < 1024 or unit == "EiB":
-            break
-        value /= 1024
-    return f"{value:,.1f} {unit}"
 
 
 class UnknownModelError(KeyError):

@@ -25,6 +25,7 @@ from retinafm.settings import (
     ConfigError,
     EmbedSettings,
     EvaluateSettings,
+    ExplainSettings,
     ExportSettings,
     FinetuneSettings,
     ImportSettings,
@@ -513,6 +514,24 @@ def predict_cmd(**options: Any) -> None:
             click.echo(f"{len(res.volumes)} volume-level rows (mean and max over B-scans) in {res.volumes_path}")
         if res.skipped_path:
             click.echo(f"{len(res.skipped)} unreadable file(s) listed in {res.skipped_path}")
+
+
+@main.command("explain")
+@_apply(settings_options(ExplainSettings))
+def explain_cmd(**options: Any) -> None:
+    """Where the model looked: a heatmap per image and output (.npy at each file's own resolution), an
+    overlay PNG with the top 10 % contoured, and explanations.csv; --evaluate measures each method's
+    faithfulness (and its localisation against --masks)."""
+    from retinafm.workflows.explain import explain
+
+    cfg = build_settings(ExplainSettings, options)
+    res = _run(lambda: explain(cfg))
+    if _primary():
+        click.echo(f"{len(res.explanations)} heatmaps of {res.explanations['path'].nunique()} images "
+                   f"({cfg.method}) in {res.out}: explanations.csv, heatmaps/, overlays/")
+        for key in ("faithfulness", "localisation", "skipped"):
+            if key in res.files:
+                click.echo(f"{key}: {res.files[key]}")
 
 
 @main.command("export")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -189,6 +190,36 @@ def _pad_before(size: int, side: int, centre: float) -> int:
     return int(min(max(round(side / 2 - centre), 0), side - size))
 
 
+@dataclass(frozen=True)
+class FundusPlacement:
+    """Where `fundus_crop` puts the field of view: the box (top, left, bottom, right; bottom/right
+    exclusive) cut from the image, pasted at (pad_top, pad_left) of a black (side, side) square.
+    Heatmaps use it to carry a map of the square back onto the original photograph."""
+
+    top: int
+    left: int
+    bottom: int
+    right: int
+    pad_top: int
+    pad_left: int
+    side: int
+
+
+def fundus_placement(image: torch.Tensor) -> FundusPlacement | None:
+    """The placement `fundus_crop` applies to `image`; None when it returns the image unchanged."""
+    _check_image(image)
+    found = _detect_fov(image)
+    if found is None:
+        return None
+    (top, left, bottom, right), (centre_row, centre_col) = found
+    height, width = bottom - top, right - left
+    side = max(height, width)
+    if (top, left, height, width) == (0, 0, image.shape[1], image.shape[2]) and height == width:
+        return None  # already a square FOV with nothing to cut
+    return FundusPlacement(top, left, bottom, right, _pad_before(height, side, centre_row - top),
+                           _pad_before(width, side, centre_col - left), side)
+
+
 def fundus_crop(image: torch.Tensor) -> torch.Tensor:
     """AutoMorph-style crop of a colour fundus photograph to a black square around its FOV.
 
@@ -197,20 +228,20 @@ def fundus_crop(image: torch.Tensor) -> torch.Tensor:
     of the box, with the circle's centre in the middle. Images without a dark border are only
     padded to a square; images without a field of view (all black, uniform) come back unchanged.
     """
-    _check_image(image)
-    found = _detect_fov(image)
-    if found is None:
+    place = fundus_placement(image)
+    if place is None:
         return image
-    (top, left, bottom, right), (centre_row, centre_col) = found
-    height, width = bottom - top, right - left
-    side = max(height, width)
-    if (top, left, height, width) == (0, 0, image.shape[1], image.shape[2]) and height == width:
-        return image  # already a square FOV with nothing to cut
-    pad_top = _pad_before(height, side, centre_row - top)
-    pad_left = _pad_before(width, side, centre_col - left)
-    out = image.new_zeros((image.shape[0], side, side))
-    out[:, pad_top:pad_top + height, pad_left:pad_left + width] = image[:, top:bottom, left:right]
+    height, width = place.bottom - place.top, place.right - place.left
+    out = image.new_zeros((image.shape[0], place.side, place.side))
+    out[:, place.pad_top:place.pad_top + height, place.pad_left:place.pad_left + width] = \
+        image[:, place.top:place.bottom, place.left:place.right]
     return out
+
+
+def central_box(height: int, width: int, fraction: float) -> tuple[int, int, int, int]:
+    """(top, left, new height, new width) of the central `fraction` of a height x width image."""
+    new_h, new_w = max(1, round(height * fraction)), max(1, round(width * fraction))
+    return (height - new_h) // 2, (width - new_w) // 2, new_h, new_w
 
 
 def center_crop_fraction(image: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -223,9 +254,7 @@ def center_crop_fraction(image: torch.Tensor, fraction: float) -> torch.Tensor:
         raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
     if image.ndim < 2:
         raise ValueError(f"expected an image tensor (..., H, W), got shape {tuple(image.shape)}")
-    h, w = image.shape[-2:]
-    new_h, new_w = max(1, round(h * fraction)), max(1, round(w * fraction))
-    top, left = (h - new_h) // 2, (w - new_w) // 2
+    top, left, new_h, new_w = central_box(*image.shape[-2:], fraction)
     return image[..., top:top + new_h, left:left + new_w].contiguous()
 
 

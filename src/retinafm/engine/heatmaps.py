@@ -8,14 +8,15 @@ Methods (`METHODS`):
   residual identity, rows renormalised, multiplied through the blocks. No gradients.
 - `gradcam`: Grad-CAM on the tokens entering the last block (`blocks[-1].norm1`, as DERETFound's
   figures): relu(sum_c mean_tokens(grad_c) * activation_c) per patch token.
-- `integrated-gradients`: captum's IntegratedGradients from a black image, |attribution| summed over
-  colour channels (pixel-level; the others are patch-level and upsampled).
+- `integrated-gradients`: captum's IntegratedGradients from the all-zero input (the mean colour after
+  normalisation), |attribution| summed over colour channels (pixel-level; the others are patch-level and
+  upsampled).
 
 The relevance of a patch is read from the row the head reads: the class token for `token` pooling,
 the mean of the patch rows for `avg` pooling (RETFound's). Attention probabilities are recorded from
 timm's `Attention` by switching its fused (SDPA) kernel off for the explained batch only, so ordinary
-inference keeps SDPA. Status: this is the core of `retinafm explain` (issue 20); the command, the maps
-at each file's own resolution, the overlays and the faithfulness measures build on it.
+inference keeps SDPA. A checkpoint with test-time flip averaging runs two passes; their maps are averaged,
+the mirrored one mirrored back. engine.explain lays the maps back on each file.
 """
 from __future__ import annotations
 
@@ -121,6 +122,25 @@ def _unit(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(high > low, (maps - low) / (high - low).clamp(min=1e-12), torch.zeros_like(maps))
 
 
+def _passes(records: Sequence[torch.Tensor], blocks: int) -> list[Sequence[torch.Tensor]]:
+    """Per forward pass, its blocks' records: a checkpoint with test-time flip averaging runs two passes,
+    the image and its mirror (engine.inference's `_flip_averaged`, in that order)."""
+    if not records or len(records) % blocks:
+        raise HeatmapError(f"recorded {len(records)} attention maps for {blocks} blocks; this model's forward is "
+                           "not a plain pass through its blocks")
+    return [records[i:i + blocks] for i in range(0, len(records), blocks)]
+
+
+def _merged(per_pass: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+    """The passes' (B, patches) relevance averaged, the mirrored pass's mirrored back."""
+    total = per_pass[0].float()
+    for number, relevance in enumerate(per_pass[1:], start=1):
+        if number % 2:
+            relevance = relevance.reshape(-1, *grid).flip(-1).reshape(relevance.shape)
+        total = total + relevance.float()
+    return total / len(per_pass)
+
+
 def explain_batch(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, method: str = "grad-rollout",
                   *, steps: int = 32) -> torch.Tensor:
     """Heatmaps (B, H, W) in 0..1 at the input size, for output `targets[b]` of image b."""
@@ -133,23 +153,27 @@ def explain_batch(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
         from captum.attr import IntegratedGradients
 
         attribution = IntegratedGradients(lambda x: model(x).float()).attribute(
-            images, baselines=torch.zeros_like(images), target=targets, n_steps=steps)
+            images, baselines=torch.zeros_like(images), target=targets, n_steps=steps,
+            internal_batch_size=images.shape[0])  # memory of one batch, whatever the steps
         return _unit(attribution.abs().sum(1).detach())
     _blocks(model)  # attention methods need a ViT: refused before anything runs
     prefix, pool = int(getattr(model, "num_prefix_tokens", 1)), str(getattr(model, "global_pool", "token"))
     pool = "avg" if pool == "avg" else "token"
     grid = _grid(model, images)
+    blocks = len(_blocks(model))
     if method == "rollout":
         with torch.no_grad(), recorded_attention(model) as attentions:
             model(images)
-        return _to_pixels(attention_rollout(attentions, prefix, pool), grid, size)
+        relevance = [attention_rollout(part, prefix, pool) for part in _passes(attentions, blocks)]
+        return _to_pixels(_merged(relevance, grid), grid, size)
     if method == "grad-rollout":
         with torch.enable_grad(), recorded_attention(model, keep_grad=True) as attentions:
             model.zero_grad(set_to_none=True)
             _scores(model, images, targets).backward()
-            gradients = [a.grad for a in attentions]
-        relevance = gradient_rollout([a.detach() for a in attentions], gradients, prefix, pool)
-        return _to_pixels(relevance, grid, size)
+            pairs = [(a.detach(), a.grad) for a in attentions]
+        relevance = [gradient_rollout([a for a, _ in part], [g for _, g in part], prefix, pool)
+                     for part in _passes(pairs, blocks)]
+        return _to_pixels(_merged(relevance, grid), grid, size)
     # gradcam: the tokens entering the last block's attention
     captured: list[torch.Tensor] = []
 
@@ -164,6 +188,8 @@ def explain_batch(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
             _scores(model, images, targets).backward()
     finally:
         handle.remove()
-    tokens, grads = captured[0][:, prefix:].detach().float(), captured[0].grad[:, prefix:].float()
-    cam = (tokens * grads.mean(1, keepdim=True)).sum(-1).clamp(min=0)
-    return _to_pixels(cam, grid, size)
+    cams = []
+    for tokens in _passes(captured, 1):
+        activation, grads = tokens[0][:, prefix:].detach().float(), tokens[0].grad[:, prefix:].float()
+        cams.append((activation * grads.mean(1, keepdim=True)).sum(-1).clamp(min=0))
+    return _to_pixels(_merged(cams, grid), grid, size)

@@ -52,6 +52,11 @@ LOCK_NAME = ".retinafm.lock"  # inside a claimed run folder; a file output's loc
 # (an evaluation written into a training run's folder leaves its checkpoints and log), are never removed.
 EVALUATION_OUTPUTS: tuple[str, ...] = (
     "skipped.csv", "report.html", "predictions_*.csv", "metrics_*.csv", "metrics_*.json", "plots/*.png",
+    "explanations_*.csv", "explanations_*/overlays/*.png",  # the report's overlays
+)
+EXPLAIN_OUTPUTS: tuple[str, ...] = (
+    "explanations.csv", "skipped.csv", "faithfulness.csv", "faithfulness_images.csv", "localisation.csv",
+    "heatmaps/*.npy", "overlays/*.png",
 )
 PROBE_OUTPUTS: tuple[str, ...] = (
     *EVALUATION_OUTPUTS, "config.yaml", "data_summary.csv", "checkpoint-best.pth", "probe_grid.csv",

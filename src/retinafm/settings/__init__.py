@@ -46,7 +46,9 @@ from retinafm.settings.commands import CompareSettings, ImportSettings, SplitSet
 from retinafm.settings.inference import (
     EmbedSettings,
     EvaluateSettings,
+    ExplainSettings,
     ExportSettings,
+    HeatmapMethod,
     PredictSettings,
     check_onnx_options,
     is_onnx,
@@ -67,5 +69,6 @@ __all__ = [
     "read_yaml_settings", "to_dict", "available_cpus", "check_bounds", "check_ratios", "check_types", "check_value",
     "fit_workers", "option_flag", "FinetuneSettings", "PRETRAIN_DEFAULTS", "VISION_LANGUAGE_LOSSES",
     "PretrainSettings", "RefineSettings", "SplitSettings", "CompareSettings", "ImportSettings",
-    "PredictSettings", "EvaluateSettings", "ExportSettings", "EmbedSettings", "is_onnx", "check_onnx_options",
+    "PredictSettings", "EvaluateSettings",
+    "ExplainSettings", "HeatmapMethod", "ExportSettings", "EmbedSettings", "is_onnx", "check_onnx_options",
 ]

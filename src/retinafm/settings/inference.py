@@ -26,6 +26,14 @@ from retinafm.settings.base import (
 )
 
 Pool = Literal["cls", "avg"]
+# engine.heatmaps.METHODS, spelled out here because settings sit below the engine (a test keeps them equal)
+HeatmapMethod = Literal["grad-rollout", "rollout", "gradcam", "integrated-gradients"]
+_METHOD_HELP = ("How relevance is computed: grad-rollout (gradient-weighted attention rollout, the most faithful on "
+                "RETFound), rollout (attention only, no gradients, about predict's cost), gradcam (Grad-CAM on the "
+                "last block's tokens), integrated-gradients (captum, pixel-level, the slowest).")
+_TARGET_HELP = ("Which output to explain: predicted (the predicted class; a multi-label model's positive labels; "
+                "every target of a regression model), all, or one output's name.")
+STEPS = {"bounds": (2, 1024), "why": "each step is a forward and backward pass"}
 EmbeddingDtype = Literal["float16", "float32"]
 ExportFormat = Literal["onnx"]
 
@@ -70,7 +78,7 @@ def _check_run(cfg: Any) -> None:
         parse_oct_frames(cfg.oct_frames)
     check_preprocessing(None, cfg.modality)
     if is_onnx(cfg.checkpoint):
-        check_onnx_options(cfg.checkpoint, cfg.device, cfg.cpu_int8, cfg.precision)
+        check_onnx_options(cfg.checkpoint, cfg.device, getattr(cfg, "cpu_int8", False), cfg.precision)
 
 
 # Field order is the order of the options in `--help`; fields without help text had none on the CLI.
@@ -90,11 +98,67 @@ class PredictSettings(Settings):
     oct_frames: str | None = setting(None, _AS_TRAINED)  # None: as the model was trained
     modality: Modality | None = setting(None, _MODALITY_HELP)
     cpu_int8: bool = setting(False, _CPU_INT8_HELP)
+    heatmaps: str | None = setting(None, "Also write heatmaps and overlays of each prediction into this folder "
+                                         "(as `retinafm explain` does).", path={"file_okay": False})
+    heatmap_method: HeatmapMethod = setting("grad-rollout", "--heatmaps: " + _METHOD_HELP)
+    heatmap_target: str = setting("predicted", "--heatmaps: " + _TARGET_HELP)
 
     def validate(self) -> None:
         self.check_values()
         _required(self, "checkpoint", "images", "out")
+        if self.heatmaps:
+            check_explainable(self.checkpoint, self.cpu_int8, "--heatmaps")
         _check_run(self)
+
+
+@dataclass
+class ExplainSettings(Settings):
+    """`retinafm explain`: where the model looked, per image and output, laid back on each file."""
+
+    checkpoint: str = setting("", "A run's checkpoint-best.pth (or a probe's); not an .onnx export, which has no "
+                                  "gradients or attention to read.", required=True, path={})
+    images: str = setting("", "An image file, a folder (recursive) or a manifest CSV with a path column.",
+                          required=True, path={})
+    out: str = setting("", "Folder for explanations.csv, heatmaps/ (.npy at each file's resolution) and overlays/.",
+                       required=True, path={"file_okay": False})
+    method: HeatmapMethod = setting("grad-rollout", _METHOD_HELP)
+    target: str = setting("predicted", _TARGET_HELP)
+    evaluate: bool = setting(False, "Also measure every method's faithfulness (deletion / insertion AUC against "
+                                    "random heatmaps) into faithfulness.csv, and with --masks their localisation.")
+    masks: str | None = setting(None, "With --evaluate: a folder of lesion masks, <image stem>.png (non-zero = "
+                                      "lesion), for the pointing game and the energy inside the masks "
+                                      "(localisation.csv).", path={"file_okay": False})
+    steps: int = setting(32, "integrated-gradients: interpolation steps.", **STEPS)
+    faithfulness_steps: int = setting(16, "--evaluate: deletion / insertion steps.", **STEPS)
+    bootstrap: int = setting(1000, "--evaluate: bootstrap replicates for 95% CIs.", **BOOTSTRAP)
+    seed: int = setting(0, "Seed of the random heatmaps and the bootstrap.", **SEED)
+    batch_size: int = setting(8, **BATCH)
+    device: str = setting("auto")
+    precision: Precision = setting("auto", PRECISION_HELP)
+    num_workers: int = setting(2, **WORKERS)
+    overwrite: bool = setting(False)
+    oct_frames: str | None = setting(None, _AS_TRAINED)
+    modality: Modality | None = setting(None, _MODALITY_HELP)
+
+    def validate(self) -> None:
+        self.check_values()
+        _required(self, "checkpoint", "images", "out")
+        if self.masks and not self.evaluate:
+            raise ConfigError("--masks is used by --evaluate (localisation); add --evaluate or drop --masks")
+        if 0 < self.bootstrap < 100:
+            raise ConfigError(f"--bootstrap must be 0 (no confidence intervals) or at least 100 replicates, "
+                              f"got {self.bootstrap}")
+        check_explainable(self.checkpoint, False, "explain")
+        _check_run(self)
+
+
+def check_explainable(checkpoint: str, cpu_int8: bool, what: str) -> None:
+    """Heatmaps need the PyTorch model: its attention and its gradients."""
+    if is_onnx(checkpoint):
+        raise ConfigError(f"{what}: {checkpoint} is an ONNX model, which gives neither gradients nor attention to "
+                          "explain with; give the .pth checkpoint it was exported from")
+    if cpu_int8:
+        raise ConfigError(f"{what}: --cpu-int8 layers have no gradients; drop --cpu-int8 to compute heatmaps")
 
 
 @dataclass

@@ -45,6 +45,8 @@ class TaskBase:
     targets: ClassVar[TargetReader] = CLASS_LABELS
     # One class per image (softmax outputs): the outputs are exclusive classes, possibly graded.
     one_class_per_image: ClassVar[bool] = False
+    # What an activated output is, as a column name (explanations.csv): a probability, or a regression's value.
+    value_name: ClassVar[str] = "probability"
     # The outputs are manifest columns named by a setting (--labels, --targets), not class names.
     named_columns: ClassVar[bool] = False
     # Settings naming this task's manifest columns, checked before the manifest is required.

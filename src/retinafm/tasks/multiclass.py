@@ -76,6 +76,10 @@ class MulticlassTask(TaskBase):
     def activate(self, logits: torch.Tensor) -> np.ndarray:
         return torch.softmax(logits.float(), dim=1).numpy()
 
+    def explained_outputs(self, probs: np.ndarray) -> list[list[int]]:
+        """What `--target predicted` explains per image: the predicted class."""
+        return [[int(i)] for i in probs.argmax(axis=1)]
+
     def metrics(self, targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         return multiclass_metrics(targets, probs, self.output_names, self.grade_order)
 

@@ -119,6 +119,12 @@ class MultilabelTask(VectorTargetTask):
     def activate(self, logits: torch.Tensor) -> np.ndarray:
         return torch.sigmoid(logits.float()).numpy()
 
+    def explained_outputs(self, probs: np.ndarray) -> list[list[int]]:
+        """What `--target predicted` explains per image: each label at or above its threshold, or the most
+        probable label when none is (an image without a map would leave the reader guessing)."""
+        positive = probs >= np.asarray(self.decision_thresholds)
+        return [np.flatnonzero(row).tolist() or [int(p.argmax())] for row, p in zip(positive, probs, strict=True)]
+
     def metrics(self, targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         return multilabel_metrics(targets, probs, self.output_names, self.decision_thresholds)
 

@@ -80,6 +80,7 @@ class RegressionTask(VectorTargetTask):
     own_settings = (TaskSetting(lambda s: s.loss is not None, LOSS_MESSAGE),)
     report_headline = ("r2_macro", "mae_macro", "rmse_macro", "pearson_macro")
     output_kind = "target"
+    value_name = "value"
     legacy_marker = "r2_macro"
     probe_grid = ALPHA_GRID[::-1]  # strongest regularisation first
     probe_strength_name = "alpha"
@@ -129,6 +130,10 @@ class RegressionTask(VectorTargetTask):
         """Network outputs (standardised) → predictions in the targets' original units."""
         mean, std = self._stats()
         return outputs.float().numpy() * std + mean
+
+    def explained_outputs(self, preds: np.ndarray) -> list[list[int]]:
+        """What `--target predicted` explains per image: every target (each has a value)."""
+        return [list(range(preds.shape[1])) for _ in range(len(preds))]
 
     def metrics(self, targets: np.ndarray, preds: np.ndarray) -> dict[str, float]:
         return regression_metrics(targets, preds, self.output_names)

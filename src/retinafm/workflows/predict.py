@@ -1,6 +1,7 @@
 """`retinafm predict`: a folder (or file) of new images → predictions CSV, from a checkpoint alone."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from retinafm.data.sources import DataSourceError
 from retinafm.data.volumes import split_address
 from retinafm.engine.infer import infer
 from retinafm.engine.inference import load_for_inference
-from retinafm.files import claim_file, write_csv
+from retinafm.files import claim_dir, claim_file, write_csv
+from retinafm.files.outputs import EXPLAIN_OUTPUTS
 from retinafm.runtime import distributed as dist_utils
 from retinafm.settings import ConfigError, PredictSettings
 
@@ -27,6 +29,7 @@ class PredictResult:
     skipped_path: Path | None
     volumes: pd.DataFrame | None = None  # one row per OCT volume when several of its B-scans were predicted
     volumes_path: Path | None = None
+    explanations: pd.DataFrame | None = None  # --heatmaps: the rows of <heatmaps>/explanations.csv
 
 
 def volume_table(frame: pd.DataFrame, multiclass: bool) -> pd.DataFrame | None:
@@ -60,17 +63,22 @@ def predict(settings: PredictSettings, *, progress: bool = True) -> PredictResul
     original units). Unreadable files go to `<out>_skipped.csv` beside it. When several B-scans of a volume
     are predicted (`oct_frames` all or N; None: as the model was trained), `<out>_volumes.csv` has
     one row per volume (mean and max). A `checkpoint` ending in .onnx (`retinafm export`) runs with
-    ONNX Runtime on the CPU."""
+    ONNX Runtime on the CPU. `heatmaps`: also a folder as `retinafm explain` writes it (explanations.csv,
+    heatmaps/, overlays/), for `heatmap_target` with `heatmap_method`."""
     settings.validate()
     s = settings
     out = Path(s.out)
     if out.suffix.lower() in IMAGE_SUFFIXES:  # a CSV under an image's name could replace one of the images
         raise ConfigError(f"--out {out}: the predictions are a CSV table; give a name ending in .csv")
     skipped_file, volumes_file = side_files(out)
-    with claim_file(out, side_files=(skipped_file, volumes_file), overwrite=s.overwrite,
-                    inputs=[("--checkpoint", s.checkpoint), ("--images", s.images)]) as claim:
+    inputs = [("--checkpoint", s.checkpoint), ("--images", s.images)]
+    with claim_file(out, side_files=(skipped_file, volumes_file), overwrite=s.overwrite, inputs=inputs) as claim, \
+            (claim_dir(s.heatmaps, overwrite=s.overwrite, inputs=inputs, outputs=EXPLAIN_OUTPUTS, results=(),
+                       option="--heatmaps") if s.heatmaps else contextlib.nullcontext()) as heat_claim:
         result = _predict(s, out, skipped_file, volumes_file, progress)
         claim.remove_stale([result.out, result.skipped_path, result.volumes_path])
+        if heat_claim is not None:
+            heat_claim.remove_stale()
     return result
 
 
@@ -81,6 +89,10 @@ def side_files(out: Path) -> tuple[Path, Path]:
 
 def _predict(s: PredictSettings, out: Path, skipped_file: Path, volumes_file: Path, progress: bool) -> PredictResult:
     loaded = load_for_inference(s.checkpoint, device=s.device, precision=s.precision, cpu_int8=s.cpu_int8)
+    if s.heatmaps:  # a wrong --heatmap-target is refused before any prediction runs
+        from retinafm.workflows.explain import check_target
+
+        check_target(s.heatmap_target, loaded.task.output_names)
     paths = collect_images(s.images, s.oct_frames or loaded.meta.settings.get("oct_frames") or "middle")
     if dist_utils.is_primary():
         loaded.check_modality(paths, s.modality)
@@ -102,4 +114,15 @@ def _predict(s: PredictSettings, out: Path, skipped_file: Path, volumes_file: Pa
             skipped_path = write_csv(skipped_file, skip_log.frame())
         if volumes is not None:
             volumes_path = write_csv(volumes_file, volumes)
-    return PredictResult(frame, out, skip_log.frame(), skipped_path, volumes, volumes_path)
+    explanations = None
+    if s.heatmaps:
+        from retinafm.workflows.explain import write_explanations
+
+        folder = Path(s.heatmaps)
+        readable = [paths[i] for i in result.indices]  # the unreadable ones are in the predictions' skipped list
+        explanations, _ = write_explanations(loaded, readable, folder, method=s.heatmap_method,
+                                             target=s.heatmap_target, batch_size=s.batch_size,
+                                             num_workers=s.num_workers, progress=progress)
+        if dist_utils.is_primary():
+            write_csv(folder / "explanations.csv", explanations)
+    return PredictResult(frame, out, skip_log.frame(), skipped_path, volumes, volumes_path, explanations)

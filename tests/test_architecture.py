@@ -6,7 +6,7 @@ different packages) or any lower one:
     cli, __main__
     workflows
     engine, objectives
-    models, tasks, stats, plots, data
+    models, tasks, stats, plots, overlays, data
     runtime, files, settings
 
 Only the CLI imports workflows; nothing imports the CLI but __main__; the package root (the notebook API)
@@ -30,7 +30,7 @@ LAYERS: list[set[str]] = [
     {"cli", "__main__"},
     {"workflows"},
     {"engine", "objectives"},
-    {"models", "tasks", "stats", "plots", "data"},
+    {"models", "tasks", "stats", "plots", "overlays", "data"},
     {"runtime", "files", "settings"},
 ]
 

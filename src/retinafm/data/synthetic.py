@@ -5,13 +5,19 @@ with a cup and a vessel tree. The classes carry the signs a grader looks for:
 - normal: small cup (cup-to-disc ratio ~0.3), no lesions;
 - diabetic_retinopathy: dark-red microaneurysms / blot haemorrhages and yellow hard exudates;
 - glaucoma: a large pale cup (cup-to-disc ratio 0.7-0.85) in a slightly larger, paler disc.
+
+The generator knows where it drew each lesion, so it can also give their masks (`render_findings(...,
+with_mask=True)`), and `write_lesion_dataset` writes a healthy-vs-lesions set with a mask per image:
+ground truth for how well a heatmap points at the lesions.
 """
 from __future__ import annotations
 
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Literal, overload
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -62,11 +68,45 @@ def render_fundus(rng: np.random.Generator, label: str, size: int = 128) -> np.n
     return render_findings(rng, size, large_cup=large_cup, haemorrhages=haemorrhages, exudates=exudates)
 
 
+@overload
+def render_findings(rng: np.random.Generator, size: int = ..., *, large_cup: bool = ..., haemorrhages: bool = ...,
+                    exudates: bool = ..., cup_to_disc: float | None = ..., exudate_count: int | None = ...,
+                    with_mask: Literal[False] = ...) -> np.ndarray: ...
+
+
+@overload
+def render_findings(rng: np.random.Generator, size: int = ..., *, large_cup: bool = ..., haemorrhages: bool = ...,
+                    exudates: bool = ..., cup_to_disc: float | None = ..., exudate_count: int | None = ...,
+                    with_mask: Literal[True]) -> tuple[np.ndarray, np.ndarray]: ...
+
+
 def render_findings(rng: np.random.Generator, size: int = 128, *, large_cup: bool = False,
                     haemorrhages: bool = False, exudates: bool = False, cup_to_disc: float | None = None,
-                    exudate_count: int | None = None) -> np.ndarray:
+                    exudate_count: int | None = None,
+                    with_mask: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """A fundus-like image with the given findings; `cup_to_disc` / `exudate_count` fix those
-    quantities (regression data), otherwise they are drawn to suit the findings."""
+    quantities (regression data), otherwise they are drawn to suit the findings. With `with_mask`,
+    also the lesion mask: bool (size, size), True where a haemorrhage or exudate was drawn. The
+    mask costs no random draws, so the image is the same either way."""
+    image, mask = _render(rng, size, large_cup=large_cup, haemorrhages=haemorrhages, exudates=exudates,
+                          cup_to_disc=cup_to_disc, exudate_count=exudate_count)
+    return (image, mask) if with_mask else image
+
+
+# Lesions of the localisation set (write_lesion_dataset): radius as a fraction of the 2x working
+# size, i.e. about 4.5-7 px across at a 64 px model input, so that one lesion alone is visible.
+SCATTERED_RADIUS = (0.035, 0.055)
+HAEMORRHAGE_COLOUR = (95, 10, 10)
+EXUDATE_COLOUR = (250, 225, 90)
+
+
+def _render(rng: np.random.Generator, size: int, *, large_cup: bool = False, haemorrhages: bool = False,
+            exudates: bool = False, cup_to_disc: float | None = None, exudate_count: int | None = None,
+            scattered: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """render_findings' image and lesion mask; `scattered` adds that many single haemorrhages or
+    exudates placed uniformly over the field of view (off the optic disc), after the other findings.
+    The random draws of everything else come first and in the same order, so `scattered=0`
+    reproduces the images render_findings has always made."""
     work = size * 2  # draw at 2x and downsample for smooth edges
     cx, cy = work / 2 + rng.normal(0, work * 0.01), work / 2 + rng.normal(0, work * 0.01)
     radius = work * 0.46
@@ -78,6 +118,13 @@ def render_findings(rng: np.random.Generator, size: int = 128, *, large_cup: boo
     img = np.clip(base * vignette, 0, 255).astype(np.uint8)
     canvas = Image.fromarray(img)
     draw = ImageDraw.Draw(canvas)
+    # Every lesion is drawn here too, at the same working size, so the mask is where the image has it.
+    mask_canvas = Image.new("L", (work, work), 0)
+    mask_draw = ImageDraw.Draw(mask_canvas)
+
+    def lesion(px: float, py: float, pr: float, fill: tuple[int, int, int]) -> None:
+        draw.ellipse([px - pr, py - pr, px + pr, py + pr], fill=fill)
+        mask_draw.ellipse([px - pr, py - pr, px + pr, py + pr], fill=255)
 
     side = rng.choice([-1, 1])
     dx, dy = cx + side * radius * rng.uniform(0.42, 0.52), cy + rng.normal(0, radius * 0.05)
@@ -102,19 +149,35 @@ def render_findings(rng: np.random.Generator, size: int = 128, *, large_cup: boo
         for _ in range(rng.integers(10, 26)):  # blot haemorrhages
             a, d = rng.uniform(0, 2 * math.pi), radius * math.sqrt(rng.uniform(0.02, 0.55))
             px, py, pr = cx + d * math.cos(a), cy + d * math.sin(a), work * rng.uniform(0.025, 0.045)
-            draw.ellipse([px - pr, py - pr, px + pr, py + pr], fill=(95, 10, 10))
+            lesion(px, py, pr, HAEMORRHAGE_COLOUR)
     if exudates or exudate_count:
         centre = (cx + rng.normal(0, radius * 0.2), cy + rng.normal(0, radius * 0.2))
         for _ in range(exudate_count if exudate_count is not None else rng.integers(6, 16)):  # hard exudates
             px, py = centre[0] + rng.normal(0, radius * 0.15), centre[1] + rng.normal(0, radius * 0.15)
             pr = work * rng.uniform(0.022, 0.04)
-            draw.ellipse([px - pr, py - pr, px + pr, py + pr], fill=(250, 225, 90))
+            lesion(px, py, pr, EXUDATE_COLOUR)
+    for _ in range(scattered):
+        pr = work * rng.uniform(*SCATTERED_RADIUS)
+        colour = HAEMORRHAGE_COLOUR if rng.random() < 0.5 else EXUDATE_COLOUR
+        while True:
+            # Uniform over the area of the field of view (sqrt of a uniform radius), periphery
+            # included, so that a heatmap biased to the centre gains nothing; kept wholly inside the
+            # field and off the disc, where a yellow exudate on the pale disc would hardly show.
+            a, d = rng.uniform(0, 2 * math.pi), (radius * 0.97 - pr) * math.sqrt(rng.uniform())
+            px, py = cx + d * math.cos(a), cy + d * math.sin(a)
+            if math.hypot(px - dx, py - dy) > disc_r + pr:
+                break
+        lesion(px, py, pr, colour)
 
     canvas = canvas.filter(ImageFilter.GaussianBlur(radius=work * 0.004))
     arr = np.asarray(canvas, dtype=np.float64) + rng.normal(0, 4, (work, work, 3))
     arr[r > 1.0] = 0  # the unlit border outside the field of view
     small = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).resize((size, size), Image.Resampling.LANCZOS)
-    return np.asarray(small)
+    lesions = np.asarray(mask_canvas).copy()
+    lesions[r > 1.0] = 0  # an exudate cluster can reach past the field, where the image is black
+    # The same resize as the image, then half-coverage: a pixel is lesion if most of it was.
+    mask = np.asarray(Image.fromarray(lesions).resize((size, size), Image.Resampling.LANCZOS)) >= 128
+    return np.asarray(small), mask
 
 
 def write_demo_dataset(root: Path, n_train: int = 120, n_val: int = 30, n_test: int = 40, size: int = 128,
@@ -144,8 +207,14 @@ def _save_png(array: np.ndarray, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def _write_manifest_dataset(root: Path, counts: dict[str, int], seed: int, row_fn) -> Path:
-    """images/<split>_<i>.png plus manifest.csv (path, split, then row_fn's columns)."""
+# A row of a manifest data set: from the split's random stream and the row's index within the split,
+# the image, its manifest cells and (for a localisation set) its bool lesion mask.
+RowFn = Callable[[np.random.Generator, int], tuple[np.ndarray, dict[str, Any], np.ndarray | None]]
+
+
+def _write_manifest_dataset(root: Path, counts: dict[str, int], seed: int, row_fn: RowFn) -> Path:
+    """images/<split>_<i>.png plus manifest.csv (path, split, then row_fn's columns); where row_fn
+    gives a mask, also masks/<split>_<i>.png (L, 0/255) and a `mask` column with its path."""
     import pandas as pd
 
     root = Path(root)
@@ -156,10 +225,15 @@ def _write_manifest_dataset(root: Path, counts: dict[str, int], seed: int, row_f
     for split, count in counts.items():
         rng = np.random.default_rng([seed, SPLIT_SEED_OFFSETS[split]])
         for i in range(count):
-            image, values = row_fn(rng)
+            image, values, mask = row_fn(rng, i)
             name = f"images/{split}_{i:04d}.png"
             _save_png(image, root / name)
-            rows.append({"path": name, "split": split, **values})
+            row = {"path": name, "split": split, **values}
+            if mask is not None:
+                row["mask"] = f"masks/{Path(name).stem}.png"
+                (root / "masks").mkdir(exist_ok=True)
+                _save_png(mask.astype(np.uint8) * 255, root / row["mask"])
+            rows.append(row)
     frame = pd.DataFrame(rows)
     frame.to_csv(root / "manifest.csv", index=False)
     return root / "manifest.csv"
@@ -170,11 +244,12 @@ def write_multilabel_dataset(root: Path, n_train: int = 120, n_val: int = 40, n_
     """Fundus images with independent findings (large_cup, haemorrhages, exudates; each present
     with probability 0.4) and manifest.csv with one 0/1 column per finding; a `missing` fraction
     of cells is left empty (unknown). Returns the manifest's path."""
-    def row(rng: np.random.Generator):
+    def row(rng: np.random.Generator, _index: int) -> tuple[np.ndarray, dict[str, Any], None]:
         present = rng.random(len(MULTILABEL_LABELS)) < 0.4
         image = render_findings(rng, size, **dict(zip(MULTILABEL_LABELS, map(bool, present), strict=True)))
         unknown = rng.random(len(MULTILABEL_LABELS)) < missing
-        return image, {n: (None if u else int(p)) for n, p, u in zip(MULTILABEL_LABELS, present, unknown, strict=True)}
+        return image, {n: (None if u else int(p)) for n, p, u in zip(MULTILABEL_LABELS, present, unknown,
+                                                                      strict=True)}, None
 
     counts = {"train": n_train, "val": n_val, "test": n_test}
     return _write_manifest_dataset(root, counts, seed, row)
@@ -185,11 +260,40 @@ def write_regression_dataset(root: Path, n_train: int = 120, n_val: int = 40, n_
     """Fundus images with a continuous cup-to-disc ratio (0.2-0.85) and a hard-exudate count
     (0-20), the two targets of manifest.csv; a `missing` fraction of cells is empty. Returns the
     manifest's path."""
-    def row(rng: np.random.Generator):
+    def row(rng: np.random.Generator, _index: int) -> tuple[np.ndarray, dict[str, Any], None]:
         cdr, count = float(rng.uniform(0.2, 0.85)), int(rng.integers(0, 21))
         image = render_findings(rng, size, large_cup=cdr > 0.6, cup_to_disc=cdr, exudate_count=count)
         values = {"cup_to_disc": round(cdr, 4), "exudate_count": count}
-        return image, {k: (None if rng.random() < missing else v) for k, v in values.items()}
+        return image, {k: (None if rng.random() < missing else v) for k, v in values.items()}, None
+
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    return _write_manifest_dataset(root, counts, seed, row)
+
+
+LESION_CLASSES: tuple[str, ...] = ("healthy", "lesions")
+
+
+def render_scattered_lesions(rng: np.random.Generator, size: int = 128,
+                             count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """A fundus with a normal disc and `count` single haemorrhages or exudates (each colour with
+    probability 1/2), each at a position uniform over the field of view (off the disc), and its
+    lesion mask: bool (size, size), True where a lesion was drawn (all False for count 0)."""
+    return _render(rng, size, scattered=count)
+
+
+def write_lesion_dataset(root: Path, n_train: int = 200, n_val: int = 50, n_test: int = 50, size: int = 128,
+                         seed: int = 0) -> Path:
+    """A localisation set for measuring heatmaps: binary classes `healthy` and `lesions`, alternating
+    within each split (odd indices have lesions, so every split is balanced). A `lesions` image has
+    1-4 haemorrhages or exudates, each alone at a position uniform over the field of view (periphery
+    included, off the optic disc) and 4.5-7 px across at 64 px; a healthy image has none, and both
+    have normal discs. Writes images/<split>_<i>.png, masks/<split>_<i>.png (L mode, 255 where a
+    lesion was drawn, all zero for healthy images) and manifest.csv (path, split, label, mask: paths
+    relative to root). Returns the manifest's path."""
+    def row(rng: np.random.Generator, index: int) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
+        label = LESION_CLASSES[index % 2]
+        image, mask = render_scattered_lesions(rng, size, int(rng.integers(1, 5)) if label == "lesions" else 0)
+        return image, {"label": label}, mask
 
     counts = {"train": n_train, "val": n_val, "test": n_test}
     return _write_manifest_dataset(root, counts, seed, row)

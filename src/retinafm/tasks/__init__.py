@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from retinafm.settings import ConfigError
-from retinafm.tasks.base import TaskBase
+from retinafm.tasks.base import ExplainCase, TaskBase
 from retinafm.tasks.multiclass import MulticlassTask, grade_order
 from retinafm.tasks.multilabel import MultilabelTask
 from retinafm.tasks.regression import RegressionTask
@@ -24,8 +24,8 @@ TASKS: dict[str, type[TaskBase]] = {
 }
 DEFAULT_TASK = "multiclass"  # FinetuneSettings.task's default; older files without a task name are this
 
-__all__ = ["DEFAULT_TASK", "TASKS", "MulticlassTask", "MultilabelTask", "RegressionTask", "Task", "TaskBase",
-           "check_settings", "get_task", "grade_order", "make_task", "task_from_config"]
+__all__ = ["DEFAULT_TASK", "TASKS", "ExplainCase", "MulticlassTask", "MultilabelTask", "RegressionTask", "Task",
+           "TaskBase", "check_settings", "get_task", "grade_order", "make_task", "task_from_config"]
 
 
 def get_task(name: str) -> type[TaskBase]:

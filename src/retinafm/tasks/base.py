@@ -13,7 +13,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,15 @@ from retinafm.settings import ConfigError
 from retinafm.tasks.report_cells import ErrorRows
 
 C_GRID = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0)  # logistic regression: inverse regularisation strength
+
+
+class ExplainCase(NamedTuple):
+    """An image report.html explains: its path as the predictions CSV has it, the output whose
+    heatmap to draw (a class, a label or a target), and whether it is an "error" or a "correct" case."""
+
+    path: str
+    target: str
+    case: str
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,14 @@ class TaskBase:
     def error_rows(frame: pd.DataFrame, outputs: list[str], metrics: dict[str, Any], limit: int) -> ErrorRows:
         """report.html's worst errors from a predictions CSV read as text."""
         return [], [], "No error rows for this task type."
+
+    @staticmethod
+    def explain_cases(frame: pd.DataFrame, outputs: list[str], metrics: dict[str, Any], n_errors: int = 8,
+                      n_correct: int = 8, seed: int = 0) -> list[ExplainCase]:
+        """report.html's heatmaps: up to `n_errors` of the most confident errors, then up to
+        `n_correct` correct cases, from a predictions CSV (as text or as written); rows whose truth is
+        unknown are never chosen; the same `seed` gives the same cases. None for this task type."""
+        return []
 
     # ----------------------------------------------------------------------- compare
     def roc_curves(self, targets: np.ndarray, outputs_a: np.ndarray, outputs_b: np.ndarray):
@@ -283,6 +300,25 @@ class VectorTargetTask(TaskBase):
         """These CSV columns as an (N, len(columns)) float array, empty cells as NaN."""
         require_columns(frame, columns)
         return frame[list(columns)].astype("float64").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def sample_in_order(count: int, size: int, seed: int) -> np.ndarray:
+    """`size` of the indices 0..count-1 drawn without replacement with `seed`, in increasing order
+    (all of them when there are no more): the same cases on every report of one run."""
+    if size >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=max(0, size), replace=False))
+
+
+def known_text(column: pd.Series) -> np.ndarray:
+    """Cells of a predictions CSV column holding something (not NaN, not empty): read as text, an
+    unknown label is an empty string; read as written, NaN."""
+    return (~column.isna() & (column.astype(str).str.strip() != "")).to_numpy()
+
+
+def numbers(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """A predictions CSV column as floats, NaN where it holds no number."""
+    return pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
 
 
 def require_columns(frame: Any, columns: Sequence[str]) -> None:

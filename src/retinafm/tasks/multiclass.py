@@ -15,7 +15,16 @@ from timm.loss import SoftTargetCrossEntropy
 
 from retinafm.data.sources import ClassLabels, DataSourceError
 from retinafm.stats.metrics import confusion, grade_order_of, multiclass_metrics
-from retinafm.tasks.base import TaskBase, TaskSetting, logistic_probe, require_columns
+from retinafm.tasks.base import (
+    ExplainCase,
+    TaskBase,
+    TaskSetting,
+    known_text,
+    logistic_probe,
+    numbers,
+    require_columns,
+    sample_in_order,
+)
 from retinafm.tasks.report_cells import ErrorRows, fmt, number_cell, prob
 
 
@@ -142,6 +151,31 @@ class MulticlassTask(TaskBase):
         note = (f"{len(wrong)} of {len(frame)} images misclassified; the {len(shown)} with the highest probability "
                 "for the wrong class are shown." if len(wrong) else f"No misclassified images among {len(frame)}.")
         return headers, rows, note
+
+    @staticmethod
+    def explain_cases(frame: pd.DataFrame, outputs: list[str], metrics: dict[str, Any], n_errors: int = 8,
+                      n_correct: int = 8, seed: int = 0) -> list[ExplainCase]:
+        """Errors: the misclassified images, highest probability for the wrong class first; correct: a
+        seeded sample of the rightly classified. The heatmap is always the predicted class's: what
+        made the model say what it said."""
+        require_columns(frame, ["path", "prediction", "label"])
+        predicted = frame["prediction"].astype(str).to_numpy()
+        label = frame["label"].astype(str).to_numpy()
+        # A class the model does not have (a hand-edited CSV) has no output to explain.
+        usable = known_text(frame["label"]) & known_text(frame["prediction"]) & np.isin(predicted, list(outputs))
+        confidence = np.full(len(frame), np.nan)
+        for name in outputs:
+            if f"prob_{name}" in frame.columns:
+                chosen = predicted == name
+                confidence[chosen] = numbers(frame, f"prob_{name}")[chosen]
+        wrong = np.flatnonzero(usable & (predicted != label))
+        # Most confident first; NaN probabilities last; ties keep the CSV's order (a stable sort).
+        wrong = wrong[np.argsort(-np.nan_to_num(confidence[wrong], nan=-np.inf), kind="stable")][:max(0, n_errors)]
+        right = np.flatnonzero(usable & (predicted == label))
+        right = right[sample_in_order(len(right), n_correct, seed)]
+        paths = frame["path"].astype(str).to_numpy()
+        return ([ExplainCase(paths[i], predicted[i], "error") for i in wrong]
+                + [ExplainCase(paths[i], predicted[i], "correct") for i in right])
 
     def roc_curves(self, targets: np.ndarray, outputs_a: np.ndarray, outputs_b: np.ndarray):
         # Binary tasks: the positive class's curve is the headline AUROC; the negative class's mirrors it.

@@ -25,7 +25,17 @@ from retinafm.stats.metrics import (
     multilabel_metrics,
     youden_thresholds,
 )
-from retinafm.tasks.base import TaskSetting, VectorTargetTask, logistic_probe, logit, masked_mean
+from retinafm.tasks.base import (
+    ExplainCase,
+    TaskSetting,
+    VectorTargetTask,
+    logistic_probe,
+    logit,
+    masked_mean,
+    numbers,
+    require_columns,
+    sample_in_order,
+)
 from retinafm.tasks.report_cells import ErrorRows, fmt, number_cell
 
 
@@ -187,6 +197,31 @@ class MultilabelTask(VectorTargetTask):
         note = (f"{len(found)} wrong (image, label) decisions among the known labels; the {len(rows)} furthest from "
                 "the truth are shown." if found else "No wrong decisions among the known labels.")
         return headers, rows, note
+
+    @staticmethod
+    def explain_cases(frame: pd.DataFrame, outputs: list[str], metrics: dict[str, Any], n_errors: int = 8,
+                      n_correct: int = 8, seed: int = 0) -> list[ExplainCase]:
+        """Errors: the wrong (image, label) decisions at the saved thresholds, furthest from the
+        threshold first; correct: a seeded sample of the rightly found labels (true positives), or of
+        the rightly absent ones when no label was found. The heatmap is that label's."""
+        require_columns(frame, ["path", *(f"true_{n}" for n in outputs), *(f"prob_{n}" for n in outputs)])
+        thresholds = _thresholds(metrics, len(outputs))
+        wrong: list[tuple[float, int, int]] = []  # (distance from the threshold, row, label)
+        positives: list[tuple[int, int]] = []
+        negatives: list[tuple[int, int]] = []
+        for j, (name, cut) in enumerate(zip(outputs, thresholds, strict=True)):
+            truth, prob = numbers(frame, f"true_{name}"), numbers(frame, f"prob_{name}")
+            known = np.isin(truth, (0.0, 1.0)) & ~np.isnan(prob)  # only a 0/1 truth can be right or wrong
+            said = prob >= cut
+            wrong += [(abs(prob[i] - cut), i, j) for i in np.flatnonzero(known & (said != (truth == 1)))]
+            positives += [(i, j) for i in np.flatnonzero(known & said & (truth == 1))]
+            negatives += [(i, j) for i in np.flatnonzero(known & ~said & (truth == 0))]
+        wrong.sort(key=lambda e: (-e[0], e[1], e[2]))  # ties: CSV order, then label order
+        right = sorted(positives or negatives)
+        right = [right[k] for k in sample_in_order(len(right), n_correct, seed)]
+        paths = frame["path"].astype(str).to_numpy()
+        return ([ExplainCase(paths[i], outputs[j], "error") for _, i, j in wrong[:max(0, n_errors)]]
+                + [ExplainCase(paths[i], outputs[j], "correct") for i, j in right])
 
     def roc_curves(self, targets: np.ndarray, outputs_a: np.ndarray, outputs_b: np.ndarray):
         for i, name in enumerate(self.output_names):

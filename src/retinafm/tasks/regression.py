@@ -20,7 +20,7 @@ import torch.nn as nn
 from retinafm.data.sources import DataSourceError, TargetColumns
 from retinafm.settings import ConfigError
 from retinafm.stats.metrics import regression_metrics
-from retinafm.tasks.base import TaskSetting, VectorTargetTask, masked_mean
+from retinafm.tasks.base import ExplainCase, TaskSetting, VectorTargetTask, masked_mean, numbers, require_columns
 from retinafm.tasks.report_cells import ErrorRows, fmt, number_cell
 
 ALPHA_GRID = (1e-3, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # ridge: regularisation strength
@@ -189,6 +189,28 @@ class RegressionTask(VectorTargetTask):
         ranked = "absolute error in standard deviations of the target" if several else "absolute error"
         note = f"The {len(rows)} largest errors by {ranked}." if rows else "No predictions with a known target."
         return headers, rows, note
+
+    @staticmethod
+    def explain_cases(frame: pd.DataFrame, outputs: list[str], metrics: dict[str, Any], n_errors: int = 8,
+                      n_correct: int = 8, seed: int = 0) -> list[ExplainCase]:
+        """Errors: the largest absolute errors (in standard deviations of the target when there are
+        several, as error_rows ranks them); correct: the smallest. The heatmap is that target's.
+        Nothing is random here, so `seed` is unused."""
+        require_columns(frame, ["path", *(f"true_{n}" for n in outputs), *outputs])
+        several = len(outputs) > 1
+        found: list[tuple[float, int, int]] = []  # (size of the error, row, target)
+        for j, name in enumerate(outputs):
+            truth, pred = numbers(frame, f"true_{name}"), numbers(frame, name)
+            known = np.isfinite(truth) & np.isfinite(pred)
+            std = float(np.std(truth[known])) if several and known.sum() > 1 else 1.0
+            scale = std if std > 0 else 1.0
+            found += [(abs(pred[i] - truth[i]) / scale, i, j) for i in np.flatnonzero(known)]
+        largest = sorted(found, key=lambda e: (-e[0], e[1], e[2]))[:max(0, n_errors)]
+        chosen = {(i, j) for _, i, j in largest}  # with few images, an error is never also a "correct" case
+        smallest = [e for e in sorted(found, key=lambda e: (e[0], e[1], e[2])) if (e[1], e[2]) not in chosen]
+        paths = frame["path"].astype(str).to_numpy()
+        return ([ExplainCase(paths[i], outputs[j], "error") for _, i, j in largest]
+                + [ExplainCase(paths[i], outputs[j], "correct") for _, i, j in smallest[:max(0, n_correct)]])
 
     def fit_probe_output(self, j: int, z: np.ndarray, y: np.ndarray, strength: float, max_iter: int,
                          seed: int) -> tuple[np.ndarray, float]:

@@ -17,8 +17,8 @@ from retinafm.data.transforms import Preprocessing, eval_transform
 SIZE = 32
 
 
-def _recipe(preprocessing: Preprocessing = Preprocessing(), crop_pct: float = 0.875) -> v2.Compose:
-    return eval_transform(SIZE, [0.0] * 3, [1.0] * 3, crop_pct, preprocessing)
+def _recipe(preprocessing: Preprocessing | None = None, crop_pct: float = 0.875) -> v2.Compose:
+    return eval_transform(SIZE, [0.0] * 3, [1.0] * 3, crop_pct, preprocessing or Preprocessing())
 
 
 def _marked(height: int, width: int, box: tuple[int, int, int, int]) -> tuple[torch.Tensor, np.ndarray]:

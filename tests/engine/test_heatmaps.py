@@ -107,3 +107,57 @@ def test_register_tokens_rope_and_tiny_layer_scales_still_give_maps():
             heatmaps = explain_batch(model, torch.randn(2, 3, side, side), torch.tensor([0, 1]), method)
             assert heatmaps.shape == (2, side, side)
             assert (heatmaps.flatten(1).max(1).values == 1).all(), (name, method)  # not a flat, all-zero map
+
+
+def test_gradcam_finds_the_one_patch_the_output_reads():
+    """Only one patch of the image is not black; no position embedding, no patch bias, no final norm. The
+    first blocks are the identity (residual branches zeroed); the last one's attention is uniform with
+    identity values and projection, so each token's gradient at `blocks[-1].norm1` is the head's weight
+    over the token count. With that weight along the bright patch's normalised token, Grad-CAM's
+    activation x mean gradient is positive on that patch and exactly zero on the black ones."""
+    model = _vit("avg")
+    dim = model.embed_dim
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.fc2.weight.zero_(), block.mlp.fc2.bias.zero_()
+            block.attn.proj.weight.zero_(), block.attn.proj.bias.zero_()
+        last = model.blocks[-1].attn
+        last.qkv.weight.zero_(), last.qkv.bias.zero_()
+        last.qkv.weight[2 * dim:] = torch.eye(dim)  # q = k = 0: uniform attention; v = the token
+        last.proj.weight.copy_(torch.eye(dim))
+        model.pos_embed.zero_()
+        model.patch_embed.proj.bias.zero_()
+        model.norm, model.fc_norm = torch.nn.Identity(), torch.nn.Identity()
+        images = torch.zeros(1, 3, SIDE, SIDE)
+        images[..., 8:16, 24:32] = torch.rand(3, 8, 8) + 0.5  # patch (row 1, column 3)
+        token = model.patch_embed(images)[0, 1 * GRID + 3]
+        model.head.weight[1] = model.blocks[-1].norm1(token)  # class 1 reads along the bright patch's token
+    heatmap = explain_batch(model, images, torch.tensor([1]), "gradcam")
+    row, column = divmod(int(heatmap[0].argmax()), SIDE)
+    assert (row // PATCH, column // PATCH) == (1, 3)
+    centres = heatmap[0, PATCH // 2::PATCH, PATCH // 2::PATCH]  # one pixel inside each patch
+    assert centres[1, 3] > 0.9 and (centres.flatten().sort().values[-2] < 0.5)  # the rest: only upsampling
+
+
+@pytest.mark.parametrize("method", ["rollout", "grad-rollout", "gradcam"])
+def test_a_flip_averaged_model_gives_mirror_symmetric_maps_of_a_mirror_symmetric_image(method):
+    """Checkpoints with test-time flip averaging run the image and its mirror: both passes are read, the
+    mirrored one mirrored back, so a symmetric image gets a symmetric map (one pass alone would not)."""
+    from retinafm.engine.inference import _flip_averaged
+
+    model = _vit("avg")
+    half = torch.randn(1, 3, SIDE, SIDE // 2)
+    images = torch.cat([half, half.flip(-1)], dim=-1)
+    single = explain_batch(model, images, torch.tensor([0]), method)
+    model.forward = _flip_averaged(model.forward)
+    both = explain_batch(model, images, torch.tensor([0]), method)
+    torch.testing.assert_close(both, both.flip(-1), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(single, single.flip(-1), atol=1e-3)
+
+
+def test_settings_offer_exactly_the_methods_there_are():
+    import typing
+
+    from retinafm.settings import HeatmapMethod
+
+    assert typing.get_args(HeatmapMethod) == METHODS

@@ -65,6 +65,8 @@ class TaskBase:
     # metrics files apart when they carry no task block (None: the default task).
     report_headline: ClassVar[tuple[str, ...]] = ()
     output_kind: ClassVar[str] = "output"
+    # What an explained output's number is on report.html's heatmap cards.
+    explained_value: ClassVar[str] = "probability"
     legacy_marker: ClassVar[str | None] = None
     # The linear probe: its regularisation grid (strongest first) and the name of that setting.
     probe_grid: ClassVar[tuple[float, ...]] = C_GRID

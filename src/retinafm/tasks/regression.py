@@ -80,6 +80,7 @@ class RegressionTask(VectorTargetTask):
     own_settings = (TaskSetting(lambda s: s.loss is not None, LOSS_MESSAGE),)
     report_headline = ("r2_macro", "mae_macro", "rmse_macro", "pearson_macro")
     output_kind = "target"
+    explained_value = "predicted value"
     legacy_marker = "r2_macro"
     probe_grid = ALPHA_GRID[::-1]  # strongest regularisation first
     probe_strength_name = "alpha"

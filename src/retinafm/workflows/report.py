@@ -1,10 +1,10 @@
 """report.html: one self-contained page per run directory (or `evaluate` output folder).
 
 Everything is embedded — figures as base64 PNGs, error thumbnails and heatmap overlays as base64
-JPEGs, inline CSS, no JavaScript — so the file can be mailed or opened from disk without a server. Each section is
-built only from the files it needs and says so in one line when they are absent (an `evaluate`
-folder has no config.yaml, log.csv or data_summary.csv). Class names, labels and paths come from
-users, so the Jinja2 template escapes everything.
+JPEGs, inline CSS, no JavaScript — so the file can be mailed or opened from disk without a server.
+Each section is built only from the files it needs and says so in one line when they are absent (an
+`evaluate` folder has no config.yaml, log.csv or data_summary.csv). Class names, labels and paths
+come from users, so the Jinja2 template escapes everything.
 """
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 text, escaping, self-containment, and the page as headless Chromium renders it."""
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -288,3 +290,102 @@ def test_report_in_headless_chromium(tmp_path):
         assert img.size == (1280, 2000)
         colours = img.convert("RGB").resize((320, 500)).getcolors(maxcolors=1 << 16)
     assert colours is None or len(colours) > 200  # a rendered page, not a blank or error screen
+
+
+# --- where the model looked (heatmap overlays) ----------------------------------------------------
+
+
+def _explanations(run: Path, rows: list[tuple[str, str, str, object, str]], *, split: str = "test",
+                  method: str = "grad-rollout", value: str = "probability") -> None:
+    """explanations_<split>.csv as evaluate writes it: (case, path, target, probability or value, overlay) rows."""
+    frame = pd.DataFrame({"path": [r[1] for r in rows], "target": [r[2] for r in rows],
+                          value: [r[3] for r in rows], "method": method,
+                          "heatmap": [r[4].replace("overlays", "heatmaps").replace(".png", ".npy") for r in rows],
+                          "overlay": [r[4] for r in rows], "case": [r[0] for r in rows]})
+    frame.to_csv(run / f"explanations_{split}.csv", index=False)
+
+
+def _overlay_png(path: Path, seed: int) -> None:
+    from retinafm.data.synthetic import render_fundus
+    from retinafm.overlays import write_overlay
+
+    fundus = render_fundus(np.random.default_rng(seed), "diabetic_retinopathy", size=320)
+    yy, xx = np.mgrid[0:320, 0:320]
+    heatmap = np.exp(-(((xx - 100 - 40 * seed) / 30.0) ** 2 + ((yy - 180) / 25.0) ** 2))
+    write_overlay(path, fundus, heatmap)
+
+
+def _section(html: str, section_id: str) -> str:
+    start = html.index(f'<section id="{section_id}">')
+    return html[start:html.index("</section>", start)]
+
+
+def test_report_shows_where_the_model_looked(tmp_path):
+    run = _multiclass_run(tmp_path)
+    overlays = run / "explanations_test" / "overlays"
+    for seed, name in enumerate(("c__glaucoma.png", "b__x.png", "a__normal.png")):
+        _overlay_png(overlays / name, seed)
+    (overlays / "corrupt.png").write_bytes(b"\x89PNG not really")
+    _image(tmp_path / "secret.png", (1, 2, 3))  # outside the run folder: never embedded
+    (overlays / "link.png").symlink_to(tmp_path / "secret.png")
+    hostile = '<script>alert("x")</script>'
+    _explanations(run, [
+        ("error", str(tmp_path / "imgs" / "c.png"), "glaucoma", 0.9, "explanations_test/overlays/c__glaucoma.png"),
+        ("error", "imgs/b.png", hostile, 0.7, "explanations_test/overlays/b__x.png"),
+        ("error", "corrupt.png", "normal", 0.6, "explanations_test/overlays/corrupt.png"),
+        ("error", "up.png", "normal", 0.55, "../secret.png"),
+        ("error", "sneaky.png", "normal", 0.55, "explanations_test/../../secret.png"),
+        ("error", "absolute.png", "normal", 0.5, str(tmp_path / "secret.png")),
+        ("error", "linked.png", "normal", 0.5, "explanations_test/overlays/link.png"),
+        ("correct", "/data/a.png", "normal", 0.8, "explanations_test/overlays/a__normal.png"),
+        ("correct", "gone.png", "glaucoma", "", "explanations_test/overlays/gone.png"),
+        ("correct", "nul.png", "glaucoma", 0.5, "explanations_test/overlays/a\x00b.png"),
+        ("unknown", "other.png", "normal", 0.5, "explanations_test/overlays/a__normal.png"),  # no gallery
+    ])
+    html = write_report(run).read_text(encoding="utf-8")
+    _no_external_urls(html)  # the hostile target stays text
+    assert 'href="#explanations"' in html
+    section = _section(html, "explanations")
+    assert "gradient-weighted attention rollout" in section and "top 10 %" in section
+    errors, correct = section.split("Correct cases (a sample)")
+    assert "Most confident errors" in errors
+    # Cards in the CSV's order; the three readable overlays embedded, the rest a note each.
+    assert errors.index("c.png") < errors.index("b.png") < errors.index("corrupt.png") < errors.index("linked.png")
+    assert errors.count("data:image/jpeg;base64,") == 2 and correct.count("data:image/jpeg;base64,") == 1
+    assert errors.count("(overlay not read: its path leads outside the run folder)") == 4
+    assert errors.count("(overlay unreadable)") == 1 and "(overlay file missing)" in correct
+    assert "nul.png" in correct
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in errors and "<script" not in section
+    assert "probability 0.900" in errors and "probability n/a" in correct
+    assert 'title="/data/a.png"' in correct and ">a.png</span>" in correct  # the name, the full path on hover
+    assert "other.png" not in section
+    # The overlay is downsized for the page: a 320 px PNG becomes a 256 px JPEG.
+    uri = re.search(r'src="data:image/jpeg;base64,([^"]+)"', correct).group(1)
+    with Image.open(io.BytesIO(base64.b64decode(uri))) as embedded:
+        assert embedded.size == (256, 256)
+
+
+def test_report_says_when_there_are_no_heatmaps(tmp_path):
+    run = _multiclass_run(tmp_path)
+    section = _section(write_report(run).read_text(encoding="utf-8"), "explanations")
+    assert "No explanations_test.csv here" in section and "<figure" not in section
+
+    pd.DataFrame({"path": ["a.png"], "target": ["normal"]}).to_csv(run / "explanations_test.csv", index=False)
+    section = _section(write_report(run).read_text(encoding="utf-8"), "explanations")
+    assert "lacks column(s) method, overlay, case, probability" in section
+
+    _explanations(run, [("correct", "a.png", "normal", 0.8, "explanations_test/overlays/a.png")])
+    section = _section(write_report(run).read_text(encoding="utf-8"), "explanations")
+    assert "No errors were explained." in section and "(overlay file missing)" in section
+
+
+def test_report_heatmap_cards_of_a_regression_show_the_predicted_value(tmp_path):
+    run = tmp_path / "eval_reg"
+    run.mkdir()
+    _write_json(run / "metrics_test.json", {"split": "test", "task": {"name": "regression", "outputs": ["age"]}})
+    _overlay_png(run / "explanations_test" / "overlays" / "a__age.png", 0)
+    _explanations(run, [("error", "a.png", "age", 63.25, "explanations_test/overlays/a__age.png")],
+                  method="integrated-gradients", value="value")
+    section = _section(write_report(run).read_text(encoding="utf-8"), "explanations")
+    assert "predicted value 63.25" in section and "integrated gradients" in section
+    assert "of the target named on each card" in section

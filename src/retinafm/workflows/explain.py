@@ -62,7 +62,7 @@ def image_paths(images: str | Path, oct_frames: str | int) -> list[str]:
 
 def _explain(s: ExplainSettings, out: Path, progress: bool) -> ExplainResult:
     loaded = load_for_inference(s.checkpoint, device=s.device, precision=s.precision)
-    check_target(s.target, loaded.task.output_names)
+    target = check_target(s.target, loaded.task.output_names)
     paths = image_paths(s.images, s.oct_frames or loaded.meta.settings.get("oct_frames") or "middle")
     if dist_utils.is_primary():
         loaded.check_modality(paths, s.modality)
@@ -80,7 +80,7 @@ def _explain(s: ExplainSettings, out: Path, progress: bool) -> ExplainResult:
     if s.evaluate:
         from retinafm.workflows.explain_measures import measure
 
-        files.update(measure(loaded, paths, out, s, progress=progress))
+        files.update(measure(loaded, paths, out, s, target, progress=progress))
     return ExplainResult(frame, out, skipped, files)
 
 

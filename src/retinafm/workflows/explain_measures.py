@@ -41,7 +41,6 @@ from retinafm.engine.progress import progress_bar
 from retinafm.files import write_csv
 from retinafm.runtime import distributed as dist_utils
 from retinafm.runtime.device import autocast
-from retinafm.workflows.explain import check_target
 
 RANDOM, CENTRE = "random", "centre-bias"
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".gif")  # lossless: a JPEG's noise would draw false lesion
@@ -92,10 +91,9 @@ def _maps(model, images: torch.Tensor, outputs: torch.Tensor, patch: tuple[int, 
     return maps
 
 
-def _measure_items(loaded: LoadedModel, items: list[TracedItem], paths: Sequence[str], s: Any,
+def _measure_items(loaded: LoadedModel, items: list[TracedItem], paths: Sequence[str], s: Any, target: str | int,
                    masks: Path | None) -> list[dict[str, Any]]:
     model, task, device, amp = loaded.model, loaded.task, loaded.device, loaded.autocast_dtype
-    target = check_target(s.target, task.output_names)
     images = torch.stack([item.input for item in items]).to(device)
     with torch.no_grad(), autocast(device, amp):
         activated = task.activate(model(images).float().cpu())
@@ -144,8 +142,10 @@ def _localise(heat: torch.Tensor, item: TracedItem, mask: np.ndarray | None) -> 
             "mask_area": float(mask.mean())}
 
 
-def measure(loaded: LoadedModel, paths: Sequence[str], out: Path, s: Any, *, progress: bool = True) -> dict[str, Path]:
-    """Write faithfulness.csv, faithfulness_images.csv and (with `s.masks`) localisation.csv; return their paths."""
+def measure(loaded: LoadedModel, paths: Sequence[str], out: Path, s: Any, target: str | int, *,
+            progress: bool = True) -> dict[str, Path]:
+    """Write faithfulness.csv, faithfulness_images.csv and (with `s.masks`) localisation.csv for the outputs
+    `target` chooses (engine.explain.resolve_target); return their paths."""
     masks = Path(s.masks) if s.masks else None
     if masks is not None and not any(mask_for(masks, p) for p in paths):
         example = Path(split_address(paths[0])[0]).stem
@@ -160,7 +160,7 @@ def measure(loaded: LoadedModel, paths: Sequence[str], out: Path, s: Any, *, pro
     for batch in progress_bar(loader, "faithfulness", progress):
         items = [item for item in batch if isinstance(item, TracedItem)]
         if items:
-            records += _measure_items(loaded, items, paths, s, masks)
+            records += _measure_items(loaded, items, paths, s, target, masks)
     records = [r for part in dist_utils.all_gather_objects(records) for r in part]
     records.sort(key=lambda r: (r["_order"], list(METHODS + (RANDOM, CENTRE)).index(r["method"])))
     frame = pd.DataFrame(records).drop(columns="_order")

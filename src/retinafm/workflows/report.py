@@ -1,10 +1,10 @@
 """report.html: one self-contained page per run directory (or `evaluate` output folder).
 
-Everything is embedded — figures as base64 PNGs, error thumbnails as base64 JPEGs, inline CSS, no
-JavaScript — so the file can be mailed or opened from disk without a server. Each section is
-built only from the files it needs and says so in one line when they are absent (an `evaluate`
-folder has no config.yaml, log.csv or data_summary.csv). Class names, labels and paths come from
-users, so the Jinja2 template escapes everything.
+Everything is embedded — figures as base64 PNGs, error thumbnails and heatmap overlays as base64
+JPEGs, inline CSS, no JavaScript — so the file can be mailed or opened from disk without a server.
+Each section is built only from the files it needs and says so in one line when they are absent (an
+`evaluate` folder has no config.yaml, log.csv or data_summary.csv). Class names, labels and paths
+come from users, so the Jinja2 template escapes everything.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import datetime as _dt
 import io
 import json
 import math
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,25 @@ import pandas as pd
 import yaml
 
 from retinafm.files import write_text
-from retinafm.files.inputs import load_yaml, read_table
+from retinafm.files.inputs import IMAGE_MAX_BYTES, load_yaml, open_regular, read_table
 from retinafm.tasks import DEFAULT_TASK, TASKS
 from retinafm.tasks.report_cells import NA
 from retinafm.tasks.report_cells import fmt as _fmt
 
 TEMPLATE = "report.html.j2"
 THUMBNAIL_PX = 160
+OVERLAY_PX = 256  # heatmap overlays: bigger than the error thumbnails, the contour must be readable
 MAX_SKIPPED_ROWS = 20
+MAX_EXPLANATION_CARDS = 24  # per gallery: a hostile or huge explanations CSV does not make a huge page
+EXPLANATION_COLUMNS = ("path", "target", "method", "overlay", "case")  # plus the task's value column
+# explain's --method names as a reader knows the methods.
+METHOD_NAMES = {
+    "grad-rollout": "gradient-weighted attention rollout",
+    "rollout": "attention rollout",
+    "gradcam": "Grad-CAM on the ViT's tokens",
+    "integrated-gradients": "integrated gradients",
+}
+GALLERIES = (("error", "Most confident errors"), ("correct", "Correct cases (a sample)"))
 # Settings a reader looks for first, in this order; the rest follow as config.yaml has them.
 IMPORTANT_SETTINGS = ("model", "weights", "adaptation", "task", "epochs", "batch_size", "lr", "blr",
                       "layer_decay", "drop_path", "input_size", "seed")
@@ -71,6 +83,7 @@ def write_report(run_dir: str | Path, split: str = "test", *, title: str | None 
         "metrics": _metrics_section(metrics, split, task, outputs),
         "figures": _figures(run_dir / "plots"),
         "errors": _errors_section(run_dir, split, task, outputs, metrics, max_errors),
+        "explanations": _explanations_section(run_dir, split, task),
     }
     context["settings"], context["settings_note"] = _settings(config)
     return write_text(run_dir / "report.html", _render(context))
@@ -322,6 +335,92 @@ def _errors_section(run_dir: Path, split: str, task: str, outputs: list[str], me
     section["headers"] = [{"name": "file"}] + headers
     section["notes"].append(note)
     return section
+
+
+def _explanations_section(run_dir: Path, split: str, task: str) -> dict[str, Any]:
+    """'Where the model looked': the overlays listed in explanations_<split>.csv (written by evaluate
+    and finetune), errors and correct cases in two galleries, each card the overlay, the file, the
+    explained output and its probability (or predicted value). The CSV may be hostile: every cell is
+    escaped by the template, and an overlay is read only from inside the run folder."""
+    name = f"explanations_{split}.csv"
+    section: dict[str, Any] = {"galleries": [], "caption": "", "notes": []}
+    frame = _read_csv(run_dir / name, as_text=True)
+    if frame is None:
+        section["notes"].append(f"No {name} here: no heatmaps were made for this split.")
+        return section
+    column = TASKS[task].value_name  # "probability", or a regression's "value"
+    missing = [c for c in (*EXPLANATION_COLUMNS, column) if c not in frame.columns]
+    if missing:
+        section["notes"].append(f"{name} lacks column(s) {', '.join(missing)}; heatmaps not shown.")
+        return section
+    value_name, value_format = ("probability", "p") if column == "probability" else ("predicted value", "value")
+    root = run_dir.resolve()
+    cases = frame["case"].astype(str).str.strip().str.lower()
+    for case, title in GALLERIES:
+        rows = frame[cases == case]
+        cards = [_explanation_card(row, run_dir, root, value_name, value_format, column)
+                 for _, row in rows.head(MAX_EXPLANATION_CARDS).iterrows()]
+        notes = [f"The first {len(cards)} of {len(rows)} are shown; all are in {name}."] \
+            if len(rows) > len(cards) else []
+        empty = "None were explained." if case == "correct" else "No errors were explained."
+        section["galleries"].append({"title": title, "cards": cards, "notes": notes, "empty": empty})
+    methods = [m for m in dict.fromkeys(frame["method"].astype(str).str.strip()) if m]
+    described = ", ".join(METHOD_NAMES.get(m, m) for m in methods) or "an unnamed method"
+    section["caption"] = (f"Heatmaps by {described}, blended over each image from blue (little relevance) to "
+                          "red (most); the white contour encloses the top 10 % of the relevance. "
+                          f"The heatmap is of the {_output_kind(task)} named on each card.")
+    if not len(frame):
+        section["notes"].append(f"{name} lists no images.")
+    return section
+
+
+def _explanation_card(row: pd.Series, run_dir: Path, root: Path, value_name: str, value_format: str,
+                      column: str) -> dict[str, Any]:
+    path = str(row["path"])
+    uri, note = _overlay_uri(str(row["overlay"]), run_dir, root)
+    # The file's name reads best on a small card; a volume's frame address (file.dcm#frame=12) keeps its frame.
+    file = path.replace("\\", "/").rsplit("/", 1)[-1] or path
+    return {"uri": uri, "note": note, "file": file, "path": path, "target": str(row["target"]),
+            "value_name": value_name, "value": _fmt(value_format, row[column])}
+
+
+def _overlay_uri(relative: str, run_dir: Path, root: Path) -> tuple[str | None, str | None]:
+    """(a JPEG data URI of the overlay about OVERLAY_PX wide, None) or (None, why it is not shown).
+
+    Only a relative path that stays inside the run folder is read: an absolute one or one climbing
+    out (../, or a symbolic link leading out) would let a crafted CSV embed any image the user can
+    read into a page meant to be mailed."""
+    from PIL import Image
+
+    text = relative.strip()
+    if not text:
+        return None, "(no overlay file)"
+    candidate = Path(text)
+    if candidate.is_absolute() or text.startswith(("/", "\\", "~")) or ".." in candidate.parts \
+            or ".." in text.replace("\\", "/").split("/"):
+        return None, "(overlay not read: its path leads outside the run folder)"
+    try:
+        resolved = (run_dir / candidate).resolve()
+        if not resolved.is_relative_to(root):
+            return None, "(overlay not read: its path leads outside the run folder)"
+        if not resolved.exists():
+            return None, "(overlay file missing)"
+    except (OSError, RuntimeError, ValueError):  # a symbolic link loop, a NUL byte in the name
+        return None, "(overlay unreadable)"
+    try:
+        with warnings.catch_warnings():
+            # Past PIL's pixel limit a file is a decompression bomb, not an overlay: refused, not decoded.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open_regular(resolved, what="overlay", max_bytes=IMAGE_MAX_BYTES, kind="images") as handle, \
+                    Image.open(handle) as image:
+                image.draft("RGB", (OVERLAY_PX, OVERLAY_PX))  # a JPEG overlay decodes at a reduced scale
+                picture = image.convert("RGB")
+        picture.thumbnail((OVERLAY_PX, OVERLAY_PX))
+        buffer = io.BytesIO()
+        picture.save(buffer, format="JPEG", quality=90)
+    except Exception:  # corrupt, not an image, a decompression bomb, not a regular file: a note, never a failure
+        return None, "(overlay unreadable)"
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), None
 
 
 # --- formatting -----------------------------------------------------------------------------------

@@ -29,8 +29,10 @@ def run(out: Path, n_train: int, epochs: int, n_test: int, seed: int) -> tuple[p
     from retinafm.workflows.explain import explain
     from retinafm.workflows.finetune import finetune
 
-    manifest = write_lesion_dataset(out / "data", n_train=n_train, n_val=max(n_train // 4, 20), n_test=n_test,
-                                    size=128, seed=seed)
+    manifest = out / "data" / "manifest.csv"
+    if not manifest.exists():  # a second run in the same --out reuses the data and the fine-tuned model
+        manifest = write_lesion_dataset(out / "data", n_train=n_train, n_val=max(n_train // 4, 20), n_test=n_test,
+                                        size=128, seed=seed)
     run_dir = out / "run"
     if not (run_dir / "checkpoint-best.pth").exists():
         finetune(FinetuneSettings(

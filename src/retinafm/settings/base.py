@@ -256,6 +256,9 @@ EPOCHS = {"bounds": (1, 100_000)}
 WARMUP = {"bounds": (0, 100_000)}
 # Each replicate's metrics are kept (and computed: time grows with them too).
 BOOTSTRAP = {"bounds": (0, 100_000), "why": "1,000 to 10,000 replicates are usual"}
+REPORT_HEATMAPS_HELP = ("report.html: heatmaps (grad-rollout) of up to this many of the most confident errors and "
+                        "as many correct cases; 0: none.")
+REPORT_HEATMAPS = {"bounds": (0, 256), "why": "each is an overlay embedded in report.html"}
 # The upper limit is the token count the size implies, checked by ModelSpec.input_size_for.
 INPUT_SIZE = {"bounds": (1, None), "why": "omit it for the model's default"}
 NON_NEGATIVE = {"bounds": (0, None)}

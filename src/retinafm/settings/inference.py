@@ -12,6 +12,8 @@ from retinafm.settings.base import (
     INPUT_SIZE,
     OCT_FRAMES_HELP,
     PRECISION_HELP,
+    REPORT_HEATMAPS,
+    REPORT_HEATMAPS_HELP,
     SEED,
     WORKERS,
     ConfigError,
@@ -177,6 +179,7 @@ class EvaluateSettings(Settings):
     bootstrap: int = setting(1000, "Bootstrap replicates for 95% CIs (patient-level when the manifest has "
                                    "patient_id); 0: none.", **BOOTSTRAP)
     seed: int = setting(0, "Seed of the bootstrap.", **SEED)
+    report_heatmaps: int = setting(8, REPORT_HEATMAPS_HELP, **REPORT_HEATMAPS)
     batch_size: int = setting(32, **BATCH)
     device: str = setting("auto")
     precision: Precision = setting("auto", PRECISION_HELP)

@@ -14,6 +14,8 @@ from retinafm.settings.base import (
     NON_NEGATIVE,
     OCT_FRAMES_HELP,
     PRECISION_HELP,
+    REPORT_HEATMAPS,
+    REPORT_HEATMAPS_HELP,
     SEED,
     WARMUP,
     WORKERS,
@@ -89,6 +91,7 @@ class FinetuneSettings(Settings):
                                    "classes named with grade numbers (0..4, DR0.., 0_none..) are detected without it.")
     bootstrap: int = setting(1000, "Bootstrap replicates for the test metrics' 95% CIs (patient-level with "
                                    "patient_id); 0: none.", **BOOTSTRAP)
+    report_heatmaps: int = setting(8, REPORT_HEATMAPS_HELP, **REPORT_HEATMAPS)
     epochs: int = setting(50, "Training epochs.", **EPOCHS)
     batch_size: int = setting(16, "Per process.", **BATCH)
     accum_iter: int = setting(1, "Accumulate gradients over this many batches per optimizer step.", **ACCUMULATION)

@@ -27,6 +27,7 @@ from retinafm.files.outputs import EVALUATION_OUTPUTS
 from retinafm.runtime import distributed as dist_utils
 from retinafm.settings import EvaluateSettings
 from retinafm.tasks import get_task, grade_order
+from retinafm.workflows.explain import explain_report_cases
 from retinafm.workflows.report import write_report
 
 
@@ -77,8 +78,11 @@ def _evaluate(cfg: EvaluateSettings, progress: bool, report: bool) -> SplitEvalu
             log = SkipLog()
             log.add(ev.skipped)
             write_csv(out_dir / "skipped.csv", log.frame())
-        if report:
-            write_report(out_dir, split, title=f"{Path(checkpoint).name} on {data.source}")
+    if report:
+        explain_report_cases(loaded, out_dir, split, cfg.report_heatmaps, seed=cfg.seed,
+                             batch_size=min(cfg.batch_size, 8), progress=progress)
+    if report and dist_utils.is_primary():
+        write_report(out_dir, split, title=f"{Path(checkpoint).name} on {data.source}")
     return ev
 
 

@@ -8,6 +8,7 @@ overlays use the same writer (`write_explanations`).
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -152,3 +153,36 @@ def check_target(target: str, output_names: Sequence[str]) -> str | int:
         return resolve_target(target, output_names)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def explain_report_cases(loaded: LoadedModel, run_dir: Path, split: str, count: int, *, seed: int = 0,
+                         method: str = "grad-rollout", batch_size: int = 8, progress: bool = True) -> Path | None:
+    """report.html's heatmaps: the task's `count` most confident errors and `count` correct cases of
+    predictions_<split>.csv (`explain_cases`), explained into explanations_<split>/overlays/ with
+    explanations_<split>.csv beside (paths relative to `run_dir`). None when there is nothing to explain,
+    or the model cannot be explained (an ONNX export, int8 layers): the report then says there are none."""
+    from retinafm.files.inputs import read_table
+
+    predictions = run_dir / f"predictions_{split}.csv"
+    if count < 1 or loaded.onnx or loaded.precision == "int8" or not predictions.is_file():
+        return None
+    metrics_file = run_dir / f"metrics_{split}.json"
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
+    task = loaded.task
+    names = list(task.output_names)
+    cases = task.explain_cases(read_table(predictions, what="predictions"), names, metrics, count, count, seed)
+    if not cases:
+        return None
+    paths = list(dict.fromkeys(case.path for case in cases))
+    outputs = [[names.index(c.target) for c in cases if c.path == path] for path in paths]
+    frame, _ = write_explanations(loaded, paths, run_dir / f"explanations_{split}", method=method, target="given",
+                                  batch_size=batch_size, outputs=outputs, heatmaps=False, relative_to=run_dir,
+                                  progress=progress)
+    kind = {(c.path, c.target): c.case for c in cases}  # in the task's order: errors, then correct cases
+    order = {key: i for i, key in enumerate(kind)}
+    keys = list(zip(frame["path"], frame["target"], strict=True))
+    frame["case"] = [kind[key] for key in keys]
+    frame = frame.iloc[np.argsort([order[key] for key in keys], kind="stable")]
+    if not dist_utils.is_primary():
+        return None
+    return write_csv(run_dir / f"explanations_{split}.csv", frame.reset_index(drop=True))

@@ -248,10 +248,22 @@ def _finetune(cfg: FinetuneSettings, on_epoch: EpochCallback | None, evaluate_te
     if skipped is not None:
         result.files["skipped"] = skipped
         _say(f"{trainer.skipped_count} unreadable file(s) skipped; see {skipped}")
+    if result.test is not None and cfg.report_heatmaps:
+        _explain_test_cases(run_dir, cfg)
     if evaluate_test and dist_utils.is_primary():
         result.files["report"] = write_report(run_dir, "test")
         _say(f"report: {result.files['report']}")
     return result
+
+
+def _explain_test_cases(run_dir: Path, cfg: FinetuneSettings) -> None:
+    """report.html's heatmaps of the best checkpoint's most confident test errors and some correct cases."""
+    from retinafm.engine.inference import load_for_inference
+    from retinafm.workflows.explain import explain_report_cases
+
+    loaded = load_for_inference(run_dir / "checkpoint-best.pth", device=cfg.device)
+    explain_report_cases(loaded, run_dir, "test", cfg.report_heatmaps, seed=cfg.seed,
+                         batch_size=min(cfg.batch_size, 8), progress=False)
 
 
 def _load_pretrained(model: nn.Module, spec: ModelSpec, weights: str | None) -> None:

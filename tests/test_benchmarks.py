@@ -31,3 +31,25 @@ def test_inference_benchmark_runs_every_row_kind():
 def test_probe_benchmark_runs():
     out = _run("benchmarks/probe.py", "--per-class", "8", "--epochs", "2", "--batch-size", "8", "--num-workers", "0")
     assert "speed-up:" in out
+
+
+def test_explain_speed_benchmark_runs_every_method(tmp_path):
+    # In process, on a 32 px ViT-Ti and 2 integrated-gradients steps: seconds, not the minutes of the real run.
+    import importlib.util
+
+    from retinafm.engine.heatmaps import METHODS
+
+    spec = importlib.util.spec_from_file_location("explain_speed", ROOT / "benchmarks" / "explain_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n")
+    assert bench.main(["--models", "vit_tiny_patch16_224", "--image-size", "32", "--batch-size", "2",
+                       "--ig-batch-size", "1", "--warmup", "0", "--repeats", "1", "--steps", "2", "--threads", "1",
+                       "--append", str(results)]) == 0
+    text = results.read_text()
+    assert text.startswith("# Benchmark results\n\n## ") and "heatmap cost" in text
+    rows = {tuple(line.split(" | ")[1:3]) for line in text.splitlines() if line.startswith("| ViT-Ti/16 |")}
+    expected = {("predict", "2"), ("predict", "1")}
+    expected |= {(m, "1" if m == "integrated-gradients" else "2") for m in METHODS}
+    assert rows == expected  # integrated gradients at its own batch, against predict at that batch

@@ -127,3 +127,24 @@ def test_torchrun_refine_gathers_negatives_across_ranks(tiny_text_model, tmp_pat
     assert log["loss_itc"].iloc[0] > np.log(4) + 0.3
     state = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)
     assert state["epoch"] == 1 and (tmp_path / "run" / "backbone.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_explain_shares_the_images_and_writes_what_one_process_writes(trained_run, demo_data, tmp_path):
+    from retinafm.settings import ExplainSettings
+    from retinafm.workflows.explain import explain
+
+    checkpoint = trained_run / "checkpoint-best.pth"
+    images = demo_data / "test" / "glaucoma"
+    proc = _torchrun("explain", "--checkpoint", str(checkpoint), "--images", str(images), "--out",
+                     str(tmp_path / "ddp"), "--num-workers", "0", "--device", "cpu", "--precision", "fp32",
+                     "--method", "rollout", "--batch-size", "3")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("heatmaps of") == 1  # rank 0 alone reports
+    one = explain(ExplainSettings(checkpoint=str(checkpoint), images=str(images), out=str(tmp_path / "one"),
+                                  num_workers=0, device="cpu", precision="fp32", method="rollout"),
+                  progress=False).explanations
+    both = pd.read_csv(tmp_path / "ddp" / "explanations.csv")
+    assert both["path"].tolist() == one["path"].tolist() and len(both) == 8  # every image once, in input order
+    for a, b in zip(both["heatmap"], one["heatmap"], strict=True):
+        np.testing.assert_allclose(np.load(tmp_path / "ddp" / a), np.load(tmp_path / "one" / b), atol=1e-4)

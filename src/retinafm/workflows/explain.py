@@ -163,6 +163,7 @@ def explain_report_cases(loaded: LoadedModel, run_dir: Path, split: str, count: 
     or the model cannot be explained (an ONNX export, int8 layers): the report then says there are none."""
     from retinafm.files.inputs import read_table
 
+    dist_utils.barrier()  # rank 0 has written the predictions: every rank decides alike, then explains its share
     predictions = run_dir / f"predictions_{split}.csv"
     if count < 1 or loaded.onnx or loaded.precision == "int8" or not predictions.is_file():
         return None

@@ -21,6 +21,7 @@ from helpers import (
 )
 from PIL import Image
 
+from retinafm.data.sources import DataSourceError
 from retinafm.data.synthetic import render_fundus
 from retinafm.engine import explain as explain_engine
 from retinafm.engine.checkpoint import CheckpointMeta, save_checkpoint
@@ -227,3 +228,24 @@ def test_predict_heatmaps_writes_the_explain_folder_beside_the_predictions(tmp_p
     assert result.explanations is not None and len(result.explanations) == 3
     with pytest.raises(OutputExistsError):  # the folder is claimed like any output
         predict(PredictSettings(**{**settings, "out": str(tmp_path / "q.csv")}), progress=False)
+
+
+def test_bad_masks_a_wrong_target_and_an_output_inside_the_images_each_end_in_one_line(tmp_path):
+    images = tmp_path / "images"
+    _marked_png(images / "im0.png", 40, 48, (5, 5, 20, 20))
+    checkpoint = _checkpoint(tmp_path / "c.pth")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(masks / "im0.png")
+    common = ("--checkpoint", str(checkpoint), "--images", str(images), "--device", "cpu", "--num-workers", "0")
+    outcome = run_bounded("explain", *common, "--out", str(tmp_path / "o1"), "--evaluate", "--masks", str(masks),
+                          timeout=180)
+    assert_one_line_error(outcome, "im0.png is 10x10 pixels", "48x40", "a mask must have its image's size")
+    outcome = run_bounded("explain", *common, "--out", str(images / "why"), timeout=180)
+    assert_one_line_error(outcome, "--out", "inside")
+    assert not (images / "why").exists()
+    (tmp_path / "other_masks").mkdir()
+    with pytest.raises(DataSourceError, match="none of the 1 images has a mask there"):
+        explain(_settings(checkpoint, images, tmp_path / "o2", evaluate=True, masks=str(tmp_path / "other_masks")),
+                progress=False)
+    assert not (tmp_path / "o2").exists()  # a fresh folder is removed when the run fails

@@ -67,6 +67,10 @@ def _explain(s: ExplainSettings, out: Path, progress: bool) -> ExplainResult:
     paths = image_paths(s.images, s.oct_frames or loaded.meta.settings.get("oct_frames") or "middle")
     if dist_utils.is_primary():
         loaded.check_modality(paths, s.modality)
+    if s.evaluate and s.masks:  # before any work
+        from retinafm.workflows.explain_measures import check_masks
+
+        check_masks(Path(s.masks), paths)
     frame, skipped = write_explanations(loaded, paths, out, method=s.method, target=s.target,
                                         batch_size=s.batch_size, num_workers=s.num_workers, steps=s.steps,
                                         progress=progress)

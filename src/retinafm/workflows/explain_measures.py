@@ -58,6 +58,14 @@ def mask_for(masks: Path, path: str) -> Path | None:
     return None
 
 
+def check_masks(masks: Path, paths: Sequence[str]) -> None:
+    """Refuse a --masks folder that holds the mask of none of the images (a wrong folder, or other names)."""
+    if not any(mask_for(masks, p) for p in paths):
+        example = Path(split_address(paths[0])[0]).stem
+        raise DataSourceError(f"--masks {masks}: none of the {len(paths)} images has a mask there (looked for "
+                              f"<image stem>{'/'.join(MASK_SUFFIXES)}, e.g. {example}.png)")
+
+
 def read_mask(path: Path, shape: tuple[int, int], image: str) -> np.ndarray:
     """A bool mask (non-zero in any channel = lesion) of the image's shape; anything else is refused."""
     try:
@@ -147,10 +155,8 @@ def measure(loaded: LoadedModel, paths: Sequence[str], out: Path, s: Any, target
     """Write faithfulness.csv, faithfulness_images.csv and (with `s.masks`) localisation.csv for the outputs
     `target` chooses (engine.explain.resolve_target); return their paths."""
     masks = Path(s.masks) if s.masks else None
-    if masks is not None and not any(mask_for(masks, p) for p in paths):
-        example = Path(split_address(paths[0])[0]).stem
-        raise DataSourceError(f"--masks {masks}: none of the {len(paths)} images has a mask there (looked for "
-                              f"<image stem>{'/'.join(MASK_SUFFIXES)}, e.g. {example}.png)")
+    if masks is not None:
+        check_masks(masks, paths)
     if not hasattr(loaded.model, "patch_embed"):
         raise DataSourceError("--evaluate removes and restores the model's patches, and this model has no patch grid")
     dataset = TracedImages(paths, loaded.transform)

@@ -4,6 +4,8 @@ do, hold more of their energy there, and are more faithful than random maps (a l
 benchmarks/explain_localisation.py runs the same at a larger scale for the figures in docs/explain.md."""
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -15,12 +17,16 @@ from retinafm.workflows.finetune import finetune
 
 @pytest.mark.slow
 def test_default_heatmaps_find_the_lesions_and_are_faithful(tmp_path):
-    manifest = write_lesion_dataset(tmp_path / "data", n_train=200, n_val=40, n_test=40, size=96, seed=1)
+    manifest = write_lesion_dataset(tmp_path / "data", n_train=400, n_val=40, n_test=40, size=96, seed=1)
     run = tmp_path / "run"
     finetune(FinetuneSettings(
-        out=str(run), manifest=str(manifest), model="vit_micro_patch8", weights="none", input_size=64, epochs=20,
+        out=str(run), manifest=str(manifest), model="vit_micro_patch8", weights="none", input_size=64, epochs=30,
         warmup_epochs=2, batch_size=32, lr=1e-3, layer_decay=1.0, drop_path=0.0, randaug_magnitude=0, reprob=0.0,
         crop_min_scale=0.8, smoothing=0.0, num_workers=0, device="cpu", bootstrap=0, report_heatmaps=0, seed=1))
+    # (seeds 1-4 on a 2-core Xeon: test AUROC 0.78-0.93; grad-rollout's pointing game 0.3-0.6 against at
+    # most 0.05 for the baselines, energy in the masks 0.12-0.19 against at most 0.034, deletion AUC 0.14-0.31
+    # against random's 0.30-0.40)
+    assert json.loads((run / "metrics_test.json").read_text())["auroc_macro"] > 0.7  # the model did learn
     frame = pd.read_csv(manifest)
     test = frame[frame["split"] == "test"].assign(path=lambda f: [str(manifest.parent / p) for p in f["path"]])
     test[["path"]].to_csv(tmp_path / "test.csv", index=False)

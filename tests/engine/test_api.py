@@ -117,3 +117,24 @@ def test_import_retinafm_stays_cheap():
     assert cheap.stdout.strip() == "False"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]"  # the API does not go through the workflows
+
+
+def test_explain_gives_what_the_cli_writes_for_files_and_maps_for_in_memory_images(trained_run, folder, tmp_path):
+    checkpoint = trained_run / "checkpoint-best.pth"
+    _cli("explain", "--checkpoint", str(checkpoint), "--images", str(folder), "--out", str(tmp_path / "why"),
+         "--method", "rollout")
+    written = pd.read_csv(tmp_path / "why" / "explanations.csv")
+    model = retinafm.load(checkpoint, device="cpu")
+    files = sorted(str(p) for p in folder.iterdir())
+    wide = np.asarray(Image.open(files[0]).convert("RGB").resize((90, 50)))
+    frame = model.explain([*files, wide], method="rollout")
+    assert list(frame.columns) == ["path", "target", "probability", "method", "heatmap"]
+    assert frame["path"].iloc[-1] == "<input 6>" and frame["heatmap"].iloc[-1].shape == (50, 90)
+    assert frame["target"].iloc[:6].tolist() == written["target"].tolist()
+    np.testing.assert_allclose(frame["probability"].iloc[:6], written["probability"], atol=1e-5)
+    for heatmap, saved in zip(frame["heatmap"].iloc[:6], written["heatmap"], strict=True):
+        np.testing.assert_allclose(heatmap, np.load(tmp_path / "why" / saved), atol=1e-5)
+    with pytest.raises(CheckpointError, match="no output to explain"):
+        retinafm.load("vit_micro_patch8", weights="none", input_size=32, device="cpu").explain(files[:1])
+    with pytest.raises(ValueError, match="not an output of this model"):
+        model.explain(files[:1], target="cataract")

@@ -249,3 +249,32 @@ def test_bad_masks_a_wrong_target_and_an_output_inside_the_images_each_end_in_on
         explain(_settings(checkpoint, images, tmp_path / "o2", evaluate=True, masks=str(tmp_path / "other_masks")),
                 progress=False)
     assert not (tmp_path / "o2").exists()  # a fresh folder is removed when the run fails
+
+
+def test_probe_checkpoints_and_mlp_or_transformer_heads_are_explained(tmp_path):
+    """A probe's file holds only its linear head and names the checkpoint its frozen backbone came from."""
+    from retinafm.engine.checkpoint import save_probe_checkpoint
+    from retinafm.engine.inference import load_model
+    from retinafm.models.heads import HeadSettings
+
+    images = tmp_path / "images"
+    _marked_png(images / "im0.png", 40, 48, (5, 5, 20, 20))
+    backbone = _checkpoint(tmp_path / "backbone.pth")
+    model, meta = load_model(backbone)
+    head = {k: torch.randn_like(v) for k, v in model.state_dict().items() if k.startswith("head.")}
+    fields = {**meta.__dict__, "backbone": {"checkpoint": str(backbone)}}
+    probe = save_probe_checkpoint(tmp_path / "probe.pth", CheckpointMeta(**fields), head)
+    frame = explain(_settings(probe, images, tmp_path / "probe"), progress=False).explanations
+    assert len(frame) == 1 and np.load(tmp_path / "probe" / frame["heatmap"][0]).shape == (40, 48)
+
+    for kind in ("mlp", "transformer"):
+        spec = get_spec("vit_micro_patch8")
+        settings = HeadSettings(kind=kind, depth=1)
+        torch.manual_seed(0)
+        model = create_model(spec, 3, input_size=SIZE, global_pool="avg", head=settings)
+        checkpoint = save_checkpoint(tmp_path / f"{kind}.pth", model, CheckpointMeta(**{
+            **meta.__dict__, "head": dict(settings.__dict__)}))
+        frame = explain(_settings(checkpoint, images, tmp_path / kind, target="all"), progress=False).explanations
+        assert len(frame) == 3, kind
+        maps = [np.load(tmp_path / kind / p) for p in frame["heatmap"]]
+        assert all(m.shape == (40, 48) and m.max() == pytest.approx(1.0) for m in maps), kind

@@ -1,4 +1,5 @@
-"""The Python API for notebooks: `retinafm.load(checkpoint | zoo name)` → a model with `predict` and `embed`.
+"""The Python API for notebooks: `retinafm.load(checkpoint | zoo name)` → a model with `predict`, `embed`
+and `explain`.
 
 Inputs go through the same preprocessing as the CLI: files are read as `retinafm predict` reads
 them (volumes as `file#frame=N` addresses, the checkpoint's B-scan choice for a folder or volume
@@ -16,11 +17,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from retinafm.data.geometry import traced_transform
 from retinafm.data.images import collect_images
 from retinafm.data.loader import ImageDataset
 from retinafm.data.sources import DataSourceError
 from retinafm.data.volumes import expand_frames
 from retinafm.engine.checkpoint import CheckpointError
+from retinafm.engine.explain import TracedImages, TracedItem
 from retinafm.engine.features import PooledFeatures, embedding_model
 from retinafm.engine.infer import infer
 from retinafm.engine.inference import load_for_inference, prepare_for_inference
@@ -35,8 +38,10 @@ class RetinaModel:
 
     def __init__(self, model: nn.Module, transform: Callable, device: torch.device,
                  autocast_dtype: torch.dtype | None, *, name: str, task: Any = None,
-                 oct_frames: str = "middle", tta_flip: bool = False, num_workers: int = 0):
+                 oct_frames: str = "middle", tta_flip: bool = False, num_workers: int = 0,
+                 not_explainable: str | None = None):
         self.model, self.transform, self.device, self.autocast_dtype = model, transform, device, autocast_dtype
+        self.not_explainable = not_explainable  # why `explain` cannot run (an ONNX export, int8 layers), if so
         self.name, self.task, self.oct_frames, self.tta_flip = name, task, oct_frames, tta_flip
         self.num_workers = num_workers  # DataLoader workers decoding files; 0 is safest in a notebook
 
@@ -62,6 +67,37 @@ class RetinaModel:
         extractor = PooledFeatures(self.model, self.tta_flip)
         _, result = self._run(extractor, inputs, batch_size, "embed")
         return result.logits.astype(np.float32)
+
+    def explain(self, inputs: Inputs, *, target: str = "predicted", method: str = "grad-rollout",
+                batch_size: int = 8):
+        """Where the model looked, as `retinafm explain` computes it: a DataFrame with path, target,
+        probability (a regression's `value`), method and `heatmap`, a float32 array in 0..1 at each
+        image's own resolution (the model's crops and resize undone). `target`: predicted, all, or an
+        output's name. `retinafm.overlays.render_overlay(image, heatmap)` draws one."""
+        import pandas as pd
+
+        from retinafm.data.loader import SkipLog
+        from retinafm.engine.explain import explain_dataset, resolve_target
+
+        if self.task is None:
+            raise CheckpointError(f"{self.name} is a backbone without a task: there is no output to explain; load a "
+                                  "fine-tuned checkpoint")
+        if self.not_explainable:
+            raise CheckpointError(f"{self.name}: {self.not_explainable}")
+        chosen = resolve_target(target, self.task.output_names)
+        names, images = self._items(inputs)
+        skipped = SkipLog()
+        rows = [{"path": names[e.index], "target": e.target, self.task.value_name: e.value, "method": method,
+                 "heatmap": e.heatmap}
+                for e in explain_dataset(self.model, self.task, _InputTracedImages(names, images, self.transform),
+                                         self.device, method=method, target=chosen, batch_size=batch_size,
+                                         skip_log=skipped, num_workers=self.num_workers,
+                                         amp_dtype=self.autocast_dtype, progress=False)]
+        if len(skipped):
+            first = skipped.frame().iloc[0]
+            warnings.warn(f"{len(skipped)} image(s) could not be read and are left out, e.g. {first['path']}: "
+                          f"{first['reason']}", UserWarning, stacklevel=2)
+        return pd.DataFrame(rows, columns=["path", "target", self.task.value_name, "method", "heatmap"])
 
     def _run(self, model: nn.Module, inputs: Inputs, batch_size: int, desc: str):
         names, images = self._items(inputs)
@@ -108,6 +144,20 @@ class _InputDataset(ImageDataset):
         return super().__getitem__(index)
 
 
+class _InputTracedImages(TracedImages):
+    """TracedImages over file addresses and in-memory images, as _InputDataset."""
+
+    def __init__(self, names: list[str], images: dict[int, torch.Tensor], transform: Callable):
+        super().__init__(names, transform)
+        self.images = images
+
+    def __getitem__(self, index: int):
+        if index in self.images:
+            tensor, trace = traced_transform(self.transform, self.images[index])
+            return TracedItem(index, tensor, trace, self.images[index])
+        return super().__getitem__(index)
+
+
 def _as_tensor(item: Any, position: int) -> torch.Tensor:
     """A PIL image (any mode) or an HxWx3 / HxW uint8 array as the (3, H, W) uint8 tensor a file decodes to."""
     from PIL import Image
@@ -149,8 +199,12 @@ def load(source: str | Path, *, device: str = "auto", precision: str = "auto", c
                                   "trained with")
         loaded = load_for_inference(text, device=device, precision=precision, cpu_int8=cpu_int8)
         frames = oct_frames or loaded.meta.settings.get("oct_frames") or "middle"
+        why = ("an ONNX export has neither gradients nor attention to explain; load the .pth it was exported from"
+               if loaded.onnx else "int8 layers have no gradients; load it without cpu_int8 to explain"
+               if cpu_int8 else None)
         return RetinaModel(loaded.model, loaded.transform, loaded.device, loaded.autocast_dtype, name=text,
-                           task=loaded.task, oct_frames=frames, tta_flip=tta_flip, num_workers=num_workers)
+                           task=loaded.task, oct_frames=frames, tta_flip=tta_flip, num_workers=num_workers,
+                           not_explainable=why)
     model, info = embedding_model(settings)
     model, dev, dtype, _ = prepare_for_inference(model, onnx=False, device=device, precision=precision,
                                                  cpu_int8=cpu_int8)

@@ -1,8 +1,10 @@
 """The embedded demo runs the whole path and never deletes a folder it did not write."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from retinafm.files import OutputExistsError
 from retinafm.workflows.demo import (
@@ -29,6 +31,11 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     preds = pd.read_csv(out / "predictions.csv")
     names = {p.rsplit("/", 1)[-1] for p in preds["path"]}
     assert {"skimage_retina.jpg", "skimage_microaneurysms.png"} <= names
+    maps = pd.read_csv(out / "heatmaps" / "explanations.csv")  # a heatmap of each prediction, at its resolution
+    assert maps["path"].tolist() == preds["path"].tolist()
+    retina = maps[maps["path"].str.endswith("skimage_retina.jpg")].iloc[0]
+    assert np.load(out / "heatmaps" / retina["heatmap"]).shape == Image.open(retina["path"]).size[::-1]
+    assert (out / "run" / "explanations_test.csv").is_file()  # the report's overlays
     assert 0.0 <= summary.test_auroc <= 1.0 and summary.passed == (summary.test_auroc >= AUROC_TARGET)
     printed = capsys.readouterr().out
     assert "Held-out test macro AUROC" in printed and "skimage_retina.jpg" in printed

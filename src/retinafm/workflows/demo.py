@@ -5,7 +5,8 @@
    first stage), 3. fine-tune it, and the same ViT from scratch for comparison,
 4. evaluate the best checkpoint on the held-out test split,
 5. predict on a folder of new images that includes a real fundus photograph (scikit-image's
-   CC0 `retina` image) and a real diabetic-retinopathy crop (`microaneurysms`).
+   CC0 `retina` image) and a real diabetic-retinopathy crop (`microaneurysms`), with a heatmap of
+   each prediction (`predict --heatmaps`).
 """
 from __future__ import annotations
 
@@ -145,7 +146,8 @@ def run_demo(out: Path, epochs: int | None = None, overwrite: bool = False,
     for src in sorted((out / "data" / "test").rglob("*.png"))[::10]:
         shutil.copy(src, new_images / src.name)
     pred = predict(PredictSettings(checkpoint=run_dir / "checkpoint-best.pth", images=new_images,
-                                   out=out / "predictions.csv", device="cpu", num_workers=cfg.num_workers),
+                                   out=out / "predictions.csv", heatmaps=out / "heatmaps", device="cpu",
+                                   num_workers=cfg.num_workers),
                    progress=False)
 
     auroc = float(ev.metrics["auroc_macro"])
@@ -175,6 +177,7 @@ Demo finished in {elapsed / 60:.1f} min.
   report             {run_dir / 'report.html'}  (open it in a browser)
   evaluation         {out / 'evaluation'}
   predictions        {out / 'predictions.csv'}  ({len(pred.predictions)} images)
+  heatmaps           {out / 'heatmaps'}  (where the model looked: overlays/*.png, heatmaps/*.npy)
 Held-out test macro AUROC{pretrained_note}: \
 {auroc:.4f}{_ci_text(ev.ci.get("auroc_macro"))}  ({verdict} the {AUROC_TARGET} target){comparison}""",
           flush=True)

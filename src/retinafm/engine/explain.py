@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from retinafm.data.geometry import InputTrace, to_original, traced_transform
 from retinafm.data.io import ImageReadError, read_image
 from retinafm.data.loader import SkipLog
-from retinafm.engine.heatmaps import explain_batch
+from retinafm.engine.heatmaps import explain_batch, rollout_with_outputs
 from retinafm.engine.progress import progress_bar
 from retinafm.runtime import distributed as dist_utils
 from retinafm.runtime.device import autocast
@@ -108,16 +108,24 @@ def explain_items(model: nn.Module, task, items: list[TracedItem], device: torch
                   steps: int = 32) -> list[Explanation]:
     """Heatmaps of the chosen outputs of `items`, each laid back on its file."""
     images = torch.stack([item.input for item in items]).to(device)
+    rollout = None
     with torch.no_grad(), autocast(device, amp_dtype):
-        logits = model(images).float().cpu()
-    outputs = task.activate(logits)
+        if method == "rollout":  # one pass gives the outputs and the (target-free) maps: predict's cost
+            rollout, logits = rollout_with_outputs(model, images)
+            rollout = rollout.float().cpu()
+        else:
+            logits = model(images)
+    outputs = task.activate(logits.float().cpu())
     pairs = _pairs(chosen_outputs(task, outputs, target, [item.outputs for item in items]))
     results = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         rows = torch.tensor([b for b, _ in chunk], device=device)
-        with autocast(device, amp_dtype):
-            maps = explain_batch(model, images[rows], torch.tensor([k for _, k in chunk]), method, steps=steps)
+        if rollout is not None:
+            maps = rollout[rows.cpu()]
+        else:
+            with autocast(device, amp_dtype):
+                maps = explain_batch(model, images[rows], torch.tensor([k for _, k in chunk]), method, steps=steps)
         for (b, k), heat in zip(chunk, maps.float().cpu(), strict=True):
             item = items[b]
             results.append(Explanation(item.index, "", k, task.output_names[k], float(outputs[b, k]),

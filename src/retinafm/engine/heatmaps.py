@@ -141,6 +141,20 @@ def _merged(per_pass: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Te
     return total / len(per_pass)
 
 
+def rollout_with_outputs(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention-rollout maps (B, H, W) in 0..1 and the model's outputs (B, outputs), from one forward pass:
+    rollout does not depend on the target, so the pass that chooses the targets also gives the maps."""
+    model.eval()
+    _blocks(model)
+    prefix, pool = int(getattr(model, "num_prefix_tokens", 1)), str(getattr(model, "global_pool", "token"))
+    pool = "avg" if pool == "avg" else "token"
+    with torch.no_grad(), recorded_attention(model) as attentions:
+        logits = model(images)
+    grid = _grid(model, images)
+    relevance = [attention_rollout(part, prefix, pool) for part in _passes(attentions, len(_blocks(model)))]
+    return _to_pixels(_merged(relevance, grid), grid, (images.shape[-2], images.shape[-1])), logits
+
+
 def explain_batch(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, method: str = "grad-rollout",
                   *, steps: int = 32) -> torch.Tensor:
     """Heatmaps (B, H, W) in 0..1 at the input size, for output `targets[b]` of image b."""
@@ -162,10 +176,7 @@ def explain_batch(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
     grid = _grid(model, images)
     blocks = len(_blocks(model))
     if method == "rollout":
-        with torch.no_grad(), recorded_attention(model) as attentions:
-            model(images)
-        relevance = [attention_rollout(part, prefix, pool) for part in _passes(attentions, blocks)]
-        return _to_pixels(_merged(relevance, grid), grid, size)
+        return rollout_with_outputs(model, images)[0]
     if method == "grad-rollout":
         with torch.enable_grad(), recorded_attention(model, keep_grad=True) as attentions:
             model.zero_grad(set_to_none=True)

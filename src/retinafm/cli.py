@@ -666,6 +666,25 @@ def demo_cmd(out: str, epochs: int | None, pretrain_epochs: int | None, overwrit
         sys.exit(1)
 
 
+@main.command("serve")
+@click.option("--runs", required=True, type=click.Path(), help="Folder of run directories and checkpoints to serve "
+              "(e.g. demo_output); jobs write their runs here.")
+@click.option("--data-root", type=click.Path(), default=None, help="The only folder jobs may read images and "
+              "manifests from (without it, jobs cannot start).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; anything but "
+              "loopback needs a token.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--token", default=None, help="Token every request must carry (at least 16 characters); generated "
+              "and printed once when another --host is given without one.")
+def serve_cmd(runs: str, data_root: str | None, host: str, port: int, token: str | None) -> None:
+    """The local web app and HTTP API: models, predict with heatmaps, runs and reports, jobs. Patient
+    images stay on this machine; it listens on 127.0.0.1 unless --host says otherwise."""
+    from retinafm.serve.server import make_config, serve
+
+    config, generated = _run(lambda: make_config(runs, data_root, host, port, token))
+    _run(lambda: serve(config, generated_token=generated), on_interrupt="server stopped.")
+
+
 @main.command("split")
 @_apply(settings_options(SplitSettings))
 def split_cmd(**options: Any) -> None:

@@ -1,0 +1,4 @@
+"""(being written: see ISSUE21 brief)"""
+from fastapi import APIRouter
+
+router = APIRouter()

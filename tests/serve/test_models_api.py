@@ -218,3 +218,21 @@ def test_one_model_is_used_by_one_thread_at_a_time(runs):
     for t in threads:
         t.join()
     assert not errors and most[0] == 1 and cache.loads == 1
+
+
+def test_the_model_lock_is_granted_in_arrival_order():
+    lock = models_api.FairLock()
+    order: list[int] = []
+    lock.__enter__()  # held while the others queue up, one after another
+    threads = []
+    for i in range(6):
+        thread = threading.Thread(target=lambda i=i: (lock.__enter__(), order.append(i), lock.__exit__()))
+        thread.start()
+        threads.append(thread)
+        deadline = time.monotonic() + 5
+        while lock._next_ticket < i + 2 and time.monotonic() < deadline:  # it has taken its ticket
+            time.sleep(0.001)
+    lock.__exit__()
+    for thread in threads:
+        thread.join()
+    assert order == list(range(6))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -337,3 +340,14 @@ def test_a_token_protected_server_refuses_predict_without_it(runs):
                               data={"checkpoint": "fundus/checkpoint-best.pth", "heatmaps": "false"},
                               headers={"Authorization": "Bearer a-long-enough-token-123"})
         assert allowed.status_code == 200 and json.loads(allowed.text)["results"]
+
+
+@pytest.mark.slow
+def test_the_load_benchmark_drives_the_real_server():
+    """benchmarks/serve_load.py (uvicorn in a subprocess, real HTTP uploads) on a handful of requests."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--requests", "6", "--clients", "3"], cwd=root,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "All 6 requests from 3 clients succeeded: **yes**" in proc.stdout

@@ -151,6 +151,29 @@ def read_onnx_meta(path: Path) -> CheckpointMeta:
     return meta
 
 
+class FairLock:
+    """A lock granted in the order it was asked for (a ticket lock). threading.Lock wakes an arbitrary
+    waiter, so under 16 concurrent clients some requests on a busy model waited several turns: the
+    95th-percentile latency was three times the median. Served in turn, it stays near 16 turns."""
+
+    def __init__(self) -> None:
+        self._turn = threading.Condition(threading.Lock())
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> FairLock:
+        with self._turn:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._turn.wait_for(lambda: self._serving == ticket)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._turn:
+            self._serving += 1
+            self._turn.notify_all()
+
+
 class ModelCache:
     """The checkpoints under `config.runs` (`discover`, `describe`) and the loaded models (`use`)."""
 
@@ -161,7 +184,7 @@ class ModelCache:
         self._described: dict[Path, tuple[Stamp, tuple[str, CheckpointMeta] | str]] = {}
         self._run_metrics: dict[Path, tuple[tuple[Stamp | None, Stamp | None], dict[str, Any]]] = {}
         self._loaded: OrderedDict[Path, tuple[Stamp, LoadedModel]] = OrderedDict()
-        self._model_locks: dict[Path, threading.Lock] = {}
+        self._model_locks: dict[Path, FairLock] = {}
         self.loads = 0  # models loaded since the server started (for tests and the benchmark)
 
     # ------------------------------------------------------------------ discovery
@@ -261,7 +284,7 @@ class ModelCache:
         """The loaded model of `info`, held under its own lock for the block (loaded on first use,
         reloaded when the file changed, least recently used evicted beyond config.cached_models)."""
         with self._lock:
-            lock = self._model_locks.setdefault(info.path, threading.Lock())
+            lock = self._model_locks.setdefault(info.path, FairLock())
         with lock:
             stamp = _stamp(info.path)
             with self._lock:

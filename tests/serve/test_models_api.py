@@ -236,3 +236,17 @@ def test_the_model_lock_is_granted_in_arrival_order():
     for thread in threads:
         thread.join()
     assert order == list(range(6))
+
+
+def test_a_finetune_run_is_listed_with_its_validation_and_test_metrics(trained_run):
+    """A real run folder (finetune's checkpoint-best.pth / checkpoint-last.pth, log.csv, metrics_test.json)."""
+    cache = ModelCache(ServeConfig(runs=trained_run.parent))
+    models, skipped = cache.discover()
+    assert skipped == []
+    found = {m.id: m for m in models}
+    assert set(found) == {"run/checkpoint-best.pth", "run/checkpoint-last.pth"}
+    best = found["run/checkpoint-best.pth"]
+    test = json.loads((trained_run / "metrics_test.json").read_text())
+    assert best.run == "run" and best.outputs == test["task"]["outputs"]
+    assert best.metrics["test"]["auroc_macro"] == pytest.approx(test["auroc_macro"])
+    assert set(best.metrics["test"]) <= set(test) and "accuracy" in best.metrics["val"]

@@ -244,7 +244,8 @@ def test_a_finetune_run_is_listed_with_its_validation_and_test_metrics(trained_r
     models, skipped = cache.discover()
     assert skipped == []
     found = {m.id: m for m in models}
-    assert set(found) == {"run/checkpoint-best.pth", "run/checkpoint-last.pth"}
+    assert set(found) == {"run/checkpoint-best.pth"}  # the last one (for --resume) is not listed beside it...
+    assert cache.describe("run/checkpoint-last.pth").id == "run/checkpoint-last.pth"  # ...but can be asked for
     best = found["run/checkpoint-best.pth"]
     test = json.loads((trained_run / "metrics_test.json").read_text())
     assert best.run == "run" and best.outputs == test["task"]["outputs"]

@@ -211,7 +211,14 @@ class ModelCache:
     def discover(self) -> tuple[list[ModelInfo], list[dict[str, str]]]:
         """(the runnable models, the skipped files with their reason), each file read once per change."""
         models, skipped = [], []
-        for model_id in self.candidates():
+        candidates = list(self.candidates())
+        listed = set(candidates)
+        for model_id in candidates:
+            # A run's checkpoint-last.pth (kept to resume training) beside its checkpoint-best.pth would list
+            # every run twice; it stays reachable by its id.
+            if model_id.endswith("checkpoint-last.pth") and \
+                    model_id[:-len("checkpoint-last.pth")] + "checkpoint-best.pth" in listed:
+                continue
             try:
                 models.append(self._describe(model_id, (self.root / model_id).resolve()))
             except CheckpointError as exc:

@@ -50,8 +50,9 @@ COMPARE_BOOTSTRAP = 1000  # compare's own default
 WATCHED = ("config.yaml", "report.html", "checkpoint-best.pth")
 REPORT_CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'self'; "
               "base-uri 'none'; form-action 'none'; sandbox")
-# compare runs the CPU flat out (a parallel bootstrap): one at a time, off the event loop.
-_compare_limiter: anyio.CapacityLimiter | None = None
+# compare runs the CPU flat out (a parallel bootstrap): one at a time, in a worker thread off the event loop.
+# A thread lock rather than an anyio limiter: it is not tied to one event loop.
+_compare_lock = threading.Lock()
 
 
 @dataclasses.dataclass
@@ -269,7 +270,6 @@ def _report(request: Request, run_id: str) -> Response:
 async def compare(request: Request) -> JSONResponse:
     """{"runs": [id, ...], optional "metric", "bootstrap"} → {"rows", "forest", "notes", "wilcoxon"}.
     The first run is the reference, as on the command line."""
-    global _compare_limiter
     config: ServeConfig = request.app.state.config
     try:
         body = await request.json()
@@ -302,13 +302,11 @@ async def compare(request: Request) -> JSONResponse:
                                   "evaluation")
             confined(config.runs, f"{run_id}/{needed}", what="run file")  # 403 for a symlink leading out
         folders.append(folder)
-    if _compare_limiter is None:
-        _compare_limiter = anyio.CapacityLimiter(1)
     try:
-        result = await anyio.to_thread.run_sync(_run_compare, config.runs, folders, metric, bootstrap,
-                                                limiter=_compare_limiter)
-    except ValueError as exc:  # CompareError and the files' own errors: the message says what to do
-        return error(422, _relative_message(str(exc), config.runs))
+        result = await anyio.to_thread.run_sync(_run_compare, config.runs, folders, metric, bootstrap)
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # CompareError, unreadable or malformed run files
+        message = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        return error(422, "these runs cannot be compared: " + _relative_message(message, config.runs))
     return JSONResponse(result)
 
 
@@ -316,7 +314,8 @@ def _run_compare(runs: Path, folders: list[Path], metric: str | None, bootstrap:
     """compare_runs into a private temporary folder (0700, deleted on the way out), answered as JSON."""
     from retinafm.workflows.compare import compare_runs
 
-    with tempfile.TemporaryDirectory(prefix="retinafm-compare-") as tmp, warnings.catch_warnings(record=True) as caught:
+    with _compare_lock, tempfile.TemporaryDirectory(prefix="retinafm-compare-") as tmp, \
+            warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = compare_runs(folders, Path(tmp) / "comparison", metric=metric, bootstrap=bootstrap)
         forest = result.files.get("forest")

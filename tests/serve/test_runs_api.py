@@ -47,6 +47,8 @@ def served(trained_run: Path, tmp_path_factory) -> Path:
     (runs / "linked").symlink_to(outside, target_is_directory=True)
     (runs / "pointing").mkdir()
     (runs / "pointing" / "report.html").symlink_to(outside / "report.html")
+    (runs / "loop").symlink_to("loop")  # resolves to nothing: Path.resolve raises on it
+    (runs / "nested" / "up").symlink_to("..", target_is_directory=True)  # a cycle that stays inside
     return runs
 
 
@@ -136,7 +138,7 @@ def test_compare_refuses_non_json(client: TestClient) -> None:
     assert response.status_code == 422 and "JSON" in response.json()["detail"]
 
 
-@pytest.mark.parametrize("run", ["../outside", "/etc", "linked", "a/../../outside", "a\\..\\..", "a\x00"])
+@pytest.mark.parametrize("run", ["../outside", "/etc", "linked", "a/../../outside", "a\\..\\..", "a\x00", "loop"])
 def test_compare_refuses_runs_outside(client: TestClient, run: str) -> None:
     response = client.post("/api/compare", json={"runs": ["a", run]})
     assert response.status_code in (403, 404), response.text
@@ -156,6 +158,7 @@ TRAVERSALS = [
     "/runs/linked/report.html",  # a folder symlinked outside
     "/runs/pointing/report.html",  # a report.html symlinked outside
     "/runs/C:/outside/report.html",
+    "/runs/loop/report.html",
 ]
 
 

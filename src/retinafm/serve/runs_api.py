@@ -86,7 +86,12 @@ def find_runs(runs: Path) -> list[dict[str, Any]]:
 
 
 def _inside(root: Path, path: Path) -> bool:
-    resolved = path.resolve()
+    """Whether `path`, symlinks resolved, lies in `root`; a symlink loop (RuntimeError before Python 3.13,
+    OSError after) leads nowhere and so not inside."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):
+        return False
     return resolved == root or root in resolved.parents
 
 
@@ -114,7 +119,7 @@ def _walk(root: Path) -> list[_Folder]:
                 if link and not _inside(root, Path(child.path)):
                     continue  # never followed out of --runs
                 if child.is_dir():
-                    target = Path(child.path).resolve()
+                    target = Path(child.path).resolve()  # a loop was refused by _inside above
                     if depth < MAX_DEPTH and target not in seen:
                         seen.add(target)
                         queue.append((Path(child.path), child.name if rel == "." else f"{rel}/{child.name}",
@@ -247,10 +252,19 @@ def run_report(request: Request, run_id: str) -> Response:
     return _report(request, run_id)
 
 
+def _confined(root: Path, relative: str, what: str) -> Path:
+    """security.confined, with a symlink loop (which Path.resolve raises as RuntimeError or OSError) refused
+    as a path that leads nowhere instead of ending the request in a 500."""
+    try:
+        return confined(root, relative, what=what)
+    except (RuntimeError, OSError):
+        raise HTTPException(403, f"{what} {relative!r} leads nowhere (a symlink loop)") from None
+
+
 def _report(request: Request, run_id: str) -> Response:
     config: ServeConfig = request.app.state.config
     relative = "report.html" if run_id in (".", "") else f"{run_id}/report.html"
-    path = confined(config.runs, relative, what="report")
+    path = _confined(config.runs, relative, "report")
     try:
         with open_regular(path, what="report", max_bytes=REPORT_MAX_BYTES, kind="reports") as fh:
             body = fh.read()
@@ -293,14 +307,14 @@ async def compare(request: Request) -> JSONResponse:
         return error(422, '"bootstrap" must be a whole number of replicates from 100 to 10000')
     folders = []
     for run_id in ids:
-        folder = confined(config.runs, run_id or ".", what="run")
+        folder = _confined(config.runs, run_id or ".", "run")
         if not folder.is_dir():
             return error(422, f"run {run_id!r} is not a run directory")
         for needed in ("predictions_test.csv", "metrics_test.json"):
             if not (folder / needed).exists():
                 return error(422, f"run {run_id!r} has no {needed}: compare runs that finished their test "
                                   "evaluation")
-            confined(config.runs, f"{run_id}/{needed}", what="run file")  # 403 for a symlink leading out
+            _confined(config.runs, f"{run_id}/{needed}", "run file")  # 403 for a symlink leading out
         folders.append(folder)
     try:
         result = await anyio.to_thread.run_sync(_run_compare, config.runs, folders, metric, bootstrap)

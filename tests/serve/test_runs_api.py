@@ -75,14 +75,21 @@ def test_lists_runs_with_metrics_and_cis(client: TestClient, served: Path) -> No
     assert SECRET not in response.text
 
 
-def test_listing_follows_changes(served: Path) -> None:
-    """The cache is keyed by the files' times and sizes: a rewritten metrics file is shown at once."""
+def test_listing_follows_changes(served: Path, monkeypatch) -> None:
+    """The cache is keyed by the files' times and sizes: an unchanged run is not read again, a rewritten
+    metrics file is shown at once."""
+    from retinafm.serve import runs_api
+
+    built: list[str] = []
+    original = runs_api._build_entry
+    monkeypatch.setattr(runs_api, "_build_entry", lambda folder: built.append(folder.id) or original(folder))
     run = served.parent / "changing"
     shutil.copytree(served / "a", run)
     app = create_app(ServeConfig(runs=served.parent / "changing"))
     local = TestClient(app, base_url="http://127.0.0.1:8000")
     first = local.get("/api/runs").json()["runs"]
     assert [r["id"] for r in first] == ["."] and first[0]["report"] == "/runs/report.html"
+    assert local.get("/api/runs").json()["runs"] == first and built == ["."]
     metrics_file = run / "metrics_test.json"
     metrics = json.loads(metrics_file.read_text())
     metrics["auroc_macro"] = 0.875
@@ -90,6 +97,7 @@ def test_listing_follows_changes(served: Path) -> None:
     stat = metrics_file.stat()
     os.utime(metrics_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert local.get("/api/runs").json()["runs"][0]["metrics"]["auroc_macro"]["value"] == 0.875
+    assert built == [".", "."]
     assert "<html" in local.get("/runs/report.html").text
 
 

@@ -245,8 +245,6 @@ def test_paths_near_the_login_page_need_the_token(token_app: FastAPI, path: str)
     assert b'"runs"' not in body
 
 
-@pytest.mark.xfail(strict=True, reason="security.py guard: an exception in a route escapes call_next, so the "
-                                       "500 comes from Starlette's outer error handler without the security headers")
 def test_an_error_in_a_route_still_has_the_headers(runs: Path) -> None:
     app = create_app(ServeConfig(runs=runs))
 
@@ -347,8 +345,6 @@ def test_the_real_server(trained_run: Path, tmp_path: Path) -> None:
     assert f"127.0.0.1:{port}" in output and "Traceback" not in output and TOKEN not in output, output
 
 
-@pytest.mark.xfail(strict=True, reason="security.py confined(): Path.resolve raises RuntimeError (OSError from "
-                                       "Python 3.13) on a symlink loop, so a route using confined answers 500")
 def test_confined_refuses_a_symlink_loop(tmp_path: Path) -> None:
     from fastapi import HTTPException
 

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath
@@ -86,7 +87,11 @@ def guard(config: ServeConfig) -> Callable[[Request, Callable[[Request], Awaitab
             response = error(403, "cross-site request refused: state can only be changed from this server's own "
                                   "pages or with its token")
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception:  # a route's bug: logged for the operator, one line for the client, headers still on
+                logging.getLogger("retinafm.serve").exception("error answering %s %s", request.method, path)
+                response = error(500, "internal error; see the server's log")
         for name, value in HEADERS.items():
             response.headers.setdefault(name, value)
         response.headers.setdefault("Content-Security-Policy", CSP)
@@ -106,8 +111,11 @@ def confined(root: Path, relative: str, *, what: str = "file") -> Path:
     if (not text or "\x00" in text or "\\" in text or pure.is_absolute() or ".." in pure.parts
             or (len(text) > 1 and text[1] == ":")):
         raise HTTPException(403, f"{what} {text!r} is not a relative path inside the served folder")
-    base = root.resolve()
-    target = (base / pure).resolve()
+    try:
+        base = root.resolve()
+        target = (base / pure).resolve()
+    except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise HTTPException(403, f"{what} {text!r} leads nowhere (a symlink loop)") from None
     if target != base and base not in target.parents:
         raise HTTPException(403, f"{what} {text!r} leads outside the served folder")
     if not target.exists():

@@ -453,3 +453,21 @@ def test_progress_tolerates_a_partial_last_line(tmp_path):
     assert read_progress(tmp_path / "none.csv", 3) == {"epoch": 0, "epochs": 3, "train_loss": None,
                                                         "val_loss": None, "history": []}
     assert read_progress(path, None) is None
+
+
+def test_with_a_token_no_jobs_endpoint_answers_without_it(runs, data_root):
+    token = "t" * 24
+    app = create_app(ServeConfig(runs=runs, data_root=data_root, token=token))
+    with TestClient(app, base_url=BASE) as client:
+        for method, path in (("get", "/api/forms"), ("get", "/api/jobs"), ("post", "/api/jobs"),
+                             ("get", "/api/jobs/20250101-000000-aaaaaa"),
+                             ("post", "/api/jobs/20250101-000000-aaaaaa/cancel")):
+            answer = getattr(client, method)(path)
+            assert answer.status_code == 401 and "token" in answer.json()["detail"], path
+        assert client.get("/api/forms", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_a_cross_site_page_cannot_start_a_job(client, runs):
+    answer = client.post("/api/jobs", json={"verb": "finetune", "name": "x", "settings": {"data_path": "folder"}},
+                         headers={"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"})
+    assert answer.status_code == 403 and not (runs / "x").exists()

@@ -179,7 +179,7 @@
         el("td", { text: m.task || "–" }),
         el("td", { text: (m.outputs || []).join(", ") || "–" }),
         el("td", { text: [m.model, m.arch && m.arch !== m.model ? "(" + m.arch + ")" : ""].join(" ").trim() || "–" }),
-        el("td", { text: m.input_size ? m.input_size + " px" : "–" }),
+        el("td", { className: "nowrap", text: m.input_size ? m.input_size + " px" : "–" }),
         metricsCell(metrics.val, 3),
         metricsCell(metrics.test, 3),
         el("td", {}, el("a", { href: "/predict?model=" + encodeURIComponent(m.id), text: "Predict" })),
@@ -315,7 +315,7 @@
       if (!names.length) return el("span", { className: "muted", text: "–" });
       return el("ul", { className: "probs" }, names.map((name) => {
         const p = Number(probs[name]);
-        return el("li", { className: highlight(name) ? "top" : null }, [
+        return el("li", { className: highlight(name) ? "best" : null }, [
           el("span", { className: "name", text: name }),
           el("meter", { min: 0, max: 1, value: Number.isFinite(p) ? p : 0 }),
           el("span", { className: "p", text: fmt(p) }),

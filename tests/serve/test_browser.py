@@ -2,7 +2,9 @@
 (Debian's, through Playwright): two images predicted on the Predict page with their overlays, a run's report
 opened from the Runs page (and two runs compared), a short fine-tune started on the Jobs page and seen to
 finish. A screenshot of every step is kept in test-artifacts/serve/ (or $RETINAFM_TEST_ARTIFACTS) for a person
-to look at."""
+to look at.
+A second test serves the pages with a fake API (contract-shaped answers) to see what the real one rarely
+gives: multi-label and regression results, hostile file names, and refusals shown in words."""
 from __future__ import annotations
 
 import os
@@ -19,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 REPO = Path(__file__).resolve().parents[2]
 FINETUNE = {  # the Jobs page's form as the test fills it: a tiny model, seconds on a CPU
@@ -41,8 +45,8 @@ def _chromium() -> str:
     pytest.skip("chromium is not installed (Debian: apt-get install chromium); browser test skipped")
 
 
-def _artifacts() -> Path:
-    folder = Path(os.environ.get("RETINAFM_TEST_ARTIFACTS", REPO / "test-artifacts")) / "serve"
+def _artifacts(name: str) -> Path:
+    folder = Path(os.environ.get("RETINAFM_TEST_ARTIFACTS", REPO / "test-artifacts")) / "serve" / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     print(f"\nscreenshots of the browser test: {folder}")
@@ -113,7 +117,7 @@ def test_predict_report_and_finetune_in_headless_chromium(server: tuple[str, Pat
     chromium = _chromium()
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a test dependency")
     base, runs, log = server
-    shots = _artifacts()
+    shots = _artifacts("real-server")
     problems: list[str] = []  # script errors and CSP refusals: the pages must run clean
 
     with sync_api.sync_playwright() as p:
@@ -227,6 +231,200 @@ def test_predict_report_and_finetune_in_headless_chromium(server: tuple[str, Pat
         except Exception:
             print(f"server log:\n{log.read_text()}")
             raise
+        finally:
+            browser.close()
+    assert not problems, problems
+
+
+# --- the pages against a fake API: other tasks, hostile names, refusals --------------------------------------
+
+PNG_1PX = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmM"
+           "IQAAAABJRU5ErkJggg==")
+HOSTILE = '<img src=x onerror=alert(1)>.png'
+
+
+def _fake_api(posted: list[dict]) -> APIRouter:
+    """Answers shaped like the contracts in ISSUE21.md; what the pages POST as JSON is kept in `posted`."""
+    router = APIRouter()
+    outputs = {"ml/checkpoint-best.pth": ("multilabel", ["drusen", "haemorrhage", "exudate"]),
+               "reg/checkpoint-best.pth": ("regression", ["cdr", "count"])}
+
+    @router.get("/api/models")
+    def models() -> dict:
+        return {"models": [{"id": k, "path": k, "kind": "classifier", "task": task, "outputs": names,
+                            "model": "vit_micro_patch8", "arch": "vit_micro_patch8", "input_size": 32,
+                            "run": k.split("/")[0], "metrics": {"val": {}, "test": {}}}
+                           for k, (task, names) in outputs.items()]}
+
+    @router.post("/api/predict")
+    async def predict(request: Request) -> dict:
+        form = await request.form()
+        task, names = outputs[str(form["checkpoint"])]
+        results = []
+        for upload in form.getlist("file"):
+            if task == "multilabel":
+                results.append({"filename": upload.filename, "prediction": ["drusen", "haemorrhage"],
+                                "probabilities": {"drusen": 0.9, "haemorrhage": 0.7, "exudate": 0.1},
+                                "overlay": PNG_1PX})
+            else:
+                results.append({"filename": upload.filename, "prediction": None, "values": {"cdr": 0.412, "count": 3.5},
+                                "overlay": None})
+        return {"model": form["checkpoint"], "task": task, "outputs": names, "results": results,
+                "skipped": [{"filename": "=cmd|' /C calc'!A0.dcm", "reason": "not a DICOM file"}]}
+
+    @router.get("/api/runs")
+    def runs() -> dict:
+        return {"runs": [{"id": name, "task": task, "model": "vit_micro_patch8", "split": "test",
+                          "metrics": {"auroc_macro": {"value": 0.9, "ci_low": 0.8, "ci_high": 0.95}},
+                          "report": None, "checkpoint": None, "modified": "2026-11-29T12:00:00+00:00"}
+                         for name, task in (("run-a", "multiclass"), ("run-b", "regression"))]}
+
+    @router.post("/api/compare")
+    async def compare(request: Request) -> JSONResponse:
+        posted.append(await request.json())
+        return JSONResponse({"detail": "run-a is a multiclass run but run-b is regression; compare like with like"},
+                            status_code=400)
+
+    @router.get("/api/forms")
+    def forms() -> dict:
+        return {"finetune": [
+            {"name": "out", "flag": "--out", "type": "path", "default": "", "help": "Run directory to create.",
+             "choices": None, "required": True},
+            {"name": "epochs", "flag": "--epochs", "type": "int", "default": 50, "help": "Training epochs.",
+             "choices": None, "required": False},
+            {"name": "lr", "flag": "--lr", "type": "float", "default": None, "help": "Absolute lr.",
+             "choices": None, "required": False},
+            {"name": "fundus_crop", "flag": "--fundus-crop", "type": "bool", "default": False, "help": "Crop.",
+             "choices": None, "required": False},
+            {"name": "head", "flag": "--head", "type": "choice", "default": "linear", "help": "Task head.",
+             "choices": ["linear", "mlp", "transformer"], "required": False},
+            {"name": "model", "flag": "--model", "type": "str", "default": "RETFound_mae_natureCFP",
+             "help": "Zoo name.", "choices": None, "required": False},
+        ]}
+
+    @router.post("/api/jobs")
+    async def start(request: Request) -> JSONResponse:
+        posted.append(await request.json())
+        return JSONResponse({"detail": "--epochs must be at least 1, got 0"}, status_code=422)
+
+    @router.get("/api/jobs")
+    def jobs() -> dict:
+        return {"jobs": []}
+
+    return router
+
+
+@pytest.fixture
+def fake_server(tmp_path: Path) -> Iterator[tuple[str, list[dict]]]:
+    """The real app (pages, guard, static files) in this process with the fake API in front of its routes."""
+    import threading
+
+    import uvicorn
+
+    from retinafm.serve.app import create_app
+    from retinafm.serve.config import ServeConfig
+
+    posted: list[dict] = []
+    (tmp_path / "runs").mkdir()
+    app = create_app(ServeConfig(runs=tmp_path / "runs"))
+    app.router.routes[:0] = _fake_api(posted).routes  # first match wins: the fake answers, not the real API
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "the in-process server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}", posted
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.mark.slow
+def test_pages_show_every_task_and_every_refusal(fake_server: tuple[str, list[dict]], tmp_path: Path) -> None:
+    chromium = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a test dependency")
+    from PIL import Image
+
+    base, posted = fake_server
+    shots = _artifacts("fake-api")
+    image = tmp_path / HOSTILE
+    Image.new("RGB", (8, 8), "red").save(image, format="PNG")
+    problems: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(20_000)
+            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+            page.on("dialog", lambda dialog: problems.append(f"a dialog opened: {dialog.message}"))
+            expect = sync_api.expect
+
+            # Predict with nothing chosen: said, not silently ignored.
+            page.goto(base + "/predict")
+            expect(page.locator("#model option")).to_have_count(2)
+            page.click("#predict-button")
+            expect(page.locator("#message")).to_have_text("Choose or drop one or more images first.")
+
+            # Multi-label: the predicted labels, each highlighted; a hostile file name stays text.
+            page.select_option("#model", "ml/checkpoint-best.pth")
+            page.set_input_files("#files", str(image))
+            page.click("#predict-button")
+            expect(page.locator("#results-table tbody tr")).to_have_count(1)
+            expect(page.locator("#results-table td.filename")).to_have_text(HOSTILE)
+            expect(page.locator("#results-table td").nth(2)).to_have_text("drusen, haemorrhage")
+            expect(page.locator("#results-table .probs li.best")).to_have_count(2)
+            expect(page.locator("#results-table img")).to_have_count(1)  # the overlay; the name made no <img>
+            expect(page.locator("#skipped-list")).to_contain_text("not a DICOM file")
+            page.screenshot(path=shots / "1-multilabel.png", full_page=True)
+            with page.expect_download() as download_info:
+                page.click("#download-csv")
+            csv = Path(download_info.value.path()).read_text().splitlines()
+            assert csv == ["filename,prediction,p_drusen,p_haemorrhage,p_exudate",
+                           f"{HOSTILE},drusen;haemorrhage,0.9,0.7,0.1"]
+
+            # Regression: the values, no probabilities.
+            page.select_option("#model", "reg/checkpoint-best.pth")
+            page.click("#predict-button")
+            expect(page.locator("#results-table thead th").last).to_have_text("Values")
+            expect(page.locator("#results-table td").nth(2)).to_have_text("cdr 0.412, count 3.500")
+            expect(page.locator("#results-table td").first).to_have_text("no overlay")
+            page.screenshot(path=shots / "2-regression.png", full_page=True)
+
+            # Runs: compare's refusal is shown in its words; the first ticked is the reference.
+            page.goto(base + "/runs")
+            page.locator("#runs-table tbody input[type=checkbox]").nth(1).check()
+            page.locator("#runs-table tbody input[type=checkbox]").nth(0).check()
+            page.click("#compare-button")
+            expect(page.locator("#message")).to_have_text(
+                "Could not compare: run-a is a multiclass run but run-b is regression; compare like with like")
+            assert posted[-1] == {"runs": ["run-b", "run-a"]}
+            page.screenshot(path=shots / "3-compare-refused.png", full_page=True)
+
+            # Jobs: one input per type; the values typed; a refused setting shown in the API's words.
+            page.goto(base + "/jobs")
+            expect(page.locator("#field-epochs")).to_have_attribute("type", "number")
+            expect(page.locator("#field-fundus_crop")).to_have_attribute("type", "checkbox")
+            expect(page.locator("#field-head option")).to_have_count(3)
+            expect(page.locator("#field-head")).to_have_value("linear")
+            expect(page.locator("#field-model")).to_have_value("RETFound_mae_natureCFP")
+            expect(page.locator("#job-fields")).to_contain_text("(default: 50)")
+            page.click("#start-button")
+            expect(page.locator("#message")).to_have_text("out is required.")
+            page.fill("#field-out", "my-run")
+            page.fill("#field-epochs", "0")
+            page.fill("#field-lr", "0.001")
+            page.check("#field-fundus_crop")
+            page.select_option("#field-head", "mlp")
+            page.click("#start-button")
+            expect(page.locator("#message")).to_have_text("Could not start the job: --epochs must be at least 1, got 0")
+            # Only what differs from the defaults is sent, typed as the form says.
+            assert posted[-1] == {"verb": "finetune", "settings": {"out": "my-run", "epochs": 0, "lr": 0.001,
+                                                                   "fundus_crop": True, "head": "mlp"}}
+            page.screenshot(path=shots / "4-job-refused.png", full_page=True)
         finally:
             browser.close()
     assert not problems, problems

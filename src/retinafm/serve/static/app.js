@@ -505,21 +505,21 @@
       clear(fields);
       for (const f of forms[verb] || []) {
         const id = "field-" + f.name;
+        const hasDefault = f.default !== null && f.default !== undefined && f.default !== "";
         let input;
         if (f.type === "bool") {
           input = el("input", { id: id, name: f.name, type: "checkbox", checked: Boolean(f.default) });
         } else if (f.type === "choice" || (Array.isArray(f.choices) && f.choices.length)) {
           input = el("select", { id: id, name: f.name });
-          if (f.default === null || f.default === undefined) input.append(el("option", { value: "", text: "(default)" }));
+          if (!hasDefault) input.append(el("option", { value: "", text: "(default)" }));
           for (const c of f.choices || []) input.append(el("option", { value: c, text: c, selected: c === f.default }));
         } else {
           const number = f.type === "int" || f.type === "float";
           input = el("input", {
             id: id, name: f.name, type: number ? "number" : "text",
             step: f.type === "int" ? "1" : f.type === "float" ? "any" : null,
-            value: f.default === null || f.default === undefined ? null
-              : Array.isArray(f.default) ? f.default.join(",") : f.default,
-            placeholder: f.default === null || f.default === undefined ? (f.required ? "required" : "default") : null,
+            value: !hasDefault ? null : Array.isArray(f.default) ? f.default.join(",") : f.default,
+            placeholder: !hasDefault ? (f.required ? "required" : "default") : null,
             required: Boolean(f.required),
           });
           if (f.type === "path") input.classList.add("path");
@@ -527,8 +527,8 @@
         input.dataset.type = f.type;
         const label = el("label", { for: id }, [f.name, f.required ? el("span", { className: "required", text: " *" }) : null]);
         const flag = f.flag ? el("code", { className: "flag", text: f.flag }) : null;
-        const help = el("p", { className: "help" }, [f.help || "", f.default !== null && f.default !== undefined &&
-          f.type !== "bool" ? " (default: " + (Array.isArray(f.default) ? f.default.join(",") : f.default) + ")" : ""]);
+        const help = el("p", { className: "help" }, [f.help || "", hasDefault && f.type !== "bool"
+          ? " (default: " + (Array.isArray(f.default) ? f.default.join(",") : f.default) + ")" : ""]);
         fields.append(el("div", { className: "field" + (f.type === "bool" ? " bool" : "") },
           f.type === "bool" ? [el("label", { for: id, className: "check" }, [input, " " + f.name]), flag, help]
             : [label, flag, input, help]));

@@ -467,28 +467,43 @@
     });
   }
 
-  function showComparison(data) {
-    // The rows are compare's table; the plot a data URI. Their key names are looked for, not assumed.
-    const rows = data.rows || data.comparisons || data.table || [];
-    let plot = data.forest || data.forest_plot || data.plot || null;
-    if (!plot) {
-      for (const v of Object.values(data)) if (typeof v === "string" && v.startsWith("data:image/")) plot = v;
-    }
-    const table = $("compare-table"), head = table.querySelector("thead"), body = table.querySelector("tbody");
+  // Rows of objects as a table: one column per key, in the order first seen.
+  function fillTable(table, rows) {
+    const head = table.querySelector("thead"), body = table.querySelector("tbody");
     clear(head);
     clear(body);
     const columns = [];
-    for (const r of rows) for (const k of Object.keys(r)) if (!columns.includes(k)) columns.push(k);
+    for (const r of rows) {
+      for (const k of Object.keys(r)) {
+        // a column empty in every row (compare's task, with one task) is left out
+        const empty = rows.every((row) => row[k] === null || row[k] === undefined || row[k] === "");
+        if (!empty && !columns.includes(k)) columns.push(k);
+      }
+    }
     head.append(el("tr", {}, columns.map((c) => el("th", { text: c.replace(/_/g, " ") }))));
     for (const r of rows) body.append(el("tr", {}, columns.map((c) => el("td", { text: fmt(r[c]) }))));
     table.hidden = !rows.length;
+  }
+
+  function showComparison(data) {
+    // compare's rows, its forest plot (a data URI), notes (warnings in words) and, across tasks, Wilcoxon.
+    const rows = data.rows || data.comparisons || [];
+    let plot = data.forest || null;
+    if (!plot) {
+      for (const v of Object.values(data)) if (typeof v === "string" && v.startsWith("data:image/")) plot = v;
+    }
+    fillTable($("compare-table"), rows);
+    const notes = $("compare-notes");
+    clear(notes);
+    for (const note of data.notes || []) notes.append(el("li", { text: note }));
+    notes.hidden = !notes.childElementCount;
+    const wilcoxon = Array.isArray(data.wilcoxon) ? data.wilcoxon : [];
+    fillTable($("wilcoxon-table"), wilcoxon);
+    $("wilcoxon-head").hidden = !wilcoxon.length;
     const img = $("forest-plot");
     img.hidden = !plot;
     if (plot) img.src = plot;
     $("comparison").hidden = false;
-    if (data.wilcoxon) {
-      showMessage("Across tasks (Wilcoxon signed-rank): " + JSON.stringify(data.wilcoxon), "info");
-    }
   }
 
   // ---- Jobs ------------------------------------------------------------------------------------------------

@@ -25,13 +25,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 REPO = Path(__file__).resolve().parents[2]
+JOB_NAME = "browser-finetune"  # the job's run folder under --runs
 FINETUNE = {  # the Jobs page's form as the test fills it: a tiny model, seconds on a CPU
-    "out": "browser-finetune", "data_path": "fundus", "model": "vit_micro_patch8", "weights": "none",
+    "data_path": "fundus", "model": "vit_micro_patch8", "weights": "none",
     "input_size": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 16, "lr": 0.001, "layer_decay": 1.0,
     "drop_path": 0.0, "randaug_magnitude": 0, "reprob": 0.0, "crop_min_scale": 0.5, "num_workers": 0,
     "device": "cpu", "bootstrap": 0, "report_heatmaps": 0,
 }
-ESSENTIAL = ("out", "data_path", "model", "weights", "input_size", "epochs", "num_workers", "device")
+ESSENTIAL = ("data_path", "model", "weights", "input_size", "epochs", "num_workers", "device")
 
 
 def _chromium() -> str:
@@ -202,6 +203,7 @@ def test_predict_report_and_finetune_in_headless_chromium(server: tuple[str, Pat
             page.select_option("#verb", "finetune")
             for name in ESSENTIAL:
                 expect(page.locator(f"#field-{name}")).to_have_count(1)
+            page.fill("#job-name", JOB_NAME)
             for name, value in FINETUNE.items():
                 field = page.locator(f"#field-{name}")
                 if not field.count():
@@ -222,11 +224,12 @@ def test_predict_report_and_finetune_in_headless_chromium(server: tuple[str, Pat
             expect(page.locator("#jobs-table tbody tr .badge.done")).to_have_count(1)
             expect(page.locator("#detail-log")).not_to_be_empty()
             page.screenshot(path=shots / "10-job-done.png", full_page=True)
-            assert (runs / FINETUNE["out"]).is_dir()
+            expect(page.locator("#detail-out")).to_contain_text(JOB_NAME)
+            assert (runs / JOB_NAME).is_dir()
 
             # The finished run is a run like the others: on the Runs page.
             page.click("nav >> text=Runs")
-            expect(page.locator("#runs-table")).to_contain_text(FINETUNE["out"])
+            expect(page.locator("#runs-table")).to_contain_text(JOB_NAME)
             page.screenshot(path=shots / "11-runs-after-job.png", full_page=True)
         except Exception:
             print(f"server log:\n{log.read_text()}")
@@ -305,7 +308,7 @@ def _fake_api(posted: list[dict]) -> APIRouter:
     @router.post("/api/jobs")
     async def start(request: Request) -> JSONResponse:
         posted.append(await request.json())
-        return JSONResponse({"detail": "--epochs must be at least 1, got 0"}, status_code=422)
+        return JSONResponse({"detail": "--epochs must be at least 1, got 0", "setting": "epochs"}, status_code=422)
 
     @router.get("/api/jobs")
     def jobs() -> dict:
@@ -412,18 +415,24 @@ def test_pages_show_every_task_and_every_refusal(fake_server: tuple[str, list[di
             expect(page.locator("#field-head")).to_have_value("linear")
             expect(page.locator("#field-model")).to_have_value("RETFound_mae_natureCFP")
             expect(page.locator("#job-fields")).to_contain_text("(default: 50)")
+            expect(page.locator("#field-out")).to_have_count(0)  # the run folder is the job's Name
+            expect(page.locator("#job-name")).to_have_value(re.compile(r"^finetune-\d{8}-\d{6}$"))
+            page.fill("#job-name", "../escape")
             page.click("#start-button")
-            expect(page.locator("#message")).to_have_text("out is required.")
-            page.fill("#field-out", "my-run")
+            expect(page.locator("#message")).to_contain_text("Name: 1 to 80 letters, digits")
+            assert posted == [{"runs": ["run-b", "run-a"]}]  # nothing was sent
+            page.fill("#job-name", "my-run")
             page.fill("#field-epochs", "0")
             page.fill("#field-lr", "0.001")
             page.check("#field-fundus_crop")
             page.select_option("#field-head", "mlp")
             page.click("#start-button")
             expect(page.locator("#message")).to_have_text("Could not start the job: --epochs must be at least 1, got 0")
-            # Only what differs from the defaults is sent, typed as the form says.
-            assert posted[-1] == {"verb": "finetune", "settings": {"out": "my-run", "epochs": 0, "lr": 0.001,
-                                                                   "fundus_crop": True, "head": "mlp"}}
+            expect(page.locator(".field.invalid #field-epochs")).to_have_count(1)  # the refused setting marked
+            # Only what differs from the defaults is sent, typed as the form says; a form asking for out
+            # gets the name there too.
+            assert posted[-1] == {"verb": "finetune", "name": "my-run", "settings": {
+                "out": "my-run", "epochs": 0, "lr": 0.001, "fundus_crop": True, "head": "mlp"}}
             page.screenshot(path=shots / "4-job-refused.png", full_page=True)
         finally:
             browser.close()

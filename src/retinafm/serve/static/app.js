@@ -38,9 +38,10 @@
   }
 
   class ApiError extends Error {
-    constructor(status, message) {
+    constructor(status, message, body) {
       super(message);
       this.status = status;
+      this.body = body || null;
     }
   }
 
@@ -72,7 +73,7 @@
       let message = body && body.detail !== undefined ? detailText(body.detail) : response.statusText;
       if (response.status === 401) message = (message || "A token is required") + " (log in at /login).";
       if (response.status === 413 && !message) message = "The upload is too large for this server.";
-      throw new ApiError(response.status, message || "The server answered " + response.status + ".");
+      throw new ApiError(response.status, message || "The server answered " + response.status + ".", body);
     }
     if (body === null) throw new ApiError(response.status, "The server's answer to " + path + " was not JSON.");
     return body;
@@ -516,9 +517,20 @@
     let selected = null;  // the job shown in the detail panel
     let timer = null;
 
+    // A fresh suggested name (verb-date-time) until the user types one: names must be new under --runs.
+    function buildName(verb) {
+      const name = $("job-name");
+      if (!name.value || name.dataset.suggested === name.value) {
+        const stamp = new Date().toISOString().replace(/[-:]/g, "").replace("T", "-").slice(0, 15);
+        name.value = name.dataset.suggested = verb + "-" + stamp;
+      }
+    }
+
     function buildForm(verb) {
       clear(fields);
+      buildName(verb);
       for (const f of forms[verb] || []) {
+        if (f.name === "out" || f.name === "name") continue;  // the Name field above
         const id = "field-" + f.name;
         const hasDefault = f.default !== null && f.default !== undefined && f.default !== "";
         let input;
@@ -533,8 +545,11 @@
           input = el("input", {
             id: id, name: f.name, type: number ? "number" : "text",
             step: f.type === "int" ? "1" : f.type === "float" ? "any" : null,
+            min: number && Array.isArray(f.bounds) && f.bounds[0] !== null ? f.bounds[0] : null,
+            max: number && Array.isArray(f.bounds) && f.bounds[1] !== null ? f.bounds[1] : null,
             value: !hasDefault ? null : Array.isArray(f.default) ? f.default.join(",") : f.default,
-            placeholder: !hasDefault ? (f.required ? "required" : "default") : null,
+            placeholder: f.root === "data" ? "relative to the data folder" : f.root === "runs"
+              ? "a model id (relative to the runs folder)" : !hasDefault ? (f.required ? "required" : "default") : null,
             required: Boolean(f.required),
           });
           if (f.type === "path") input.classList.add("path");
@@ -553,7 +568,12 @@
     // The settings the form says, typed; fields left at their default are not sent (the server has them).
     function collect(verb) {
       const settings = {}, problems = [];
+      const name = $("job-name").value.trim();
+      if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$/.test(name)) {
+        problems.push("Name: 1 to 80 letters, digits, '.', '_' or '-', starting with a letter or digit");
+      }
       for (const f of forms[verb] || []) {
+        if (f.name === "out") settings.out = name;  // a form that asks for out: the same name
         const input = $("field-" + f.name);
         if (!input) continue;
         let value;
@@ -579,7 +599,17 @@
         if (value === def && !f.required) continue;
         settings[f.name] = value;
       }
-      return { settings, problems };
+      return { name, settings, problems };
+    }
+
+    // The field a refusal names ({"detail", "setting"}), marked until the next try.
+    function markInvalid(setting) {
+      for (const node of document.querySelectorAll(".field.invalid")) node.classList.remove("invalid");
+      if (!setting) return;
+      const input = setting === "name" || setting === "out" ? $("job-name") : $("field-" + setting);
+      if (!input) return;
+      input.closest(".field").classList.add("invalid");
+      input.focus();
     }
 
     verbSelect.addEventListener("change", () => buildForm(verbSelect.value));
@@ -589,16 +619,21 @@
       showMessage("");
       const verb = verbSelect.value;
       if (!verb) return showMessage("Choose a command first.");
-      const { settings, problems } = collect(verb);
+      const { name, settings, problems } = collect(verb);
+      markInvalid(null);
       if (problems.length) return showMessage(problems.join("; ") + ".");
       start.disabled = true;
       try {
-        const job = await api("/api/jobs", { method: "POST", json: { verb: verb, settings: settings } });
-        showMessage("Job " + job.id + " started.", "info");
+        const job = await api("/api/jobs", { method: "POST", json: { verb: verb, name: name, settings: settings } });
+        showMessage("Job " + job.id + " (" + name + ") queued.", "info");
         selected = job.id;
+        const field = $("job-name");
+        field.value = "";
+        buildName(verb);
         await refresh();
       } catch (err) {
         showError(err, "Could not start the job");
+        markInvalid(err.body && err.body.setting);
       } finally {
         start.disabled = false;
       }
@@ -627,7 +662,7 @@
           el("td", {}, el("code", { text: job.id })),
           el("td", { text: job.verb }),
           el("td", {}, el("span", { className: "badge " + job.status, text: job.status })),
-          el("td", {}, job.out ? el("code", { text: job.out }) : "–"),
+          el("td", {}, job.out || job.name ? el("code", { text: job.out || job.name }) : "–"),
           el("td", { text: when(job.created) }),
         ]);
         const pick = () => {
@@ -659,6 +694,12 @@
         .filter(([, t]) => t).map(([k, t]) => k + " " + when(t)).join(" · ");
       if (times) out.append(el("span", { className: "muted", text: (job.out ? " · " : "") + times }));
 
+      const reason = $("detail-reason");
+      reason.textContent = job.reason || "";
+      reason.hidden = !job.reason;
+      const commands = $("detail-commands");  // what ran, to copy and run by hand
+      commands.textContent = (job.commands || []).map((c) => "$ " + c).join("\n");
+      commands.hidden = !commands.textContent;
       const progress = job.progress, box = $("detail-progress"), dl = $("detail-metrics");
       clear(box);
       clear(dl);
@@ -677,7 +718,10 @@
       log.textContent = job.log_tail || "(nothing logged yet)";
       if (atBottom) log.scrollTop = log.scrollHeight;  // follow the log unless the user scrolled up
       $("cancel-button").hidden = !ACTIVE.includes(job.status);
-      if (job.status === "failed") showMessage("Job " + job.id + " failed; its log is below.", "error");
+      if (job.status === "failed") {
+        showMessage("Job " + job.id + " failed" + (job.reason ? ": " + job.reason : "") + "; its log is below.",
+          "error");
+      }
     }
 
     // One poll every ~2 s while anything is queued or running (or a job is shown that is), none otherwise.

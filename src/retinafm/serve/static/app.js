@@ -709,10 +709,23 @@
           el("progress", { id: "job-progress", max: progress.epochs, value: Math.min(epoch, progress.epochs) }));
       }
       if (progress) {
-        for (const [k, v] of Object.entries(progress)) {
-          if (k === "epoch" || k === "epochs" || (typeof v !== "number" && typeof v !== "string")) continue;
-          dl.append(el("dt", { text: k.replace(/_/g, " ") }), el("dd", { text: fmt(v, 4) }));
-        }
+        // The losses and the headline validation metrics in view; per-class ones folded away.
+        const names = Object.keys(progress).filter((k) => k !== "epoch" && k !== "epochs" &&
+          (typeof progress[k] === "number" || typeof progress[k] === "string"));
+        const rank = (k) => (k === "train_loss" ? -2 : k === "val_loss" ? -1
+          : HEADLINE.includes(k.replace(/^val_/, "")) ? HEADLINE.indexOf(k.replace(/^val_/, "")) : 999);
+        names.sort((a, b) => rank(a) - rank(b));
+        const shown = names.filter((k) => rank(k) < 999), rest = names.filter((k) => rank(k) >= 999);
+        const pair = (k) => [el("dt", { text: k.replace(/_/g, " ") }), el("dd", { text: fmt(progress[k], 4) })];
+        for (const k of shown) dl.append(...pair(k));
+        // Filled in place, so a poll does not fold what the user opened.
+        const more = $("detail-more"), moreList = more.querySelector("dl");
+        clear(moreList);
+        for (const k of rest) moreList.append(...pair(k));
+        more.querySelector("summary").textContent = rest.length + " more metrics";
+        more.hidden = !rest.length;
+      } else {
+        $("detail-more").hidden = true;
       }
       const log = $("detail-log"), atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
       log.textContent = job.log_tail || "(nothing logged yet)";

@@ -10,11 +10,13 @@ from fastapi.testclient import TestClient
 
 from retinafm.serve.app import create_app
 from retinafm.serve.config import ServeConfig
-from retinafm.serve.security import COOKIE
+from retinafm.serve.security import cookie_name
 
 PAGES = ("/models", "/predict", "/runs", "/jobs", "/login")
 TOKEN = "a-long-enough-test-token-0123456789"
 BASE = "http://127.0.0.1:8000"
+
+COOKIE = cookie_name(8000)  # the login cookie of a server on the default port
 
 
 def _client(config: ServeConfig) -> TestClient:

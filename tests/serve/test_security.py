@@ -22,11 +22,13 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from retinafm.serve.app import create_app
 from retinafm.serve.config import ServeConfig, resolve_token
-from retinafm.serve.security import COOKIE, OPEN_PATHS
+from retinafm.serve.security import OPEN_PATHS, cookie_name
 from retinafm.serve.server import make_config
 
 TOKEN = "test-token-0123456789abcdef"
 BASE = "http://127.0.0.1:8000"
+
+COOKIE = cookie_name(8000)  # the login cookie of a server on the default port
 
 
 def _routes(routes: list[BaseRoute], prefix: str = "") -> Iterator[tuple[str, BaseRoute]]:

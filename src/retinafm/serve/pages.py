@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader
 
 from retinafm.serve.config import ServeConfig
-from retinafm.serve.security import COOKIE
+from retinafm.serve.security import cookie_name
 
 router = APIRouter()
 
@@ -82,5 +82,5 @@ def login(request: Request, token: str = Form("")) -> Response:
     response = RedirectResponse("/predict", status_code=303)
     # HttpOnly: page script never sees it; SameSite=Strict: another site's links and forms do not send it.
     # Not Secure: the server speaks plain HTTP (loopback, or a LAN behind the token).
-    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")
+    response.set_cookie(cookie_name(request.app.state.config.port), token, httponly=True, samesite="strict", path="/")
     return response

@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from retinafm.serve.config import ServeConfig, is_loopback
 
-COOKIE = "retinafm_token"
+COOKIE_PREFIX = "retinafm_token"
 OPEN_PATHS = ("/login",)  # answered without the token: where it is entered
 STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
@@ -45,9 +45,15 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status)
 
 
-def has_token(request: Request, token: str) -> bool:
+def cookie_name(port: int) -> str:
+    """The login cookie's name: with the port in it, since browsers share cookies between the ports of a host
+    and two servers on one machine would otherwise log each other out."""
+    return f"{COOKIE_PREFIX}_{port}"
+
+
+def has_token(request: Request, token: str, cookie: str) -> bool:
     header = request.headers.get("authorization", "")
-    given = header[7:].strip() if header.lower().startswith("bearer ") else request.cookies.get(COOKIE, "")
+    given = header[7:].strip() if header.lower().startswith("bearer ") else request.cookies.get(cookie, "")
     return bool(given) and secrets.compare_digest(given.encode(), token.encode())
 
 
@@ -78,7 +84,8 @@ def guard(config: ServeConfig) -> Callable[[Request, Callable[[Request], Awaitab
         if config.token is None and not is_loopback(_host_name(request.headers.get("host", ""))):
             response: Response = error(403, "this server answers on its loopback address only; open it as "
                                             "http://127.0.0.1 (or start it with --token to serve other names)")
-        elif config.token is not None and path not in OPEN_PATHS and not has_token(request, config.token):
+        elif config.token is not None and path not in OPEN_PATHS and not has_token(request, config.token,
+                                                                                    cookie_name(config.port)):
             response = (error(401, "a token is required: send 'Authorization: Bearer <token>' or log in at /login")
                         if path.startswith("/api/") else
                         HTMLResponse('<!doctype html><title>retinafm: log in</title><p>This server needs its token. '

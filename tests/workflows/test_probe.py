@@ -184,7 +184,7 @@ def test_multilabel_and_regression_probes(multilabel_manifest, regression_manife
     (lambda f: f, dict(task="regression", columns="cdr"), r"no column\(s\) \['cdr'\]"),
     (lambda f: f.assign(cdr="high"), dict(task="regression", columns="cdr"), "must hold numbers"),
     (lambda f: f.assign(dme=2), dict(task="multilabel", columns="dme"), "must hold 0 or 1"),
-    (lambda f: f, dict(bootstrap=20), "--bootstrap must be 0 or at least 100"),
+    (lambda f: f, dict(bootstrap=20), "--bootstrap must be 0 or at least 100"),  # the settings' own check
     (lambda f: f, dict(task="survival"), "--task must be one of"),
 ])
 def test_bad_input_is_named(edit, settings, message, demo_embeddings, tmp_path):

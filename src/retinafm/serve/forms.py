@@ -36,6 +36,7 @@ from retinafm.settings import (
     EvaluateSettings,
     FinetuneSettings,
     PredictSettings,
+    ProbeSettings,
     check_bounds,
     check_value,
     field_types,
@@ -44,6 +45,7 @@ from retinafm.settings import (
     option_flag,
     unwrap_optional,
 )
+from retinafm.tasks import TASKS
 
 # Inputs a form names, and the folder each is confined to; "folder" / "file": what it must be.
 DATA_FIELDS: dict[str, str] = {"data_path": "folder", "manifest": "file", "images": "any"}  # under --data-root
@@ -53,18 +55,6 @@ EMBEDDINGS = "embeddings.parquet"  # embed-probe's intermediate file, kept in th
 PREDICTIONS = "predictions.csv"  # predict's output inside the job's folder
 HEATMAPS = "heatmaps"  # predict --heatmaps: the folder inside the job's folder
 
-# ProbeSettings (workflows/probe.py) carries no help text of its own and `retinafm probe` spells two of its
-# settings differently; these mirror the probe command's options. Help in a field's metadata wins.
-PROBE_HELP = {
-    "task": "A task type of retinafm.tasks: multiclass, multilabel or regression.",
-    "label_column": "Multi-class: the class column.",
-    "columns": "Multi-label: the 0/1 label columns; regression: the value columns (comma-separated).",
-    "knn_k": "Neighbours of the kNN classifier / regressor reported beside the probe.",
-    "folds": "k-fold on train when there is no val split.",
-    "threshold": "Multi-label decision threshold, or 'youden' (chosen per label on validation).",
-    "bootstrap": "Replicates for the test CIs (0: none).",
-    "seed": "Random seed.",
-}
 PROBE_EXCLUDED = frozenset({"max_iter"})  # not an option of `retinafm probe`: a job runs only what the CLI takes
 
 
@@ -94,8 +84,6 @@ class FormField:
 
 
 def _task_names() -> list[str]:
-    from retinafm.tasks import TASKS
-
     return list(TASKS)
 
 
@@ -146,11 +134,8 @@ def settings_fields(cls: type, step: str, *, exclude: frozenset[str] = frozenset
 
 
 def _probe_fields() -> list[FormField]:
-    from retinafm.workflows.probe import ProbeSettings
-
     fields = []
-    for field in settings_fields(ProbeSettings, "probe", exclude=PROBE_EXCLUDED, help_texts=PROBE_HELP,
-                                 choices={"task": "tasks"}):
+    for field in settings_fields(ProbeSettings, "probe", exclude=PROBE_EXCLUDED, choices={"task": "tasks"}):
         if field.name == "columns":  # `retinafm probe --labels A,B` (multilabel) or `--targets A,B` (regression)
             field = dataclasses.replace(field, flag="--labels", is_list=True)
         elif field.name == "threshold":  # a number, or 'youden' (ProbeSettings holds None for it)
@@ -343,8 +328,6 @@ def plan(verb: str, settings: Mapping[str, Any], *, data_root: Path, runs: Path,
 def _plan_embed_probe(fields: tuple[FormField, ...], values: dict[str, Any], recorded: dict[str, Any], out: Path,
                       work: Path) -> JobPlan:
     """embed the images into the record folder, then probe them into the job's folder: two commands."""
-    from retinafm.workflows.probe import ProbeSettings
-
     embed_fields = [f for f in fields if f.step == "embed" and f.name != "images"]
     probe_fields = [f for f in fields if f.step == "probe"]
     embed_values = {f.name: values[f.name] for f in embed_fields if f.name in values}
@@ -355,6 +338,8 @@ def _plan_embed_probe(fields: tuple[FormField, ...], values: dict[str, Any], rec
     settings = ProbeSettings(**probe_settings)
     check_bounds(settings)
     settings.check()
+    if TASKS[settings.task].named_columns and not settings.columns:  # as `retinafm probe` refuses it
+        raise ConfigError(f"a {settings.task} probe needs {TASKS[settings.task].probe_columns_help}")
     embeddings = str(work / EMBEDDINGS)
     embed = ["embed", "--images", values["images"], "--out", embeddings,
              *_flags(embed_fields, embed_values, _defaults(EmbedSettings))]
@@ -368,8 +353,6 @@ def _plan_embed_probe(fields: tuple[FormField, ...], values: dict[str, Any], rec
 
 def _probe_default_threshold() -> str:
     """ProbeSettings' threshold as `retinafm probe --threshold` spells it."""
-    from retinafm.workflows.probe import ProbeSettings
-
     return flag_text(ProbeSettings.threshold)
 
 

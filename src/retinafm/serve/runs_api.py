@@ -21,9 +21,10 @@ import datetime as _dt
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import threading
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ REPORT_CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; fra
               "base-uri 'none'; form-action 'none'; sandbox")
 # compare runs the CPU flat out (a parallel bootstrap): one at a time, in a worker thread off the event loop.
 # A thread lock rather than an anyio limiter: it is not tied to one event loop.
+COMPARE_TIMEOUT_S = 1800  # a compare of many runs with 10,000 replicates takes minutes, not hours
 _compare_lock = threading.Lock()
 
 
@@ -333,29 +335,37 @@ async def compare(request: Request) -> JSONResponse:
         folders.append(folder)
     try:
         result = await anyio.to_thread.run_sync(_run_compare, config.runs, folders, metric, bootstrap)
-    except (ValueError, KeyError, TypeError, OSError) as exc:  # CompareError, unreadable or malformed run files
+    except (ValueError, KeyError, TypeError, OSError, subprocess.TimeoutExpired) as exc:  # refused, unreadable
         message = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
         return error(422, "these runs cannot be compared: " + _relative_message(message, config.runs))
     return JSONResponse(result)
 
 
 def _run_compare(runs: Path, folders: list[Path], metric: str | None, bootstrap: int) -> dict[str, Any]:
-    """compare_runs into a private temporary folder (0700, deleted on the way out), answered as JSON."""
-    from retinafm.workflows.compare import compare_runs
-
-    with _compare_lock, tempfile.TemporaryDirectory(prefix="retinafm-compare-") as tmp, \
-            warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = compare_runs(folders, Path(tmp) / "comparison", metric=metric, bootstrap=bootstrap)
-        forest = result.files.get("forest")
-        image = base64.b64encode(Path(forest).read_bytes()).decode("ascii") if forest else None
-    notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    notes += [f"{w['model']}: {w['note']}" for w in result.wilcoxon if w.get("note")]
+    """`retinafm compare` (the command, in its own process, as the jobs run theirs) into a private temporary
+    folder (0700, deleted on the way out), its comparison.json and forest.png answered as JSON. A refusal of
+    the command (exit 2, one `error:` line) becomes a ValueError with that line."""
+    argv = [sys.executable, "-m", "retinafm", "compare", *map(str, folders), "--bootstrap", str(bootstrap)]
+    if metric:
+        argv += ["--metric", metric]
+    with _compare_lock, tempfile.TemporaryDirectory(prefix="retinafm-compare-") as tmp:
+        out = Path(tmp) / "comparison"
+        done = subprocess.run([*argv, "--out", str(out)], capture_output=True, text=True, timeout=COMPARE_TIMEOUT_S,
+                              env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+            raise ValueError(lines[0][len("error:"):].strip() if lines else
+                             f"compare stopped (exit {done.returncode}): {done.stderr.strip()[-300:]}")
+        written = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
+        forest = out / "forest.png"
+        image = base64.b64encode(forest.read_bytes()).decode("ascii") if forest.is_file() else None
+    notes = [line[len("warning:"):].strip() for line in done.stderr.splitlines() if line.startswith("warning:")]
+    notes += [f"{w['model']}: {w['note']}" for w in written.get("wilcoxon", []) if w.get("note")]
     return {
-        "rows": [_clean(dataclasses.asdict(r), runs) for r in result.rows],
+        "rows": [_clean(row, runs) for row in written.get("comparisons", [])],
         "forest": f"data:image/png;base64,{image}" if image else None,
         "notes": list(dict.fromkeys(_relative_message(n, runs) for n in notes)),
-        "wilcoxon": [_clean(w, runs) for w in result.wilcoxon],
+        "wilcoxon": [_clean(w, runs) for w in written.get("wilcoxon", [])],
     }
 
 

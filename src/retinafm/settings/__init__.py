@@ -42,7 +42,7 @@ from retinafm.settings.base import (
     to_dict,
     unwrap_optional,
 )
-from retinafm.settings.commands import CompareSettings, ImportSettings, SplitSettings
+from retinafm.settings.commands import CompareSettings, ImportSettings, ProbeSettings, SplitSettings
 from retinafm.settings.inference import (
     EmbedSettings,
     EvaluateSettings,
@@ -69,6 +69,6 @@ __all__ = [
     "read_yaml_settings", "to_dict", "available_cpus", "check_bounds", "check_ratios", "check_types", "check_value",
     "fit_workers", "option_flag", "FinetuneSettings", "PRETRAIN_DEFAULTS", "VISION_LANGUAGE_LOSSES",
     "PretrainSettings", "RefineSettings", "SplitSettings", "CompareSettings", "ImportSettings",
-    "PredictSettings", "EvaluateSettings",
+    "PredictSettings", "ProbeSettings", "EvaluateSettings",
     "ExplainSettings", "HeatmapMethod", "ExportSettings", "EmbedSettings", "is_onnx", "check_onnx_options",
 ]

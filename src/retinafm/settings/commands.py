@@ -1,4 +1,4 @@
-"""Settings of the smaller verbs: split, compare, import (their options are generated from these)."""
+"""Settings of the smaller verbs: split, compare, import (their options are generated from these), and probe."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,3 +73,28 @@ class ImportSettings(Settings):
                                       "names), comma-separated.", default_factory=list, required=True)
     out: str = setting("", "retinafm checkpoint to write.", path={"dir_okay": False}, required=True)
     overwrite: bool = setting(False, "Replace an existing --out.")
+
+
+@dataclass
+class ProbeSettings:
+    """`retinafm probe` (and the probes of finetune --adaptation lp, refine and label-efficiency). The task
+    type itself is checked where the tasks are known (workflows.probe.check_probe)."""
+
+    task: str = setting("multiclass", "A task type: multiclass, multilabel or regression.")
+    label_column: str = setting("label", "Multi-class: the class column.")
+    columns: str | None = setting(None, "Multi-label: the 0/1 label columns; regression: the value columns "
+                                        "(comma-separated).")
+    knn_k: int = setting(20, "Neighbours of the kNN classifier / regressor reported beside the probe.",
+                         bounds=(1, 100_000))
+    folds: int = setting(5, "k-fold on train when there is no val split.", bounds=(2, 100))
+    max_iter: int = setting(2000, "Iterations of the probe's solver.", bounds=(1, 1_000_000))
+    threshold: float | None = setting(0.5, "Multi-label decision threshold, or 'youden' (chosen per label on "
+                                           "validation).")
+    bootstrap: int = setting(1000, "Replicates for the test CIs (0: none).", **BOOTSTRAP)
+    seed: int = setting(0, "Random seed.", **SEED)
+
+    def check(self) -> None:
+        if self.knn_k < 1 or self.folds < 2:
+            raise ConfigError("--knn-k must be at least 1 and --folds at least 2")
+        if self.bootstrap < 0 or 0 < self.bootstrap < 100:
+            raise ConfigError(f"--bootstrap must be 0 or at least 100 replicates, got {self.bootstrap}")

@@ -36,32 +36,21 @@ from retinafm.engine.evaluation import (
 from retinafm.files import claim_dir, write_csv, write_yaml
 from retinafm.files.outputs import PROBE_OUTPUTS
 from retinafm.plots import plot_probe_grid
-from retinafm.settings import FinetuneSettings, setting
-from retinafm.settings.base import BOOTSTRAP, SEED
+from retinafm.settings import ProbeSettings
 from retinafm.tasks import TASKS
 
 
-@dataclass
-class ProbeSettings:
-    task: str = FinetuneSettings.task
-    label_column: str = "label"  # multi-class labels
-    columns: str | None = None  # multi-label labels / regression targets, comma-separated
-    knn_k: int = setting(20, bounds=(1, 100_000))
-    folds: int = setting(5, bounds=(2, 100))  # for choosing the regularisation when there is no validation split
-    max_iter: int = setting(2000, bounds=(1, 1_000_000))
-    threshold: float | None = 0.5  # multi-label decision threshold; None: Youden's J on validation
-    bootstrap: int = setting(1000, **BOOTSTRAP)
-    seed: int = setting(0, **SEED)
-
-    def check(self) -> None:
-        if self.task not in TASKS:
-            raise DataSourceError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if TASKS[self.task].named_columns and not self.columns:
-            raise DataSourceError(f"a {self.task} probe needs {TASKS[self.task].probe_columns_help}")
-        if self.knn_k < 1 or self.folds < 2:
-            raise DataSourceError("--knn-k must be at least 1 and --folds at least 2")
-        if self.bootstrap < 0 or 0 < self.bootstrap < 100:
-            raise DataSourceError(f"--bootstrap must be 0 or at least 100 replicates, got {self.bootstrap}")
+def check_probe(settings: ProbeSettings) -> None:
+    """The probe's settings (settings.ProbeSettings.check) and its task: a known type, given the columns a
+    multi-label or regression probe reads."""
+    try:
+        settings.check()
+    except ValueError as exc:  # a probe's refusals are data-source errors, one line on the command line
+        raise DataSourceError(str(exc)) from None
+    if settings.task not in TASKS:
+        raise DataSourceError(f"--task must be one of {', '.join(TASKS)}, got {settings.task!r}")
+    if TASKS[settings.task].named_columns and not settings.columns:
+        raise DataSourceError(f"a {settings.task} probe needs {TASKS[settings.task].probe_columns_help}")
 
 
 @dataclass
@@ -171,7 +160,7 @@ def probe(embeddings: str | Path | Embeddings, out: str | Path, settings: ProbeS
     """Fit, select, evaluate and save a linear probe (and evaluate kNN) on an embeddings file
     (`settings`: the defaults of ProbeSettings when not given)."""
     settings = settings if settings is not None else ProbeSettings()
-    settings.check()
+    check_probe(settings)
     emb = embeddings if isinstance(embeddings, Embeddings) else read_embeddings(embeddings)
     task, splits, targets = probe_data(emb, settings)
     source = None if isinstance(embeddings, Embeddings) else embeddings

@@ -281,6 +281,44 @@ def _place(t: torch.Tensor, place) -> torch.Tensor:
     return out
 
 
+def _resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour at pixel centres ("nearest-exact"), the sampling grid the image's bicubic
+    resize uses. torchvision's mask kernels use legacy "nearest" (source = floor(dst * scale)),
+    which shifts a mask by about half an output pixel toward the top left of its image."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    # Through float32: exact for indices below 2**24, and interpolate has no integer nearest-exact.
+    out = torch.nn.functional.interpolate(mask[None, None].float(), size=list(size), mode="nearest-exact")
+    return out[0, 0].round().long()
+
+
+class JointRandomResizedCrop:
+    """v2.RandomResizedCrop's box (same parameter draw), cut from image and mask alike."""
+
+    def __init__(self, size: int, scale: tuple[float, float]) -> None:
+        self.crop = v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        self.size = [size, size]
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        params = self.crop.make_params([image])
+        top, left, height, width = params["top"], params["left"], params["height"], params["width"]
+        out = v2.functional.resized_crop(image, top, left, height, width, self.size,
+                                         interpolation=InterpolationMode.BICUBIC, antialias=True)
+        cut = mask.as_subclass(torch.Tensor)[..., top:top + height, left:left + width]
+        return tv_tensors.Image(out), tv_tensors.Mask(_resize_mask(cut, self.size))
+
+
+class JointResize:
+    """v2.Resize of the image's shorter side to `size` (bicubic); the mask to the image's new shape."""
+
+    def __init__(self, size: int) -> None:
+        self.resize = v2.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        out = self.resize(image)
+        return tv_tensors.Image(out), tv_tensors.Mask(_resize_mask(mask.as_subclass(torch.Tensor), out.shape[-2:]))
+
+
 class JointTransform:
     """(uint8 image (3, H, W), int64 mask (H, W)) -> (normalised float (3, S, S), long mask (S, S))."""
 
@@ -313,12 +351,12 @@ def segmentation_train_transform(input_size: int, mean: Sequence[float], std: Se
                                  preprocessing: Preprocessing = _NO_PREPROCESSING, crop_min_scale: float = 0.25,
                                  hflip: bool = True) -> JointTransform:
     """RandomResizedCrop (area `crop_min_scale`-1; larger than classification's 0.08, which would
-    often crop away a small lesion entirely) and a horizontal flip, the same for image and mask."""
-    ops = [*_pre(preprocessing),
-           v2.RandomResizedCrop(input_size, scale=(crop_min_scale, 1.0), interpolation=InterpolationMode.BICUBIC,
-                                antialias=True)]
+    often crop away a small lesion entirely) and a horizontal flip, the same for image and mask.
+    No RandAugment or random erasing: their geometric ops would need the mask too, and erasing
+    would hide lesions the mask still labels."""
+    ops = [*_pre(preprocessing), JointRandomResizedCrop(input_size, (crop_min_scale, 1.0))]
     if hflip:
-        ops.append(v2.RandomHorizontalFlip())
+        ops.append(v2.RandomHorizontalFlip())  # flips an Image and a Mask alike (no resampling)
     return JointTransform(ops + _finish(mean, std))
 
 
@@ -327,8 +365,7 @@ def segmentation_eval_transform(input_size: int, mean: Sequence[float], std: Seq
                                 crop_pct: float = EVAL_CROP_PCT) -> JointTransform:
     """Resize the short side to input/crop_pct and centre-crop, as the classification recipe does."""
     resize = int(round(input_size / crop_pct))
-    ops = [*_pre(preprocessing), v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
-           v2.CenterCrop(input_size)]
+    ops = [*_pre(preprocessing), JointResize(resize), v2.CenterCrop(input_size)]
     return JointTransform(ops + _finish(mean, std))
 
 

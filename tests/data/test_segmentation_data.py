@@ -43,7 +43,8 @@ def test_png_l_mask_is_read_as_its_indices(tmp_path):
 def test_16bit_png_is_not_stretched(tmp_path):
     values = _indices().astype(np.uint16)  # 0..2: any min/max stretch would turn 2 into 255 or 65535
     Image.fromarray(values).save(tmp_path / "m16.png")
-    assert Image.open(tmp_path / "m16.png").mode.startswith("I")
+    with Image.open(tmp_path / "m16.png") as img:
+        assert img.mode.startswith("I")
     np.testing.assert_array_equal(read_mask(tmp_path / "m16.png", 3).numpy(), values)
 
 
@@ -160,7 +161,7 @@ def test_manifest_pairs_from_the_synthetic_lesion_set(tmp_path):
     assert first.mask == str(manifest.parent / frame["mask"][0])
     assert all(Path(p.image).is_file() and Path(p.mask).is_file() for rows in pairs.values() for p in rows)
     # Its masks are 0/255: as two classes 255 is an unknown index, and read as ignore it is kept.
-    lesion = next(p for p in pairs["train"] if "255" in str(np.unique(np.asarray(Image.open(p.mask)))))
+    lesion = next(p for p in pairs["train"] if (read_mask(p.mask, 256) == 255).any())
     with pytest.raises(MaskError, match="--mask-classes"):
         read_mask(lesion.mask, 2)
     assert set(read_mask(lesion.mask, 2, ignore_index=255).unique().tolist()) == {0, 255}
@@ -304,3 +305,17 @@ def test_dataset_skips_unreadable_images_and_raises_for_bad_masks(tmp_path):
     assert "small_mask.png is 10x10" in str(info.value) and "good.png is 80x60" in str(info.value)
     with pytest.raises(MaskError, match=r"bad_mask.png.*\[9\].*--mask-classes"):
         ds[3]
+
+
+def test_pairs_with_mask_classes_check_every_mask_up_front(tmp_path):
+    manifest = write_lesion_dataset(tmp_path / "lesions", n_train=4, n_val=2, n_test=2, size=32)
+    with pytest.raises(DataSourceError) as info:
+        segmentation_pairs(manifest, ["background", "lesion"])
+    text = str(info.value)
+    assert "--mask-classes" in text and "[255]" in text and "train_0001.png" in text  # odd indices have lesions
+    pairs = segmentation_pairs(manifest, ["background", "lesion"], ignore_index=255)
+    assert sum(len(v) for v in pairs.values()) == 8
+    with pytest.raises(DataSourceError, match="two or more distinct"):
+        segmentation_pairs(manifest, ["background"])
+    with pytest.raises(DataSourceError, match="--ignore-index 1 is the index of class 'lesion'"):
+        segmentation_pairs(manifest, ["background", "lesion"], ignore_index=1)

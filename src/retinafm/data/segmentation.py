@@ -170,15 +170,48 @@ class SegmentationPair:
     patient_id: str | None = None
 
 
-def segmentation_pairs(source: str | Path) -> dict[str, list[SegmentationPair]]:
+def segmentation_pairs(source: str | Path, mask_classes: Sequence[str] | None = None,
+                       ignore_index: int | None = None) -> dict[str, list[SegmentationPair]]:
     """Image/mask pairs per split from a manifest CSV (`path`, `mask`, optional `split` and
     `patient_id`; relative paths are relative to the manifest) or a folder
     DATA/{train,val,test}/{images,masks}/* matched by file stem. A manifest without `split` puts
-    every row under "all" (the caller splits). Every split found is a key; unknown ones are refused."""
+    every row under "all" (the caller splits). Every split found is a key; unknown ones are refused.
+
+    With `mask_classes` (--mask-classes, index 0 first) every mask is read once here, so that a bad
+    mask stops the run before training with all the bad masks listed, not one at a time mid-epoch."""
     source = Path(source)
-    if source.is_dir():
-        return _folder_pairs(source)
-    return _manifest_pairs(source)
+    pairs = _folder_pairs(source) if source.is_dir() else _manifest_pairs(source)
+    if mask_classes is not None:
+        check_masks([p for rows in pairs.values() for p in rows], mask_classes, ignore_index)
+    return pairs
+
+
+def check_mask_classes(mask_classes: Sequence[str], ignore_index: int | None = None) -> None:
+    """--mask-classes: at least two distinct non-empty names (index 0 is the background); the
+    ignore index must not be one of the class indices."""
+    names = [str(n).strip() for n in mask_classes]
+    if len(names) < 2 or any(not n for n in names) or len(set(names)) != len(names):
+        raise DataSourceError("--mask-classes needs two or more distinct names, background first; "
+                              f"got {list(mask_classes)}")
+    if ignore_index is not None and 0 <= ignore_index < len(names):
+        raise DataSourceError(f"--ignore-index {ignore_index} is the index of class {names[ignore_index]!r}; "
+                              f"use a value of {len(names)} or more (255 is usual)")
+
+
+def check_masks(pairs: Sequence[SegmentationPair], mask_classes: Sequence[str],
+                ignore_index: int | None = None) -> None:
+    """Read every mask; DataSourceError listing the first few bad ones (and how many there are)."""
+    check_mask_classes(mask_classes, ignore_index)
+    problems = []
+    for pair in pairs:
+        try:
+            read_mask(pair.mask, len(mask_classes), ignore_index)
+        except MaskError as exc:
+            problems.append(str(exc))
+    if problems:
+        more = f" (and {len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else ""
+        raise DataSourceError(f"{len(problems)} of {len(pairs)} mask(s) are unusable{more}: "
+                              + "; ".join(problems[:_SHOWN]))
 
 
 def _manifest_pairs(csv_path: Path) -> dict[str, list[SegmentationPair]]:

@@ -15,6 +15,7 @@ from retinafm.data.segmentation import (
     MaskError,
     SegmentationDataset,
     SegmentationPair,
+    collate_segmentation,
     read_mask,
     segmentation_eval_transform,
     segmentation_pairs,
@@ -305,6 +306,11 @@ def test_dataset_skips_unreadable_images_and_raises_for_bad_masks(tmp_path):
     assert "small_mask.png is 10x10" in str(info.value) and "good.png is 80x60" in str(info.value)
     with pytest.raises(MaskError, match=r"bad_mask.png.*\[9\].*--mask-classes"):
         ds[3]
+    batch = collate_segmentation([ds[0], ds[1], ds[0]])
+    assert batch.images.shape == (2, 3, 16, 16) and batch.targets.shape == (2, 16, 16)
+    assert batch.targets.dtype == torch.int64 and batch.indices.tolist() == [0, 0]
+    assert batch.skipped == [(str(tmp_path / "broken.png"), "not a recognised image format")]
+    assert len(collate_segmentation([ds[1]])) == 0
 
 
 def test_pairs_with_mask_classes_check_every_mask_up_front(tmp_path):
@@ -319,3 +325,17 @@ def test_pairs_with_mask_classes_check_every_mask_up_front(tmp_path):
         segmentation_pairs(manifest, ["background"])
     with pytest.raises(DataSourceError, match="--ignore-index 1 is the index of class 'lesion'"):
         segmentation_pairs(manifest, ["background", "lesion"], ignore_index=1)
+
+
+def test_transforms_pickle_for_dataloader_workers():
+    import pickle
+
+    for transform in (segmentation_train_transform(16, MEAN, STD, Preprocessing(fundus_crop=True)),
+                      segmentation_eval_transform(16, MEAN, STD, Preprocessing(oct_crop=0.8))):
+        copy = pickle.loads(pickle.dumps(transform))
+        image, mask = _square_scene()
+        torch.manual_seed(0)
+        first = transform(image, mask)
+        torch.manual_seed(0)
+        second = copy(image, mask)
+        assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

@@ -30,7 +30,8 @@ from torchvision.transforms import InterpolationMode, v2
 
 from retinafm.data.dicom import DicomError, dicom_frame_count, looks_like_dicom
 from retinafm.data.io import ImageReadError, image_size_limit, is_image_file, read_image
-from retinafm.data.preprocess import central_box, fundus_placement
+from retinafm.data.loader import Batch
+from retinafm.data.preprocess import FundusPlacement, central_box, fundus_placement
 from retinafm.data.sources import SPLITS, DataSourceError
 from retinafm.data.transforms import EVAL_CROP_PCT, Preprocessing
 from retinafm.data.volumes import TIFF_SUFFIXES, split_address
@@ -306,7 +307,7 @@ class JointPreprocess:
         return tv_tensors.Image(image_t), tv_tensors.Mask(mask_t)
 
 
-def _place(t: torch.Tensor, place) -> torch.Tensor:
+def _place(t: torch.Tensor, place: FundusPlacement) -> torch.Tensor:
     height, width = place.bottom - place.top, place.right - place.left
     out = t.new_zeros((*t.shape[:-2], place.side, place.side))
     out[..., place.pad_top:place.pad_top + height, place.pad_left:place.pad_left + width] = \
@@ -406,7 +407,9 @@ def segmentation_eval_transform(input_size: int, mean: Sequence[float], std: Seq
 class SegmentationDataset(Dataset):
     """Items are (image (3,S,S) float, mask (S,S) long, index), or for an unreadable image
     (None, (path, reason), index) like data.loader.ImageDataset. A bad mask (unreadable, unknown
-    index, wrong size) raises MaskError: it is a labelling error to fix, not a file to skip."""
+    index, wrong size) raises MaskError: it is a labelling error to fix, not a file to skip.
+    A JPEG image with an EXIF rotation is decoded rotated (as everywhere else) and its mask is not:
+    the size check catches a rotated non-square image; store such images as PNG."""
 
     def __init__(self, pairs: Sequence[SegmentationPair], transform: JointTransform, num_classes: int,
                  ignore_index: int | None = None) -> None:
@@ -428,3 +431,14 @@ class SegmentationDataset(Dataset):
         check_mask_size(image, mask, pair.image, pair.mask)
         out_image, out_mask = self.transform(image, mask)
         return out_image, out_mask, index
+
+
+def collate_segmentation(items: list) -> Batch:
+    """data.loader's Batch for segmentation: `targets` is the (B, S, S) long mask stack; skipped
+    images are handed on in `skipped`, as collate_skipping does for classification."""
+    good = [it for it in items if it[0] is not None]
+    skipped = [it[1] for it in items if it[0] is None]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped)
+    return Batch(torch.stack([it[0] for it in good]), torch.stack([it[1] for it in good]),
+                 torch.tensor([it[2] for it in good], dtype=torch.long), skipped)

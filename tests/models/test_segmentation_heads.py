@@ -202,3 +202,15 @@ def test_heads_work_on_their_own():
     assert linear(maps, torch.randn(2, 3, 32, 48)).shape == (2, 4, 32, 48)
     unetr = UNETRHead(16, 4, blocks=(0, 1, 2, 3), patch_size=16, features=4)
     assert unetr(maps * 4, torch.randn(2, 3, 32, 48)).shape == (2, 4, 32, 48)
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny_patch16", "vit_small_patch16_dinov3"])
+def test_patch_16_backbones_including_rope(arch: str):
+    """Patch 16: one extra deconvolution after x8 lands exactly on the input size; DINOv3 is timm's
+    Eva class (RoPE, registers), not VisionTransformer, and works the same way."""
+    for head in HEAD_CHOICES:
+        torch.manual_seed(0)
+        model = build_segmentation_model(arch, 2, head=head, input_size=32, features=4, hidden=8).eval()
+        with torch.no_grad():
+            assert model(torch.randn(1, 3, 32, 48)).shape == (1, 2, 32, 48)
+        assert list(model.state_dict())[0] in create_model(get_spec(arch), 0, input_size=32).state_dict()

@@ -215,3 +215,21 @@ def test_patch_16_backbones_including_rope(arch: str):
             assert model(torch.randn(1, 3, 32, 48)).shape == (1, 2, 32, 48)
         plain = create_model(get_spec(arch), 0, input_size=32)
         assert [k for k in model.state_dict() if not k.startswith("head.")] == list(plain.state_dict())
+
+
+def test_pretrained_weights_load_through_the_weight_loader(tmp_path):
+    """A classifier checkpoint made at 64 px loads into a 32 px segmentation model through
+    models.weights (the path RETFound weights take): classifier dropped, position embedding
+    resampled by the backbone's timm filter, only the decoder newly initialised."""
+    from retinafm.models.weights import load_backbone_weights
+
+    torch.manual_seed(2)
+    classifier = create_model(get_spec(MICRO), num_classes=5, input_size=64)
+    path = tmp_path / "classifier.pth"
+    torch.save({"model": classifier.state_dict()}, path)
+    model = _model(MICRO, "unetr")
+    report = load_backbone_weights(model, str(path))
+    assert report.missing and all(k.startswith("head.") for k in report.missing)
+    key = "blocks.2.mlp.fc1.weight"
+    torch.testing.assert_close(model.state_dict()[key], classifier.state_dict()[key])
+    assert model.pos_embed.shape == (1, 1 + 16, 64)  # 4x4 patches + class token, resampled from 8x8

@@ -30,6 +30,7 @@ groups get the top lr scale (1) in timm's layer decay, as a classifier head does
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -240,6 +241,16 @@ class SegmentationModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images), images)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SegmentationModel) -> dict[str, torch.Tensor]:
+    """The backbone's timm checkpoint filter (position embedding resampled to the model's patch
+    grid, timm layout conversions), applied for the backbone. models.weights looks this function
+    up in the module of the model's class, so segmentation models load pretrained weights through
+    the same path (load_backbone_weights) as classifiers."""
+    backbone = model.backbone
+    filter_fn = getattr(sys.modules[type(backbone).__module__], "checkpoint_filter_fn", None)
+    return filter_fn(state_dict, backbone) if filter_fn is not None else state_dict
 
 
 def build_segmentation_model(

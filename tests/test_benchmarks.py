@@ -53,3 +53,11 @@ def test_explain_speed_benchmark_runs_every_method(tmp_path):
     expected = {("predict", "2"), ("predict", "1")}
     expected |= {(m, "1" if m == "integrated-gradients" else "2") for m in METHODS}
     assert rows == expected  # integrated gradients at its own batch, against predict at that batch
+
+
+@pytest.mark.slow
+def test_segmentation_heads_benchmark_runs_both_heads_and_baselines():
+    out = _run("benchmarks/segmentation_heads.py", "--train", "8", "--val", "4", "--test", "4", "--epochs", "1")
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == ["all background", "thresholded intensity", "vit_micro_patch8 + linear head",
+                        "vit_micro_patch8 + unetr head"]

@@ -30,19 +30,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-    """lscpu's model name (the CPU's own words), or the platform's guess without lscpu."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or platform.machine()
-    for line in out.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "Model name":
-            return value.strip()
-    return platform.machine()
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or by path: its sibling
+from explain_speed import cpu_model  # noqa: E402  (lscpu's model name, as every entry of RESULTS.md states it)
 
 
 def rss_mib(pid: int) -> float:

@@ -57,6 +57,27 @@ def tiny_refine_config(pairs, text_model, out, **overrides) -> RefineSettings:
     return RefineSettings(**settings)
 
 
+def tiny_checkpoint(path: Path, names: list[str], task: str = "multiclass", size: int = 32, **meta) -> Path:
+    """A vit_micro_patch8 checkpoint of `task` with outputs `names`, written in a second: its linear head is
+    scaled up so the outputs get distinct values. `meta` overrides CheckpointMeta fields."""
+    import torch
+
+    from retinafm.engine.checkpoint import CheckpointMeta, save_checkpoint
+    from retinafm.models.registry import create_model, get_spec
+
+    spec = get_spec("vit_micro_patch8")
+    torch.manual_seed(0)
+    model = create_model(spec, len(names), input_size=size, global_pool="avg")
+    with torch.no_grad():
+        model.head.weight.normal_(0, 0.5)
+    fields = dict(model_name=spec.name, arch=spec.arch, arch_kwargs=dict(spec.arch_kwargs), task=task,
+                  class_names=list(names), input_size=size, mean=list(spec.mean), std=list(spec.std),
+                  global_pool="avg", modality="any", patch_size=spec.patch_size, settings={"epochs": 1}, head={})
+    fields.update(meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(path, model, CheckpointMeta(**fields))
+
+
 OPHTHALMIC_PHOTO_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
 OPHTHALMIC_TOMOGRAPHY = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
 

@@ -12,15 +12,14 @@ import tempfile
 import threading
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from helpers import oct_bscans, write_dicom
 from PIL import Image
 
-from retinafm.models.registry import create_model, get_spec
 from retinafm.serve import predict_api
 from retinafm.serve.app import create_app
 from retinafm.serve.config import ServeConfig
@@ -33,20 +32,8 @@ SECRET = "TOP-SECRET-CONTENT-7f3a"
 
 
 def tiny_checkpoint(path: Path, task: str = "multiclass", names: list[str] = CLASSES, **meta) -> Path:
-    """A vit_micro_patch8 checkpoint written in a second (as tests/workflows/test_explain.py)."""
-    from retinafm.engine.checkpoint import CheckpointMeta, save_checkpoint
-
-    spec = get_spec("vit_micro_patch8")
-    torch.manual_seed(0)
-    model = create_model(spec, len(names), input_size=SIZE, global_pool="avg")
-    with torch.no_grad():
-        model.head.weight.normal_(0, 0.5)
-    fields = dict(model_name=spec.name, arch=spec.arch, arch_kwargs=dict(spec.arch_kwargs), task=task,
-                  class_names=names, input_size=SIZE, mean=list(spec.mean), std=list(spec.std), global_pool="avg",
-                  modality="any", patch_size=spec.patch_size, settings={"epochs": 1}, head={})
-    fields.update(meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return save_checkpoint(path, model, CheckpointMeta(**fields))
+    """A vit_micro_patch8 checkpoint written in a second (tests/helpers.py)."""
+    return helpers.tiny_checkpoint(path, names, task, SIZE, **meta)
 
 
 def png_bytes(height: int, width: int, seed: int) -> bytes:

@@ -16,6 +16,7 @@ from helpers import (
     assert_one_line_error,
     oct_bscans,
     run_bounded,
+    tiny_checkpoint,
     write_dicom,
     write_heidelberg_vol,
 )
@@ -36,16 +37,7 @@ SIZE = 32
 
 
 def _checkpoint(path: Path, task: str = "multiclass", names: list[str] = CLASSES, **meta) -> Path:
-    spec = get_spec("vit_micro_patch8")
-    torch.manual_seed(0)
-    model = create_model(spec, len(names), input_size=SIZE, global_pool="avg")
-    with torch.no_grad():
-        model.head.weight.normal_(0, 0.5)
-    fields = dict(model_name=spec.name, arch=spec.arch, arch_kwargs=dict(spec.arch_kwargs), task=task,
-                  class_names=names, input_size=SIZE, mean=list(spec.mean), std=list(spec.std), global_pool="avg",
-                  modality="any", patch_size=spec.patch_size, settings={"epochs": 1}, head={})
-    fields.update(meta)
-    return save_checkpoint(path, model, CheckpointMeta(**fields))
+    return tiny_checkpoint(path, names, task, SIZE, **meta)
 
 
 def _settings(checkpoint: Path, images: Path, out: Path, **kw) -> ExplainSettings:
@@ -278,3 +270,25 @@ def test_probe_checkpoints_and_mlp_or_transformer_heads_are_explained(tmp_path):
         assert len(frame) == 3, kind
         maps = [np.load(tmp_path / kind / p) for p in frame["heatmap"]]
         assert all(m.shape == (40, 48) and m.max() == pytest.approx(1.0) for m in maps), kind
+
+
+def test_masks_are_found_by_stem_and_read_as_lesion_pixels(tmp_path):
+    """workflows.explain_measures: <stem>.png (or a lossless sibling) per image, `_frame<N>` for a B-scan;
+    any non-zero value is lesion; a mask of another size is refused naming both files."""
+    from retinafm.workflows.explain_measures import check_masks, mask_for, read_mask
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    lesion = np.zeros((6, 8), np.uint8)
+    lesion[2:4, 3:5] = 1  # a 0/1 mask: 1 is a lesion as much as 255 is
+    Image.fromarray(lesion).save(masks / "eye.png")
+    Image.fromarray(lesion * 255).save(masks / "scan_frame3.tif")
+    assert mask_for(masks, "data/eye.jpg") == masks / "eye.png"
+    assert mask_for(masks, "data/scan.dcm#frame=3") == masks / "scan_frame3.tif"
+    assert mask_for(masks, "data/other.png") is None
+    np.testing.assert_array_equal(read_mask(masks / "eye.png", (6, 8), "data/eye.jpg"), lesion > 0)
+    with pytest.raises(DataSourceError, match=r"eye.png is 8x6 pixels but its image data/eye.jpg is 9x6"):
+        read_mask(masks / "eye.png", (6, 9), "data/eye.jpg")
+    check_masks(masks, ["data/other.png", "data/eye.jpg"])  # one image with a mask is enough
+    with pytest.raises(DataSourceError, match="none of the 1 images has a mask there"):
+        check_masks(masks, ["data/other.png"])

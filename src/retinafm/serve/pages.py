@@ -44,24 +44,22 @@ def home() -> RedirectResponse:
     return RedirectResponse("/predict", status_code=303)
 
 
-@router.get("/models", response_class=HTMLResponse, include_in_schema=False)
-def models_page(request: Request) -> HTMLResponse:
-    return _render(request, "models.html", title="Models")
+# The pages are the same shell around app.js: a template and a title each.
+PAGES = {"/models": ("models.html", "Models"), "/predict": ("predict.html", "Predict"),
+         "/runs": ("runs.html", "Runs"), "/jobs": ("jobs.html", "Jobs")}
 
 
-@router.get("/predict", response_class=HTMLResponse, include_in_schema=False)
-def predict_page(request: Request) -> HTMLResponse:
-    return _render(request, "predict.html", title="Predict")
+def _page(template: str, title: str):
+    def page(request: Request) -> HTMLResponse:
+        return _render(request, template, title=title)
+
+    page.__name__ = f"{template.split('.')[0]}_page"
+    return page
 
 
-@router.get("/runs", response_class=HTMLResponse, include_in_schema=False)
-def runs_page(request: Request) -> HTMLResponse:
-    return _render(request, "runs.html", title="Runs")
-
-
-@router.get("/jobs", response_class=HTMLResponse, include_in_schema=False)
-def jobs_page(request: Request) -> HTMLResponse:
-    return _render(request, "jobs.html", title="Jobs")
+for _path, (_template, _title) in PAGES.items():
+    router.add_api_route(_path, _page(_template, _title), methods=["GET"], response_class=HTMLResponse,
+                         include_in_schema=False)
 
 
 @router.get("/login", response_class=HTMLResponse, include_in_schema=False)
